@@ -1,0 +1,112 @@
+// Materialised-scores attention: S = scale * Q K^T (masked) into a [B, Hq, Nq, Nk] f32
+// buffer, a row softmax in place, then O = P V. Three passes over O(N^2) memory: the
+// baseline the flash kernel is measured against, not a path to use.
+//
+// Constants from the prelude (src/shader.rs): Elem, WORKGROUP.
+
+// Keep in sync with `FlashParams` in src/attention/flash.rs (both kernels take the same).
+struct Params {
+    batch: u32,
+    q_heads: u32,
+    kv_heads: u32,
+    n_q: u32,
+    n_k: u32,
+    d_qk: u32,
+    d_v: u32,
+    sinks: u32,
+    window_left: i32,
+    window_right: i32,
+    scale: f32,
+    softcap: f32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> q: array<Elem>;
+@group(0) @binding(2) var<storage, read> k: array<Elem>;
+@group(0) @binding(3) var<storage, read> v: array<Elem>;
+@group(0) @binding(4) var<storage, read_write> out: array<Elem>;
+@group(0) @binding(5) var<storage, read_write> lse: array<f32>;
+@group(0) @binding(6) var<storage, read_write> scores: array<f32>;
+
+const MASKED: f32 = -3.0e38;
+
+fn kv_head_of(head: u32) -> u32 {
+    return head / (params.q_heads / params.kv_heads);
+}
+
+// One thread per score: gid.x = key, gid.y = query row, gid.z = batch * q_heads + head.
+@compute @workgroup_size(WORKGROUP)
+fn scores_main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let j = gid.x;
+    let i = gid.y;
+    if j >= params.n_k || i >= params.n_q {
+        return;
+    }
+    let bh = gid.z;
+    let kv = (bh / params.q_heads) * params.kv_heads + kv_head_of(bh % params.q_heads);
+    let q_row = (bh * params.n_q + i) * params.d_qk;
+    let k_row = (kv * params.n_k + j) * params.d_qk;
+    var acc = 0.0;
+    for (var c = 0u; c < params.d_qk; c++) {
+        acc += f32(q[q_row + c]) * f32(k[k_row + c]);
+    }
+    var x = acc * params.scale;
+    if params.softcap > 0.0 {
+        x = params.softcap * tanh(x / params.softcap);
+    }
+    let diag = i32(i) + i32(params.n_k) - i32(params.n_q);
+    let key = i32(j);
+    let left = params.window_left;
+    let right = params.window_right;
+    let ok = (right < 0 || key <= diag + right)
+        && (left < 0 || key >= diag - left || key < i32(params.sinks));
+    scores[(bh * params.n_q + i) * params.n_k + j] = select(MASKED, x, ok);
+}
+
+// One thread per row: max, exp and sum in place, LSE.
+@compute @workgroup_size(WORKGROUP)
+fn softmax_main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let row = gid.x + gid.y * 65535u * WORKGROUP;
+    if row >= params.batch * params.q_heads * params.n_q {
+        return;
+    }
+    let base = row * params.n_k;
+    var m = MASKED;
+    for (var j = 0u; j < params.n_k; j++) {
+        m = max(m, scores[base + j]);
+    }
+    var l = 0.0;
+    for (var j = 0u; j < params.n_k; j++) {
+        let x = scores[base + j];
+        let p = select(0.0, exp(x - m), x > MASKED);
+        scores[base + j] = p;
+        l += p;
+    }
+    let empty = l == 0.0;
+    let inv_l = select(1.0 / l, 0.0, empty);
+    for (var j = 0u; j < params.n_k; j++) {
+        scores[base + j] *= inv_l;
+    }
+    lse[row] = select(m + log(l), bitcast<f32>(0xff800000u), empty);
+}
+
+// One thread per output element: gid.x = column, gid.y = query row, gid.z = batch * head.
+@compute @workgroup_size(WORKGROUP)
+fn pv_main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    let i = gid.y;
+    if c >= params.d_v || i >= params.n_q {
+        return;
+    }
+    let bh = gid.z;
+    let kv = (bh / params.q_heads) * params.kv_heads + kv_head_of(bh % params.q_heads);
+    let p_row = (bh * params.n_q + i) * params.n_k;
+    var acc = 0.0;
+    for (var j = 0u; j < params.n_k; j++) {
+        let p = scores[p_row + j];
+        if p != 0.0 {
+            acc += p * f32(v[(kv * params.n_k + j) * params.d_v + c]);
+        }
+    }
+    out[(bh * params.n_q + i) * params.d_v + c] = Elem(acc);
+}

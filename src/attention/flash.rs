@@ -1,0 +1,218 @@
+//! The tiled flash-attention forward kernel (`shaders/flash_fwd.wgsl`): its parameters,
+//! tile configurations, and the host function that records a dispatch.
+
+use super::{AttentionBuffers, AttentionOptions, AttentionShape};
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::pipeline::{bind_buffers, check_grid};
+use crate::shader::{ConstValue, Kernel, ShaderKey};
+use crate::tensor::DType;
+use wgpu::util::DeviceExt;
+
+/// Uniform parameters of `flash_fwd.wgsl` and `naive.wgsl`.
+/// Keep in sync with `struct Params` in both shaders (a test compares the layouts).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FlashParams {
+    pub batch: u32,
+    pub q_heads: u32,
+    pub kv_heads: u32,
+    pub n_q: u32,
+    pub n_k: u32,
+    pub d_qk: u32,
+    pub d_v: u32,
+    pub sinks: u32,
+    pub window_left: i32,
+    pub window_right: i32,
+    pub scale: f32,
+    pub softcap: f32,
+}
+
+impl FlashParams {
+    pub fn new(shape: &AttentionShape, options: &AttentionOptions) -> Self {
+        let (window_left, window_right) = options.effective_window();
+        Self {
+            batch: shape.batch as u32,
+            q_heads: shape.q_heads as u32,
+            kv_heads: shape.kv_heads as u32,
+            n_q: shape.n_q as u32,
+            n_k: shape.n_k as u32,
+            d_qk: shape.d_qk as u32,
+            d_v: shape.d_v as u32,
+            sinks: options.sinks,
+            window_left,
+            window_right,
+            scale: options.scale_for(shape.d_qk),
+            softcap: options.softcap,
+        }
+    }
+
+    /// The params as a uniform buffer.
+    pub(crate) fn upload(&self, ctx: &Context) -> wgpu::Buffer {
+        ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("wattn params"),
+            contents: bytemuck::bytes_of(self),
+            usage: wgpu::BufferUsages::UNIFORM,
+        })
+    }
+}
+
+/// Head dims are rounded up to this for the compiled variants, so one pipeline serves
+/// 16 head dims and the loops over the head dim have compile-time bounds.
+pub const HEAD_DIM_GRANULE: u32 = 16;
+
+/// Tile sizes of the flash kernel. Chosen per adapter class by
+/// [`FlashConfig::for_adapter`] from measurements (see README), or set by the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlashConfig {
+    /// Query rows per workgroup.
+    pub block_q: u32,
+    /// Keys per K/V tile.
+    pub block_k: u32,
+    /// Threads sharing one query row (a power of two up to 16).
+    pub threads_per_row: u32,
+    /// Head-dim columns staged at a time (a multiple of 16).
+    pub d_chunk: u32,
+}
+
+impl FlashConfig {
+    /// Fits WebGPU's default 16 KiB of workgroup memory for every head dim.
+    pub const PORTABLE: Self = Self { block_q: 16, block_k: 16, threads_per_row: 4, d_chunk: 64 };
+    /// Software rasterisers (llvmpipe, SwiftShader, WARP): measured on llvmpipe.
+    pub const CPU: Self = Self { block_q: 16, block_k: 32, threads_per_row: 4, d_chunk: 64 };
+    /// Discrete and integrated GPUs with at least 32 KiB of workgroup memory.
+    pub const GPU: Self = Self { block_q: 32, block_k: 32, threads_per_row: 4, d_chunk: 64 };
+
+    /// The configuration for `ctx`'s adapter class, falling back to [`Self::PORTABLE`]
+    /// when the preferred one does not fit the device's limits.
+    pub fn for_adapter(ctx: &Context) -> Self {
+        let preferred = match ctx.adapter_info().device_type {
+            wgpu::DeviceType::Cpu => Self::CPU,
+            wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu => Self::GPU,
+            _ => Self::PORTABLE,
+        };
+        let widest = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk: 256, d_v: 256 };
+        if preferred.check(ctx.limits(), &widest).is_ok() { preferred } else { Self::PORTABLE }
+    }
+
+    fn workgroup_size(&self) -> u32 {
+        self.block_q * self.threads_per_row
+    }
+
+    /// Bytes of workgroup memory the kernel declares for this shape (see the shader).
+    fn workgroup_bytes(&self, q_resident: bool, dqk_pad: u32, d_chunk: u32) -> u32 {
+        let q_stride = if q_resident { dqk_pad } else { d_chunk };
+        4 * (self.block_q * q_stride + self.block_k * (d_chunk + 1) + 2 * self.block_q * self.block_k)
+    }
+
+    /// Checks the configuration against the kernel's rules and the device's limits.
+    pub fn check(&self, limits: &wgpu::Limits, shape: &AttentionShape) -> Result<()> {
+        let tpr = self.threads_per_row;
+        let bad = |why: String| Err(Error::Option(format!("flash config {self:?}: {why}")));
+        if !(tpr.is_power_of_two() && tpr <= HEAD_DIM_GRANULE) {
+            return bad("threads_per_row must be a power of two up to 16".into());
+        }
+        if self.block_q == 0 || self.block_k == 0 || self.block_k % tpr != 0 {
+            return bad("block_q and block_k must be positive, block_k a multiple of threads_per_row".into());
+        }
+        if self.d_chunk == 0 || self.d_chunk % HEAD_DIM_GRANULE != 0 {
+            return bad("d_chunk must be a positive multiple of 16".into());
+        }
+        let wg = self.workgroup_size();
+        if wg > limits.max_compute_invocations_per_workgroup || wg > limits.max_compute_workgroup_size_x {
+            return Err(Error::Limit {
+                what: format!("flash workgroup of {wg} threads"),
+                needed: wg as u64,
+                allowed: limits.max_compute_invocations_per_workgroup.min(limits.max_compute_workgroup_size_x) as u64,
+                limit: "max_compute_invocations_per_workgroup",
+            });
+        }
+        let v = Variant::new(self, limits, shape);
+        let bytes = self.workgroup_bytes(v.q_resident, v.dqk_pad, v.d_chunk);
+        if bytes > limits.max_compute_workgroup_storage_size {
+            return Err(Error::Limit {
+                what: format!("flash tiles {self:?} at head dim {}", shape.d_qk.max(shape.d_v)),
+                needed: bytes as u64,
+                allowed: limits.max_compute_workgroup_storage_size as u64,
+                limit: "max_compute_workgroup_storage_size",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The compile-time shape of one flash pipeline.
+struct Variant {
+    dqk_pad: u32,
+    dv_pad: u32,
+    d_chunk: u32,
+    q_resident: bool,
+}
+
+impl Variant {
+    fn new(config: &FlashConfig, limits: &wgpu::Limits, shape: &AttentionShape) -> Self {
+        let dqk_pad = (shape.d_qk as u32).next_multiple_of(HEAD_DIM_GRANULE);
+        let dv_pad = (shape.d_v as u32).next_multiple_of(HEAD_DIM_GRANULE);
+        let d_chunk = config.d_chunk.min(dqk_pad.max(dv_pad));
+        // Keep whole Q rows in workgroup memory when they fit: Q is then read once, not once per tile.
+        let q_resident = dqk_pad <= d_chunk
+            || config.workgroup_bytes(true, dqk_pad, d_chunk) <= limits.max_compute_workgroup_storage_size;
+        Self { dqk_pad, dv_pad, d_chunk, q_resident }
+    }
+}
+
+/// The pipeline key of the flash kernel for this configuration, dtype and shape.
+pub fn shader_key(config: &FlashConfig, limits: &wgpu::Limits, dtype: DType, shape: &AttentionShape) -> ShaderKey {
+    let v = Variant::new(config, limits, shape);
+    ShaderKey {
+        kernel: Kernel::FlashForward,
+        entry_point: "main",
+        dtype,
+        constants: vec![
+            ("BLOCK_Q", ConstValue::U32(config.block_q)),
+            ("BLOCK_K", ConstValue::U32(config.block_k)),
+            ("THREADS_PER_ROW", ConstValue::U32(config.threads_per_row)),
+            ("D_CHUNK", ConstValue::U32(v.d_chunk)),
+            ("DQK_PAD", ConstValue::U32(v.dqk_pad)),
+            ("DV_PAD", ConstValue::U32(v.dv_pad)),
+            ("Q_RESIDENT", ConstValue::Bool(v.q_resident)),
+        ],
+    }
+}
+
+/// Records the flash forward into `encoder` on the caller's buffers. Nothing is
+/// submitted and nothing is read back.
+pub fn encode(
+    ctx: &Context,
+    encoder: &mut wgpu::CommandEncoder,
+    bufs: &AttentionBuffers<'_>,
+    options: &AttentionOptions,
+    config: &FlashConfig,
+) -> Result<()> {
+    options.validate()?;
+    let shape = bufs.validate(ctx)?;
+    config.check(ctx.limits(), &shape)?;
+    let groups = [
+        (shape.n_q as u32).div_ceil(config.block_q),
+        shape.q_heads as u32,
+        shape.batch as u32,
+    ];
+    for (what, g) in ["query blocks", "query heads", "batch"].iter().zip(groups) {
+        check_grid(ctx.limits(), &format!("flash grid: {g} {what}"), g)?;
+    }
+    let pipeline = ctx.pipelines.get(ctx.device(), &shader_key(config, ctx.limits(), bufs.q.dtype, &shape))?;
+    let params = FlashParams::new(&shape, options).upload(ctx);
+    let bind_group = bind_buffers(ctx.device(), &pipeline, &[
+        (0, &params),
+        (1, bufs.q.buffer),
+        (2, bufs.k.buffer),
+        (3, bufs.v.buffer),
+        (4, bufs.out.buffer),
+        (5, bufs.lse.buffer),
+    ]);
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn flash"), timestamp_writes: None });
+    pass.set_pipeline(&pipeline);
+    pass.set_bind_group(0, &bind_group, &[]);
+    pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! The materialised-scores baseline (`shaders/naive.wgsl`): O(N^2) memory, three passes.
+//! Benchmarks measure the flash kernel against it.
+
+use super::{AttentionBuffers, AttentionOptions, Output, alloc_output};
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::pipeline::{bind_buffers, check_grid};
+use crate::shader::{ConstValue, Kernel, ShaderKey};
+use crate::tensor::{DType, Tensor};
+use super::flash::FlashParams;
+
+const WORKGROUP: u32 = 64;
+/// Softmax rows are spread over (x, y) so that any row count fits the grid.
+const ROWS_PER_GRID_ROW: u32 = 65535 * WORKGROUP;
+
+fn key(entry_point: &'static str, dtype: DType) -> ShaderKey {
+    ShaderKey {
+        kernel: Kernel::Naive,
+        entry_point,
+        dtype,
+        constants: vec![("WORKGROUP", ConstValue::U32(WORKGROUP))],
+    }
+}
+
+/// Entry points of `naive.wgsl`, for validation.
+pub const ENTRY_POINTS: [&str; 3] = ["scores_main", "softmax_main", "pv_main"];
+
+/// Every variant the naive path compiles.
+pub fn shader_keys() -> Vec<ShaderKey> {
+    [DType::F32, DType::F16].iter().flat_map(|&d| ENTRY_POINTS.iter().map(move |e| key(e, d))).collect()
+}
+
+/// Bytes of the score matrix for `bufs`' shapes.
+pub fn scores_bytes(q: &[usize], k: &[usize]) -> u64 {
+    (q[0] * q[1] * q[2]) as u64 * k[2] as u64 * 4
+}
+
+/// Records the three passes. `scores` must hold `B * Hq * Nq * Nk` f32.
+pub fn encode(
+    ctx: &Context,
+    encoder: &mut wgpu::CommandEncoder,
+    bufs: &AttentionBuffers<'_>,
+    scores: &wgpu::Buffer,
+    options: &AttentionOptions,
+) -> Result<()> {
+    options.validate()?;
+    let shape = bufs.validate(ctx)?;
+    let needed = scores_bytes(bufs.q.shape, bufs.k.shape);
+    if scores.size() < needed {
+        return Err(Error::Shape(format!("score buffer has {} bytes, needs {needed}", scores.size())));
+    }
+    let limits = ctx.limits();
+    let bh = (shape.batch * shape.q_heads) as u32;
+    let rows = bh * shape.n_q as u32;
+    let grids = [
+        ("scores_main", [(shape.n_k as u32).div_ceil(WORKGROUP), shape.n_q as u32, bh]),
+        ("softmax_main", [rows.div_ceil(WORKGROUP).min(65535), rows.div_ceil(ROWS_PER_GRID_ROW), 1]),
+        ("pv_main", [(shape.d_v as u32).div_ceil(WORKGROUP), shape.n_q as u32, bh]),
+    ];
+    for (name, g) in &grids {
+        for n in g {
+            check_grid(limits, &format!("naive {name} grid {g:?}"), *n)?;
+        }
+    }
+    let params = FlashParams::new(&shape, options).upload(ctx);
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn naive"), timestamp_writes: None });
+    for (entry, g) in grids {
+        let pipeline = ctx.pipelines.get(ctx.device(), &key(entry, bufs.q.dtype))?;
+        let bindings: Vec<(u32, &wgpu::Buffer)> = match entry {
+            "scores_main" => vec![(0, &params), (1, bufs.q.buffer), (2, bufs.k.buffer), (6, scores)],
+            "softmax_main" => vec![(0, &params), (5, bufs.lse.buffer), (6, scores)],
+            _ => vec![(0, &params), (3, bufs.v.buffer), (4, bufs.out.buffer), (6, scores)],
+        };
+        let bind_group = bind_buffers(ctx.device(), &pipeline, &bindings);
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(g[0], g[1], g[2]);
+    }
+    Ok(())
+}
+
+/// Allocates the score matrix, checking it against the adapter's limits first.
+pub fn alloc_scores(ctx: &Context, q: &[usize], k: &[usize]) -> Result<wgpu::Buffer> {
+    let bytes = scores_bytes(q, k);
+    crate::tensor::check_binding_size(ctx, "naive score matrix", bytes)?;
+    Ok(ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("wattn naive scores"),
+        size: bytes.max(4),
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    }))
+}
+
+/// Naive attention on owned tensors: records, submits, returns O and LSE.
+pub fn attention(ctx: &Context, q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> Result<Output> {
+    let output = alloc_output(ctx, q, k, v)?;
+    let scores = alloc_scores(ctx, q.shape(), k.shape())?;
+    let bufs = AttentionBuffers { q: q.view(), k: k.view(), v: v.view(), out: output.out.view(), lse: output.lse.view() };
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    encode(ctx, &mut encoder, &bufs, &scores, options)?;
+    ctx.queue().submit([encoder.finish()]);
+    Ok(output)
+}

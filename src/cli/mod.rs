@@ -1,0 +1,71 @@
+//! The `wattn` command line: one module per subcommand, each a thin layer over the library.
+
+pub mod bench;
+pub mod info;
+pub mod peak;
+pub mod run;
+
+use crate::context::{AdapterSelection, Context};
+use crate::error::{Error, Result};
+
+#[derive(clap::Parser, Debug)]
+#[command(name = "wattn", version, about = "FlashAttention-class attention kernels on any GPU (WGSL + wgpu)")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// The adapters wgpu sees, the features and limits wattn uses, and which adapter it picks.
+    Info(info::InfoArgs),
+    /// Attention on .npy files: O (and LSE) written as float32 .npy.
+    Run(run::RunArgs),
+    /// Benchmark the flash kernel against the naive baseline.
+    Bench(bench::BenchArgs),
+    /// Measure the adapter's FMA throughput and memory bandwidth.
+    Peak(peak::PeakArgs),
+}
+
+pub fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Info(a) => info::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Peak(a) => peak::run(a),
+    }
+}
+
+/// `--adapter NAME` and `--backend vulkan|metal|dx12|gl`, shared by the subcommands.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct AdapterArgs {
+    /// Use the first adapter whose name contains NAME (case-insensitive); default: $WGPU_ADAPTER_NAME or wgpu's choice.
+    #[arg(long, value_name = "NAME")]
+    pub adapter: Option<String>,
+    /// Restrict to one backend: vulkan, metal, dx12 or gl; default: $WGPU_BACKEND or all.
+    #[arg(long, value_name = "BACKEND")]
+    pub backend: Option<String>,
+}
+
+impl AdapterArgs {
+    pub fn selection(&self) -> Result<AdapterSelection> {
+        let mut sel = AdapterSelection::from_env();
+        if let Some(name) = &self.adapter {
+            sel.name = Some(name.clone());
+        }
+        if let Some(b) = &self.backend {
+            sel.backends = Some(match b.to_lowercase().as_str() {
+                "vulkan" | "vk" => wgpu::Backends::VULKAN,
+                "metal" | "mtl" => wgpu::Backends::METAL,
+                "dx12" | "d3d12" => wgpu::Backends::DX12,
+                "gl" | "gles" | "opengl" => wgpu::Backends::GL,
+                other => return Err(Error::Option(format!("unknown backend '{other}': use vulkan, metal, dx12 or gl"))),
+            });
+        }
+        Ok(sel)
+    }
+
+    pub fn context(&self) -> Result<Context> {
+        Context::with_selection(&self.selection()?)
+    }
+}

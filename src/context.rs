@@ -1,0 +1,179 @@
+//! Instance, adapter, device and queue, and what wattn learned about them.
+//!
+//! [`Context::new`] picks an adapter the way wgpu's own tools do (`WGPU_BACKEND`,
+//! `WGPU_ADAPTER_NAME`); [`Context::from_wgpu`] wraps a device the caller already owns, so
+//! an engine can run wattn's kernels on its own device, buffers and command encoders.
+
+use crate::error::{Error, Result};
+use crate::pipeline::PipelineCache;
+
+/// Which adapter to open: by default the environment decides, as in wgpu's examples.
+#[derive(Clone, Debug, Default)]
+pub struct AdapterSelection {
+    /// Case-insensitive substring of the adapter name (like `WGPU_ADAPTER_NAME`).
+    pub name: Option<String>,
+    /// Backends to consider (like `WGPU_BACKEND`); `None` means all wgpu has.
+    pub backends: Option<wgpu::Backends>,
+}
+
+impl AdapterSelection {
+    /// The selection named by `WGPU_ADAPTER_NAME` and `WGPU_BACKEND`.
+    pub fn from_env() -> Self {
+        Self {
+            name: std::env::var("WGPU_ADAPTER_NAME").ok().filter(|s| !s.is_empty()),
+            backends: wgpu::Backends::from_env(),
+        }
+    }
+}
+
+/// The optional features wattn uses, and whether the device has them enabled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Capabilities {
+    pub shader_f16: bool,
+    pub subgroups: bool,
+    pub timestamps: bool,
+}
+
+impl Capabilities {
+    fn of(features: wgpu::Features) -> Self {
+        Self {
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+        }
+    }
+}
+
+/// A device and queue with the pipelines wattn built on it.
+pub struct Context {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    limits: wgpu::Limits,
+    caps: Capabilities,
+    pub(crate) pipelines: PipelineCache,
+}
+
+/// The features wattn asks for when it opens the device itself.
+pub const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
+    .union(wgpu::Features::SUBGROUP)
+    .union(wgpu::Features::TIMESTAMP_QUERY);
+
+impl Context {
+    /// Opens the adapter chosen by the environment (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME`).
+    pub fn new() -> Result<Self> {
+        Self::with_selection(&AdapterSelection::from_env())
+    }
+
+    /// Opens the adapter matching `sel`, with every feature of [`WANTED_FEATURES`] it has
+    /// and the adapter's own limits (not WebGPU's defaults), so big problems fit.
+    pub fn with_selection(sel: &AdapterSelection) -> Result<Self> {
+        let instance = instance(sel);
+        let adapter = choose_adapter(&instance, sel)?;
+        let features = adapter.features() & WANTED_FEATURES;
+        let desc = wgpu::DeviceDescriptor {
+            label: Some("wattn"),
+            required_features: features,
+            required_limits: adapter.limits(),
+            ..Default::default()
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&desc)).map_err(|e| {
+            Error::RequestDevice { adapter: adapter.get_info().name, detail: e.to_string() }
+        })?;
+        Ok(Self::from_wgpu(device, queue))
+    }
+
+    /// Wraps a device the caller owns. wattn uses whatever features and limits it was
+    /// created with: f16 kernels need `SHADER_F16`, GPU timing needs `TIMESTAMP_QUERY`.
+    pub fn from_wgpu(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        let info = device.adapter_info();
+        let limits = device.limits();
+        let caps = Capabilities::of(device.features());
+        Self { device, queue, info, limits, caps, pipelines: PipelineCache::default() }
+    }
+
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+    pub fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+
+    /// A one-line description: name, backend, type, driver.
+    pub fn describe(&self) -> String {
+        describe_adapter(&self.info)
+    }
+
+    /// Submits `encoder` and blocks until the GPU is done with it.
+    pub fn submit_and_wait(&self, encoder: wgpu::CommandEncoder) -> Result<()> {
+        let index = self.queue.submit([encoder.finish()]);
+        self.wait_for(Some(index))
+    }
+
+    pub(crate) fn wait_for(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: index, timeout: None })
+            .map(|_| ())
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))
+    }
+}
+
+pub fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
+    let driver = [info.driver.as_str(), info.driver_info.as_str()]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!("{} ({:?}, {:?}, {})", info.name, info.backend, info.device_type, driver)
+}
+
+fn instance(sel: &AdapterSelection) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    if let Some(b) = sel.backends {
+        desc.backends = b;
+    }
+    wgpu::Instance::new(desc)
+}
+
+/// Every adapter wgpu can see under `sel`'s backends.
+pub fn enumerate_adapters(sel: &AdapterSelection) -> Vec<wgpu::Adapter> {
+    let instance = instance(sel);
+    pollster::block_on(instance.enumerate_adapters(sel.backends.unwrap_or(wgpu::Backends::all())))
+}
+
+/// The adapter `sel` asks for: the first whose name matches, else wgpu's high-performance
+/// choice, else any adapter at all (a CPU one included).
+fn choose_adapter(instance: &wgpu::Instance, sel: &AdapterSelection) -> Result<wgpu::Adapter> {
+    let backends = sel.backends.unwrap_or(wgpu::Backends::all());
+    let all = pollster::block_on(instance.enumerate_adapters(backends));
+    if let Some(name) = &sel.name {
+        let want = name.to_lowercase();
+        let seen: Vec<String> = all.iter().map(|a| a.get_info().name).collect();
+        return all
+            .into_iter()
+            .find(|a| a.get_info().name.to_lowercase().contains(&want))
+            .ok_or_else(|| Error::NoAdapter {
+                detail: format!("no adapter name contains '{name}'; adapters seen: {seen:?}"),
+            });
+    }
+    let opts = wgpu::RequestAdapterOptions {
+        power_preference: wgpu::PowerPreference::HighPerformance,
+        ..Default::default()
+    };
+    if let Ok(a) = pollster::block_on(instance.request_adapter(&opts)) {
+        return Ok(a);
+    }
+    all.into_iter().next().ok_or_else(|| Error::NoAdapter {
+        detail: format!("wgpu found no adapter on backends {backends:?}"),
+    })
+}

@@ -1,0 +1,36 @@
+//! # wattn: FlashAttention-class attention kernels in WGSL, on every GPU wgpu reaches
+//!
+//! ```no_run
+//! use wattn::{AttentionOptions, Context, DType, Tensor};
+//! # fn main() -> wattn::Result<()> {
+//! let ctx = Context::new()?;
+//! let (b, h, n, d) = (1, 8, 1024, 64);
+//! let data = vec![0.1f32; b * h * n * d];
+//! let q = Tensor::from_f32(&ctx, &[b, h, n, d], &data, DType::F32)?;
+//! let k = Tensor::from_f32(&ctx, &[b, h, n, d], &data, DType::F32)?;
+//! let v = Tensor::from_f32(&ctx, &[b, h, n, d], &data, DType::F32)?;
+//! let result = wattn::attention(&ctx, &q, &k, &v, &AttentionOptions::causal())?;
+//! let out: Vec<f32> = result.out.to_f32(&ctx)?; // [b, h, n, d]
+//! let lse: Vec<f32> = result.lse.to_f32(&ctx)?; // [b, h, n], natural log
+//! # Ok(()) }
+//! ```
+//!
+//! Engines with their own device use [`Context::from_wgpu`] and record into their own
+//! encoder with [`flash::encode`] on their own buffers ([`TensorView`]).
+
+pub mod attention;
+pub mod cli;
+pub mod context;
+pub mod error;
+pub mod npy;
+pub mod pipeline;
+pub mod reference;
+pub mod shader;
+pub mod tensor;
+
+pub use attention::flash::{self, FlashConfig};
+pub use attention::naive;
+pub use attention::{AttentionBuffers, AttentionOptions, AttentionShape, Output, attention, attention_with};
+pub use context::{AdapterSelection, Capabilities, Context};
+pub use error::{Error, Result};
+pub use tensor::{DType, Tensor, TensorView};

@@ -1,0 +1,87 @@
+//! The one place shader variants are made.
+//!
+//! A kernel's WGSL file in `shaders/` uses constants it does not declare (tile sizes,
+//! padded head dims) and the element type `Elem`. [`ShaderKey::source`] prepends a prelude
+//! that declares them: `enable f16;` when the storage is f16, `alias Elem = f32|f16;`, and
+//! one `const NAME: TYPE = VALUE;` per constant. That is the whole preprocessor. Plain
+//! `const`s (rather than `override`s) let workgroup arrays and private arrays be sized by
+//! them on every backend, and let the compiler unroll the inner loops.
+
+use crate::tensor::DType;
+use std::fmt::Write;
+
+/// The kernel families, one WGSL file each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// Tiled flash-attention forward (`shaders/flash_fwd.wgsl`).
+    FlashForward,
+    /// Materialised-scores baseline (`shaders/naive.wgsl`), for benchmarks.
+    Naive,
+}
+
+impl Kernel {
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Kernel::FlashForward => "flash_fwd.wgsl",
+            Kernel::Naive => "naive.wgsl",
+        }
+    }
+
+    pub fn body(self) -> &'static str {
+        match self {
+            Kernel::FlashForward => include_str!("../shaders/flash_fwd.wgsl"),
+            Kernel::Naive => include_str!("../shaders/naive.wgsl"),
+        }
+    }
+}
+
+/// A compile-time constant of a shader variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConstValue {
+    U32(u32),
+    Bool(bool),
+}
+
+/// Everything that makes one compiled variant: also the key of the pipeline cache.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ShaderKey {
+    pub kernel: Kernel,
+    pub entry_point: &'static str,
+    pub dtype: DType,
+    pub constants: Vec<(&'static str, ConstValue)>,
+}
+
+impl ShaderKey {
+    /// The full WGSL source of this variant: prelude + kernel body.
+    pub fn source(&self) -> String {
+        let mut s = String::new();
+        if self.dtype == DType::F16 {
+            s.push_str("enable f16;\n");
+        }
+        let elem = match self.dtype {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+        };
+        writeln!(s, "alias Elem = {elem};").unwrap();
+        for (name, value) in &self.constants {
+            match value {
+                ConstValue::U32(x) => writeln!(s, "const {name}: u32 = {x}u;").unwrap(),
+                ConstValue::Bool(b) => writeln!(s, "const {name}: bool = {b};").unwrap(),
+            }
+        }
+        s.push_str(self.kernel.body());
+        s
+    }
+
+    /// A readable label, used for the pipeline and in error messages.
+    pub fn label(&self) -> String {
+        let mut s = format!("{}:{} {}", self.kernel.file_name(), self.entry_point, self.dtype);
+        for (name, value) in &self.constants {
+            match value {
+                ConstValue::U32(x) => write!(s, " {name}={x}").unwrap(),
+                ConstValue::Bool(b) => write!(s, " {name}={b}").unwrap(),
+            }
+        }
+        s
+    }
+}

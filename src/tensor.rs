@@ -1,0 +1,218 @@
+//! GPU tensors: a storage buffer plus a shape and a dtype.
+//!
+//! Attention tensors are contiguous `[batch, heads, seq, dim]` (the layout of PyTorch's
+//! `scaled_dot_product_attention`); the log-sum-exp is `[batch, heads, seq]` f32.
+
+use crate::context::Context;
+use crate::error::{Error, Result};
+use half::f16;
+use wgpu::util::DeviceExt;
+
+/// Storage element type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+        }
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "float32" => Ok(DType::F32),
+            "f16" | "float16" => Ok(DType::F16),
+            _ => Err(Error::DType(format!("unknown dtype '{s}': use f32 or f16"))),
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Bytes of `n` elements of `dtype`, rounded up to the 4 bytes buffers are made of.
+pub(crate) fn byte_size(n: usize, dtype: DType) -> u64 {
+    ((n * dtype.size()) as u64).next_multiple_of(4)
+}
+
+/// A borrowed GPU tensor: the caller's buffer, read as a contiguous array of `shape`.
+/// This is what the `encode` functions take, so engines can pass their own buffers.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorView<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub shape: &'a [usize],
+    pub dtype: DType,
+}
+
+impl<'a> TensorView<'a> {
+    /// Checks that `buffer` holds at least `shape`'s elements of `dtype` and is a storage buffer.
+    pub fn new(buffer: &'a wgpu::Buffer, shape: &'a [usize], dtype: DType) -> Result<Self> {
+        let view = Self { buffer, shape, dtype };
+        let needed = byte_size(view.numel(), dtype);
+        if buffer.size() < needed {
+            return Err(Error::Shape(format!(
+                "buffer of {} bytes is too small for {shape:?} {dtype} ({needed} bytes)",
+                buffer.size()
+            )));
+        }
+        if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+            return Err(Error::Option("tensor buffers need BufferUsages::STORAGE".into()));
+        }
+        Ok(view)
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A GPU tensor owning its buffer.
+pub struct Tensor {
+    buffer: wgpu::Buffer,
+    shape: Vec<usize>,
+    dtype: DType,
+}
+
+impl Tensor {
+    /// Uploads f32 host data, converted to `dtype`.
+    pub fn from_f32(ctx: &Context, shape: &[usize], data: &[f32], dtype: DType) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if data.len() != n {
+            return Err(Error::Shape(format!(
+                "{} values given for shape {shape:?} ({n} elements)",
+                data.len()
+            )));
+        }
+        let mut bytes = match dtype {
+            DType::F32 => bytemuck::cast_slice::<f32, u8>(data).to_vec(),
+            DType::F16 => {
+                let h: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
+                bytemuck::cast_slice::<f16, u8>(&h).to_vec()
+            }
+        };
+        Self::from_bytes(ctx, shape, &mut bytes, dtype)
+    }
+
+    /// Uploads f16 host data as f16 storage.
+    pub fn from_f16(ctx: &Context, shape: &[usize], data: &[f16]) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if data.len() != n {
+            return Err(Error::Shape(format!(
+                "{} values given for shape {shape:?} ({n} elements)",
+                data.len()
+            )));
+        }
+        Self::from_bytes(ctx, shape, &mut bytemuck::cast_slice(data).to_vec(), DType::F16)
+    }
+
+    fn from_bytes(ctx: &Context, shape: &[usize], bytes: &mut Vec<u8>, dtype: DType) -> Result<Self> {
+        check_binding_size(ctx, "tensor", bytes.len() as u64)?;
+        bytes.resize(bytes.len().next_multiple_of(4).max(4), 0);
+        let buffer = ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("wattn tensor"),
+            contents: bytes,
+            usage: Self::USAGE,
+        });
+        Ok(Self { buffer, shape: shape.to_vec(), dtype })
+    }
+
+    /// An uninitialised (zeroed) tensor.
+    pub fn zeros(ctx: &Context, shape: &[usize], dtype: DType) -> Result<Self> {
+        let size = byte_size(shape.iter().product(), dtype).max(4);
+        check_binding_size(ctx, "tensor", size)?;
+        let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wattn tensor"),
+            size,
+            usage: Self::USAGE,
+            mapped_at_creation: false,
+        });
+        Ok(Self { buffer, shape: shape.to_vec(), dtype })
+    }
+
+    const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+        .union(wgpu::BufferUsages::COPY_SRC)
+        .union(wgpu::BufferUsages::COPY_DST);
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn view(&self) -> TensorView<'_> {
+        TensorView { buffer: &self.buffer, shape: &self.shape, dtype: self.dtype }
+    }
+
+    /// Downloads the tensor, converted to f32.
+    pub fn to_f32(&self, ctx: &Context) -> Result<Vec<f32>> {
+        let bytes = read_buffer(ctx, &self.buffer, byte_size(self.numel(), self.dtype))?;
+        let n = self.numel();
+        Ok(match self.dtype {
+            DType::F32 => bytemuck::cast_slice::<u8, f32>(&bytes)[..n].to_vec(),
+            DType::F16 => bytemuck::cast_slice::<u8, f16>(&bytes)[..n].iter().map(|h| h.to_f32()).collect(),
+        })
+    }
+}
+
+/// Errors if one binding of `size` bytes would exceed the adapter's storage binding limit.
+pub(crate) fn check_binding_size(ctx: &Context, what: &str, size: u64) -> Result<()> {
+    let limits = ctx.limits();
+    let allowed = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+    if size > allowed {
+        return Err(Error::Limit {
+            what: format!("{what} buffer"),
+            needed: size,
+            allowed,
+            limit: "max_storage_buffer_binding_size",
+        });
+    }
+    Ok(())
+}
+
+/// Copies `size` bytes of `buffer` to the host (through a staging buffer) and waits.
+pub(crate) fn read_buffer(ctx: &Context, buffer: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+    let size = size.max(4);
+    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("wattn readback"),
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = ctx.device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+    ctx.queue.submit([encoder.finish()]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    staging.map_async(wgpu::MapMode::Read, .., move |r| {
+        let _ = tx.send(r);
+    });
+    ctx.wait_for(None)?;
+    rx.recv()
+        .map_err(|_| Error::Gpu("readback callback never ran".into()))?
+        .map_err(|e| Error::Gpu(format!("mapping the readback buffer failed: {e}")))?;
+    let bytes = staging.get_mapped_range(..).map_err(|e| Error::Gpu(e.to_string()))?.to_vec();
+    staging.unmap();
+    Ok(bytes)
+}
