@@ -1,1 +1,52 @@
-fn main(){}
+//! Criterion benchmarks of the flash kernel and the naive baseline on the small shapes of
+//! `wattn::bench::workload::criterion_workloads`, with the workloads, the validation and
+//! the GPU timer of `wattn bench`. Throughput is reported in attention FLOPs ("elements").
+
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use std::time::Duration;
+use wattn::bench::runner::validate;
+use wattn::bench::workload::{PathBuffers, criterion_workloads};
+use wattn::bench::{Path, Problem, Timer};
+use wattn::{Context, FlashConfig};
+
+fn attention(c: &mut Criterion) {
+    let ctx = Context::new().unwrap_or_else(|e| {
+        panic!("the benchmarks need an adapter: {e}\nInstall one with `sudo apt-get install -y mesa-vulkan-drivers`.")
+    });
+    let timer = Timer::new(&ctx);
+    let config = FlashConfig::for_adapter(&ctx);
+    eprintln!("benchmarking on {}, timed by {}", ctx.describe(), timer.clock().describe());
+    let mut group = c.benchmark_group("attention");
+    group.sampling_mode(SamplingMode::Flat);
+    for workload in criterion_workloads() {
+        let problem = Problem::upload(&ctx, &workload).unwrap();
+        let run = |path| {
+            let bufs = problem.alloc(&ctx, path).unwrap();
+            timer.time(&ctx, &mut |e| problem.record(&ctx, &bufs, &config, e)).unwrap();
+            bufs
+        };
+        let (flash, naive) = (run(Path::Flash), run(Path::Naive));
+        let validation = validate(&ctx, &problem, &flash, Some(&naive)).unwrap();
+        assert!(validation.passed(), "{} seq {}: {validation:?}", workload.series(), workload.shape.n_q);
+        group.throughput(Throughput::Elements(workload.flops() as u64));
+        for bufs in [&flash, &naive] {
+            let name = format!("{:?} {} seq {}", bufs.path(), workload.series(), workload.shape.n_q).to_lowercase();
+            group.bench_function(name, |b| b.iter_custom(|iters| time_runs(&ctx, &timer, &problem, bufs, &config, iters)));
+        }
+    }
+    group.finish();
+}
+
+/// The summed GPU (or wall) time of `iters` runs.
+fn time_runs(ctx: &Context, timer: &Timer, problem: &Problem, bufs: &PathBuffers, config: &FlashConfig, iters: u64) -> Duration {
+    let seconds: f64 = (0..iters).map(|_| timer.time(ctx, &mut |e| problem.record(ctx, bufs, config, e)).unwrap()).sum();
+    Duration::from_secs_f64(seconds)
+}
+
+criterion_group! {
+    name = benches;
+    // Small samples: the whole suite runs in a couple of minutes on a software adapter.
+    config = Criterion::default().sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    targets = attention
+}
+criterion_main!(benches);

@@ -5,9 +5,15 @@
 // some row of the block can see, staging them through workgroup memory D_CHUNK columns
 // at a time so that head dims up to 256 fit in WebGPU's default 16 KiB.
 //
-// Thread (row, lane) scores keys lane, lane + THREADS_PER_ROW, ... of each tile and owns the
-// output columns lane, lane + THREADS_PER_ROW, ... of each chunk; the row's running max and
-// sum are kept (identically) by every thread of the row.
+// Tiles are held as vec4 (four head-dim columns): every workgroup-memory read feeds four
+// FMAs. Thread (row, lane) scores keys lane, lane + THREADS_PER_ROW, ... of each tile and
+// owns the vec4 output columns lane, lane + THREADS_PER_ROW, ... of each chunk; the row's
+// running max and sum are kept (identically) by every thread of the row.
+//
+// Software adapters may cap the loop iterations one invocation runs (llvmpipe stops every
+// loop after 65535 in total), so the host can split the keys into passes: each dispatch
+// walks keys [key_begin, key_end) and carries the row's unnormalised (o, m, l) to the next
+// through `state`. On GPUs there is one pass and `state` is never touched.
 //
 // Constants come from the prelude made by src/shader.rs: Elem (f32 or f16), BLOCK_Q,
 // BLOCK_K, THREADS_PER_ROW, D_CHUNK, DQK_PAD, DV_PAD (head dims rounded up to 16) and
@@ -29,7 +35,14 @@ struct Params {
     window_right: i32,
     scale: f32,
     softcap: f32, // 0 = none
+    key_begin: u32, // a multiple of BLOCK_K
+    key_end: u32,
+    pass_flags: u32, // FIRST_PASS | LAST_PASS
+    _pad: u32,
 }
+
+const FIRST_PASS: u32 = 1u;
+const LAST_PASS: u32 = 2u;
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> q: array<Elem>;
@@ -37,52 +50,72 @@ struct Params {
 @group(0) @binding(3) var<storage, read> v: array<Elem>;
 @group(0) @binding(4) var<storage, read_write> out: array<Elem>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
+// Per row: m, l, then DV_PAD columns of o.
+@group(0) @binding(6) var<storage, read_write> state: array<f32>;
 
 const WORKGROUP: u32 = BLOCK_Q * THREADS_PER_ROW;
 const KEYS_PER_THREAD: u32 = BLOCK_K / THREADS_PER_ROW;
-const COLS_PER_THREAD: u32 = DV_PAD / THREADS_PER_ROW;
-const CHUNK_COLS_PER_THREAD: u32 = D_CHUNK / THREADS_PER_ROW;
+const CHUNK4: u32 = D_CHUNK / 4u;
+const QK4: u32 = DQK_PAD / 4u;
+const DV4: u32 = DV_PAD / 4u;
+// vec4 columns of o per thread: all chunks, and one chunk.
+const O4_PER_THREAD: u32 = DV4 / THREADS_PER_ROW;
+const CHUNK_O4_PER_THREAD: u32 = CHUNK4 / THREADS_PER_ROW;
 // Odd row stride: the lanes of a row read different keys at the same column, and an
 // even stride would put them all in one memory bank.
-const KV_STRIDE: u32 = D_CHUNK + 1u;
-const Q_STRIDE: u32 = select(D_CHUNK, DQK_PAD, Q_RESIDENT);
+const KV_STRIDE: u32 = CHUNK4 + 1u;
+const Q_STRIDE: u32 = select(CHUNK4, QK4, Q_RESIDENT);
 // Masked scores. Finite, so that exp(MASKED - MASKED) is defined; no real logit gets near.
 const MASKED: f32 = -3.0e38;
 
-var<workgroup> q_tile: array<f32, BLOCK_Q * Q_STRIDE>;
-var<workgroup> kv_tile: array<f32, BLOCK_K * KV_STRIDE>;
+var<workgroup> q_tile: array<vec4<f32>, BLOCK_Q * Q_STRIDE>;
+var<workgroup> kv_tile: array<vec4<f32>, BLOCK_K * KV_STRIDE>;
 var<workgroup> score_tile: array<f32, BLOCK_Q * BLOCK_K>;
 var<workgroup> prob_tile: array<f32, BLOCK_Q * BLOCK_K>;
 
-// Loads columns [d0, d0 + Q_STRIDE) of rows [row0, row0 + BLOCK_Q) of Q; zeros outside.
+// Four consecutive elements of `row`'s columns [c, c + 4) of Q, K or V, zero past `dim`.
+fn load4(which: u32, base: u32, dim: u32, c: u32) -> vec4<f32> {
+    var x = vec4(0.0);
+    for (var e = 0u; e < 4u; e++) {
+        if c + e < dim {
+            switch which {
+                case 0u: { x[e] = f32(q[base + c + e]); }
+                case 1u: { x[e] = f32(k[base + c + e]); }
+                default: { x[e] = f32(v[base + c + e]); }
+            }
+        }
+    }
+    return x;
+}
+
+// Loads head-dim columns [d0, d0 + 4 Q_STRIDE) of rows [row0, row0 + BLOCK_Q) of Q; zeros outside.
 fn stage_q(q_base: u32, row0: u32, d0: u32, tid: u32) {
     for (var e = tid; e < BLOCK_Q * Q_STRIDE; e += WORKGROUP) {
         let r = e / Q_STRIDE;
-        let c = d0 + e % Q_STRIDE;
-        var x = 0.0;
-        if row0 + r < params.n_q && c < params.d_qk {
-            x = f32(q[q_base + (row0 + r) * params.d_qk + c]);
+        var x = vec4(0.0);
+        if row0 + r < params.n_q {
+            x = load4(0u, q_base + (row0 + r) * params.d_qk, params.d_qk, d0 + 4u * (e % Q_STRIDE));
         }
         q_tile[e] = x;
     }
 }
 
-// Loads columns [d0, d0 + D_CHUNK) of keys [key0, key0 + BLOCK_K) of K or V; zeros outside.
-fn stage_kv(from_v: bool, base: u32, key0: u32, d0: u32, dim: u32, tid: u32) {
-    for (var e = tid; e < BLOCK_K * D_CHUNK; e += WORKGROUP) {
-        let j = e / D_CHUNK;
-        let c = d0 + e % D_CHUNK;
-        var x = 0.0;
-        if key0 + j < params.n_k && c < dim {
-            let idx = base + (key0 + j) * dim + c;
-            if from_v {
-                x = f32(v[idx]);
-            } else {
-                x = f32(k[idx]);
-            }
+// Loads columns [d0, d0 + D_CHUNK) of keys [key0, key0 + BLOCK_K) of K (which = 1) or
+// V (which = 2); zeros outside.
+fn stage_kv(which: u32, base: u32, key0: u32, d0: u32, dim: u32, tid: u32) {
+    for (var e = tid; e < BLOCK_K * CHUNK4; e += WORKGROUP) {
+        let j = e / CHUNK4;
+        var x = vec4(0.0);
+        if key0 + j < params.n_k {
+            x = load4(which, base + (key0 + j) * dim, dim, d0 + 4u * (e % CHUNK4));
         }
-        kv_tile[j * KV_STRIDE + e % D_CHUNK] = x;
+        kv_tile[j * KV_STRIDE + e % CHUNK4] = x;
     }
+}
+
+// The first output column of o[i] of thread `lane` of a row.
+fn column(i: u32, lane: u32) -> u32 {
+    return (i / CHUNK_O4_PER_THREAD) * D_CHUNK + 4u * (lane + (i % CHUNK_O4_PER_THREAD) * THREADS_PER_ROW);
 }
 
 fn visible(diag: i32, key: i32) -> bool {
@@ -111,11 +144,11 @@ fn main(
     let offset = i32(params.n_k) - i32(params.n_q);
     let diag = i32(row0 + r) + offset;
 
-    // The keys any row of this block may see: [key_lo, key_hi), plus the sinks.
+    // The keys any row of this block may see in this pass: [key_lo, key_hi), plus the sinks.
     let last_row = min(row0 + BLOCK_Q, params.n_q) - 1u;
     let diag_first = i32(row0) + offset;
     let diag_last = i32(last_row) + offset;
-    var key_hi = i32(params.n_k);
+    var key_hi = i32(min(params.n_k, params.key_end));
     if params.window_right >= 0 {
         key_hi = clamp(diag_last + params.window_right + 1, 0, key_hi);
     }
@@ -124,6 +157,7 @@ fn main(
         key_lo = clamp(diag_first - params.window_left, 0, key_hi);
     }
     let sink_end = min(i32(params.sinks), key_hi);
+    // Tile indices are absolute: this pass starts at tile key_begin / BLOCK_K.
     let tiles_end = u32(key_hi + i32(BLOCK_K) - 1) / BLOCK_K;
     let sink_tiles = u32(sink_end + i32(BLOCK_K) - 1) / BLOCK_K;
     let window_first_tile = u32(key_lo) / BLOCK_K;
@@ -132,11 +166,21 @@ fn main(
         stage_q(q_base, row0, 0u, tid);
     }
 
+    let row = row0 + r;
+    let state_base = ((batch * params.q_heads + head) * params.n_q + min(row, params.n_q - 1u)) * (DV_PAD + 2u);
     var m = MASKED;
     var l = 0.0;
-    var o: array<f32, COLS_PER_THREAD>;
+    var o: array<vec4<f32>, O4_PER_THREAD>;
+    if (params.pass_flags & FIRST_PASS) == 0u {
+        m = state[state_base];
+        l = state[state_base + 1u];
+        for (var i = 0u; i < O4_PER_THREAD; i++) {
+            let at = state_base + 2u + column(i, lane);
+            o[i] = vec4(state[at], state[at + 1u], state[at + 2u], state[at + 3u]);
+        }
+    }
 
-    var t = 0u;
+    var t = params.key_begin / BLOCK_K;
     loop {
         // Tiles between the sinks and the window are seen by no row: skip without loading.
         if t >= sink_tiles && t < window_first_tile {
@@ -153,14 +197,14 @@ fn main(
             if !Q_RESIDENT {
                 stage_q(q_base, row0, d0, tid);
             }
-            stage_kv(false, k_base, key0, d0, params.d_qk, tid);
+            stage_kv(1u, k_base, key0, d0, params.d_qk, tid);
             workgroupBarrier();
-            let q_col0 = select(0u, d0, Q_RESIDENT);
-            let width = min(D_CHUNK, DQK_PAD - d0);
+            let q_col0 = select(0u, d0 / 4u, Q_RESIDENT);
+            let width = min(CHUNK4, QK4 - d0 / 4u);
             for (var c = 0u; c < width; c++) {
                 let qc = q_tile[r * Q_STRIDE + q_col0 + c];
                 for (var i = 0u; i < KEYS_PER_THREAD; i++) {
-                    s[i] += qc * kv_tile[(lane + i * THREADS_PER_ROW) * KV_STRIDE + c];
+                    s[i] += dot(qc, kv_tile[(lane + i * THREADS_PER_ROW) * KV_STRIDE + c]);
                 }
             }
             workgroupBarrier();
@@ -198,17 +242,17 @@ fn main(
             prob_tile[r * BLOCK_K + j] = select(0.0, exp(x - m_new), x > MASKED);
         }
         m = m_new;
-        for (var i = 0u; i < COLS_PER_THREAD; i++) {
+        for (var i = 0u; i < O4_PER_THREAD; i++) {
             o[i] *= alpha;
         }
         l *= alpha;
 
         // O += P V, D_CHUNK columns at a time. The first barrier also publishes prob_tile.
         for (var d0 = 0u; d0 < DV_PAD; d0 += D_CHUNK) {
-            stage_kv(true, v_base, key0, d0, params.d_v, tid);
+            stage_kv(2u, v_base, key0, d0, params.d_v, tid);
             workgroupBarrier();
-            let o0 = d0 / THREADS_PER_ROW;
-            let cols = min(D_CHUNK, DV_PAD - d0) / THREADS_PER_ROW;
+            let o0 = d0 / 4u / THREADS_PER_ROW;
+            let cols = min(CHUNK4, DV4 - d0 / 4u) / THREADS_PER_ROW;
             for (var j = 0u; j < BLOCK_K; j++) {
                 let p = prob_tile[r * BLOCK_K + j];
                 if d0 == 0u {
@@ -226,18 +270,32 @@ fn main(
         t += 1u;
     }
 
-    let row = row0 + r;
     if row >= params.n_q {
+        return;
+    }
+    if (params.pass_flags & LAST_PASS) == 0u {
+        if lane == 0u {
+            state[state_base] = m;
+            state[state_base + 1u] = l;
+        }
+        for (var i = 0u; i < O4_PER_THREAD; i++) {
+            let at = state_base + 2u + column(i, lane);
+            for (var e = 0u; e < 4u; e++) {
+                state[at + e] = o[i][e];
+            }
+        }
         return;
     }
     let o_base = ((batch * params.q_heads + head) * params.n_q + row) * params.d_v;
     // A row that saw no key gets zeros and LSE = -inf. (l is NaN, not 0, if an input was.)
     let empty = l == 0.0;
     let inv_l = select(1.0 / l, 0.0, empty);
-    for (var i = 0u; i < COLS_PER_THREAD; i++) {
-        let c = (i / CHUNK_COLS_PER_THREAD) * D_CHUNK + lane + (i % CHUNK_COLS_PER_THREAD) * THREADS_PER_ROW;
-        if c < params.d_v {
-            out[o_base + c] = Elem(o[i] * inv_l);
+    for (var i = 0u; i < O4_PER_THREAD; i++) {
+        let c = column(i, lane);
+        for (var e = 0u; e < 4u; e++) {
+            if c + e < params.d_v {
+                out[o_base + c + e] = Elem(o[i][e] * inv_l);
+            }
         }
     }
     if lane == 0u {

@@ -18,6 +18,10 @@ struct Params {
     window_right: i32,
     scale: f32,
     softcap: f32,
+    key_begin: u32, // unused here: the flash kernel's key passes
+    key_end: u32,
+    pass_flags: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;

@@ -35,7 +35,8 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
-    fn of(features: wgpu::Features) -> Self {
+    /// Which of wattn's optional features `features` (an adapter's or a device's) includes.
+    pub fn of(features: wgpu::Features) -> Self {
         Self {
             shader_f16: features.contains(wgpu::Features::SHADER_F16),
             subgroups: features.contains(wgpu::Features::SUBGROUP),
@@ -51,6 +52,7 @@ pub struct Context {
     info: wgpu::AdapterInfo,
     limits: wgpu::Limits,
     caps: Capabilities,
+    loop_limit: Option<u32>,
     pub(crate) pipelines: PipelineCache,
 }
 
@@ -89,7 +91,8 @@ impl Context {
         let info = device.adapter_info();
         let limits = device.limits();
         let caps = Capabilities::of(device.features());
-        Self { device, queue, info, limits, caps, pipelines: PipelineCache::default() }
+        let loop_limit = loop_iteration_limit(&info);
+        Self { device, queue, info, limits, caps, loop_limit, pipelines: PipelineCache::default() }
     }
 
     pub fn device(&self) -> &wgpu::Device {
@@ -106,6 +109,16 @@ impl Context {
     }
     pub fn capabilities(&self) -> Capabilities {
         self.caps
+    }
+    /// How many pipelines this context has built (each is built once per variant).
+    pub fn pipeline_count(&self) -> usize {
+        self.pipelines.len()
+    }
+
+    /// The most loop iterations one shader invocation may run on this adapter, if it has
+    /// such a cap. Kernels whose loops grow with the sequence split their work to stay below it.
+    pub fn loop_iteration_limit(&self) -> Option<u32> {
+        self.loop_limit
     }
 
     /// A one-line description: name, backend, type, driver.
@@ -125,6 +138,14 @@ impl Context {
             .map(|_| ())
             .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))
     }
+}
+
+/// llvmpipe (Mesa's software rasteriser, lavapipe's core) ends every loop of a shader once
+/// they have run 65535 iterations in total (`LP_MAX_TGSI_LOOP_ITERATIONS`), silently: the
+/// results are simply wrong. No other adapter is known to do this.
+fn loop_iteration_limit(info: &wgpu::AdapterInfo) -> Option<u32> {
+    let llvmpipe = [&info.name, &info.driver].iter().any(|s| s.to_lowercase().contains("llvmpipe"));
+    llvmpipe.then_some(65535)
 }
 
 pub fn describe_adapter(info: &wgpu::AdapterInfo) -> String {

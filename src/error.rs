@@ -36,6 +36,9 @@ pub enum Error {
     #[error("{what} needs {needed} but the adapter allows {allowed} ({limit})")]
     Limit { what: String, needed: u64, allowed: u64, limit: &'static str },
 
+    #[error("KV cache full: {len} of {capacity} slots hold tokens and {appended} more were appended; eviction policy None never evicts")]
+    CacheFull { capacity: usize, len: usize, appended: usize },
+
     #[error("invalid option: {0}")]
     Option(String),
 

@@ -19,6 +19,7 @@
 //! encoder with [`flash::encode`] on their own buffers ([`TensorView`]).
 
 pub mod attention;
+pub mod bench;
 pub mod cli;
 pub mod context;
 pub mod error;

@@ -17,6 +17,8 @@ pub enum Kernel {
     FlashForward,
     /// Materialised-scores baseline (`shaders/naive.wgsl`), for benchmarks.
     Naive,
+    /// FMA throughput and copy bandwidth microbenchmarks (`shaders/peak.wgsl`).
+    Peak,
 }
 
 impl Kernel {
@@ -24,6 +26,7 @@ impl Kernel {
         match self {
             Kernel::FlashForward => "flash_fwd.wgsl",
             Kernel::Naive => "naive.wgsl",
+            Kernel::Peak => "peak.wgsl",
         }
     }
 
@@ -31,6 +34,7 @@ impl Kernel {
         match self {
             Kernel::FlashForward => include_str!("../shaders/flash_fwd.wgsl"),
             Kernel::Naive => include_str!("../shaders/naive.wgsl"),
+            Kernel::Peak => include_str!("../shaders/peak.wgsl"),
         }
     }
 }

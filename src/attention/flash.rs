@@ -5,6 +5,7 @@ use super::{AttentionBuffers, AttentionOptions, AttentionShape};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::pipeline::{bind_buffers, check_grid};
+use crate::tensor::check_binding_size;
 use crate::shader::{ConstValue, Kernel, ShaderKey};
 use crate::tensor::DType;
 use wgpu::util::DeviceExt;
@@ -26,7 +27,16 @@ pub struct FlashParams {
     pub window_right: i32,
     pub scale: f32,
     pub softcap: f32,
+    /// This pass's keys, `[key_begin, key_end)` (see [`FlashConfig::keys_per_pass`]).
+    pub key_begin: u32,
+    pub key_end: u32,
+    /// [`FIRST_PASS`] | [`LAST_PASS`].
+    pub pass_flags: u32,
+    pub _pad: u32,
 }
+
+pub const FIRST_PASS: u32 = 1;
+pub const LAST_PASS: u32 = 2;
 
 impl FlashParams {
     pub fn new(shape: &AttentionShape, options: &AttentionOptions) -> Self {
@@ -44,6 +54,10 @@ impl FlashParams {
             window_right,
             scale: options.scale_for(shape.d_qk),
             softcap: options.softcap,
+            key_begin: 0,
+            key_end: shape.n_k as u32,
+            pass_flags: FIRST_PASS | LAST_PASS,
+            _pad: 0,
         }
     }
 
@@ -69,7 +83,7 @@ pub struct FlashConfig {
     pub block_q: u32,
     /// Keys per K/V tile.
     pub block_k: u32,
-    /// Threads sharing one query row (a power of two up to 16).
+    /// Threads sharing one query row: 1, 2 or 4.
     pub threads_per_row: u32,
     /// Head-dim columns staged at a time (a multiple of 16).
     pub d_chunk: u32,
@@ -78,8 +92,9 @@ pub struct FlashConfig {
 impl FlashConfig {
     /// Fits WebGPU's default 16 KiB of workgroup memory for every head dim.
     pub const PORTABLE: Self = Self { block_q: 16, block_k: 16, threads_per_row: 4, d_chunk: 64 };
-    /// Software rasterisers (llvmpipe, SwiftShader, WARP): measured on llvmpipe.
-    pub const CPU: Self = Self { block_q: 16, block_k: 32, threads_per_row: 4, d_chunk: 64 };
+    /// Software rasterisers (llvmpipe, SwiftShader, WARP): the fastest of those measured on
+    /// llvmpipe (see docs/tuning.md).
+    pub const CPU: Self = Self { block_q: 32, block_k: 32, threads_per_row: 2, d_chunk: 64 };
     /// Discrete and integrated GPUs with at least 32 KiB of workgroup memory.
     pub const GPU: Self = Self { block_q: 32, block_k: 32, threads_per_row: 4, d_chunk: 64 };
 
@@ -99,18 +114,21 @@ impl FlashConfig {
         self.block_q * self.threads_per_row
     }
 
-    /// Bytes of workgroup memory the kernel declares for this shape (see the shader).
+    /// Bytes of workgroup memory the kernel declares for this shape (see the shader:
+    /// Q and K/V tiles of vec4, the K/V rows padded by one vec4, and two score tiles).
     fn workgroup_bytes(&self, q_resident: bool, dqk_pad: u32, d_chunk: u32) -> u32 {
         let q_stride = if q_resident { dqk_pad } else { d_chunk };
-        4 * (self.block_q * q_stride + self.block_k * (d_chunk + 1) + 2 * self.block_q * self.block_k)
+        4 * (self.block_q * q_stride + self.block_k * (d_chunk + 4) + 2 * self.block_q * self.block_k)
     }
 
     /// Checks the configuration against the kernel's rules and the device's limits.
     pub fn check(&self, limits: &wgpu::Limits, shape: &AttentionShape) -> Result<()> {
         let tpr = self.threads_per_row;
         let bad = |why: String| Err(Error::Option(format!("flash config {self:?}: {why}")));
-        if !(tpr.is_power_of_two() && tpr <= HEAD_DIM_GRANULE) {
-            return bad("threads_per_row must be a power of two up to 16".into());
+        // A row's threads split each chunk's vec4 columns, and the last chunk may hold only
+        // HEAD_DIM_GRANULE / 4 of them.
+        if !(tpr.is_power_of_two() && tpr <= HEAD_DIM_GRANULE / 4) {
+            return bad("threads_per_row must be 1, 2 or 4".into());
         }
         if self.block_q == 0 || self.block_k == 0 || self.block_k % tpr != 0 {
             return bad("block_q and block_k must be positive, block_k a multiple of threads_per_row".into());
@@ -138,6 +156,35 @@ impl FlashConfig {
             });
         }
         Ok(())
+    }
+}
+
+impl FlashConfig {
+    /// How many keys one dispatch may walk on an adapter that stops loops after
+    /// `loop_limit` iterations per invocation (llvmpipe), or `None` for no limit.
+    /// The count is an upper bound on the iterations of the shader's loops per K/V tile,
+    /// assuming the compiler unrolls none of them: keep it in sync with flash_fwd.wgsl.
+    pub fn keys_per_pass(&self, limits: &wgpu::Limits, shape: &AttentionShape, loop_limit: Option<u32>) -> Option<u32> {
+        let loop_limit = loop_limit?;
+        let v = Variant::new(self, limits, shape);
+        let wg = self.workgroup_size();
+        let (bq, bk, tpr, dc) = (self.block_q, self.block_k, self.threads_per_row, v.d_chunk);
+        let keys_per_thread = bk / tpr;
+        let (chunk4, q_stride4) = (dc / 4, if v.q_resident { v.dqk_pad / 4 } else { dc / 4 });
+        // Staging loops, each with load4's loop of 4.
+        let stage_kv = (bk * chunk4).div_ceil(wg) * 5;
+        let stage_q = (bq * q_stride4).div_ceil(wg) * 5;
+        let qk_chunks = v.dqk_pad.div_ceil(dc);
+        let v_chunks = v.dv_pad.div_ceil(dc);
+        let o4 = v.dv_pad / 4 / tpr;
+        let per_qk_chunk = if v.q_resident { 0 } else { stage_q } + stage_kv + chunk4 * (1 + keys_per_thread);
+        let per_v_chunk = stage_kv + bk * (1 + chunk4 / tpr);
+        let per_tile = 1 + qk_chunks * per_qk_chunk + 2 * keys_per_thread + bk + o4 + v_chunks * per_v_chunk;
+        // Once per pass: staging resident Q, loading and storing the state, writing O.
+        let per_pass = stage_q + 3 * o4 * 5;
+        let budget = (loop_limit as f64 * 0.9) as u32;
+        let tiles = (budget.saturating_sub(per_pass) / per_tile).max(1);
+        Some(tiles * bk)
     }
 }
 
@@ -201,18 +248,69 @@ pub fn encode(
         check_grid(ctx.limits(), &format!("flash grid: {g} {what}"), g)?;
     }
     let pipeline = ctx.pipelines.get(ctx.device(), &shader_key(config, ctx.limits(), bufs.q.dtype, &shape))?;
-    let params = FlashParams::new(&shape, options).upload(ctx);
-    let bind_group = bind_buffers(ctx.device(), &pipeline, &[
-        (0, &params),
-        (1, bufs.q.buffer),
-        (2, bufs.k.buffer),
-        (3, bufs.v.buffer),
-        (4, bufs.out.buffer),
-        (5, bufs.lse.buffer),
-    ]);
-    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn flash"), timestamp_writes: None });
-    pass.set_pipeline(&pipeline);
-    pass.set_bind_group(0, &bind_group, &[]);
-    pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+    let n_k = shape.n_k as u32;
+    let keys_per_pass = config.keys_per_pass(ctx.limits(), &shape, ctx.loop_iteration_limit()).unwrap_or(n_k);
+    let passes = n_k.div_ceil(keys_per_pass);
+    // The carried (m, l, o) of every row, only when there is more than one pass.
+    let state_floats = if passes > 1 { shape.batch * shape.q_heads * shape.n_q * (Variant::new(config, ctx.limits(), &shape).dv_pad as usize + 2) } else { 1 };
+    let state_bytes = 4 * state_floats as u64;
+    check_binding_size(ctx, "flash pass state", state_bytes)?;
+    let state = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("wattn flash pass state"),
+        size: state_bytes,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let base = FlashParams::new(&shape, options);
+    for p in 0..passes {
+        let params = FlashParams {
+            key_begin: p * keys_per_pass,
+            key_end: ((p + 1) * keys_per_pass).min(n_k),
+            pass_flags: if p == 0 { FIRST_PASS } else { 0 } | if p + 1 == passes { LAST_PASS } else { 0 },
+            ..base
+        }
+        .upload(ctx);
+        let bind_group = bind_buffers(ctx.device(), &pipeline, &[
+            (0, &params),
+            (1, bufs.q.buffer),
+            (2, bufs.k.buffer),
+            (3, bufs.v.buffer),
+            (4, bufs.out.buffer),
+            (5, bufs.lse.buffer),
+            (6, &state),
+        ]);
+        // One compute pass per key pass, so each sees the state the previous one wrote.
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn flash"), timestamp_writes: None });
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+    }
     Ok(())
+}
+
+/// The flash variants a build should compile: each preset × dtype × head-dim bucket
+/// (every equal pair up to 256 and a few asymmetric ones, as in MLA) on WebGPU's default
+/// 16 KiB of workgroup memory and on 32 and 64 KiB devices, which moves Q in or out of
+/// workgroup memory. Variants whose tiles a limit does not admit are left out, as
+/// [`encode`] would refuse them. The shader tests validate and translate every one.
+pub fn validation_keys() -> Vec<ShaderKey> {
+    let equal = (1..=16).map(|i| (16 * i, 16 * i));
+    let asymmetric = [(192, 128), (64, 256), (256, 16), (128, 64), (16, 256), (96, 32)];
+    let head_dims: Vec<(usize, usize)> = equal.chain(asymmetric).collect();
+    let mut keys: Vec<ShaderKey> = Vec::new();
+    for storage in [16 << 10, 32 << 10, 64 << 10] {
+        let limits = wgpu::Limits { max_compute_workgroup_storage_size: storage, ..wgpu::Limits::default() };
+        for config in [FlashConfig::PORTABLE, FlashConfig::CPU, FlashConfig::GPU] {
+            for dtype in [DType::F32, DType::F16] {
+                for &(d_qk, d_v) in &head_dims {
+                    let shape = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk, d_v };
+                    let key = shader_key(&config, &limits, dtype, &shape);
+                    if config.check(&limits, &shape).is_ok() && !keys.contains(&key) {
+                        keys.push(key);
+                    }
+                }
+            }
+        }
+    }
+    keys
 }

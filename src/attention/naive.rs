@@ -50,6 +50,18 @@ pub fn encode(
         return Err(Error::Shape(format!("score buffer has {} bytes, needs {needed}", scores.size())));
     }
     let limits = ctx.limits();
+    // softmax_main walks each row three times in one invocation.
+    if let Some(limit) = ctx.loop_iteration_limit() {
+        let needed = 3 * shape.n_k as u64;
+        if needed > limit as u64 {
+            return Err(Error::Limit {
+                what: format!("naive softmax over {} keys", shape.n_k),
+                needed,
+                allowed: limit as u64,
+                limit: "loop iterations per invocation",
+            });
+        }
+    }
     let bh = (shape.batch * shape.q_heads) as u32;
     let rows = bh * shape.n_q as u32;
     let grids = [

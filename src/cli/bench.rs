@@ -1,10 +1,210 @@
-//! `wattn bench`.
+//! `wattn bench`: the flash kernel against the naive baseline over a grid of problems.
 
-use crate::error::Result;
+use super::AdapterArgs;
+use crate::bench::progress::Progress;
+use crate::bench::report::{BenchReport, Provenance, seq_label, write_file, write_json};
+use crate::bench::runner::{self, Settings};
+use crate::bench::{Grid, Timer, peak, plot};
+use crate::error::{Error, Result};
+use crate::flash::FlashConfig;
+use crate::tensor::DType;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// A small grid that finishes in under a minute on a software adapter: sequence lengths
+    /// 256, 512 and 1K, head dim 64, batch 1, 2 heads, f32 and f16, causal and not.
+    /// The other flags change it.
+    #[arg(long)]
+    pub quick: bool,
+    /// Sequence lengths, e.g. 512,2k,16K [default: 512 to 16K, doubling].
+    #[arg(long, value_name = "N,...", value_delimiter = ',', value_parser = parse_tokens)]
+    pub seq: Option<Vec<usize>>,
+    /// Head dims [default: 64,128].
+    #[arg(long, value_name = "D,...", value_delimiter = ',')]
+    pub head_dim: Option<Vec<usize>>,
+    /// Query heads [default: 2048 / head dim].
+    #[arg(long, value_name = "H")]
+    pub heads: Option<usize>,
+    /// K/V heads, dividing the query heads (grouped-query attention) [default: as many as query heads].
+    #[arg(long, value_name = "H")]
+    pub kv_heads: Option<usize>,
+    /// Batch size [default: 16384 / sequence length, so each point has 16K tokens].
+    #[arg(long, value_name = "B")]
+    pub batch: Option<usize>,
+    /// Causal mask: true, false or both [default: both].
+    #[arg(long, value_name = "true|false|both")]
+    pub causal: Option<CausalChoice>,
+    /// Storage dtypes [default: f32,f16].
+    #[arg(long, value_name = "f32,f16", value_delimiter = ',')]
+    pub dtype: Option<Vec<DType>>,
+    /// Sliding window LEFT,RIGHT in keys around the diagonal; -1 = unbounded on that side.
+    #[arg(long, value_name = "LEFT,RIGHT", value_delimiter = ',', allow_hyphen_values = true)]
+    pub window: Option<Vec<i32>>,
+    /// Timed runs per path and point; the median is reported with min and max.
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub runs: u32,
+    /// Untimed runs before the timed ones; the run whose output is checked is the first.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub warmup: u32,
+    /// Flash tile sizes block_q,block_k,threads_per_row,d_chunk [default: the adapter's preset].
+    #[arg(long, value_name = "BQ,BK,TPR,DC", value_parser = parse_config)]
+    pub config: Option<FlashConfig>,
+    /// Do not measure the adapter's peak (no fraction-of-peak column).
+    #[arg(long)]
+    pub no_peak: bool,
+    /// Do not time the naive baseline (no speed-up column); flash outputs are then checked
+    /// against the f64 CPU reference on sampled rows.
+    #[arg(long)]
+    pub no_naive: bool,
+    /// Seconds for the points: a point estimated to end past them is capped (not run, and
+    /// listed as such), and so is a naive run; 0 = no limit.
+    #[arg(long, value_name = "SECONDS", default_value_t = 180.0)]
+    pub budget: f64,
+    /// Write every figure, with the adapter, wattn version and date, as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write one CSV row per point with the same figures.
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
+    /// Draw flash throughput against sequence length as SVG, one line per series.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
+}
 
-pub fn run(_args: BenchArgs) -> Result<()> {
-    Err(crate::error::Error::Option("wattn bench is not built yet".into()))
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum CausalChoice {
+    True,
+    False,
+    Both,
+}
+
+impl BenchArgs {
+    /// The grid the flags describe: `--quick` or the full grid, then each flag given.
+    pub fn grid(&self) -> Result<Grid> {
+        let mut grid = if self.quick { Grid::quick() } else { Grid::full() };
+        if let Some(seq) = &self.seq {
+            grid.seqs = seq.clone();
+        }
+        if let Some(d) = &self.head_dim {
+            grid.head_dims = d.clone();
+        }
+        if let Some(dtypes) = &self.dtype {
+            grid.dtypes = dtypes.clone();
+        }
+        if let Some(causal) = self.causal {
+            grid.causal = match causal {
+                CausalChoice::True => vec![true],
+                CausalChoice::False => vec![false],
+                CausalChoice::Both => vec![false, true],
+            };
+        }
+        if let Some(w) = &self.window {
+            let [left, right] = w[..] else {
+                return Err(Error::Option(format!("--window takes LEFT,RIGHT (two integers), got {w:?}")));
+            };
+            grid.window = (left, right);
+        }
+        grid.batch = self.batch.or(grid.batch);
+        grid.heads = self.heads.or(grid.heads);
+        grid.kv_heads = self.kv_heads.or(grid.kv_heads);
+        Ok(grid)
+    }
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let workloads = args.grid()?.workloads()?;
+    if args.budget.is_nan() || args.budget < 0.0 {
+        return Err(Error::Option(format!("--budget {}: give seconds >= 0 (0 = no limit)", args.budget)));
+    }
+    check_output_dirs(&[&args.json, &args.csv, &args.plot])?;
+    let ctx = args.adapter.context()?;
+    let config = args.config.unwrap_or_else(|| FlashConfig::for_adapter(&ctx));
+    // Rule violations do not depend on the shape; limits do and are reported per point.
+    if let Err(e @ Error::Option(_)) = config.check(ctx.limits(), &workloads[0].shape) {
+        return Err(e);
+    }
+    let timer = Timer::new(&ctx);
+    let (warmup, runs) = (args.warmup as usize, args.runs as usize);
+    let progress = Progress::new();
+    let peak = if args.no_peak {
+        None
+    } else {
+        progress.show(0, workloads.len(), "measuring the adapter's peak");
+        Some(peak::measure(&ctx, &timer, warmup, runs)?)
+    };
+    let budget_s = (args.budget > 0.0).then_some(args.budget);
+    let settings = Settings { warmup, runs, config, budget_s, peak_flops: peak.as_ref().map(|p| p.fma_f32.rate), naive: !args.no_naive };
+    let points = runner::run(&ctx, &timer, &workloads, &settings, &mut |done, total, w| {
+        progress.show(done, total, &format!("{} seq {}", w.series(), seq_label(w.shape.n_q)));
+    });
+    progress.finish();
+    let provenance = Provenance::new(&ctx, timer.clock());
+    let report = BenchReport { provenance, flash_config: config.into(), warmup, runs, budget_s, peak, naive_baseline: settings.naive, points };
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        write_json(path, &report)?;
+    }
+    if let Some(path) = &args.csv {
+        write_file(path, &report.csv())?;
+    }
+    if let Some(path) = &args.plot {
+        write_file(path, &plot::svg(&report))?;
+    }
+    Ok(())
+}
+
+/// Refuses, before any work, output files whose directory does not exist.
+pub(super) fn check_output_dirs(paths: &[&Option<PathBuf>]) -> Result<()> {
+    for path in paths.iter().copied().flatten() {
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !dir.is_dir() || path.is_dir() {
+            let detail = if path.is_dir() { "is a directory" } else { "its directory does not exist" };
+            return Err(Error::File { path: path.clone(), detail: detail.into() });
+        }
+    }
+    Ok(())
+}
+
+/// A token count: 512, 2k, 16K.
+fn parse_tokens(text: &str) -> std::result::Result<usize, String> {
+    let t = text.trim();
+    let (digits, scale) = match t.strip_suffix(['k', 'K']) {
+        Some(d) => (d, 1024),
+        None => (t, 1),
+    };
+    match digits.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n * scale),
+        _ => Err(format!("'{text}' is not a sequence length (e.g. 512, 2k)")),
+    }
+}
+
+/// `BQ,BK,TPR,DC` as a flash configuration (checked when used).
+fn parse_config(text: &str) -> std::result::Result<FlashConfig, String> {
+    let numbers: Vec<u32> = text.split(',').map(|s| s.trim().parse::<u32>()).collect::<std::result::Result<_, _>>().map_err(|e| format!("'{text}': {e}"))?;
+    let [block_q, block_k, threads_per_row, d_chunk] = numbers[..] else {
+        return Err(format!("'{text}': expected four numbers BQ,BK,TPR,DC, e.g. 16,32,4,64"));
+    };
+    Ok(FlashConfig { block_q, block_k, threads_per_row, d_chunk })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_counts_take_k_suffixes() {
+        assert_eq!(parse_tokens("512"), Ok(512));
+        assert_eq!(parse_tokens("2k"), Ok(2048));
+        assert_eq!(parse_tokens("16K"), Ok(16384));
+        assert!(parse_tokens("0").is_err() && parse_tokens("k").is_err() && parse_tokens("1.5k").is_err());
+    }
+
+    #[test]
+    fn configs_take_four_numbers() {
+        assert_eq!(parse_config("16,32,4,64"), Ok(FlashConfig { block_q: 16, block_k: 32, threads_per_row: 4, d_chunk: 64 }));
+        assert!(parse_config("16,32,4").is_err() && parse_config("a,b,c,d").is_err());
+    }
 }

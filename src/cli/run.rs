@@ -1,10 +1,238 @@
-//! `wattn run`.
+//! `wattn run`: attention on .npy files.
 
-use crate::error::Result;
+use super::AdapterArgs;
+use crate::attention::{AttentionBuffers, AttentionOptions, AttentionShape};
+use crate::error::{Error, Result};
+use crate::flash::{self, FlashConfig};
+use crate::npy::{self, NpyArray};
+use crate::tensor::{DType, Tensor};
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
-pub struct RunArgs {}
+pub struct RunArgs {
+    /// Queries: [B, Hq, Nq, D], or [Hq, Nq, D] for B = 1; float32 or float16, C order.
+    #[arg(long, value_name = "Q.npy")]
+    pub q: PathBuf,
+    /// Keys: [B, Hkv, Nk, D] (Hq a multiple of Hkv), or [Hkv, Nk, D].
+    #[arg(long, value_name = "K.npy")]
+    pub k: PathBuf,
+    /// Values: [B, Hkv, Nk, Dv], or [Hkv, Nk, Dv].
+    #[arg(long, value_name = "V.npy")]
+    pub v: PathBuf,
+    /// Output O, float32 [B, Hq, Nq, Dv] (3-D when the inputs are).
+    #[arg(long, value_name = "O.npy")]
+    pub out: PathBuf,
+    /// Also write the log-sum-exp, float32 [B, Hq, Nq] (natural log; -inf where a row sees no key).
+    #[arg(long, value_name = "LSE.npy")]
+    pub lse: Option<PathBuf>,
+    /// Causal mask, aligned bottom-right when Nq != Nk.
+    #[arg(long)]
+    pub causal: bool,
+    /// Softmax scale; default 1/sqrt(D).
+    #[arg(long, value_name = "S", allow_negative_numbers = true)]
+    pub scale: Option<f32>,
+    /// Sliding window LEFT,RIGHT in keys around the diagonal; -1 = unbounded on that side.
+    #[arg(long, value_name = "LEFT,RIGHT", allow_hyphen_values = true)]
+    pub window: Option<String>,
+    /// Keep the first N keys visible beside the window (attention sinks).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub sinks: u32,
+    /// Logit softcap C: scores become C * tanh(scores / C); 0 = none.
+    #[arg(long, value_name = "C", default_value_t = 0.0, allow_negative_numbers = true)]
+    pub softcap: f32,
+    /// Storage dtype on the GPU, f32 or f16; default: the inputs' dtype.
+    #[arg(long, value_name = "f32|f16")]
+    pub dtype: Option<String>,
+    /// Also compute the f64 CPU reference and print the max abs error of O and LSE.
+    #[arg(long)]
+    pub check: bool,
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
+}
 
-pub fn run(_args: RunArgs) -> Result<()> {
-    Err(crate::error::Error::Option("wattn run is not built yet".into()))
+/// `--check` refuses problems with more query-key pairs than this: beyond it the CPU
+/// reference takes minutes to hours.
+const MAX_CHECK_PAIRS: usize = 1 << 28;
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let options = AttentionOptions {
+        scale: args.scale,
+        causal: args.causal,
+        window: args.window.as_deref().map(parse_window).transpose()?.unwrap_or((-1, -1)),
+        sinks: args.sinks,
+        softcap: args.softcap,
+    };
+    options.validate()?;
+    let dtype_override = args.dtype.as_deref().map(parse_dtype).transpose()?;
+    check_outputs(&args.out, args.lse.as_deref())?;
+
+    let q = npy::read_array(&args.q)?;
+    let k = npy::read_array(&args.k)?;
+    let v = npy::read_array(&args.v)?;
+    let batched = check_ranks(&q, &k, &v)?;
+    let lift = |a: &NpyArray| if batched { a.shape.clone() } else { [&[1], &a.shape[..]].concat() };
+    let (q_shape, k_shape, v_shape) = (lift(&q), lift(&k), lift(&v));
+    let shape = AttentionShape::from_shapes(&q_shape, &k_shape, &v_shape)?;
+    let dtype = match dtype_override {
+        Some(d) => d,
+        None => common_dtype(&q, &k, &v)?,
+    };
+    let pairs = [shape.batch, shape.q_heads, shape.n_q, shape.n_k].iter().fold(1usize, |a, &b| a.saturating_mul(b));
+    if args.check && pairs > MAX_CHECK_PAIRS {
+        return Err(Error::Option(format!(
+            "--check: the CPU reference would score {pairs} query-key pairs, more than the 2^28 it allows; check a smaller problem"
+        )));
+    }
+    // What the GPU reads, so the CPU reference sees the same values.
+    let (q_data, k_data, v_data) = (in_storage(q.data, dtype), in_storage(k.data, dtype), in_storage(v.data, dtype));
+
+    let ctx = args.adapter.context()?;
+    let config = FlashConfig::for_adapter(&ctx);
+    let q_gpu = Tensor::from_f32(&ctx, &q_shape, &q_data, dtype)?;
+    let k_gpu = Tensor::from_f32(&ctx, &k_shape, &k_data, dtype)?;
+    let v_gpu = Tensor::from_f32(&ctx, &v_shape, &v_data, dtype)?;
+    let out_gpu = Tensor::zeros(&ctx, &shape.out_shape(), dtype)?;
+    let lse_gpu = Tensor::zeros(&ctx, &shape.lse_shape(), DType::F32)?;
+    let bufs = AttentionBuffers {
+        q: q_gpu.view(),
+        k: k_gpu.view(),
+        v: v_gpu.view(),
+        out: out_gpu.view(),
+        lse: lse_gpu.view(),
+    };
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    // Recording builds the pipeline, so the timed part below is only the GPU's work.
+    flash::encode(&ctx, &mut encoder, &bufs, &options, &config)?;
+    let start = std::time::Instant::now();
+    ctx.submit_and_wait(encoder)?;
+    let gpu_time = start.elapsed();
+    let out = out_gpu.to_f32(&ctx)?;
+    let lse = lse_gpu.to_f32(&ctx)?;
+
+    // Outputs mirror the inputs' rank: drop the batch axis again for 3-D inputs.
+    let skip = if batched { 0 } else { 1 };
+    let staged_out = npy::stage_f32(&args.out, &shape.out_shape()[skip..], &out)?;
+    let staged_lse = match &args.lse {
+        Some(path) => Some(npy::stage_f32(path, &shape.lse_shape()[skip..], &lse)?),
+        None => None,
+    };
+    staged_out.commit()?;
+    if let Some(s) = staged_lse {
+        s.commit()?;
+    }
+    eprintln!(
+        "wattn run: {} | Q {:?} K {:?} V {:?} {dtype}{} | GPU {:.3} ms",
+        ctx.describe(),
+        q.shape,
+        k.shape,
+        v.shape,
+        describe_options(&options),
+        gpu_time.as_secs_f64() * 1e3
+    );
+
+    if args.check {
+        let want = crate::reference::attention(&q_data, &k_data, &v_data, &shape, &options);
+        println!(
+            "check against the f64 CPU reference: max |O - ref| = {:.3e}, max |LSE - ref| = {:.3e}",
+            max_abs_diff(&out, &want.out),
+            max_abs_diff(&lse, &want.lse)
+        );
+    }
+    Ok(())
+}
+
+/// `LEFT,RIGHT` as two integers.
+fn parse_window(text: &str) -> Result<(i32, i32)> {
+    let parsed = text
+        .split_once(',')
+        .and_then(|(l, r)| Some((l.trim().parse().ok()?, r.trim().parse().ok()?)));
+    parsed.ok_or_else(|| {
+        Error::Option(format!(
+            "--window '{text}': expected LEFT,RIGHT, two integers (-1 = unbounded), e.g. --window 256,0"
+        ))
+    })
+}
+
+fn parse_dtype(text: &str) -> Result<DType> {
+    text.parse().map_err(|_| Error::Option(format!("--dtype '{text}': use f32 or f16")))
+}
+
+/// Refuses output paths that cannot be written, before any work is done.
+fn check_outputs(out: &Path, lse: Option<&Path>) -> Result<()> {
+    if lse == Some(out) {
+        return Err(Error::Option("--out and --lse name the same file".into()));
+    }
+    for path in std::iter::once(out).chain(lse) {
+        let fail = |detail: &str| Error::File { path: path.to_path_buf(), detail: detail.into() };
+        if path.is_dir() {
+            return Err(fail("is a directory"));
+        }
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            return Err(fail("its directory does not exist"));
+        }
+    }
+    Ok(())
+}
+
+/// Q, K and V must all be 4-D, or all 3-D (one batch); returns whether they are 4-D.
+fn check_ranks(q: &NpyArray, k: &NpyArray, v: &NpyArray) -> Result<bool> {
+    let rank = q.shape.len();
+    if rank != 3 && rank != 4 {
+        return Err(Error::Rank { what: "Q", expected: "3 [H, N, D] or 4 [B, H, N, D]".into(), got: q.shape.clone() });
+    }
+    for (what, a) in [("K", k), ("V", v)] {
+        if a.shape.len() != rank {
+            return Err(Error::Rank { what, expected: format!("{rank}, like Q"), got: a.shape.clone() });
+        }
+    }
+    Ok(rank == 4)
+}
+
+fn common_dtype(q: &NpyArray, k: &NpyArray, v: &NpyArray) -> Result<DType> {
+    if k.dtype != q.dtype || v.dtype != q.dtype {
+        return Err(Error::DType(format!(
+            "Q is {}, K is {}, V is {}: save them with one dtype or pass --dtype",
+            q.dtype, k.dtype, v.dtype
+        )));
+    }
+    Ok(q.dtype)
+}
+
+/// Rounds to what a tensor of `dtype` holds (exact for values that came from f16).
+fn in_storage(data: Vec<f32>, dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F32 => data,
+        DType::F16 => data.into_iter().map(|x| half::f16::from_f32(x).to_f32()).collect(),
+    }
+}
+
+/// The options that differ from plain attention, for the summary line.
+fn describe_options(o: &AttentionOptions) -> String {
+    let mut s = String::new();
+    if o.causal {
+        s += " causal";
+    }
+    if o.window != (-1, -1) {
+        s += &format!(" window {},{}", o.window.0, o.window.1);
+    }
+    if o.sinks > 0 {
+        s += &format!(" sinks {}", o.sinks);
+    }
+    if o.softcap > 0.0 {
+        s += &format!(" softcap {}", o.softcap);
+    }
+    if let Some(scale) = o.scale {
+        s += &format!(" scale {scale}");
+    }
+    s
+}
+
+/// Max |got - want|; -inf against -inf counts as equal, any NaN makes the result NaN.
+fn max_abs_diff(got: &[f32], want: &[f64]) -> f64 {
+    got.iter().zip(want).fold(0.0, |worst: f64, (&g, &w)| {
+        let g = g as f64;
+        let diff = if g == w { 0.0 } else { (g - w).abs() };
+        if diff.is_nan() || worst.is_nan() { f64::NAN } else { worst.max(diff) }
+    })
 }

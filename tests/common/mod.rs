@@ -2,7 +2,8 @@
 #![allow(dead_code)]
 
 use std::sync::OnceLock;
-use wattn::{Context, DType};
+use wattn::reference::ReferenceOutput;
+use wattn::{AttentionOptions, AttentionShape, Context, DType, Tensor};
 
 /// The adapter every GPU test runs on. No adapter is a failure with instructions, never a skip.
 pub fn ctx() -> &'static Context {
@@ -48,10 +49,7 @@ impl Rng {
 
 /// Rounds `x` to what the kernel actually reads in `dtype`.
 pub fn quantize(x: &[f32], dtype: DType) -> Vec<f32> {
-    match dtype {
-        DType::F32 => x.to_vec(),
-        DType::F16 => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
-    }
+    x.iter().map(|&v| round_to(v, dtype)).collect()
 }
 
 /// Max |a - b| over finite pairs; infinities must match exactly, NaN never passes.
@@ -69,4 +67,162 @@ pub fn max_abs_err(got: &[f32], want: &[f64]) -> f64 {
         worst = worst.max(e);
     }
     worst
+}
+
+/// Whether query `i` sees key `j`, written from the option docs independently of
+/// `wattn::reference`: `rel` is the key's distance from the query's (bottom-right) diagonal.
+fn sees(o: &AttentionOptions, n_q: usize, n_k: usize, i: usize, j: usize) -> bool {
+    let rel = j as i64 - (i as i64 + n_k as i64 - n_q as i64);
+    let (left, right) = o.window;
+    let not_after = !(o.causal && rel > 0) && (right < 0 || rel <= right as i64);
+    let not_before = left < 0 || rel >= -(left as i64) || j < o.sinks as usize;
+    not_after && not_before
+}
+
+/// Rounds one value to `dtype`.
+pub fn round_to(x: f32, dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => x,
+        DType::F16 => half::f16::from_f32(x).to_f32(),
+    }
+}
+
+/// Attention as an unfused framework path computes it, in f32: scores, a two-pass softmax,
+/// P·V. For f16 the probabilities and the output are rounded to f16, as PyTorch's fp16
+/// math path does. Shares no code with `wattn::reference` on purpose. Returns O and LSE.
+pub fn plain_attention(x: &Inputs, s: &AttentionShape, o: &AttentionOptions, dtype: DType) -> (Vec<f32>, Vec<f32>) {
+    let scale = o.scale.unwrap_or(1.0 / (s.d_qk as f32).sqrt());
+    let mut out = vec![0.0f32; s.batch * s.q_heads * s.n_q * s.d_v];
+    let mut lse = vec![f32::NEG_INFINITY; s.batch * s.q_heads * s.n_q];
+    for bh in 0..s.batch * s.q_heads {
+        let (b, h) = (bh / s.q_heads, bh % s.q_heads);
+        let kv = b * s.kv_heads + h / (s.q_heads / s.kv_heads);
+        for i in 0..s.n_q {
+            let row = bh * s.n_q + i;
+            let q = &x.q[row * s.d_qk..][..s.d_qk];
+            let scores: Vec<Option<f32>> = (0..s.n_k)
+                .map(|j| {
+                    sees(o, s.n_q, s.n_k, i, j).then(|| {
+                        let k = &x.k[(kv * s.n_k + j) * s.d_qk..][..s.d_qk];
+                        let dot = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                        if o.softcap > 0.0 { o.softcap * (dot / o.softcap).tanh() } else { dot }
+                    })
+                })
+                .collect();
+            let max = scores.iter().flatten().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            if max == f32::NEG_INFINITY {
+                continue;
+            }
+            let sum: f32 = scores.iter().flatten().map(|&x| (x - max).exp()).sum();
+            lse[row] = max + sum.ln();
+            let o_row = &mut out[row * s.d_v..][..s.d_v];
+            for (j, score) in scores.iter().enumerate() {
+                if let Some(score) = score {
+                    let p = round_to((score - max).exp() / sum, dtype);
+                    let v = &x.v[(kv * s.n_k + j) * s.d_v..][..s.d_v];
+                    o_row.iter_mut().zip(v).for_each(|(acc, v)| *acc += p * v);
+                }
+            }
+            o_row.iter_mut().for_each(|y| *y = round_to(*y, dtype));
+        }
+    }
+    (out, lse)
+}
+
+/// Host inputs of one problem, already rounded to the dtype the GPU reads.
+pub struct Inputs {
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+impl Inputs {
+    /// Gaussian-ish inputs for `shape`, rounded to `dtype`.
+    pub fn random(shape: &AttentionShape, dtype: DType, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let mut random = |n| quantize(&rng.normal_vec(n), dtype);
+        let s = shape;
+        Self {
+            q: random(s.batch * s.q_heads * s.n_q * s.d_qk),
+            k: random(s.batch * s.kv_heads * s.n_k * s.d_qk),
+            v: random(s.batch * s.kv_heads * s.n_k * s.d_v),
+        }
+    }
+
+    /// Q, K, V as GPU tensors of `dtype`.
+    pub fn upload(&self, ctx: &Context, s: &AttentionShape, dtype: DType) -> (Tensor, Tensor, Tensor) {
+        let tensor = |data: &[f32], dims: [usize; 4]| Tensor::from_f32(ctx, &dims, data, dtype).unwrap();
+        (
+            tensor(&self.q, s.q_shape()),
+            tensor(&self.k, [s.batch, s.kv_heads, s.n_k, s.d_qk]),
+            tensor(&self.v, [s.batch, s.kv_heads, s.n_k, s.d_v]),
+        )
+    }
+}
+
+/// Largest errors of one implementation's O and LSE against the reference.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Errors {
+    pub out: f64,
+    pub lse: f64,
+}
+
+impl Errors {
+    pub fn of(out: &[f32], lse: &[f32], want: &ReferenceOutput) -> Self {
+        Self { out: max_abs_err(out, &want.out), lse: max_abs_err(lse, &want.lse) }
+    }
+    pub fn max(self, other: Self) -> Self {
+        Self { out: self.out.max(other.out), lse: self.lse.max(other.lse) }
+    }
+}
+
+/// A GPU result judged by FlashAttention's rule: its largest error may be at most twice
+/// that of [`plain_attention`] in the same precision, plus a floor (like FlashAttention's
+/// `fwd_atol`) of one rounding of the largest output, and 1e-5 of the largest finite LSE.
+#[derive(Clone, Copy, Debug)]
+pub struct Verdict {
+    pub got: Errors,
+    pub plain: Errors,
+    pub bound: Errors,
+}
+
+impl Verdict {
+    pub fn new(got_out: &[f32], got_lse: &[f32], x: &Inputs, s: &AttentionShape, o: &AttentionOptions, dtype: DType) -> Self {
+        let want = wattn::reference::attention(&x.q, &x.k, &x.v, s, o);
+        let (plain_out, plain_lse) = plain_attention(x, s, o, dtype);
+        let plain = Errors::of(&plain_out, &plain_lse, &want);
+        let largest = |xs: &[f64]| xs.iter().filter(|x| x.is_finite()).fold(1.0f64, |m, x| m.max(x.abs()));
+        let eps = match dtype {
+            DType::F32 => f32::EPSILON as f64,
+            DType::F16 => half::f16::EPSILON.to_f64(),
+        };
+        let bound = Errors {
+            out: 2.0 * plain.out + 0.5 * eps * largest(&want.out),
+            lse: 2.0 * plain.lse + 1e-5 * largest(&want.lse),
+        };
+        Self { got: Errors::of(got_out, got_lse, &want), plain, bound }
+    }
+
+    pub fn passes(&self) -> bool {
+        self.got.out <= self.bound.out && self.got.lse <= self.bound.lse
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "O err {:.2e} (plain {:.2e}, bound {:.2e})  LSE err {:.2e} (plain {:.2e}, bound {:.2e})",
+            self.got.out, self.plain.out, self.bound.out, self.got.lse, self.plain.lse, self.bound.lse
+        )
+    }
+}
+
+/// A device of its own on the adapter [`ctx`] uses, with exactly `features` and `limits`,
+/// for tests that need a device the library did not open.
+pub fn own_device(features: wgpu::Features, limits: wgpu::Limits) -> (wgpu::Device, wgpu::Queue) {
+    let name = &ctx().adapter_info().name;
+    let adapter = wattn::context::enumerate_adapters(&wattn::AdapterSelection::from_env())
+        .into_iter()
+        .find(|a| &a.get_info().name == name)
+        .unwrap_or_else(|| panic!("adapter '{name}' disappeared"));
+    let desc = wgpu::DeviceDescriptor { required_features: features, required_limits: limits, ..Default::default() };
+    pollster::block_on(adapter.request_device(&desc)).expect("opening a second device")
 }

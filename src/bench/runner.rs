@@ -1,0 +1,405 @@
+//! The loop of `wattn bench`: for each point, check the flash output, then time the flash
+//! and naive paths. A point or path that cannot run says why, and the run goes on.
+
+use super::stats::Stats;
+use super::timing::Timer;
+use super::workload::{Path, PathBuffers, Problem, Workload, input_values};
+use crate::attention::AttentionShape;
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::reference;
+use crate::tensor::DType;
+use crate::FlashConfig;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// How to run the points.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub warmup: usize,
+    pub runs: usize,
+    pub config: FlashConfig,
+    /// Seconds after which no point is started that is estimated to run past them;
+    /// `None` runs every point.
+    pub budget_s: Option<f64>,
+    /// The f32 FMA ceiling in FLOP/s that efficiency is quoted against.
+    pub peak_flops: Option<f64>,
+    /// Time the naive baseline too (where it fits and the budget allows).
+    pub naive: bool,
+}
+
+/// One timed path at one point.
+#[derive(Clone, Debug, Serialize)]
+pub struct PathResult {
+    pub time: Stats,
+    /// Attention FLOPs (see [`Workload::flops`]) per second of the median run.
+    pub flops_per_s: f64,
+    /// GPU memory the path used: inputs and its outputs, plus the score matrix for naive.
+    pub bytes: u64,
+}
+
+/// What the flash output was checked against before timing.
+#[derive(Clone, Debug, Serialize)]
+pub struct Validation {
+    /// "naive" (every output) or "reference" (the last query rows of two heads, in f64).
+    pub against: &'static str,
+    /// Largest |flash - expected| / max(1, |expected|) over O and LSE.
+    pub max_error: f64,
+    pub tolerance: f64,
+}
+
+impl Validation {
+    pub fn passed(&self) -> bool {
+        self.max_error <= self.tolerance
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Measured {
+    pub flash: PathResult,
+    /// Flash throughput over the f32 FMA ceiling.
+    pub fraction_of_peak: Option<f64>,
+    pub naive: Option<PathResult>,
+    /// Why the naive path did not run when it was asked for.
+    pub naive_skipped: Option<String>,
+    /// Naive time over flash time.
+    pub speedup: Option<f64>,
+    pub validation: Validation,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    Measured(Measured),
+    /// Not started: its flash runs were estimated to take `estimated_s`, and only `left_s`
+    /// of the time budget were left.
+    Capped { estimated_s: f64, left_s: f64 },
+    /// Started and could not finish (a limit, out of memory, a wrong result).
+    Failed { reason: String },
+}
+
+/// One point of the grid and what became of it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PointResult {
+    pub series: String,
+    pub dtype: &'static str,
+    pub head_dim: usize,
+    pub causal: bool,
+    /// `[left, right]`, -1 for unbounded.
+    pub window: [i32; 2],
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub seq: usize,
+    pub flops: f64,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+impl PointResult {
+    fn new(w: &Workload, outcome: Outcome) -> Self {
+        let s = &w.shape;
+        Self {
+            series: w.series(),
+            dtype: w.dtype.name(),
+            head_dim: s.d_qk,
+            causal: w.options.causal,
+            window: [w.options.window.0, w.options.window.1],
+            batch: s.batch,
+            heads: s.q_heads,
+            kv_heads: s.kv_heads,
+            seq: s.n_q,
+            flops: w.flops(),
+            outcome,
+        }
+    }
+
+    pub fn measured(&self) -> Option<&Measured> {
+        match &self.outcome {
+            Outcome::Measured(m) => Some(m),
+            _ => None,
+        }
+    }
+}
+
+impl Outcome {
+    /// "measured", "capped" or "failed", as in the JSON.
+    pub fn status(&self) -> &'static str {
+        match self {
+            Outcome::Measured(_) => "measured",
+            Outcome::Capped { .. } => "capped",
+            Outcome::Failed { .. } => "failed",
+        }
+    }
+
+    /// Why the point was not measured, in words.
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            Outcome::Measured(_) => None,
+            Outcome::Capped { estimated_s, left_s } => {
+                Some(format!("estimated {estimated_s:.0} s, past the time budget ({left_s:.0} s were left)"))
+            }
+            Outcome::Failed { reason } => Some(reason.clone()),
+        }
+    }
+}
+
+/// Runs `workloads`, cheapest first so that a time budget cuts the most expensive, and
+/// returns their results in the given order. `progress(done, total, next)` is called
+/// before each point.
+pub fn run(
+    ctx: &Context,
+    timer: &Timer,
+    workloads: &[Workload],
+    settings: &Settings,
+    progress: &mut dyn FnMut(usize, usize, &Workload),
+) -> Vec<PointResult> {
+    let start = Instant::now();
+    let mut order: Vec<usize> = (0..workloads.len()).collect();
+    order.sort_by(|&a, &b| workloads[a].flops().total_cmp(&workloads[b].flops()));
+    let mut speeds = Speeds::default();
+    let mut results: Vec<Option<PointResult>> = vec![None; workloads.len()];
+    for (done, &i) in order.iter().enumerate() {
+        let w = &workloads[i];
+        progress(done, workloads.len(), w);
+        let left = settings.budget_s.map(|b| b - start.elapsed().as_secs_f64());
+        let point = Point { ctx, timer, settings, workload: w };
+        results[i] = Some(PointResult::new(w, point.run(&mut speeds, left)));
+    }
+    results.into_iter().map(|r| r.expect("every point was run")).collect()
+}
+
+/// Work below this many FLOPs is cheap enough to learn a path's speed from.
+const PROBE_FLOPS: f64 = 1e9;
+/// Query rows per head compared with the reference when the naive path does not run.
+const REFERENCE_ROWS: usize = 32;
+
+/// The speed (FLOP/s) each path was last seen to sustain, per series and overall, to
+/// estimate how long a point will take.
+#[derive(Default)]
+struct Speeds {
+    per_series: HashMap<(Path, String), f64>,
+    latest: HashMap<Path, f64>,
+}
+
+impl Speeds {
+    fn record(&mut self, path: Path, w: &Workload, flops_per_s: f64) {
+        self.per_series.insert((path, w.series()), flops_per_s);
+        self.latest.insert(path, flops_per_s);
+    }
+
+    /// Estimated seconds of `runs` runs of `path` on `w`.
+    fn seconds(&self, path: Path, w: &Workload, runs: usize) -> Option<f64> {
+        let speed = self.per_series.get(&(path, w.series())).or(self.latest.get(&path))?;
+        Some(w.flops() * runs as f64 / speed)
+    }
+}
+
+struct Point<'a> {
+    ctx: &'a Context,
+    timer: &'a Timer,
+    settings: &'a Settings,
+    workload: &'a Workload,
+}
+
+impl Point<'_> {
+    /// Runs of each path per point: the checked one, which is also the first warm-up, the
+    /// other warm-ups, the timed ones.
+    fn runs(&self) -> usize {
+        self.settings.warmup.max(1) + self.settings.runs
+    }
+
+    /// `left`: seconds left of the budget, if there is one.
+    fn run(&self, speeds: &mut Speeds, left: Option<f64>) -> Outcome {
+        let started = Instant::now();
+        let result = catching_gpu_errors(self.ctx, || {
+            if let Some(left) = left {
+                self.probe(speeds, Path::Flash);
+                let seconds = speeds.seconds(Path::Flash, self.workload, self.runs());
+                let left = left - started.elapsed().as_secs_f64();
+                if let Some(estimated_s) = seconds.filter(|&t| t > left) {
+                    return Ok(Outcome::Capped { estimated_s, left_s: left.max(0.0) });
+                }
+                if self.settings.naive {
+                    self.probe(speeds, Path::Naive);
+                }
+            }
+            let left = left.map(|l| l - started.elapsed().as_secs_f64());
+            self.measure(speeds, left)
+        });
+        result.unwrap_or_else(|e| Outcome::Failed { reason: e.to_string() })
+    }
+
+    /// Learns `path`'s speed on a shrunk copy of the point when nothing is known yet.
+    /// A failure here teaches nothing and is left for the real point to report.
+    fn probe(&self, speeds: &mut Speeds, path: Path) {
+        if speeds.seconds(path, self.workload, 1).is_some() {
+            return;
+        }
+        let small = self.workload.shrunk_to(PROBE_FLOPS);
+        let timed = Problem::upload(self.ctx, &small).and_then(|problem| {
+            let bufs = problem.alloc(self.ctx, path)?;
+            let mut work = |e: &mut wgpu::CommandEncoder| problem.record(self.ctx, &bufs, &self.settings.config, e);
+            self.timer.measure(self.ctx, 1, 1, &mut work)
+        });
+        if let Ok(stats) = timed {
+            speeds.record(path, self.workload, small.flops() / stats.median_s);
+        }
+    }
+
+    fn measure(&self, speeds: &mut Speeds, left: Option<f64>) -> Result<Outcome> {
+        let (ctx, w) = (self.ctx, self.workload);
+        let problem = Problem::upload(ctx, w)?;
+        let flash = problem.alloc(ctx, Path::Flash)?;
+        let mut flash_work = |e: &mut wgpu::CommandEncoder| problem.record(ctx, &flash, &self.settings.config, e);
+        self.timer.time(ctx, &mut flash_work)?;
+
+        let flash_seconds = speeds.seconds(Path::Flash, w, self.runs()).unwrap_or(0.0);
+        let naive = match (left, speeds.seconds(Path::Naive, w, self.runs())) {
+            _ if !self.settings.naive => None,
+            (Some(left), Some(t)) if t > left - flash_seconds => Some(Err(format!("estimated {t:.0} s, past the time budget"))),
+            _ => Some(self.naive_run(&problem)),
+        };
+        let validation = validate(ctx, &problem, &flash, naive.as_ref().and_then(|n| n.as_ref().ok()))?;
+        if !validation.passed() {
+            return Ok(Outcome::Failed {
+                reason: format!(
+                    "flash output differs from {} by {:.3e} (tolerance {:.1e}); not timed",
+                    validation.against, validation.max_error, validation.tolerance
+                ),
+            });
+        }
+
+        let settings = self.settings;
+        let time_path = |bufs: &PathBuffers, work: &mut dyn FnMut(&mut wgpu::CommandEncoder) -> Result<()>| {
+            let time = self.timer.measure(ctx, settings.warmup.saturating_sub(1), settings.runs, work)?;
+            Ok::<_, Error>(PathResult { time, flops_per_s: w.flops() / time.median_s, bytes: problem.input_bytes() + bufs.bytes() })
+        };
+        let flash_result = time_path(&flash, &mut flash_work)?;
+        speeds.record(Path::Flash, w, flash_result.flops_per_s);
+        let (naive_result, naive_skipped) = match &naive {
+            None => (None, None),
+            Some(Ok(bufs)) => {
+                let mut work = |e: &mut wgpu::CommandEncoder| problem.record(ctx, bufs, &settings.config, e);
+                let result = time_path(bufs, &mut work)?;
+                speeds.record(Path::Naive, w, result.flops_per_s);
+                (Some(result), None)
+            }
+            Some(Err(reason)) => (None, Some(reason.clone())),
+        };
+        Ok(Outcome::Measured(Measured {
+            fraction_of_peak: settings.peak_flops.map(|p| flash_result.flops_per_s / p),
+            speedup: naive_result.as_ref().map(|n| n.time.median_s / flash_result.time.median_s),
+            naive: naive_result,
+            naive_skipped,
+            validation,
+            flash: flash_result,
+        }))
+    }
+
+    /// The naive path's buffers after one run, or why it cannot run (its score matrix is
+    /// over a limit or out of memory): then the point goes on without it.
+    fn naive_run(&self, problem: &Problem) -> std::result::Result<PathBuffers, String> {
+        let ctx = self.ctx;
+        let run = || {
+            let bufs = problem.alloc(ctx, Path::Naive)?;
+            self.timer.time(ctx, &mut |e| problem.record(ctx, &bufs, &self.settings.config, e))?;
+            Ok(bufs)
+        };
+        catching_gpu_errors(ctx, run).map_err(|e| e.to_string())
+    }
+}
+
+/// Runs `f`, turning the out-of-memory and validation errors wgpu raises meanwhile (which
+/// would otherwise reach its uncaptured-error handler, a panic) into an error.
+fn catching_gpu_errors<T>(ctx: &Context, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let out_of_memory = ctx.device().push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let validation = ctx.device().push_error_scope(wgpu::ErrorFilter::Validation);
+    let result = f();
+    let validation = pollster::block_on(validation.pop());
+    let out_of_memory = pollster::block_on(out_of_memory.pop());
+    match out_of_memory.or(validation) {
+        Some(e) => Err(Error::Gpu(e.to_string())),
+        None => result,
+    }
+}
+
+/// The error allowed between the flash output and the expected one: output rounding of
+/// the storage type and a different summation order, with a wide margin; a wrong kernel
+/// is off by far more.
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-4,
+        DType::F16 => 4e-3,
+    }
+}
+
+/// The largest |got - want| / max(1, |want|). Infinities must agree exactly (a fully
+/// masked row has LSE -inf); NaN, or a lone infinity, is an infinite error.
+fn max_error(got: &[f32], want: impl IntoIterator<Item = f64>) -> f64 {
+    got.iter().zip(want).fold(0.0, |worst: f64, (&g, w)| {
+        let g = g as f64;
+        let err = if g == w { 0.0 } else if g.is_finite() && w.is_finite() { (g - w).abs() / w.abs().max(1.0) } else { f64::INFINITY };
+        worst.max(err)
+    })
+}
+
+/// Checks the output of a flash run: against the naive run's output when there is one,
+/// else against the f64 reference on sampled rows.
+pub fn validate(ctx: &Context, problem: &Problem, flash: &PathBuffers, naive: Option<&PathBuffers>) -> Result<Validation> {
+    match naive {
+        Some(naive) => compare_paths(ctx, problem.workload.dtype, flash, naive),
+        None => compare_reference_rows(ctx, &problem.workload, flash),
+    }
+}
+
+/// Compares every output of the flash path with the naive path's.
+fn compare_paths(ctx: &Context, dtype: DType, flash: &PathBuffers, naive: &PathBuffers) -> Result<Validation> {
+    let out = max_error(&flash.out.to_f32(ctx)?, naive.out.to_f32(ctx)?.into_iter().map(f64::from));
+    let lse = max_error(&flash.lse.to_f32(ctx)?, naive.lse.to_f32(ctx)?.into_iter().map(f64::from));
+    Ok(Validation { against: "naive", max_error: out.max(lse), tolerance: tolerance(dtype) })
+}
+
+/// Compares the last query rows of the first and the last (batch, head) with the f64
+/// reference. Masks align bottom-right, so the last m queries against all keys are a
+/// problem of their own; under causal and windowed masks they are also the rows that see
+/// the most keys.
+fn compare_reference_rows(ctx: &Context, w: &Workload, flash: &PathBuffers) -> Result<Validation> {
+    let s = w.shape;
+    let rows = s.n_q.min(REFERENCE_ROWS);
+    let (out, lse) = (flash.out.to_f32(ctx)?, flash.lse.to_f32(ctx)?);
+    let sub = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: rows, ..s };
+    let mut worst: f64 = 0.0;
+    for (b, h) in [(0, 0), (s.batch - 1, s.q_heads - 1)] {
+        let first_row = (b * s.q_heads + h) * s.n_q + s.n_q - rows;
+        let first_key = (b * s.kv_heads + h / (s.q_heads / s.kv_heads)) * s.n_k;
+        let q = input_values(0, first_row * s.d_qk..(first_row + rows) * s.d_qk, w.dtype);
+        let k = input_values(1, first_key * s.d_qk..(first_key + s.n_k) * s.d_qk, w.dtype);
+        let v = input_values(2, first_key * s.d_v..(first_key + s.n_k) * s.d_v, w.dtype);
+        let want = reference::attention(&q, &k, &v, &sub, &w.options);
+        worst = worst
+            .max(max_error(&out[first_row * s.d_v..(first_row + rows) * s.d_v], want.out))
+            .max(max_error(&lse[first_row..first_row + rows], want.lse));
+    }
+    Ok(Validation { against: "reference", max_error: worst, tolerance: tolerance(w.dtype) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_relative_above_one_and_absolute_below() {
+        assert_eq!(max_error(&[1.5, 100.0], [1.0, 101.0]), 0.5);
+        assert!((max_error(&[0.001], [0.002]) - 0.001).abs() < 1e-9);
+    }
+
+    #[test]
+    fn infinities_must_agree_and_nan_always_fails() {
+        assert_eq!(max_error(&[f32::NEG_INFINITY], [f64::NEG_INFINITY]), 0.0);
+        assert_eq!(max_error(&[f32::NEG_INFINITY], [0.0]), f64::INFINITY);
+        assert_eq!(max_error(&[f32::NAN], [0.0]), f64::INFINITY);
+        assert_eq!(max_error(&[f32::NAN], [f64::NAN]), f64::INFINITY);
+    }
+}

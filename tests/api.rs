@@ -1,0 +1,205 @@
+//! The library's promises beyond accuracy: determinism, recording into the caller's encoder
+//! on the caller's device and buffers, NaN isolation, huge logits, fully masked rows, and
+//! pipelines built once per variant.
+
+mod common;
+
+use common::{Inputs, Verdict, ctx, own_device};
+use wattn::attention::flash;
+use wattn::{AttentionBuffers, AttentionOptions, AttentionShape, Context, DType, TensorView};
+use wgpu::util::DeviceExt;
+
+fn shape(batch: usize, heads: (usize, usize), lens: (usize, usize), dims: (usize, usize)) -> AttentionShape {
+    AttentionShape { batch, q_heads: heads.0, kv_heads: heads.1, n_q: lens.0, n_k: lens.1, d_qk: dims.0, d_v: dims.1 }
+}
+
+/// Flash attention on `x` through [`wattn::attention`]: O and LSE as f32.
+fn flash_on(c: &Context, x: &Inputs, s: &AttentionShape, o: &AttentionOptions, dtype: DType) -> (Vec<f32>, Vec<f32>) {
+    let (q, k, v) = x.upload(c, s, dtype);
+    let result = wattn::attention(c, &q, &k, &v, o).unwrap();
+    (result.out.to_f32(c).unwrap(), result.lse.to_f32(c).unwrap())
+}
+
+fn assert_follows_rule(what: &str, got: &(Vec<f32>, Vec<f32>), x: &Inputs, s: &AttentionShape, o: &AttentionOptions, dtype: DType) {
+    let verdict = Verdict::new(&got.0, &got.1, x, s, o, dtype);
+    eprintln!("{what}: {}", verdict.describe());
+    assert!(verdict.passes(), "{what}: {}", verdict.describe());
+}
+
+#[test]
+fn same_input_gives_bit_identical_output() {
+    let s = shape(2, (4, 2), (150, 170), (80, 80));
+    for dtype in [DType::F32, DType::F16] {
+        let x = Inputs::random(&s, dtype, 7);
+        let o = AttentionOptions::causal();
+        let first = flash_on(ctx(), &x, &s, &o, dtype);
+        let second = flash_on(ctx(), &x, &s, &o, dtype);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&first.0) == bits(&second.0), "{dtype}: O differs between two identical runs");
+        assert!(bits(&first.1) == bits(&second.1), "{dtype}: LSE differs between two identical runs");
+    }
+}
+
+/// A storage buffer of the test's own, filled with `data`.
+fn storage(device: &wgpu::Device, data: &[f32]) -> wgpu::Buffer {
+    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some("test tensor"),
+        contents: bytemuck::cast_slice(data),
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+    })
+}
+
+/// Copies `buffer` to the host through a submission of its own and waits.
+fn read_f32(device: &wgpu::Device, queue: &wgpu::Queue, buffer: &wgpu::Buffer) -> Vec<f32> {
+    let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("test readback"),
+        size: buffer.size(),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
+    queue.submit([encoder.finish()]);
+    staging.map_async(wgpu::MapMode::Read, .., |r| r.expect("mapping the readback buffer"));
+    device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+    let bytes = staging.get_mapped_range(..).expect("reading the mapped buffer");
+    bytemuck::cast_slice(&bytes).to_vec()
+}
+
+#[test]
+fn encode_records_into_the_callers_encoder_on_the_callers_buffers() {
+    let (device, queue) = own_device(wgpu::Features::empty(), ctx().limits().clone());
+    let c = Context::from_wgpu(device.clone(), queue.clone());
+    let s = shape(1, (2, 1), (70, 90), (64, 48));
+    let o = AttentionOptions { causal: true, ..Default::default() };
+    let x = Inputs::random(&s, DType::F32, 11);
+    const SENTINEL: f32 = -12345.0;
+    let (out_shape, lse_shape) = (s.out_shape(), s.lse_shape());
+    let kv_shape = |d| [s.batch, s.kv_heads, s.n_k, d];
+    let (k_shape, v_shape, q_shape) = (kv_shape(s.d_qk), kv_shape(s.d_v), s.q_shape());
+    let (q, k, v) = (storage(&device, &x.q), storage(&device, &x.k), storage(&device, &x.v));
+    let out = storage(&device, &vec![SENTINEL; out_shape.iter().product()]);
+    let lse = storage(&device, &vec![SENTINEL; lse_shape.iter().product()]);
+    let view = |b, shape| TensorView::new(b, shape, DType::F32).unwrap();
+    let bufs = AttentionBuffers {
+        q: view(&q, &q_shape),
+        k: view(&k, &k_shape),
+        v: view(&v, &v_shape),
+        out: view(&out, &out_shape),
+        lse: view(&lse, &lse_shape),
+    };
+    let mut encoder = device.create_command_encoder(&Default::default());
+    flash::encode(&c, &mut encoder, &bufs, &o, &flash::FlashConfig::for_adapter(&c)).unwrap();
+
+    let untouched = read_f32(&device, &queue, &out);
+    assert!(untouched.iter().all(|&y| y == SENTINEL), "O was written before the caller submitted");
+    assert!(read_f32(&device, &queue, &lse).iter().all(|&y| y == SENTINEL), "LSE was written before the caller submitted");
+
+    queue.submit([encoder.finish()]);
+    let got = (read_f32(&device, &queue, &out), read_f32(&device, &queue, &lse));
+    assert_follows_rule("own device and encoder", &got, &x, &s, &o, DType::F32);
+}
+
+/// The rows of `[B, Hq, Nq]` whose query index satisfies `pick`.
+fn rows_with_query(s: &AttentionShape, pick: impl Fn(usize) -> bool) -> Vec<usize> {
+    (0..s.batch * s.q_heads * s.n_q).filter(|r| pick(r % s.n_q)).collect()
+}
+
+/// Asserts that rows `rows` of an f32 flash output are finite and within 1e-5 of the reference.
+fn assert_rows_correct(what: &str, got: &(Vec<f32>, Vec<f32>), x: &Inputs, s: &AttentionShape, o: &AttentionOptions, rows: &[usize]) {
+    let want = wattn::reference::attention(&x.q, &x.k, &x.v, s, o);
+    for &r in rows {
+        let out = &got.0[r * s.d_v..][..s.d_v];
+        let want_out = &want.out[r * s.d_v..][..s.d_v];
+        assert!(out.iter().all(|y| y.is_finite()) && got.1[r].is_finite(), "{what}: row {r} is not finite: {out:?}");
+        let err = common::max_abs_err(out, want_out).max((got.1[r] as f64 - want.lse[r]).abs());
+        assert!(err < 1e-5, "{what}: row {r} is off by {err:.3e}");
+    }
+}
+
+#[test]
+fn nan_in_a_query_row_stays_in_that_row() {
+    let s = shape(1, (2, 1), (40, 40), (64, 64));
+    let o = AttentionOptions::default();
+    let mut x = Inputs::random(&s, DType::F32, 21);
+    let poisoned = 7;
+    x.q[poisoned * s.d_qk + 3] = f32::NAN;
+    let got = flash_on(ctx(), &x, &s, &o, DType::F32);
+    let others: Vec<usize> = (0..s.q_heads * s.n_q).filter(|&r| r != poisoned).collect();
+    assert_rows_correct("NaN in Q row 7", &got, &x, &s, &o, &others);
+}
+
+#[test]
+fn nan_in_a_key_reaches_only_rows_that_see_it() {
+    let s = shape(1, (2, 1), (40, 40), (64, 64));
+    let o = AttentionOptions::causal();
+    let key = 5;
+    for tensor in ["K", "V"] {
+        let mut x = Inputs::random(&s, DType::F32, 22);
+        let (data, d) = if tensor == "K" { (&mut x.k, s.d_qk) } else { (&mut x.v, s.d_v) };
+        data[key * d..][..d].fill(f32::NAN);
+        let got = flash_on(ctx(), &x, &s, &o, DType::F32);
+        // Causal with Nq = Nk: query i sees keys 0..=i, so rows before the key never see it.
+        let blind = rows_with_query(&s, |i| i < key);
+        assert_rows_correct(&format!("NaN in {tensor} row {key}"), &got, &x, &s, &o, &blind);
+    }
+}
+
+#[test]
+fn huge_logits_stay_finite_and_correct() {
+    let s = shape(1, (2, 2), (130, 150), (64, 64));
+    let o = AttentionOptions::causal();
+    let mut x = Inputs::random(&s, DType::F32, 23);
+    // Entries up to ~300 give logits (scaled by 1/8) up to ~1e4 in magnitude.
+    x.q.iter_mut().chain(x.k.iter_mut()).for_each(|y| *y *= 100.0);
+    let got = flash_on(ctx(), &x, &s, &o, DType::F32);
+    let want = wattn::reference::attention(&x.q, &x.k, &x.v, &s, &o);
+    let largest_lse = want.lse.iter().fold(0.0f64, |m, y| m.max(y.abs()));
+    assert!(largest_lse > 1e3, "the inputs should give logits near 1e4, largest LSE is {largest_lse}");
+    assert!(got.0.iter().chain(&got.1).all(|y| y.is_finite()), "non-finite output with large logits");
+    assert_follows_rule("logits up to 1e4", &got, &x, &s, &o, DType::F32);
+}
+
+#[test]
+fn rows_that_see_no_key_give_zeros_and_minus_infinity() {
+    // Causal with Nq > Nk: queries 0..60 come before the first key. A window ending 3 keys
+    // right of the diagonal: queries 0..57 see nothing, among them whole 16-row blocks.
+    let s = shape(2, (2, 1), (100, 40), (48, 48));
+    let cases = [
+        ("causal, Nq > Nk", AttentionOptions::causal(), 60),
+        ("window (4, 3)", AttentionOptions { window: (4, 3), ..Default::default() }, 57),
+        ("window (4, 3) with 2 sinks", AttentionOptions { window: (4, 3), sinks: 2, ..Default::default() }, 57),
+    ];
+    for dtype in [DType::F32, DType::F16] {
+        for (what, o, blind) in &cases {
+            let x = Inputs::random(&s, dtype, 24);
+            let got = flash_on(ctx(), &x, &s, o, dtype);
+            for r in rows_with_query(&s, |i| i < *blind) {
+                let out = &got.0[r * s.d_v..][..s.d_v];
+                assert!(out.iter().all(|&y| y == 0.0), "{dtype} {what}: row {r} sees no key but O = {out:?}");
+                assert_eq!(got.1[r], f32::NEG_INFINITY, "{dtype} {what}: row {r} sees no key");
+            }
+            assert_follows_rule(&format!("{dtype} {what}"), &got, &x, &s, o, dtype);
+        }
+    }
+}
+
+#[test]
+fn pipelines_are_built_once_per_variant() {
+    let (device, queue) = own_device(ctx().device().features(), ctx().limits().clone());
+    let c = Context::from_wgpu(device, queue);
+    let run = |lens, dims, dtype| {
+        let s = shape(1, (1, 1), lens, dims);
+        flash_on(&c, &Inputs::random(&s, dtype, 25), &s, &AttentionOptions::default(), dtype);
+        c.pipeline_count()
+    };
+    assert_eq!(c.pipeline_count(), 0);
+    assert_eq!(run((10, 20), (64, 64), DType::F32), 1);
+    assert_eq!(run((10, 20), (64, 64), DType::F32), 1, "the same call again built a pipeline");
+    assert_eq!(run((33, 7), (64, 64), DType::F32), 1, "other lengths need no other pipeline");
+    assert_eq!(run((10, 20), (70, 80), DType::F32), 2, "head dims 70/80 round up to another variant");
+    assert_eq!(run((10, 20), (80, 65), DType::F32), 2, "head dims 80/65 round up to the same variant as 70/80");
+    if c.capabilities().shader_f16 {
+        assert_eq!(run((10, 20), (64, 64), DType::F16), 3, "f16 is another variant");
+    }
+}
