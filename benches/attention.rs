@@ -31,15 +31,25 @@ fn attention(c: &mut Criterion) {
         group.throughput(Throughput::Elements(workload.flops() as u64));
         for bufs in [&flash, &naive] {
             let name = format!("{:?} {} seq {}", bufs.path(), workload.series(), workload.shape.n_q).to_lowercase();
-            group.bench_function(name, |b| b.iter_custom(|iters| time_runs(&ctx, &timer, &problem, bufs, &config, iters)));
+            group.bench_function(name, |b| {
+                b.iter_custom(|iters| time_runs(&ctx, &timer, &problem, bufs, &config, iters))
+            });
         }
     }
     group.finish();
 }
 
 /// The summed GPU (or wall) time of `iters` runs.
-fn time_runs(ctx: &Context, timer: &Timer, problem: &Problem, bufs: &PathBuffers, config: &FlashConfig, iters: u64) -> Duration {
-    let seconds: f64 = (0..iters).map(|_| timer.time(ctx, &mut |e| problem.record(ctx, bufs, config, e)).unwrap()).sum();
+fn time_runs(
+    ctx: &Context,
+    timer: &Timer,
+    problem: &Problem,
+    bufs: &PathBuffers,
+    config: &FlashConfig,
+    iters: u64,
+) -> Duration {
+    let seconds: f64 =
+        (0..iters).map(|_| timer.time(ctx, &mut |e| problem.record(ctx, bufs, config, e)).unwrap()).sum();
     Duration::from_secs_f64(seconds)
 }
 

@@ -121,6 +121,14 @@ impl Context {
         self.loop_limit
     }
 
+    /// Plans for a loop-iteration cap of at most `limit` (it can only lower the adapter's own),
+    /// so kernels split their work as they would on such an adapter: a way to exercise that
+    /// path anywhere.
+    pub fn with_loop_iteration_limit(mut self, limit: u32) -> Self {
+        self.loop_limit = Some(self.loop_limit.map_or(limit, |own| own.min(limit)));
+        self
+    }
+
     /// A one-line description: name, backend, type, driver.
     pub fn describe(&self) -> String {
         describe_adapter(&self.info)

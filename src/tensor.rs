@@ -180,7 +180,7 @@ impl Tensor {
 /// Errors if one binding of `size` bytes would exceed the adapter's storage binding limit.
 pub(crate) fn check_binding_size(ctx: &Context, what: &str, size: u64) -> Result<()> {
     let limits = ctx.limits();
-    let allowed = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+    let allowed = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
     if size > allowed {
         return Err(Error::Limit {
             what: format!("{what} buffer"),

@@ -203,3 +203,24 @@ fn pipelines_are_built_once_per_variant() {
         assert_eq!(run((10, 20), (64, 64), DType::F16), 3, "f16 is another variant");
     }
 }
+
+/// The key passes that a loop-capped adapter needs, forced small on whatever adapter runs the
+/// tests: sinks, a window and causality crossing pass boundaries, GQA, Dv != Dqk.
+#[test]
+fn key_passes_carry_the_softmax_state_exactly() {
+    let (device, queue) = own_device(ctx().device().features(), ctx().limits().clone());
+    let capped = Context::from_wgpu(device, queue).with_loop_iteration_limit(4000);
+    let s = shape(2, (4, 2), (70, 900), (80, 48));
+    for (dtype, options) in [
+        (DType::F32, AttentionOptions { causal: true, window: (300, -1), sinks: 5, ..Default::default() }),
+        (DType::F16, AttentionOptions { window: (100, 37), softcap: 20.0, ..Default::default() }),
+        (DType::F32, AttentionOptions::default()),
+    ] {
+        let config = wattn::FlashConfig::for_adapter(&capped);
+        let passes = s.n_k.div_ceil(config.keys_per_pass(capped.limits(), &s, capped.loop_iteration_limit()).unwrap() as usize);
+        assert!(passes >= 3, "the cap should force several passes, got {passes}");
+        let x = Inputs::random(&s, dtype, 77);
+        let got = flash_on(&capped, &x, &s, &options, dtype);
+        assert_follows_rule(&format!("{passes} passes, {dtype}, {options:?}"), &got, &x, &s, &options, dtype);
+    }
+}

@@ -43,18 +43,18 @@ fn assert_positive(value: &Value, keys: &[&str], at: &str) -> usize {
                     let x = v.as_f64().unwrap_or_else(|| panic!("{at}.{k} is not a number: {v}"));
                     assert!(x.is_finite() && x > 0.0, "{at}.{k} = {x}");
                 }
-                assert_positive(v, keys, &format!("{at}.{k}"))
-                    + usize::from(keys.contains(&k.as_str()))
+                assert_positive(v, keys, &format!("{at}.{k}")) + usize::from(keys.contains(&k.as_str()))
             })
             .sum(),
-        Value::Array(items) => items.iter().enumerate().map(|(i, v)| assert_positive(v, keys, &format!("{at}[{i}]"))).sum(),
+        Value::Array(items) => {
+            items.iter().enumerate().map(|(i, v)| assert_positive(v, keys, &format!("{at}[{i}]"))).sum()
+        }
         _ => 0,
     }
 }
 
-const FIGURES: &[&str] = &[
-    "median_s", "min_s", "max_s", "flops_per_s", "bytes", "fraction_of_peak", "speedup", "flops", "rate", "work",
-];
+const FIGURES: &[&str] =
+    &["median_s", "min_s", "max_s", "flops_per_s", "bytes", "fraction_of_peak", "speedup", "flops", "rate", "work"];
 
 fn assert_provenance(report: &Value) {
     assert_eq!(report["wattn_version"], env!("CARGO_PKG_VERSION"));
@@ -71,8 +71,18 @@ fn quick_bench_writes_json_csv_and_plot_with_positive_figures() {
     let dir = scratch("quick");
     let (json, csv, svg) = (dir.join("b.json"), dir.join("b.csv"), dir.join("b.svg"));
     let table = wattn(&[
-        "bench", "--quick", "--seq", "64,128", "--runs", "2",
-        "--json", json.to_str().unwrap(), "--csv", csv.to_str().unwrap(), "--plot", svg.to_str().unwrap(),
+        "bench",
+        "--quick",
+        "--seq",
+        "64,128",
+        "--runs",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+        "--csv",
+        csv.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
     ]);
     assert!(table.contains("f16 d64 causal") || table.contains("f32 d64 causal"), "{table}");
 
@@ -112,9 +122,29 @@ fn without_naive_points_are_checked_against_the_reference_and_budget_caps_are_re
     let dir = scratch("reference");
     let json = dir.join("r.json");
     wattn(&[
-        "bench", "--seq", "96", "--head-dim", "40", "--heads", "4", "--kv-heads", "2", "--batch", "2",
-        "--dtype", "f32", "--causal", "true", "--window", "20,0", "--no-naive", "--no-peak", "--runs", "1",
-        "--json", json.to_str().unwrap(),
+        "bench",
+        "--seq",
+        "96",
+        "--head-dim",
+        "40",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--batch",
+        "2",
+        "--dtype",
+        "f32",
+        "--causal",
+        "true",
+        "--window",
+        "20,0",
+        "--no-naive",
+        "--no-peak",
+        "--runs",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
     ]);
     let report = read_json(&json);
     let p = &report["points"][0];
@@ -122,14 +152,34 @@ fn without_naive_points_are_checked_against_the_reference_and_budget_caps_are_re
     assert_eq!(p["validation"]["against"], "reference");
     assert!(p["naive"].is_null() && p["naive_skipped"].is_null() && p["speedup"].is_null());
     assert!(report["peak"].is_null() && p["fraction_of_peak"].is_null());
-    let expected = Workload::new(2, 4, 2, 96, 40, DType::F32, AttentionOptions { causal: true, window: (20, 0), ..Default::default() });
+    let expected = Workload::new(
+        2,
+        4,
+        2,
+        96,
+        40,
+        DType::F32,
+        AttentionOptions { causal: true, window: (20, 0), ..Default::default() },
+    );
     assert_eq!(p["flops"].as_f64().unwrap(), expected.flops());
     assert_eq!(p["kv_heads"], 2);
 
-    wattn(&["bench", "--quick", "--seq", "128", "--dtype", "f32", "--no-peak", "--budget", "0.001", "--json", json.to_str().unwrap()]);
+    wattn(&[
+        "bench",
+        "--quick",
+        "--seq",
+        "128",
+        "--dtype",
+        "f32",
+        "--no-peak",
+        "--budget",
+        "0.001",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     for p in read_json(&json)["points"].as_array().unwrap() {
         assert_eq!(p["status"], "capped", "{p:#}");
-        assert!(p["reason"].as_str().unwrap().contains("time budget"));
+        assert!(p["estimated_s"].as_f64().unwrap() > p["left_s"].as_f64().unwrap(), "{p:#}");
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -140,8 +190,19 @@ fn a_point_over_a_limit_is_recorded_and_the_run_goes_on() {
     let json = dir.join("l.json");
     // 1024 query rows x 4 threads each is past every adapter's workgroup limit.
     let table = wattn(&[
-        "bench", "--quick", "--seq", "64,128", "--dtype", "f32", "--causal", "false", "--no-peak",
-        "--config", "1024,16,4,64", "--json", json.to_str().unwrap(),
+        "bench",
+        "--quick",
+        "--seq",
+        "64,128",
+        "--dtype",
+        "f32",
+        "--causal",
+        "false",
+        "--no-peak",
+        "--config",
+        "1024,16,4,64",
+        "--json",
+        json.to_str().unwrap(),
     ]);
     assert!(table.contains("failed:"), "{table}");
     let points = read_json(&json)["points"].as_array().unwrap().clone();

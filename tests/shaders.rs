@@ -7,12 +7,14 @@ use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
 use std::mem::{offset_of, size_of};
 use wattn::attention::flash::{self, FlashParams};
 use wattn::naive;
+use wattn::kv::{cache::KvParams, combine::CombineParams, decode::DecodeParams};
 use wattn::shader::{Kernel, ShaderKey};
 use wattn::tensor::DType;
 
 fn all_keys() -> Vec<ShaderKey> {
     let mut keys = flash::validation_keys();
     keys.extend(naive::shader_keys());
+    keys.extend(wattn::kv::validation_keys());
     keys.extend(wattn::bench::peak::shader_keys());
     keys
 }
@@ -151,8 +153,24 @@ fn uniform_structs_match_rust() {
         batch, q_heads, kv_heads, n_q, n_k, d_qk, d_v, sinks, window_left, window_right, scale, softcap,
         key_begin, key_end, pass_flags, _pad
     });
+    let kv_keys = wattn::kv::validation_keys();
+    let kv_key = |kernel: Kernel| kv_keys.iter().find(|k| k.kernel == kernel).expect("a variant of each kv kernel");
+    let decode_params = rust_layout!(DecodeParams {
+        batch, q_heads, kv_heads, n_q, head_dim, capacity, len, seen, keys_per_split, rope, rope_sinks, rope_shift,
+        write_logits, scale
+    });
+    let combine_params = rust_layout!(CombineParams { rows, dim, splits, groups_x });
+    let kv_params = rust_layout!(KvParams {
+        batch, kv_heads, q_heads, head_dim, capacity, seen, count, len, policy, sinks, window, groups_x
+    });
     // One line per (shader, WGSL struct, Rust layout).
-    let pairs = [(&flash_key, "Params", &flash_params), (&naive_key, "Params", &flash_params)];
+    let pairs = [
+        (&flash_key, "Params", &flash_params),
+        (&naive_key, "Params", &flash_params),
+        (kv_key(Kernel::Decode), "Params", &decode_params),
+        (kv_key(Kernel::Combine), "Params", &combine_params),
+        (kv_key(Kernel::KvCache), "Params", &kv_params),
+    ];
     for (key, name, (rust_fields, rust_size)) in pairs {
         let (wgsl_fields, wgsl_size) = wgsl_layout(key, name);
         let rust_fields: Vec<(String, u32)> = rust_fields.iter().map(|&(n, o)| (n.to_string(), o)).collect();

@@ -130,10 +130,10 @@ impl FlashConfig {
         if !(tpr.is_power_of_two() && tpr <= HEAD_DIM_GRANULE / 4) {
             return bad("threads_per_row must be 1, 2 or 4".into());
         }
-        if self.block_q == 0 || self.block_k == 0 || self.block_k % tpr != 0 {
+        if self.block_q == 0 || self.block_k == 0 || !self.block_k.is_multiple_of(tpr) {
             return bad("block_q and block_k must be positive, block_k a multiple of threads_per_row".into());
         }
-        if self.d_chunk == 0 || self.d_chunk % HEAD_DIM_GRANULE != 0 {
+        if self.d_chunk == 0 || !self.d_chunk.is_multiple_of(HEAD_DIM_GRANULE) {
             return bad("d_chunk must be a positive multiple of 16".into());
         }
         let wg = self.workgroup_size();

@@ -113,7 +113,7 @@ impl AttentionShape {
                 q[3], k[3]
             )));
         }
-        if q[1] % k[1] != 0 {
+        if !q[1].is_multiple_of(k[1]) {
             return Err(Error::Heads { what: "K", got: k[1], q_heads: q[1] });
         }
         for (what, d) in [("Q/K", q[3]), ("V", v[3])] {

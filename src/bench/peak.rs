@@ -136,8 +136,14 @@ fn copy(ctx: &Context, timer: &Timer, warmup: usize, runs: usize) -> Result<Meas
     Ok(Measurement::new(2.0 * bytes as f64, time))
 }
 
-fn dispatch(encoder: &mut wgpu::CommandEncoder, pipeline: &wgpu::ComputePipeline, bind_group: &wgpu::BindGroup, groups: u32) {
-    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn peak"), timestamp_writes: None });
+fn dispatch(
+    encoder: &mut wgpu::CommandEncoder,
+    pipeline: &wgpu::ComputePipeline,
+    bind_group: &wgpu::BindGroup,
+    groups: u32,
+) {
+    let mut pass =
+        encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn peak"), timestamp_writes: None });
     pass.set_pipeline(pipeline);
     pass.set_bind_group(0, bind_group, &[]);
     pass.dispatch_workgroups(groups, 1, 1);

@@ -26,8 +26,17 @@ pub fn svg(report: &BenchReport) -> String {
     for line in series.values_mut() {
         line.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
-    let (lo, hi, y_max) = series.values().flatten().fold((f64::MAX, 0.0f64, 0.0f64), |(lo, hi, top), &(x, y)| (lo.min(x), hi.max(x), top.max(y)));
-    let (x_lo, x_hi) = if lo > hi { (256.0, 1024.0) } else if lo == hi { (lo / 2.0, hi * 2.0) } else { (lo, hi) };
+    let (lo, hi, y_max) = series
+        .values()
+        .flatten()
+        .fold((f64::MAX, 0.0f64, 0.0f64), |(lo, hi, top), &(x, y)| (lo.min(x), hi.max(x), top.max(y)));
+    let (x_lo, x_hi) = if lo > hi {
+        (256.0, 1024.0)
+    } else if lo == hi {
+        (lo / 2.0, hi * 2.0)
+    } else {
+        (lo, hi)
+    };
     let y_step = nice_step(y_max / 5.0);
     let y_ticks = (y_max / y_step).ceil().max(1.0) as usize;
     let y_top = y_ticks as f64 * y_step;
@@ -47,20 +56,48 @@ pub fn svg(report: &BenchReport) -> String {
         let tick = k as f64 * y_step;
         let y = y_of(tick);
         writeln!(s, r##"<line x1="{LEFT}" y1="{y:.1}" x2="{RIGHT}" y2="{y:.1}" stroke="#ddd"/>"##).unwrap();
-        writeln!(s, r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#, LEFT - 8.0, y + 4.0, format_tick(tick, y_step)).unwrap();
+        writeln!(
+            s,
+            r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
+            LEFT - 8.0,
+            y + 4.0,
+            format_tick(tick, y_step)
+        )
+        .unwrap();
     }
     let mut x = x_lo.log2().ceil().exp2();
     while x <= x_hi * (1.0 + 1e-9) {
         let px = x_of(x);
-        writeln!(s, r##"<line x1="{px:.1}" y1="{BOTTOM}" x2="{px:.1}" y2="{}" stroke="#333"/>"##, BOTTOM + 5.0).unwrap();
-        writeln!(s, r#"<text x="{px:.1}" y="{}" text-anchor="middle">{}</text>"#, BOTTOM + 20.0, seq_label(x as usize)).unwrap();
+        writeln!(s, r##"<line x1="{px:.1}" y1="{BOTTOM}" x2="{px:.1}" y2="{}" stroke="#333"/>"##, BOTTOM + 5.0)
+            .unwrap();
+        writeln!(s, r#"<text x="{px:.1}" y="{}" text-anchor="middle">{}</text>"#, BOTTOM + 20.0, seq_label(x as usize))
+            .unwrap();
         x *= 2.0;
     }
-    writeln!(s, r##"<polyline points="{LEFT},{TOP} {LEFT},{BOTTOM} {RIGHT},{BOTTOM}" fill="none" stroke="#333"/>"##).unwrap();
-    writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">sequence length (tokens)</text>"#, (LEFT + RIGHT) / 2.0, BOTTOM + 45.0).unwrap();
-    writeln!(s, r#"<text transform="translate(22 {}) rotate(-90)" text-anchor="middle">{}</text>"#, (TOP + BOTTOM) / 2.0, unit.name).unwrap();
+    writeln!(s, r##"<polyline points="{LEFT},{TOP} {LEFT},{BOTTOM} {RIGHT},{BOTTOM}" fill="none" stroke="#333"/>"##)
+        .unwrap();
+    writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">sequence length (tokens)</text>"#,
+        (LEFT + RIGHT) / 2.0,
+        BOTTOM + 45.0
+    )
+    .unwrap();
+    writeln!(
+        s,
+        r#"<text transform="translate(22 {}) rotate(-90)" text-anchor="middle">{}</text>"#,
+        (TOP + BOTTOM) / 2.0,
+        unit.name
+    )
+    .unwrap();
     if series.is_empty() {
-        writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">no point was measured</text>"#, (LEFT + RIGHT) / 2.0, (TOP + BOTTOM) / 2.0).unwrap();
+        writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">no point was measured</text>"#,
+            (LEFT + RIGHT) / 2.0,
+            (TOP + BOTTOM) / 2.0
+        )
+        .unwrap();
     }
 
     // One line per series: one colour per series up to its mask, causal ones dashed.
@@ -77,12 +114,19 @@ pub fn svg(report: &BenchReport) -> String {
         };
         let dash = if name.contains("causal") { r#" stroke-dasharray="6 4""# } else { "" };
         let coords: Vec<String> = line.iter().map(|&(x, y)| format!("{:.1},{:.1}", x_of(x), y_of(y))).collect();
-        writeln!(s, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"{dash}/>"#, coords.join(" ")).unwrap();
+        writeln!(s, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"{dash}/>"#, coords.join(" "))
+            .unwrap();
         for &(x, y) in line {
             writeln!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#, x_of(x), y_of(y)).unwrap();
         }
         let ly = TOP + 10.0 + 20.0 * i as f64;
-        writeln!(s, r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="2"{dash}/>"#, RIGHT + 20.0, RIGHT + 50.0).unwrap();
+        writeln!(
+            s,
+            r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="2"{dash}/>"#,
+            RIGHT + 20.0,
+            RIGHT + 50.0
+        )
+        .unwrap();
         writeln!(s, r#"<text x="{}" y="{}">{}</text>"#, RIGHT + 58.0, ly + 4.0, escape(name)).unwrap();
     }
     s.push_str("</svg>\n");

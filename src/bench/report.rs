@@ -4,9 +4,9 @@
 use super::peak::{Measurement, Peak};
 use super::runner::{Outcome, PathResult, PointResult};
 use super::timing::Clock;
+use crate::FlashConfig;
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::FlashConfig;
 use serde::Serialize;
 use std::fmt::Write;
 use std::path::Path;
@@ -50,7 +50,12 @@ impl Provenance {
     /// "wattn 0.1.0 on NAME (Vulkan, Cpu, DRIVER), 2025-01-01T00:00:00Z; GPU timestamps".
     fn headline(&self) -> String {
         let a = &self.adapter;
-        let driver = [a.driver.as_str(), a.driver_info.as_str()].iter().filter(|s| !s.is_empty()).copied().collect::<Vec<_>>().join(" ");
+        let driver = [a.driver.as_str(), a.driver_info.as_str()]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" ");
         format!(
             "wattn {} on {} ({}, {}, {}), {}; timed by {}",
             self.wattn_version,
@@ -114,7 +119,8 @@ pub struct BenchReport {
 
 /// Writes `value` as pretty JSON.
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::File { path: path.into(), detail: e.to_string() })?;
+    let text =
+        serde_json::to_string_pretty(value).map_err(|e| Error::File { path: path.into(), detail: e.to_string() })?;
     write_file(path, &(text + "\n"))
 }
 
@@ -164,7 +170,14 @@ pub fn seq_label(seq: usize) -> String {
 fn aligned(rows: &[Vec<String>], right: &[bool]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
-        .map(|c| rows.iter().filter(|r| r.len() > c + 1 || r.len() == columns).filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .filter(|r| r.len() > c + 1 || r.len() == columns)
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for row in rows {
@@ -197,9 +210,11 @@ fn ms_range(time: &super::stats::Stats) -> String {
 
 impl PeakReport {
     pub fn table(&self) -> String {
-        let out = format!("{}\nmedian of {} runs after {} warm-up\n\n", self.provenance.headline(), self.runs, self.warmup);
+        let out =
+            format!("{}\nmedian of {} runs after {} warm-up\n\n", self.provenance.headline(), self.runs, self.warmup);
         let mut rows = vec![["ceiling", "rate", "work per run", "ms per run (min-max)"].map(String::from).to_vec()];
-        let flop_unit = RateUnit::for_max(self.peak.fma_f32.rate.max(self.peak.fma_f16.as_ref().map_or(0.0, |m| m.rate)));
+        let flop_unit =
+            RateUnit::for_max(self.peak.fma_f32.rate.max(self.peak.fma_f16.as_ref().map_or(0.0, |m| m.rate)));
         let fma_row = |name: &str, m: &Measurement| {
             let work = format!("{} {}", sig3(m.work / flop_unit.per), flop_unit.name.trim_end_matches("/s"));
             vec![name.into(), format!("{} {}", sig3(m.rate / flop_unit.per), flop_unit.name), work, ms_range(&m.time)]
@@ -210,7 +225,12 @@ impl PeakReport {
             None => rows.push(vec!["f16 FMA".into(), "n/a: the adapter lacks shader-f16".into()]),
         }
         let c = &self.peak.copy;
-        rows.push(vec!["copy".into(), format!("{} GB/s", sig3(c.rate / 1e9)), format!("{} MiB moved", mib(c.work as u64)), ms_range(&c.time)]);
+        rows.push(vec![
+            "copy".into(),
+            format!("{} GB/s", sig3(c.rate / 1e9)),
+            format!("{} MiB moved", mib(c.work as u64)),
+            ms_range(&c.time),
+        ]);
         out + &aligned(&rows, &[false, true, true, true])
     }
 }
@@ -219,16 +239,38 @@ impl BenchReport {
     pub fn table(&self) -> String {
         let mut out = self.provenance.headline() + "\n";
         let naive = if self.naive_baseline { "" } else { "; naive baseline off" };
-        writeln!(out, "flash config {} (--config BQ,BK,TPR,DC); median of {} runs after {} warm-up{naive}", self.flash_config, self.runs, self.warmup).unwrap();
+        writeln!(
+            out,
+            "flash config {} (--config BQ,BK,TPR,DC); median of {} runs after {} warm-up{naive}",
+            self.flash_config, self.runs, self.warmup
+        )
+        .unwrap();
         if let Some(p) = &self.peak {
-            let f16 = p.fma_f16.as_ref().map_or(String::new(), |m| format!(", f16 {} GFLOP/s", sig3(m.rate / 1e9)));
-            writeln!(out, "peak: f32 FMA {} GFLOP/s{f16}, copy {} GB/s", sig3(p.fma_f32.rate / 1e9), sig3(p.copy.rate / 1e9)).unwrap();
+            let flops = |rate: f64| {
+                let unit = RateUnit::for_max(rate);
+                format!("{} {}", sig3(rate / unit.per), unit.name)
+            };
+            let f16 = p.fma_f16.as_ref().map_or(String::new(), |m| format!(", f16 {}", flops(m.rate)));
+            writeln!(out, "peak: f32 FMA {}{f16}, copy {} GB/s", flops(p.fma_f32.rate), sig3(p.copy.rate / 1e9))
+                .unwrap();
         }
         let unit = RateUnit::for_points(&self.points);
         let mut rows = vec![
-            ["series", "seq", "batch x heads", "flash ms (min-max)", unit.name, "of peak", "naive ms", "speed-up", "flash MiB", "naive MiB", "checked against"]
-                .map(String::from)
-                .to_vec(),
+            [
+                "series",
+                "seq",
+                "batch x heads",
+                "flash ms (min-max)",
+                unit.name,
+                "of peak",
+                "naive ms",
+                "speed-up",
+                "flash MiB",
+                "naive MiB",
+                "checked against",
+            ]
+            .map(String::from)
+            .to_vec(),
         ];
         let mut notes = Vec::new();
         // The series, first sequence length and estimate of the capped points in the last row.
@@ -263,7 +305,11 @@ impl BenchReport {
                         _ => (p.seq, *estimated_s),
                     };
                     let or_more = if first == p.seq { "" } else { " or more" };
-                    row[1] = if first == p.seq { seq_label(p.seq) } else { format!("{}-{}", seq_label(first), seq_label(p.seq)) };
+                    row[1] = if first == p.seq {
+                        seq_label(p.seq)
+                    } else {
+                        format!("{}-{}", seq_label(first), seq_label(p.seq))
+                    };
                     row[2] = String::new();
                     row.push(format!("capped: estimated {least:.0} s{or_more}, {left_s:.0} s of the time budget left"));
                     capped = Some((p.series.as_str(), first, least));
@@ -286,10 +332,11 @@ impl BenchReport {
     /// One row per point, each carrying the provenance and the peak figures so that files
     /// from several machines can be concatenated.
     pub fn csv(&self) -> String {
+        #[rustfmt::skip]
         let header = [
             "wattn_version", "date", "adapter", "backend", "device_type", "driver", "clock", "flash_config",
-            "series", "dtype", "head_dim", "causal", "window_left", "window_right", "batch", "heads", "kv_heads", "seq", "flops",
-            "status", "reason",
+            "series", "dtype", "head_dim", "causal", "window_left", "window_right", "batch", "heads", "kv_heads", "seq",
+            "flops", "status", "reason",
             "flash_median_s", "flash_min_s", "flash_max_s", "flash_flops_per_s", "flash_bytes", "fraction_of_peak",
             "naive_median_s", "naive_min_s", "naive_max_s", "naive_flops_per_s", "naive_bytes", "speedup",
             "validated_against", "max_error", "tolerance",
@@ -306,13 +353,35 @@ impl BenchReport {
         let mut out = header.join(",") + "\n";
         for p in &self.points {
             let mut row: Vec<String> = vec![
-                pv.wattn_version.into(), pv.date.clone(), a.name.clone(), a.backend.clone(), a.device_type.clone(),
-                format!("{} {}", a.driver, a.driver_info).trim().into(), pv.clock.name().into(), self.flash_config.to_string(),
-                p.series.clone(), p.dtype.into(), p.head_dim.to_string(), p.causal.to_string(), p.window[0].to_string(), p.window[1].to_string(),
-                p.batch.to_string(), p.heads.to_string(), p.kv_heads.to_string(), p.seq.to_string(), p.flops.to_string(),
+                pv.wattn_version.into(),
+                pv.date.clone(),
+                a.name.clone(),
+                a.backend.clone(),
+                a.device_type.clone(),
+                format!("{} {}", a.driver, a.driver_info).trim().into(),
+                pv.clock.name().into(),
+                self.flash_config.to_string(),
+                p.series.clone(),
+                p.dtype.into(),
+                p.head_dim.to_string(),
+                p.causal.to_string(),
+                p.window[0].to_string(),
+                p.window[1].to_string(),
+                p.batch.to_string(),
+                p.heads.to_string(),
+                p.kv_heads.to_string(),
+                p.seq.to_string(),
+                p.flops.to_string(),
             ];
             let path = |r: Option<&PathResult>| {
-                [r.map(|r| r.time.median_s), r.map(|r| r.time.min_s), r.map(|r| r.time.max_s), r.map(|r| r.flops_per_s), r.map(|r| r.bytes as f64)].map(num)
+                [
+                    r.map(|r| r.time.median_s),
+                    r.map(|r| r.time.min_s),
+                    r.map(|r| r.time.max_s),
+                    r.map(|r| r.flops_per_s),
+                    r.map(|r| r.bytes as f64),
+                ]
+                .map(num)
             };
             match &p.outcome {
                 Outcome::Measured(m) => {
@@ -321,7 +390,11 @@ impl BenchReport {
                     row.push(num(m.fraction_of_peak));
                     row.extend(path(m.naive.as_ref()));
                     row.push(num(m.speedup));
-                    row.extend([m.validation.against.into(), m.validation.max_error.to_string(), m.validation.tolerance.to_string()]);
+                    row.extend([
+                        m.validation.against.into(),
+                        m.validation.max_error.to_string(),
+                        m.validation.tolerance.to_string(),
+                    ]);
                 }
                 Outcome::Capped { .. } | Outcome::Failed { .. } => {
                     row.extend([p.outcome.status().into(), p.outcome.reason().unwrap_or_default()]);

@@ -4,12 +4,12 @@
 use super::stats::Stats;
 use super::timing::Timer;
 use super::workload::{Path, PathBuffers, Problem, Workload, input_values};
+use crate::FlashConfig;
 use crate::attention::AttentionShape;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::reference;
 use crate::tensor::DType;
-use crate::FlashConfig;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -74,9 +74,14 @@ pub enum Outcome {
     Measured(Measured),
     /// Not started: its flash runs were estimated to take `estimated_s`, and only `left_s`
     /// of the time budget were left.
-    Capped { estimated_s: f64, left_s: f64 },
+    Capped {
+        estimated_s: f64,
+        left_s: f64,
+    },
     /// Started and could not finish (a limit, out of memory, a wrong result).
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
 }
 
 /// One point of the grid and what became of it.
@@ -256,11 +261,7 @@ impl Point<'_> {
         self.timer.time(ctx, &mut flash_work)?;
 
         let flash_seconds = speeds.seconds(Path::Flash, w, self.runs()).unwrap_or(0.0);
-        let naive = match (left, speeds.seconds(Path::Naive, w, self.runs())) {
-            _ if !self.settings.naive => None,
-            (Some(left), Some(t)) if t > left - flash_seconds => Some(Err(format!("estimated {t:.0} s, past the time budget"))),
-            _ => Some(self.naive_run(&problem)),
-        };
+        let naive = self.settings.naive.then(|| self.naive_run(&problem, speeds, left.map(|l| l - flash_seconds)));
         let validation = validate(ctx, &problem, &flash, naive.as_ref().and_then(|n| n.as_ref().ok()))?;
         if !validation.passed() {
             return Ok(Outcome::Failed {
@@ -274,7 +275,11 @@ impl Point<'_> {
         let settings = self.settings;
         let time_path = |bufs: &PathBuffers, work: &mut dyn FnMut(&mut wgpu::CommandEncoder) -> Result<()>| {
             let time = self.timer.measure(ctx, settings.warmup.saturating_sub(1), settings.runs, work)?;
-            Ok::<_, Error>(PathResult { time, flops_per_s: w.flops() / time.median_s, bytes: problem.input_bytes() + bufs.bytes() })
+            Ok::<_, Error>(PathResult {
+                time,
+                flops_per_s: w.flops() / time.median_s,
+                bytes: problem.input_bytes() + bufs.bytes(),
+            })
         };
         let flash_result = time_path(&flash, &mut flash_work)?;
         speeds.record(Path::Flash, w, flash_result.flops_per_s);
@@ -298,16 +303,24 @@ impl Point<'_> {
         }))
     }
 
-    /// The naive path's buffers after one run, or why it cannot run (its score matrix is
-    /// over a limit or out of memory): then the point goes on without it.
-    fn naive_run(&self, problem: &Problem) -> std::result::Result<PathBuffers, String> {
+    /// The naive path's buffers after one run, or why it does not run: its score matrix is
+    /// over a limit or out of memory, or it would take more than the `left` seconds.
+    fn naive_run(
+        &self,
+        problem: &Problem,
+        speeds: &Speeds,
+        left: Option<f64>,
+    ) -> std::result::Result<PathBuffers, String> {
         let ctx = self.ctx;
-        let run = || {
-            let bufs = problem.alloc(ctx, Path::Naive)?;
-            self.timer.time(ctx, &mut |e| problem.record(ctx, &bufs, &self.settings.config, e))?;
-            Ok(bufs)
-        };
-        catching_gpu_errors(ctx, run).map_err(|e| e.to_string())
+        let bufs = catching_gpu_errors(ctx, || problem.alloc(ctx, Path::Naive)).map_err(|e| e.to_string())?;
+        if let (Some(left), Some(t)) = (left, speeds.seconds(Path::Naive, self.workload, self.runs())) {
+            if t > left {
+                return Err(format!("estimated {t:.0} s, past the time budget"));
+            }
+        }
+        let mut work = |e: &mut wgpu::CommandEncoder| problem.record(ctx, &bufs, &self.settings.config, e);
+        catching_gpu_errors(ctx, || self.timer.time(ctx, &mut work)).map_err(|e| e.to_string())?;
+        Ok(bufs)
     }
 }
 
@@ -340,14 +353,25 @@ fn tolerance(dtype: DType) -> f64 {
 fn max_error(got: &[f32], want: impl IntoIterator<Item = f64>) -> f64 {
     got.iter().zip(want).fold(0.0, |worst: f64, (&g, w)| {
         let g = g as f64;
-        let err = if g == w { 0.0 } else if g.is_finite() && w.is_finite() { (g - w).abs() / w.abs().max(1.0) } else { f64::INFINITY };
+        let err = if g == w {
+            0.0
+        } else if g.is_finite() && w.is_finite() {
+            (g - w).abs() / w.abs().max(1.0)
+        } else {
+            f64::INFINITY
+        };
         worst.max(err)
     })
 }
 
 /// Checks the output of a flash run: against the naive run's output when there is one,
 /// else against the f64 reference on sampled rows.
-pub fn validate(ctx: &Context, problem: &Problem, flash: &PathBuffers, naive: Option<&PathBuffers>) -> Result<Validation> {
+pub fn validate(
+    ctx: &Context,
+    problem: &Problem,
+    flash: &PathBuffers,
+    naive: Option<&PathBuffers>,
+) -> Result<Validation> {
     match naive {
         Some(naive) => compare_paths(ctx, problem.workload.dtype, flash, naive),
         None => compare_reference_rows(ctx, &problem.workload, flash),

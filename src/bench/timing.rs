@@ -118,8 +118,10 @@ impl Timer {
         ctx.submit_and_wait(encoder)?;
         let bytes = read_buffer(ctx, &ts.resolved, RESOLVED_BYTES)?;
         let [start, end]: [u64; 2] = bytemuck::pod_read_unaligned(&bytes[..RESOLVED_BYTES as usize]);
-        if end < start {
-            return Err(Error::Gpu(format!("GPU timestamps went backwards ({start} then {end})")));
+        if end <= start {
+            return Err(Error::Gpu(format!(
+                "GPU timestamps read {start} then {end}: they are unusable on this adapter; time with --wall-clock"
+            )));
         }
         Ok((end - start) as f64 * ts.period_ns * 1e-9)
     }

@@ -1,11 +1,11 @@
 //! What is benchmarked: attention problems, their FLOP and memory accounting, their GPU
 //! buffers, and the grids `wattn bench` walks. The criterion benches use the same types.
 
+use crate::FlashConfig;
 use crate::attention::{AttentionBuffers, AttentionOptions, AttentionShape, flash, naive};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
-use crate::FlashConfig;
 
 /// One attention problem: self-attention sizes, storage dtype and mask.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -27,8 +27,17 @@ pub enum Path {
 impl Workload {
     /// Self-attention over `seq` tokens with `heads` query heads sharing `kv_heads` K/V
     /// heads (grouped-query attention when fewer).
-    pub fn new(batch: usize, heads: usize, kv_heads: usize, seq: usize, head_dim: usize, dtype: DType, options: AttentionOptions) -> Self {
-        let shape = AttentionShape { batch, q_heads: heads, kv_heads, n_q: seq, n_k: seq, d_qk: head_dim, d_v: head_dim };
+    pub fn new(
+        batch: usize,
+        heads: usize,
+        kv_heads: usize,
+        seq: usize,
+        head_dim: usize,
+        dtype: DType,
+        options: AttentionOptions,
+    ) -> Self {
+        let shape =
+            AttentionShape { batch, q_heads: heads, kv_heads, n_q: seq, n_k: seq, d_qk: head_dim, d_v: head_dim };
         Self { shape, dtype, options }
     }
 
@@ -79,7 +88,8 @@ impl Workload {
         let elems = |s: [usize; 4]| s.iter().product::<usize>() as u64;
         let elem = self.dtype.size() as u64;
         let inputs = (elems(self.q_shape()) + elems(self.k_shape()) + elems(self.v_shape())) * elem;
-        let outputs = elems(self.shape.out_shape()) * elem + self.shape.lse_shape().iter().product::<usize>() as u64 * 4;
+        let outputs =
+            elems(self.shape.out_shape()) * elem + self.shape.lse_shape().iter().product::<usize>() as u64 * 4;
         inputs + outputs
     }
 
@@ -230,7 +240,13 @@ impl Problem {
     }
 
     /// Records one forward of `bufs`' path into `encoder`.
-    pub fn record(&self, ctx: &Context, bufs: &PathBuffers, config: &FlashConfig, encoder: &mut wgpu::CommandEncoder) -> Result<()> {
+    pub fn record(
+        &self,
+        ctx: &Context,
+        bufs: &PathBuffers,
+        config: &FlashConfig,
+        encoder: &mut wgpu::CommandEncoder,
+    ) -> Result<()> {
         let views = AttentionBuffers {
             q: self.q.view(),
             k: self.k.view(),
@@ -372,7 +388,10 @@ mod tests {
         ];
         for (n_q, n_k) in [(7, 7), (5, 13), (13, 5), (1, 9), (9, 1)] {
             for opts in &masks {
-                let brute = (0..n_q).flat_map(|i| (0..n_k).map(move |j| (i, j))).filter(|&(i, j)| visible(opts, n_q, n_k, i, j)).count();
+                let brute = (0..n_q)
+                    .flat_map(|i| (0..n_k).map(move |j| (i, j)))
+                    .filter(|&(i, j)| visible(opts, n_q, n_k, i, j))
+                    .count();
                 assert_eq!(counted_pairs(n_q, n_k, opts), brute as f64, "{n_q}x{n_k} {opts:?}");
             }
         }

@@ -70,6 +70,9 @@ pub struct BenchArgs {
     /// Draw flash throughput against sequence length as SVG, one line per series.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+    /// Time with the wall clock around submit-and-wait even where GPU timestamps exist.
+    #[arg(long)]
+    pub wall_clock: bool,
     #[command(flatten)]
     pub adapter: AdapterArgs,
 }
@@ -126,7 +129,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let Err(e @ Error::Option(_)) = config.check(ctx.limits(), &workloads[0].shape) {
         return Err(e);
     }
-    let timer = Timer::new(&ctx);
+    let timer = if args.wall_clock { Timer::wall_clock() } else { Timer::new(&ctx) };
     let (warmup, runs) = (args.warmup as usize, args.runs as usize);
     let progress = Progress::new();
     let peak = if args.no_peak {
@@ -136,13 +139,29 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(peak::measure(&ctx, &timer, warmup, runs)?)
     };
     let budget_s = (args.budget > 0.0).then_some(args.budget);
-    let settings = Settings { warmup, runs, config, budget_s, peak_flops: peak.as_ref().map(|p| p.fma_f32.rate), naive: !args.no_naive };
+    let settings = Settings {
+        warmup,
+        runs,
+        config,
+        budget_s,
+        peak_flops: peak.as_ref().map(|p| p.fma_f32.rate),
+        naive: !args.no_naive,
+    };
     let points = runner::run(&ctx, &timer, &workloads, &settings, &mut |done, total, w| {
         progress.show(done, total, &format!("{} seq {}", w.series(), seq_label(w.shape.n_q)));
     });
     progress.finish();
     let provenance = Provenance::new(&ctx, timer.clock());
-    let report = BenchReport { provenance, flash_config: config.into(), warmup, runs, budget_s, peak, naive_baseline: settings.naive, points };
+    let report = BenchReport {
+        provenance,
+        flash_config: config.into(),
+        warmup,
+        runs,
+        budget_s,
+        peak,
+        naive_baseline: settings.naive,
+        points,
+    };
     print!("{}", report.table());
     if let Some(path) = &args.json {
         write_json(path, &report)?;
@@ -183,7 +202,11 @@ fn parse_tokens(text: &str) -> std::result::Result<usize, String> {
 
 /// `BQ,BK,TPR,DC` as a flash configuration (checked when used).
 fn parse_config(text: &str) -> std::result::Result<FlashConfig, String> {
-    let numbers: Vec<u32> = text.split(',').map(|s| s.trim().parse::<u32>()).collect::<std::result::Result<_, _>>().map_err(|e| format!("'{text}': {e}"))?;
+    let numbers: Vec<u32> = text
+        .split(',')
+        .map(|s| s.trim().parse::<u32>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| format!("'{text}': {e}"))?;
     let [block_q, block_k, threads_per_row, d_chunk] = numbers[..] else {
         return Err(format!("'{text}': expected four numbers BQ,BK,TPR,DC, e.g. 16,32,4,64"));
     };
@@ -204,7 +227,10 @@ mod tests {
 
     #[test]
     fn configs_take_four_numbers() {
-        assert_eq!(parse_config("16,32,4,64"), Ok(FlashConfig { block_q: 16, block_k: 32, threads_per_row: 4, d_chunk: 64 }));
+        assert_eq!(
+            parse_config("16,32,4,64"),
+            Ok(FlashConfig { block_q: 16, block_k: 32, threads_per_row: 4, d_chunk: 64 })
+        );
         assert!(parse_config("16,32,4").is_err() && parse_config("a,b,c,d").is_err());
     }
 }

@@ -17,6 +17,9 @@ pub struct PeakArgs {
     /// Also write every figure, with the adapter, wattn version and date, as JSON.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Time with the wall clock around submit-and-wait even where GPU timestamps exist.
+    #[arg(long)]
+    pub wall_clock: bool,
     #[command(flatten)]
     pub adapter: AdapterArgs,
 }
@@ -24,7 +27,7 @@ pub struct PeakArgs {
 pub fn run(args: PeakArgs) -> Result<()> {
     super::bench::check_output_dirs(&[&args.json])?;
     let ctx = args.adapter.context()?;
-    let timer = Timer::new(&ctx);
+    let timer = if args.wall_clock { Timer::wall_clock() } else { Timer::new(&ctx) };
     let (warmup, runs) = (args.warmup as usize, args.runs as usize);
     let peak = peak::measure(&ctx, &timer, warmup, runs)?;
     let report = PeakReport { provenance: Provenance::new(&ctx, timer.clock()), warmup, runs, peak };
