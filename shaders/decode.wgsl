@@ -45,17 +45,20 @@ struct Params {
 
 const ROPE_NONE: u32 = 0u;
 const ROPE_NEOX: u32 = 1u;
+// Tiles hold vec4s (four head-dim columns): every workgroup-memory read feeds four FMAs.
+const CHUNK4: u32 = D_CHUNK / 4u;
+const D4: u32 = D_PAD / 4u;
 // Odd row stride: threads read different slots at the same column.
-const KV_STRIDE: u32 = D_CHUNK + 1u;
+const KV_STRIDE: u32 = CHUNK4 + 1u;
 const SCORES_PER_THREAD: u32 = (BLOCK_R * BLOCK_K + WORKGROUP - 1u) / WORKGROUP;
-const OUTS_PER_CHUNK: u32 = (BLOCK_R * D_CHUNK + WORKGROUP - 1u) / WORKGROUP;
+const OUTS_PER_CHUNK: u32 = (BLOCK_R * CHUNK4 + WORKGROUP - 1u) / WORKGROUP;
 const CHUNKS: u32 = D_PAD / D_CHUNK;
 // Masked scores. Finite, so that exp(MASKED - MASKED) is defined; no real logit gets near.
 const MASKED: f32 = -3.0e38;
 const EMPTY: u32 = 0xffffffffu;
 
-var<workgroup> q_tile: array<f32, BLOCK_R * D_PAD>;
-var<workgroup> kv_tile: array<f32, BLOCK_K * KV_STRIDE>;
+var<workgroup> q_tile: array<vec4<f32>, BLOCK_R * D4>;
+var<workgroup> kv_tile: array<vec4<f32>, BLOCK_K * KV_STRIDE>;
 var<workgroup> key_pos: array<u32, BLOCK_K>;
 // Scores of the tile, turned into probabilities in place.
 var<workgroup> score_tile: array<f32, BLOCK_R * BLOCK_K>;
@@ -90,6 +93,31 @@ fn rotate(x: f32, partner: f32, c: u32, rope_pos: u32) -> f32 {
     return select(x * cs.x + partner * cs.y, x * cs.x - partner * cs.y, first);
 }
 
+// Element `i` of Q (which = 0), K (1) or V (2).
+fn load(which: u32, i: u32) -> f32 {
+    switch which {
+        case 0u: { return f32(q[i]); }
+        case 1u: { return f32(k[i]); }
+        default: { return f32(v[i]); }
+    }
+}
+
+// Columns [c, c + 4) of the vector at `row` (an element index) of Q, K or V, rotated to
+// `rope_pos` unless it is V or RoPE is off; zeros past the head dim.
+fn load4(which: u32, row: u32, c: u32, rope_pos: u32) -> vec4<f32> {
+    var x = vec4(0.0);
+    for (var e = 0u; e < 4u; e++) {
+        let col = c + e;
+        if col < params.head_dim {
+            x[e] = load(which, row + col);
+            if which != 2u && params.rope != ROPE_NONE {
+                x[e] = rotate(x[e], load(which, row + rope_partner(col)), col, rope_pos);
+            }
+        }
+    }
+    return x;
+}
+
 fn query_position(i: u32) -> u32 {
     return params.seen - params.n_q + i;
 }
@@ -101,25 +129,16 @@ fn query_row(b: u32, kv_head: u32, r: u32) -> u32 {
     return (b * params.q_heads + head) * params.n_q + r % params.n_q;
 }
 
-// Columns [d0, d0 + D_CHUNK) of slots [key0, key0 + BLOCK_K) of K (rotated) or V; zeros past hi.
-fn stage_kv(from_v: bool, slot_base: u32, key0: u32, hi: u32, d0: u32, tid: u32) {
-    let dim = params.head_dim;
-    for (var e = tid; e < BLOCK_K * D_CHUNK; e += WORKGROUP) {
-        let j = e / D_CHUNK;
-        let c = d0 + e % D_CHUNK;
-        var x = 0.0;
-        if key0 + j < hi && c < dim {
-            let row = (slot_base + key0 + j) * dim;
-            if from_v {
-                x = f32(v[row + c]);
-            } else {
-                x = f32(k[row + c]);
-                if params.rope != ROPE_NONE {
-                    x = rotate(x, f32(k[row + rope_partner(c)]), c, rope_position(key_pos[j]));
-                }
-            }
+// Columns [d0, d0 + D_CHUNK) of slots [key0, key0 + BLOCK_K) of K (1, rotated) or V (2); zeros past hi.
+fn stage_kv(which: u32, slot_base: u32, key0: u32, hi: u32, d0: u32, tid: u32) {
+    for (var e = tid; e < BLOCK_K * CHUNK4; e += WORKGROUP) {
+        let j = e / CHUNK4;
+        let c4 = e % CHUNK4;
+        var x = vec4(0.0);
+        if key0 + j < hi {
+            x = load4(which, (slot_base + key0 + j) * params.head_dim, d0 + 4u * c4, rope_position(key_pos[j]));
         }
-        kv_tile[j * KV_STRIDE + e % D_CHUNK] = x;
+        kv_tile[j * KV_STRIDE + c4] = x;
     }
 }
 
@@ -139,17 +158,12 @@ fn main(
     let lo = split * params.keys_per_split;
     let hi = min(lo + params.keys_per_split, params.len);
 
-    for (var e = tid; e < BLOCK_R * D_PAD; e += WORKGROUP) {
-        let r = row0 + e / D_PAD;
-        let c = e % D_PAD;
-        var x = 0.0;
-        if r < rows && c < dim {
-            let qrow = query_row(b, kv_head, r) * dim;
-            x = f32(q[qrow + c]);
-            if params.rope != ROPE_NONE {
-                let rope_pos = rope_position(query_position(r % params.n_q));
-                x = rotate(x, f32(q[qrow + rope_partner(c)]), c, rope_pos);
-            }
+    for (var e = tid; e < BLOCK_R * D4; e += WORKGROUP) {
+        let r = row0 + e / D4;
+        var x = vec4(0.0);
+        if r < rows {
+            let rope_pos = rope_position(query_position(r % params.n_q));
+            x = load4(0u, query_row(b, kv_head, r) * dim, 4u * (e % D4), rope_pos);
         }
         q_tile[e] = x;
     }
@@ -157,8 +171,9 @@ fn main(
     // Thread r < BLOCK_R keeps row r's running max and sum.
     var m = MASKED;
     var l = 0.0;
-    // Thread tid owns outputs e = tid + i * WORKGROUP (row e / D_CHUNK, column e % D_CHUNK) of each chunk.
-    var o: array<f32, CHUNKS * OUTS_PER_CHUNK>;
+    // Thread tid owns the vec4 outputs e = tid + i * WORKGROUP (row e / CHUNK4, column
+    // 4 * (e % CHUNK4)) of each chunk.
+    var o: array<vec4<f32>, CHUNKS * OUTS_PER_CHUNK>;
 
     for (var key0 = lo; key0 < hi; key0 += BLOCK_K) {
         if tid < BLOCK_K {
@@ -169,16 +184,16 @@ fn main(
         // S = Q K^T for this tile, D_CHUNK columns at a time.
         var s: array<f32, SCORES_PER_THREAD>;
         for (var d0 = 0u; d0 < D_PAD; d0 += D_CHUNK) {
-            stage_kv(false, slot_base, key0, hi, d0, tid);
+            stage_kv(1u, slot_base, key0, hi, d0, tid);
             workgroupBarrier();
             for (var i = 0u; i < SCORES_PER_THREAD; i++) {
                 let e = tid + i * WORKGROUP;
                 if e < BLOCK_R * BLOCK_K {
-                    let q_row = (e / BLOCK_K) * D_PAD + d0;
+                    let q_row = (e / BLOCK_K) * D4 + d0 / 4u;
                     let k_row = (e % BLOCK_K) * KV_STRIDE;
                     var acc = 0.0;
-                    for (var c = 0u; c < D_CHUNK; c++) {
-                        acc += q_tile[q_row + c] * kv_tile[k_row + c];
+                    for (var c4 = 0u; c4 < CHUNK4; c4++) {
+                        acc += dot(q_tile[q_row + c4], kv_tile[k_row + c4]);
                     }
                     s[i] += acc;
                 }
@@ -231,23 +246,23 @@ fn main(
         }
         for (var i = 0u; i < CHUNKS * OUTS_PER_CHUNK; i++) {
             let e = tid + (i % OUTS_PER_CHUNK) * WORKGROUP;
-            if e < BLOCK_R * D_CHUNK {
-                o[i] *= row_scale[e / D_CHUNK];
+            if e < BLOCK_R * CHUNK4 {
+                o[i] *= row_scale[e / CHUNK4];
             }
         }
 
         // O += P V, D_CHUNK columns at a time.
         for (var d0 = 0u; d0 < D_PAD; d0 += D_CHUNK) {
-            stage_kv(true, slot_base, key0, hi, d0, tid);
+            stage_kv(2u, slot_base, key0, hi, d0, tid);
             workgroupBarrier();
             for (var i = 0u; i < OUTS_PER_CHUNK; i++) {
                 let e = tid + i * WORKGROUP;
-                if e < BLOCK_R * D_CHUNK {
-                    let p_row = (e / D_CHUNK) * BLOCK_K;
-                    let c = e % D_CHUNK;
-                    var acc = 0.0;
+                if e < BLOCK_R * CHUNK4 {
+                    let p_row = (e / CHUNK4) * BLOCK_K;
+                    let c4 = e % CHUNK4;
+                    var acc = vec4(0.0);
                     for (var j = 0u; j < BLOCK_K; j++) {
-                        acc += score_tile[p_row + j] * kv_tile[j * KV_STRIDE + c];
+                        acc += score_tile[p_row + j] * kv_tile[j * KV_STRIDE + c4];
                     }
                     o[(d0 / D_CHUNK) * OUTS_PER_CHUNK + i] += acc;
                 }
@@ -265,12 +280,17 @@ fn main(
     let row_stride = params.batch * params.q_heads * params.n_q;
     for (var i = 0u; i < CHUNKS * OUTS_PER_CHUNK; i++) {
         let e = tid + (i % OUTS_PER_CHUNK) * WORKGROUP;
-        let r = row0 + e / D_CHUNK;
-        let c = (i / OUTS_PER_CHUNK) * D_CHUNK + e % D_CHUNK;
-        if e < BLOCK_R * D_CHUNK && r < rows && c < dim {
-            let sum = row_scale[e / D_CHUNK];
-            let out_row = split * row_stride + query_row(b, kv_head, r);
-            partial_out[out_row * dim + c] = select(o[i] / sum, 0.0, sum == 0.0);
+        let r = row0 + e / CHUNK4;
+        if e < BLOCK_R * CHUNK4 && r < rows {
+            let sum = row_scale[e / CHUNK4];
+            let x = select(o[i] / sum, vec4(0.0), sum == 0.0);
+            let out_row = (split * row_stride + query_row(b, kv_head, r)) * dim;
+            let c = (i / OUTS_PER_CHUNK) * D_CHUNK + 4u * (e % CHUNK4);
+            for (var t = 0u; t < 4u; t++) {
+                if c + t < dim {
+                    partial_out[out_row + c + t] = x[t];
+                }
+            }
         }
     }
     if tid < BLOCK_R && row0 + tid < rows {

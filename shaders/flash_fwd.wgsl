@@ -15,34 +15,16 @@
 // walks keys [key_begin, key_end) and carries the row's unnormalised (o, m, l) to the next
 // through `state`. On GPUs there is one pass and `state` is never touched.
 //
+// Block-sparse variants (BLOCK_SPARSE) visit only the tiles a block mask lists for the
+// workgroup's (batch, head, query block): runs of consecutive tiles in key order, each
+// full (no element test) or partial (one mask bit per element). The mask's blocks are the
+// tiles. Walking them in key order, as the dense variant does, makes equivalent masks give
+// the same bits. The dense options (window, sinks) still apply on top.
+//
 // Constants come from the prelude made by src/shader.rs: Elem (f32 or f16), BLOCK_Q,
-// BLOCK_K, THREADS_PER_ROW, D_CHUNK, DQK_PAD, DV_PAD (head dims rounded up to 16) and
-// Q_RESIDENT (whole Q rows stay in workgroup memory instead of one chunk).
-
-// Keep in sync with `FlashParams` in src/attention/flash.rs.
-struct Params {
-    batch: u32,
-    q_heads: u32,
-    kv_heads: u32,
-    n_q: u32,
-    n_k: u32,
-    d_qk: u32,
-    d_v: u32,
-    sinks: u32,
-    // Visible keys of query i are diag - left ..= diag + right with diag = i + n_k - n_q
-    // (bottom-right alignment); -1 means unbounded. Causal is right = 0.
-    window_left: i32,
-    window_right: i32,
-    scale: f32,
-    softcap: f32, // 0 = none
-    key_begin: u32, // a multiple of BLOCK_K
-    key_end: u32,
-    pass_flags: u32, // FIRST_PASS | LAST_PASS
-    _pad: u32,
-}
-
-const FIRST_PASS: u32 = 1u;
-const LAST_PASS: u32 = 2u;
+// BLOCK_K, THREADS_PER_ROW, D_CHUNK, DQK_PAD, DV_PAD (head dims rounded up to 16),
+// Q_RESIDENT (whole Q rows stay in workgroup memory instead of one chunk) and BLOCK_SPARSE.
+// Params, MASKED and visible() come from shared/attention.wgsl.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> q: array<Elem>;
@@ -52,6 +34,21 @@ const LAST_PASS: u32 = 2u;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
 // Per row: m, l, then DV_PAD columns of o.
 @group(0) @binding(6) var<storage, read_write> state: array<f32>;
+
+// Keep in sync with `BlockMaskHeader` in src/mask/gpu.rs. `words` holds each mask row's
+// first run (one per row, rows = batch * heads * q_blocks, plus the end) from 0, the runs
+// from runs_at (3 words: first tile, end tile, FULL_RUN or the index of the first tile's
+// element mask), and the partial tiles' element masks from bits_at, MASK_WORDS each with
+// bit r * BLOCK_K + j for query r and key j of the tile. Unused by dense variants.
+struct BlockMask {
+    batch: u32, // 1 = one mask for every batch
+    heads: u32, // 1 = one mask for every head
+    q_blocks: u32,
+    runs_at: u32,
+    bits_at: u32,
+    words: array<u32>,
+}
+@group(0) @binding(7) var<storage, read> block_mask: BlockMask;
 
 const WORKGROUP: u32 = BLOCK_Q * THREADS_PER_ROW;
 const KEYS_PER_THREAD: u32 = BLOCK_K / THREADS_PER_ROW;
@@ -65,8 +62,8 @@ const CHUNK_O4_PER_THREAD: u32 = CHUNK4 / THREADS_PER_ROW;
 // even stride would put them all in one memory bank.
 const KV_STRIDE: u32 = CHUNK4 + 1u;
 const Q_STRIDE: u32 = select(CHUNK4, QK4, Q_RESIDENT);
-// Masked scores. Finite, so that exp(MASKED - MASKED) is defined; no real logit gets near.
-const MASKED: f32 = -3.0e38;
+const FULL_RUN: u32 = 0xffffffffu;
+const MASK_WORDS: u32 = (BLOCK_Q * BLOCK_K + 31u) / 32u;
 
 var<workgroup> q_tile: array<vec4<f32>, BLOCK_Q * Q_STRIDE>;
 var<workgroup> kv_tile: array<vec4<f32>, BLOCK_K * KV_STRIDE>;
@@ -118,12 +115,32 @@ fn column(i: u32, lane: u32) -> u32 {
     return (i / CHUNK_O4_PER_THREAD) * D_CHUNK + 4u * (lane + (i % CHUNK_O4_PER_THREAD) * THREADS_PER_ROW);
 }
 
-fn visible(diag: i32, key: i32) -> bool {
-    let left = params.window_left;
-    let right = params.window_right;
-    let below_right = right < 0 || key <= diag + right;
-    let above_left = left < 0 || key >= diag - left || key < i32(params.sinks);
-    return key < i32(params.n_k) && below_right && above_left;
+// Field `field` (0 first tile, 1 end tile, 2 element mask) of block-mask run `run`.
+fn run_field(run: u32, field: u32) -> u32 {
+    return block_mask.words[block_mask.runs_at + 3u * run + field];
+}
+
+// The first of the sorted, disjoint runs [lo, hi) that ends after tile `t` (hi if none):
+// a binary search, so that a later key pass does not walk the runs before it.
+fn first_run_after(lo: u32, hi: u32, t: u32) -> u32 {
+    var a = lo;
+    var b = hi;
+    while a < b {
+        let mid = (a + b) / 2u;
+        if run_field(mid, 1u) <= t {
+            a = mid + 1u;
+        } else {
+            b = mid;
+        }
+    }
+    return a;
+}
+
+// Whether query `r`, key `j` of the partial tile whose element mask is number `tile_mask` is visible.
+fn mask_bit(tile_mask: u32, r: u32, j: u32) -> bool {
+    let bit = r * BLOCK_K + j;
+    let word = block_mask.words[block_mask.bits_at + tile_mask * MASK_WORDS + bit / 32u];
+    return ((word >> (bit % 32u)) & 1u) != 0u;
 }
 
 @compute @workgroup_size(WORKGROUP)
@@ -181,9 +198,33 @@ fn main(
     }
 
     var t = params.key_begin / BLOCK_K;
+    // Block-sparse: the next run to fetch, the end of this row's runs, the current run.
+    var run = 0u;
+    var runs_end = 0u;
+    var run_first = 0u;
+    var run_end = 0u;
+    var run_mask = FULL_RUN;
+    if BLOCK_SPARSE {
+        let mask_batch = select(batch, 0u, block_mask.batch == 1u);
+        let mask_head = select(head, 0u, block_mask.heads == 1u);
+        let mask_row = (mask_batch * block_mask.heads + mask_head) * block_mask.q_blocks + wg.x;
+        runs_end = block_mask.words[mask_row + 1u];
+        run = first_run_after(block_mask.words[mask_row], runs_end, t);
+    }
     loop {
-        // Tiles between the sinks and the window are seen by no row: skip without loading.
-        if t >= sink_tiles && t < window_first_tile {
+        if BLOCK_SPARSE {
+            if t >= run_end {
+                if run == runs_end {
+                    break;
+                }
+                run_first = run_field(run, 0u);
+                run_end = run_field(run, 1u);
+                run_mask = run_field(run, 2u);
+                t = max(t, run_first);
+                run += 1u;
+            }
+        } else if t >= sink_tiles && t < window_first_tile {
+            // Tiles between the sinks and the window are seen by no row: skip without loading.
             t = window_first_tile;
         }
         if t >= tiles_end {
@@ -210,9 +251,11 @@ fn main(
             workgroupBarrier();
         }
 
-        // Scale, cap, mask. A tile every row sees whole needs no per-element test.
+        // Scale, cap, mask. A tile every row sees whole needs no per-element test; a partial
+        // tile of a block mask also tests its element bits.
+        let partial = BLOCK_SPARSE && run_mask != FULL_RUN;
         let tile_last = i32(key0 + BLOCK_K) - 1;
-        let whole = tile_last < i32(params.n_k)
+        let whole = !partial && tile_last < i32(params.n_k)
             && (params.window_right < 0 || tile_last <= diag_first + params.window_right)
             && (params.window_left < 0 || i32(key0) >= diag_last - params.window_left
                 || tile_last < i32(params.sinks));
@@ -222,7 +265,7 @@ fn main(
             if params.softcap > 0.0 {
                 x = params.softcap * tanh(x / params.softcap);
             }
-            if !whole && !visible(diag, i32(key0 + j)) {
+            if !whole && !(visible(diag, i32(key0 + j)) && (!partial || mask_bit(run_mask + t - run_first, r, j))) {
                 x = MASKED;
             }
             score_tile[r * BLOCK_K + j] = x;

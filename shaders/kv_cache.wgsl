@@ -1,5 +1,6 @@
 // KV cache bookkeeping, all on the GPU:
-//   place       picks the slot of each new token (evicting per the policy) and records its position
+//   place       picks the slot of each new token (None, StreamingLLM) and records its position
+//   evict       the same for heavy hitters, evicting the lowest-scored token
 //   append      copies the new tokens' K and V rows into their slots
 //   accumulate  adds each cached token's attention probabilities to its heavy-hitter score
 //
@@ -20,10 +21,9 @@ struct Params {
     seen: u32, // tokens appended before this call; token t of the call has position seen + t
     count: u32, // place, append: new tokens per sequence; accumulate: queries
     len: u32, // accumulate: slots holding tokens
-    policy: u32, // POLICY_*
     sinks: u32,
     window: u32, // StreamingLLM: the ring's size; heavy hitters: recent tokens never evicted
-    groups_x: u32, // append, accumulate: workgroups along x; the grid wraps into y
+    groups_x: u32, // place, append, accumulate: workgroups along x; the grid wraps into y
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -37,8 +37,6 @@ struct Params {
 @group(0) @binding(8) var<storage, read> logits: array<f32>; // [B, Hkv, group * count, capacity]
 @group(0) @binding(9) var<storage, read> lse: array<f32>; // [B, Hq, count]
 
-const POLICY_STREAMING: u32 = 1u;
-const POLICY_HEAVY_HITTERS: u32 = 2u;
 // Masked logits written by decode.wgsl.
 const MASKED: f32 = -3.0e38;
 const NONE: u32 = 0xffffffffu;
@@ -89,9 +87,30 @@ fn lowest_score_slot(base: u32, p: u32, tid: u32) -> u32 {
     return best_slot[0];
 }
 
-// One workgroup per (batch, KV head); the new tokens are placed one after another.
+// Policies None and StreamingLLM: one thread per new token (of every batch * KV head).
 @compute @workgroup_size(WORKGROUP)
 fn place(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) tid: u32,
+) {
+    let token = (wg.y * params.groups_x + wg.x) * WORKGROUP + tid; // (b * kv_heads + kv_head) * count + t
+    if token >= params.batch * params.kv_heads * params.count {
+        return;
+    }
+    let bh = token / params.count;
+    let p = params.seen + token % params.count;
+    // Policy None never gets past the capacity: the host refuses the append.
+    var slot = p;
+    if p >= params.capacity {
+        slot = params.sinks + (p - params.sinks) % params.window;
+    }
+    dest[token] = slot;
+    pos[bh * params.capacity + slot] = p;
+}
+
+// Heavy hitters: one workgroup per (batch, KV head), placing the new tokens one after another.
+@compute @workgroup_size(WORKGROUP)
+fn evict(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) tid: u32,
 ) {
@@ -101,12 +120,7 @@ fn place(
         let p = params.seen + t;
         var slot = p;
         if p >= params.capacity {
-            if params.policy == POLICY_HEAVY_HITTERS {
-                slot = lowest_score_slot(base, p, tid);
-            } else {
-                // StreamingLLM (policy None never gets here: the host refuses the append).
-                slot = params.sinks + (p - params.sinks) % params.window;
-            }
+            slot = lowest_score_slot(base, p, tid);
         }
         if tid == 0u {
             dest[bh * params.count + t] = slot;

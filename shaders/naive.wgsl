@@ -2,27 +2,8 @@
 // buffer, a row softmax in place, then O = P V. Three passes over O(N^2) memory: the
 // baseline the flash kernel is measured against, not a path to use.
 //
-// Constants from the prelude (src/shader.rs): Elem, WORKGROUP.
-
-// Keep in sync with `FlashParams` in src/attention/flash.rs (both kernels take the same).
-struct Params {
-    batch: u32,
-    q_heads: u32,
-    kv_heads: u32,
-    n_q: u32,
-    n_k: u32,
-    d_qk: u32,
-    d_v: u32,
-    sinks: u32,
-    window_left: i32,
-    window_right: i32,
-    scale: f32,
-    softcap: f32,
-    key_begin: u32, // unused here: the flash kernel's key passes
-    key_end: u32,
-    pass_flags: u32,
-    _pad: u32,
-}
+// Constants from the prelude (src/shader.rs): Elem, WORKGROUP. Params, MASKED and visible()
+// come from shared/attention.wgsl.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> q: array<Elem>;
@@ -31,8 +12,6 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> out: array<Elem>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
 @group(0) @binding(6) var<storage, read_write> scores: array<f32>;
-
-const MASKED: f32 = -3.0e38;
 
 fn kv_head_of(head: u32) -> u32 {
     return head / (params.q_heads / params.kv_heads);
@@ -59,11 +38,7 @@ fn scores_main(@builtin(global_invocation_id) gid: vec3<u32>) {
         x = params.softcap * tanh(x / params.softcap);
     }
     let diag = i32(i) + i32(params.n_k) - i32(params.n_q);
-    let key = i32(j);
-    let left = params.window_left;
-    let right = params.window_right;
-    let ok = (right < 0 || key <= diag + right)
-        && (left < 0 || key >= diag - left || key < i32(params.sinks));
+    let ok = visible(diag, i32(j));
     scores[(bh * params.n_q + i) * params.n_k + j] = select(MASKED, x, ok);
 }
 

@@ -2,6 +2,7 @@
 //! Plain loops over the definition, sharing no code with the kernels beyond the options.
 
 use crate::attention::{AttentionOptions, AttentionShape};
+use crate::kv::RopeLayout;
 
 /// Whether query `i` may see key `j`, straight from the definitions in [`AttentionOptions`].
 pub fn visible(options: &AttentionOptions, n_q: usize, n_k: usize, i: usize, j: usize) -> bool {
@@ -29,6 +30,19 @@ pub struct ReferenceOutput {
 
 /// Attention over f32 inputs laid out as Q `[B, Hq, Nq, D]`, K `[B, Hkv, Nk, D]`, V `[B, Hkv, Nk, Dv]`.
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: &AttentionShape, options: &AttentionOptions) -> ReferenceOutput {
+    attention_masked(q, k, v, shape, options, |_, _, _, _| true)
+}
+
+/// [`attention`] where query `i` of batch `b`, query head `h` also needs `mask(b, h, i, j)`
+/// to see key `j` (the options' mask still applies).
+pub fn attention_masked(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: &AttentionShape,
+    options: &AttentionOptions,
+    mask: impl Fn(usize, usize, usize, usize) -> bool,
+) -> ReferenceOutput {
     let AttentionShape { batch, q_heads, kv_heads, n_q, n_k, d_qk, d_v } = *shape;
     let group = q_heads / kv_heads;
     let scale = options.scale_for(d_qk) as f64;
@@ -45,7 +59,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: &AttentionShape, option
                 let qi = &q[row * d_qk..(row + 1) * d_qk];
                 let mut max = f64::NEG_INFINITY;
                 for (j, s) in scores.iter_mut().enumerate() {
-                    if !visible(options, n_q, n_k, i, j) {
+                    if !visible(options, n_q, n_k, i, j) || !mask(b, h, i, j) {
                         *s = f64::NEG_INFINITY;
                         continue;
                     }
@@ -82,4 +96,72 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: &AttentionShape, option
         }
     }
     ReferenceOutput { out, lse }
+}
+
+/// RoPE in f64: the head vector `x` rotated to `position`, pair i by `position * base^(-2i/D)`.
+/// [`RopeLayout::NeoX`] pairs column i with i + D/2, [`RopeLayout::Interleaved`] 2i with 2i + 1.
+pub fn rope(x: &[f64], position: f64, base: f64, layout: RopeLayout) -> Vec<f64> {
+    let d = x.len();
+    let half = d / 2;
+    let mut y = x.to_vec();
+    for i in 0..half {
+        let (a, b) = match layout {
+            RopeLayout::NeoX => (i, i + half),
+            RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+        };
+        let (sin, cos) = (position * base.powf(-2.0 * i as f64 / d as f64)).sin_cos();
+        y[a] = x[a] * cos - x[b] * sin;
+        y[b] = x[b] * cos + x[a] * sin;
+    }
+    y
+}
+
+/// One query's attention over an explicit list of keys, in f64.
+pub struct RowAttention {
+    pub out: Vec<f64>,
+    /// Natural log; -inf when there is no key.
+    pub lse: f64,
+    /// The softmax probability of each key.
+    pub probs: Vec<f64>,
+}
+
+/// Softmax attention of the query `q` over exactly `keys` and `values` (one row each, values
+/// of width `d_v`): what a KV cache holding just these tokens must give. No keys gives zeros and -inf.
+pub fn attend_rows(q: &[f64], keys: &[Vec<f64>], values: &[Vec<f64>], d_v: usize, scale: f64) -> RowAttention {
+    if keys.is_empty() {
+        return RowAttention { out: vec![0.0; d_v], lse: f64::NEG_INFINITY, probs: Vec::new() };
+    }
+    let scores: Vec<f64> = keys.iter().map(|k| scale * q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>()).collect();
+    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+    let sum: f64 = weights.iter().sum();
+    let probs: Vec<f64> = weights.iter().map(|w| w / sum).collect();
+    let mut out = vec![0.0; d_v];
+    for (p, v) in probs.iter().zip(values) {
+        for (o, x) in out.iter_mut().zip(v) {
+            *o += p * x;
+        }
+    }
+    RowAttention { out, lse: max + sum.ln(), probs }
+}
+
+/// Merges partial results over disjoint key sets, each (output normalised over its keys,
+/// LSE), into the result over all their keys. Partials with LSE -inf carry no weight; if
+/// all have it, the result is zeros and -inf.
+pub fn merge_partials(parts: &[(Vec<f64>, f64)]) -> (Vec<f64>, f64) {
+    let dim = parts.first().map_or(0, |p| p.0.len());
+    let max = parts.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    if max == f64::NEG_INFINITY {
+        return (vec![0.0; dim], f64::NEG_INFINITY);
+    }
+    let mut out = vec![0.0; dim];
+    let mut sum = 0.0;
+    for (o, lse) in parts {
+        let w = (lse - max).exp();
+        sum += w;
+        for (acc, x) in out.iter_mut().zip(o) {
+            *acc += w * x;
+        }
+    }
+    (out.iter().map(|x| x / sum).collect(), max + sum.ln())
 }

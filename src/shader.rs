@@ -3,7 +3,8 @@
 //! A kernel's WGSL file in `shaders/` uses constants it does not declare (tile sizes,
 //! padded head dims) and the element type `Elem`. [`ShaderKey::source`] prepends a prelude
 //! that declares them: `enable f16;` when the storage is f16, `alias Elem = f32|f16;`, and
-//! one `const NAME: TYPE = VALUE;` per constant. That is the whole preprocessor. Plain
+//! one `const NAME: TYPE = VALUE;` per constant, then the files of `shaders/shared/` the
+//! kernel uses ([`Kernel::shared`]). That is the whole preprocessor. Plain
 //! `const`s (rather than `override`s) let workgroup arrays and private arrays be sized by
 //! them on every backend, and let the compiler unroll the inner loops.
 
@@ -17,6 +18,12 @@ pub enum Kernel {
     FlashForward,
     /// Materialised-scores baseline (`shaders/naive.wgsl`), for benchmarks.
     Naive,
+    /// Split-KV decode against a KV cache (`shaders/decode.wgsl`).
+    Decode,
+    /// Merge of partial attention results (`shaders/combine.wgsl`).
+    Combine,
+    /// KV cache slot placement, append and heavy-hitter scores (`shaders/kv_cache.wgsl`).
+    KvCache,
     /// FMA throughput and copy bandwidth microbenchmarks (`shaders/peak.wgsl`).
     Peak,
 }
@@ -26,6 +33,9 @@ impl Kernel {
         match self {
             Kernel::FlashForward => "flash_fwd.wgsl",
             Kernel::Naive => "naive.wgsl",
+            Kernel::Decode => "decode.wgsl",
+            Kernel::Combine => "combine.wgsl",
+            Kernel::KvCache => "kv_cache.wgsl",
             Kernel::Peak => "peak.wgsl",
         }
     }
@@ -34,7 +44,19 @@ impl Kernel {
         match self {
             Kernel::FlashForward => include_str!("../shaders/flash_fwd.wgsl"),
             Kernel::Naive => include_str!("../shaders/naive.wgsl"),
+            Kernel::Decode => include_str!("../shaders/decode.wgsl"),
+            Kernel::Combine => include_str!("../shaders/combine.wgsl"),
+            Kernel::KvCache => include_str!("../shaders/kv_cache.wgsl"),
             Kernel::Peak => include_str!("../shaders/peak.wgsl"),
+        }
+    }
+
+    /// Files of `shaders/shared/` this kernel uses, prepended to its body in this order.
+    pub fn shared(self) -> &'static [&'static str] {
+        const ATTENTION: &str = include_str!("../shaders/shared/attention.wgsl");
+        match self {
+            Kernel::FlashForward | Kernel::Naive => &[ATTENTION],
+            _ => &[],
         }
     }
 }
@@ -72,6 +94,9 @@ impl ShaderKey {
                 ConstValue::U32(x) => writeln!(s, "const {name}: u32 = {x}u;").unwrap(),
                 ConstValue::Bool(b) => writeln!(s, "const {name}: bool = {b};").unwrap(),
             }
+        }
+        for shared in self.kernel.shared() {
+            s.push_str(shared);
         }
         s.push_str(self.kernel.body());
         s

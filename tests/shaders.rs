@@ -161,7 +161,7 @@ fn uniform_structs_match_rust() {
     });
     let combine_params = rust_layout!(CombineParams { rows, dim, splits, groups_x });
     let kv_params = rust_layout!(KvParams {
-        batch, kv_heads, q_heads, head_dim, capacity, seen, count, len, policy, sinks, window, groups_x
+        batch, kv_heads, q_heads, head_dim, capacity, seen, count, len, sinks, window, groups_x
     });
     // One line per (shader, WGSL struct, Rust layout).
     let pairs = [

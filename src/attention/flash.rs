@@ -1,9 +1,11 @@
 //! The tiled flash-attention forward kernel (`shaders/flash_fwd.wgsl`): its parameters,
-//! tile configurations, and the host function that records a dispatch.
+//! tile configurations, and the host functions that record a dispatch, dense or
+//! restricted to a block mask.
 
 use super::{AttentionBuffers, AttentionOptions, AttentionShape};
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::mask::{BlockMaskHeader, BlockSize, GpuBlockMask};
 use crate::pipeline::{bind_buffers, check_grid};
 use crate::tensor::check_binding_size;
 use crate::shader::{ConstValue, Kernel, ShaderKey};
@@ -110,6 +112,16 @@ impl FlashConfig {
         if preferred.check(ctx.limits(), &widest).is_ok() { preferred } else { Self::PORTABLE }
     }
 
+    /// The tiles as a block mask's block size.
+    pub fn block_size(&self) -> BlockSize {
+        BlockSize::new(self.block_q, self.block_k)
+    }
+
+    /// This configuration with tiles of `block` (a block mask's), other settings kept.
+    pub fn with_block_size(self, block: BlockSize) -> Self {
+        Self { block_q: block.q, block_k: block.k, ..self }
+    }
+
     fn workgroup_size(&self) -> u32 {
         self.block_q * self.threads_per_row
     }
@@ -180,8 +192,9 @@ impl FlashConfig {
         let per_qk_chunk = if v.q_resident { 0 } else { stage_q } + stage_kv + chunk4 * (1 + keys_per_thread);
         let per_v_chunk = stage_kv + bk * (1 + chunk4 / tpr);
         let per_tile = 1 + qk_chunks * per_qk_chunk + 2 * keys_per_thread + bk + o4 + v_chunks * per_v_chunk;
-        // Once per pass: staging resident Q, loading and storing the state, writing O.
-        let per_pass = stage_q + 3 * o4 * 5;
+        // Once per pass: staging resident Q, loading and storing the state, writing O, and
+        // (block-sparse variants) the binary search for the pass's first run, at most 32 steps.
+        let per_pass = stage_q + 3 * o4 * 5 + 32;
         let budget = (loop_limit as f64 * 0.9) as u32;
         let tiles = (budget.saturating_sub(per_pass) / per_tile).max(1);
         Some(tiles * bk)
@@ -208,8 +221,17 @@ impl Variant {
     }
 }
 
-/// The pipeline key of the flash kernel for this configuration, dtype and shape.
+/// The pipeline key of the dense flash kernel for this configuration, dtype and shape.
 pub fn shader_key(config: &FlashConfig, limits: &wgpu::Limits, dtype: DType, shape: &AttentionShape) -> ShaderKey {
+    variant_key(config, limits, dtype, shape, false)
+}
+
+/// The pipeline key of the block-sparse flash kernel (see [`encode_masked`]).
+pub fn masked_shader_key(config: &FlashConfig, limits: &wgpu::Limits, dtype: DType, shape: &AttentionShape) -> ShaderKey {
+    variant_key(config, limits, dtype, shape, true)
+}
+
+fn variant_key(config: &FlashConfig, limits: &wgpu::Limits, dtype: DType, shape: &AttentionShape, block_sparse: bool) -> ShaderKey {
     let v = Variant::new(config, limits, shape);
     ShaderKey {
         kernel: Kernel::FlashForward,
@@ -223,6 +245,7 @@ pub fn shader_key(config: &FlashConfig, limits: &wgpu::Limits, dtype: DType, sha
             ("DQK_PAD", ConstValue::U32(v.dqk_pad)),
             ("DV_PAD", ConstValue::U32(v.dv_pad)),
             ("Q_RESIDENT", ConstValue::Bool(v.q_resident)),
+            ("BLOCK_SPARSE", ConstValue::Bool(block_sparse)),
         ],
     }
 }
@@ -236,9 +259,38 @@ pub fn encode(
     options: &AttentionOptions,
     config: &FlashConfig,
 ) -> Result<()> {
+    record(ctx, encoder, bufs, None, options, config)
+}
+
+/// [`encode`] visiting only the key blocks `mask` lists, testing elements only in its
+/// partial blocks. Dense options (causal, window, sinks) still apply on top, element by
+/// element; express them in the mask to skip their tiles. The tiles of `config` must be
+/// the mask's blocks ([`FlashConfig::with_block_size`]).
+pub fn encode_masked(
+    ctx: &Context,
+    encoder: &mut wgpu::CommandEncoder,
+    bufs: &AttentionBuffers<'_>,
+    mask: &GpuBlockMask,
+    options: &AttentionOptions,
+    config: &FlashConfig,
+) -> Result<()> {
+    record(ctx, encoder, bufs, Some(mask), options, config)
+}
+
+fn record(
+    ctx: &Context,
+    encoder: &mut wgpu::CommandEncoder,
+    bufs: &AttentionBuffers<'_>,
+    mask: Option<&GpuBlockMask>,
+    options: &AttentionOptions,
+    config: &FlashConfig,
+) -> Result<()> {
     options.validate()?;
     let shape = bufs.validate(ctx)?;
     config.check(ctx.limits(), &shape)?;
+    if let Some(mask) = mask {
+        mask.check(&shape, config)?;
+    }
     let groups = [
         (shape.n_q as u32).div_ceil(config.block_q),
         shape.q_heads as u32,
@@ -247,7 +299,8 @@ pub fn encode(
     for (what, g) in ["query blocks", "query heads", "batch"].iter().zip(groups) {
         check_grid(ctx.limits(), &format!("flash grid: {g} {what}"), g)?;
     }
-    let pipeline = ctx.pipelines.get(ctx.device(), &shader_key(config, ctx.limits(), bufs.q.dtype, &shape))?;
+    let key = variant_key(config, ctx.limits(), bufs.q.dtype, &shape, mask.is_some());
+    let pipeline = ctx.pipelines.get(ctx.device(), &key)?;
     let n_k = shape.n_k as u32;
     let keys_per_pass = config.keys_per_pass(ctx.limits(), &shape, ctx.loop_iteration_limit()).unwrap_or(n_k);
     let passes = n_k.div_ceil(keys_per_pass);
@@ -261,6 +314,20 @@ pub fn encode(
         usage: wgpu::BufferUsages::STORAGE,
         mapped_at_creation: false,
     });
+    // The dense variant never reads the mask binding, but its layout still has it.
+    let no_mask;
+    let mask_buffer = match mask {
+        Some(mask) => mask.buffer(),
+        None => {
+            no_mask = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+                label: Some("wattn no block mask"),
+                size: size_of::<BlockMaskHeader>() as u64 + 4,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            });
+            &no_mask
+        }
+    };
     let base = FlashParams::new(&shape, options);
     for p in 0..passes {
         let params = FlashParams {
@@ -278,6 +345,7 @@ pub fn encode(
             (4, bufs.out.buffer),
             (5, bufs.lse.buffer),
             (6, &state),
+            (7, mask_buffer),
         ]);
         // One compute pass per key pass, so each sees the state the previous one wrote.
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn flash"), timestamp_writes: None });
@@ -291,8 +359,9 @@ pub fn encode(
 /// The flash variants a build should compile: each preset × dtype × head-dim bucket
 /// (every equal pair up to 256 and a few asymmetric ones, as in MLA) on WebGPU's default
 /// 16 KiB of workgroup memory and on 32 and 64 KiB devices, which moves Q in or out of
-/// workgroup memory. Variants whose tiles a limit does not admit are left out, as
-/// [`encode`] would refuse them. The shader tests validate and translate every one.
+/// workgroup memory, each dense and block-sparse. Variants whose tiles a limit does not
+/// admit are left out, as [`encode`] would refuse them. The shader tests validate and
+/// translate every one.
 pub fn validation_keys() -> Vec<ShaderKey> {
     let equal = (1..=16).map(|i| (16 * i, 16 * i));
     let asymmetric = [(192, 128), (64, 256), (256, 16), (128, 64), (16, 256), (96, 32)];
@@ -304,9 +373,11 @@ pub fn validation_keys() -> Vec<ShaderKey> {
             for dtype in [DType::F32, DType::F16] {
                 for &(d_qk, d_v) in &head_dims {
                     let shape = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk, d_v };
-                    let key = shader_key(&config, &limits, dtype, &shape);
-                    if config.check(&limits, &shape).is_ok() && !keys.contains(&key) {
-                        keys.push(key);
+                    for block_sparse in [false, true] {
+                        let key = variant_key(&config, &limits, dtype, &shape, block_sparse);
+                        if config.check(&limits, &shape).is_ok() && !keys.contains(&key) {
+                            keys.push(key);
+                        }
                     }
                 }
             }

@@ -187,7 +187,14 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    pub fn new(got_out: &[f32], got_lse: &[f32], x: &Inputs, s: &AttentionShape, o: &AttentionOptions, dtype: DType) -> Self {
+    pub fn new(
+        got_out: &[f32],
+        got_lse: &[f32],
+        x: &Inputs,
+        s: &AttentionShape,
+        o: &AttentionOptions,
+        dtype: DType,
+    ) -> Self {
         let want = wattn::reference::attention(&x.q, &x.k, &x.v, s, o);
         let (plain_out, plain_lse) = plain_attention(x, s, o, dtype);
         let plain = Errors::of(&plain_out, &plain_lse, &want);

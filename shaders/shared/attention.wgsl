@@ -1,0 +1,40 @@
+// Shared by flash_fwd.wgsl and naive.wgsl (src/shader.rs prepends it): their parameters
+// and the one definition of which keys a query sees. Each kernel declares
+// `var<uniform> params: Params`.
+
+// Keep in sync with `FlashParams` in src/attention/flash.rs (a test compares the layouts).
+struct Params {
+    batch: u32,
+    q_heads: u32,
+    kv_heads: u32,
+    n_q: u32,
+    n_k: u32,
+    d_qk: u32,
+    d_v: u32,
+    sinks: u32,
+    // Visible keys of query i are diag - left ..= diag + right with diag = i + n_k - n_q
+    // (bottom-right alignment); -1 means unbounded. Causal is right = 0.
+    window_left: i32,
+    window_right: i32,
+    scale: f32,
+    softcap: f32, // 0 = none
+    key_begin: u32, // a multiple of BLOCK_K
+    key_end: u32,
+    pass_flags: u32, // FIRST_PASS | LAST_PASS
+    _pad: u32,
+}
+
+const FIRST_PASS: u32 = 1u;
+const LAST_PASS: u32 = 2u;
+
+// Masked scores. Finite, so that exp(MASKED - MASKED) is defined; no real logit gets near.
+const MASKED: f32 = -3.0e38;
+
+// Whether the query on diagonal `diag` (its row + n_k - n_q) sees key `key`.
+fn visible(diag: i32, key: i32) -> bool {
+    let left = params.window_left;
+    let right = params.window_right;
+    let below_right = right < 0 || key <= diag + right;
+    let above_left = left < 0 || key >= diag - left || key < i32(params.sinks);
+    return key < i32(params.n_k) && below_right && above_left;
+}

@@ -1,0 +1,454 @@
+//! [`KvCache`]: the per-layer buffers, appending new tokens (slot choice and eviction on the
+//! GPU, `shaders/kv_cache.wgsl`), and reading the cache's state back for inspection.
+
+use super::{EvictionPolicy, KvCacheConfig, PositionMode, Rope};
+use crate::attention::MAX_HEAD_DIM;
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::pipeline::{bind_buffers, check_grid};
+use crate::shader::{ConstValue, Kernel, ShaderKey};
+use crate::tensor::{DType, TensorView, byte_size, check_binding_size, read_buffer};
+use half::f16;
+use wgpu::util::DeviceExt;
+
+/// Uniform parameters of `kv_cache.wgsl`.
+/// Keep in sync with `struct Params` there (a test compares the layouts).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct KvParams {
+    pub batch: u32,
+    pub kv_heads: u32,
+    pub q_heads: u32,
+    pub head_dim: u32,
+    pub capacity: u32,
+    pub seen: u32,
+    pub count: u32,
+    pub len: u32,
+    pub sinks: u32,
+    pub window: u32,
+    pub groups_x: u32,
+}
+
+/// Threads per workgroup of every `kv_cache.wgsl` entry point (a power of two: `place` reduces over it).
+const WORKGROUP: u32 = 64;
+
+/// Marks an empty slot in the positions buffer.
+pub const EMPTY_SLOT: u32 = u32::MAX;
+
+pub(crate) fn shader_key(entry_point: &'static str, dtype: DType) -> ShaderKey {
+    ShaderKey {
+        kernel: Kernel::KvCache,
+        entry_point,
+        dtype,
+        constants: vec![("WORKGROUP", ConstValue::U32(WORKGROUP))],
+    }
+}
+
+/// Every variant of `kv_cache.wgsl`.
+pub fn shader_keys() -> Vec<ShaderKey> {
+    let entries = ["place", "evict", "append", "accumulate"];
+    [DType::F32, DType::F16].iter().flat_map(|&d| entries.iter().map(move |e| shader_key(e, d))).collect()
+}
+
+/// The GPU buffers of one layer, for engines that read or fill them directly.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerBuffers<'a> {
+    /// `[B, Hkv, capacity, D]` in the cache's dtype.
+    pub k: &'a wgpu::Buffer,
+    pub v: &'a wgpu::Buffer,
+    /// `[B, Hkv, capacity]` u32: the stream position of each slot's token, [`EMPTY_SLOT`] if none.
+    pub positions: &'a wgpu::Buffer,
+    /// `[B, Hkv, capacity]` f32: accumulated attention (heavy hitters; zeros otherwise).
+    pub scores: &'a wgpu::Buffer,
+}
+
+pub(crate) struct Layer {
+    pub(crate) k: wgpu::Buffer,
+    pub(crate) v: wgpu::Buffer,
+    pub(crate) positions: wgpu::Buffer,
+    pub(crate) scores: wgpu::Buffer,
+    /// Tokens appended so far (recorded appends).
+    pub(crate) seen: u64,
+}
+
+/// Buffers that depend on the call's shape (new tokens, queries, splits), grown on demand
+/// and reused: consecutive kernels in one encoder may share them, wgpu orders the passes.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    pub(crate) dest: Option<wgpu::Buffer>,
+    pub(crate) partial_out: Option<wgpu::Buffer>,
+    pub(crate) partial_lse: Option<wgpu::Buffer>,
+    pub(crate) logits: Option<wgpu::Buffer>,
+}
+
+/// The buffer in `slot`, replaced by a bigger one if it holds fewer than `bytes`.
+pub(crate) fn scratch<'a>(
+    ctx: &Context,
+    slot: &'a mut Option<wgpu::Buffer>,
+    what: &str,
+    bytes: u64,
+) -> Result<&'a wgpu::Buffer> {
+    let bytes = bytes.max(4);
+    if slot.as_ref().is_none_or(|b| b.size() < bytes) {
+        check_binding_size(ctx, what, bytes)?;
+        *slot = Some(ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some(what),
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        }));
+    }
+    Ok(slot.as_ref().expect("just filled"))
+}
+
+/// A 1-D grid of `workgroups`, wrapped into y when it exceeds the per-dimension limit.
+/// Returns `[x, y]`; the kernels compute their index as `(y * x_count + x) * WORKGROUP + lid`.
+pub(crate) fn wrapped_grid(limits: &wgpu::Limits, what: &str, workgroups: u64) -> Result<[u32; 2]> {
+    let max = limits.max_compute_workgroups_per_dimension as u64;
+    let x = workgroups.clamp(1, max);
+    let y = workgroups.div_ceil(x);
+    check_grid(limits, what, y.min(u32::MAX as u64) as u32)?;
+    Ok([x as u32, y as u32])
+}
+
+/// A GPU-resident KV cache: per layer, K and V of fixed capacity for B sequences × Hkv heads,
+/// the positions of their tokens, and the eviction policy's state. See the [module docs](super).
+pub struct KvCache {
+    pub(crate) config: KvCacheConfig,
+    pub(crate) layers: Vec<Layer>,
+    /// `[capacity, D / 2]` (cos, sin) for re-indexed positions; 8 unused bytes otherwise.
+    pub(crate) rope_table: wgpu::Buffer,
+    pub(crate) scratch: Scratch,
+}
+
+impl KvCache {
+    /// Allocates the cache: K/V zeroed, every slot empty.
+    pub fn new(ctx: &Context, config: KvCacheConfig) -> Result<Self> {
+        validate_config(ctx, &config)?;
+        let KvCacheConfig { layers, batch, kv_heads, head_dim, dtype, policy, positions } = config;
+        let capacity = policy.capacity();
+        let slots = batch * kv_heads * capacity;
+        let kv_bytes = byte_size(slots * head_dim, dtype);
+        check_binding_size(ctx, "KV cache K", kv_bytes)?;
+        let device = ctx.device();
+        let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+        let zeroed = |label: &str, size: u64| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage: storage,
+                mapped_at_creation: false,
+            })
+        };
+        let layers = (0..layers)
+            .map(|_| Layer {
+                k: zeroed("wattn kv cache K", kv_bytes),
+                v: zeroed("wattn kv cache V", kv_bytes),
+                positions: device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("wattn kv cache positions"),
+                    contents: bytemuck::cast_slice(&vec![EMPTY_SLOT; slots]),
+                    usage: storage,
+                }),
+                scores: zeroed("wattn kv cache scores", 4 * slots as u64),
+                seen: 0,
+            })
+            .collect();
+        let table = match positions {
+            PositionMode::Reindexed(rope) => rope_table(&rope, capacity, head_dim),
+            PositionMode::Absolute => vec![0.0; 2],
+        };
+        let rope_table = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("wattn rope table"),
+            contents: bytemuck::cast_slice(&table),
+            usage: wgpu::BufferUsages::STORAGE,
+        });
+        Ok(Self { config, layers, rope_table, scratch: Scratch::default() })
+    }
+
+    pub fn config(&self) -> &KvCacheConfig {
+        &self.config
+    }
+
+    /// Slots per (sequence, KV head).
+    pub fn capacity(&self) -> usize {
+        self.config.policy.capacity()
+    }
+
+    /// Tokens appended to `layer` so far; the next one gets this position.
+    pub fn seen(&self, layer: usize) -> u64 {
+        self.layers.get(layer).map_or(0, |l| l.seen)
+    }
+
+    /// Tokens `layer` holds (per sequence and KV head): slots `[0, len)` are filled.
+    pub fn len(&self, layer: usize) -> usize {
+        self.seen(layer).min(self.capacity() as u64) as usize
+    }
+
+    pub fn is_empty(&self, layer: usize) -> bool {
+        self.seen(layer) == 0
+    }
+
+    pub fn buffers(&self, layer: usize) -> Result<LayerBuffers<'_>> {
+        let l = self.layer(layer)?;
+        Ok(LayerBuffers { k: &l.k, v: &l.v, positions: &l.positions, scores: &l.scores })
+    }
+
+    /// Bytes of GPU memory the cache holds: every layer's buffers, the RoPE table and the
+    /// scratch buffers of the largest call so far. Fixed by the configuration and the call
+    /// shapes, never by the stream's length.
+    pub fn memory_bytes(&self) -> u64 {
+        let layers: u64 =
+            self.layers.iter().map(|l| l.k.size() + l.v.size() + l.positions.size() + l.scores.size()).sum();
+        let s = &self.scratch;
+        let scratch: u64 = [&s.dest, &s.partial_out, &s.partial_lse, &s.logits]
+            .iter()
+            .filter_map(|b| b.as_ref())
+            .map(|b| b.size())
+            .sum();
+        layers + self.rope_table.size() + scratch
+    }
+
+    pub(crate) fn layer(&self, layer: usize) -> Result<&Layer> {
+        let n = self.layers.len();
+        self.layers
+            .get(layer)
+            .ok_or_else(|| Error::Option(format!("layer {layer} does not exist: the cache has {n} layers")))
+    }
+
+    /// Records the append of one step's new tokens to `layer`: K and V `[B, Hkv, T, D]` in
+    /// the cache's dtype, copied into their slots by kernels (evicting per the policy) with no
+    /// host round trip. The cache counts the tokens as appended when this returns; submit
+    /// encoders in the order they were recorded.
+    ///
+    /// Errors: shapes or dtype that differ from the cache's, T = 0, more than the policy's
+    /// window (StreamingLLM) or recent tokens (heavy hitters) at once, or, under policy None,
+    /// more tokens than the free slots ([`Error::CacheFull`], and nothing is recorded).
+    pub fn append(
+        &mut self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        layer: usize,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+    ) -> Result<()> {
+        let seen = self.layer(layer)?.seen;
+        let count = self.check_append(k, v)?;
+        let KvCacheConfig { batch, kv_heads, head_dim, dtype, policy, .. } = self.config;
+        let capacity = policy.capacity();
+        let len = self.len(layer);
+        match policy {
+            EvictionPolicy::None { .. } if len + count > capacity => {
+                return Err(Error::CacheFull { capacity, len, appended: count });
+            }
+            _ => {}
+        }
+        if let Some(recent) = policy.recent().filter(|&r| count > r) {
+            return Err(Error::Option(format!(
+                "{count} tokens appended at once, but policy {} keeps only the {recent} most recent: append at most {recent} per call",
+                policy.name()
+            )));
+        }
+        // Positions are u32 on the GPU, with room for `position + window` in the eviction test.
+        let end = seen + count as u64 + capacity as u64;
+        if end > EMPTY_SLOT as u64 {
+            return Err(Error::Limit {
+                what: format!("stream position {}", seen + count as u64),
+                needed: end,
+                allowed: EMPTY_SLOT as u64,
+                limit: "32-bit positions",
+            });
+        }
+
+        let heavy_hitters = matches!(policy, EvictionPolicy::HeavyHitters { .. });
+        // `evict` runs every new token through one workgroup, scanning every slot for each.
+        if let (true, Some(limit)) = (heavy_hitters, ctx.loop_iteration_limit()) {
+            let needed = count * evict_loop_iterations(capacity);
+            if needed > limit as usize {
+                return Err(Error::Limit {
+                    what: format!("heavy-hitter eviction of {count} tokens over {capacity} slots at once"),
+                    needed: needed as u64,
+                    allowed: limit as u64,
+                    limit: "loop iterations per invocation",
+                });
+            }
+        }
+        let (sinks, window) = match policy {
+            EvictionPolicy::None { .. } => (0, 0),
+            EvictionPolicy::Streaming { sinks, window } => (sinks, window),
+            EvictionPolicy::HeavyHitters { sinks, recent, .. } => (sinks, recent),
+        };
+        let sequences = (batch * kv_heads) as u32;
+        let tokens = sequences as u64 * count as u64;
+        let place_grid = wrapped_grid(ctx.limits(), "KV place grid", tokens.div_ceil(WORKGROUP as u64))?;
+        let copy_grid =
+            wrapped_grid(ctx.limits(), "KV append grid", (tokens * head_dim as u64).div_ceil(WORKGROUP as u64))?;
+        let params = KvParams {
+            batch: batch as u32,
+            kv_heads: kv_heads as u32,
+            head_dim: head_dim as u32,
+            capacity: capacity as u32,
+            seen: seen as u32,
+            count: count as u32,
+            sinks: sinks as u32,
+            window: window as u32,
+            ..KvParams::default()
+        };
+        let place_params = upload(ctx, &KvParams { groups_x: place_grid[0], ..params });
+        let copy_params = upload(ctx, &KvParams { groups_x: copy_grid[0], ..params });
+        let dest = scratch(ctx, &mut self.scratch.dest, "wattn kv slots of new tokens", 4 * tokens)?;
+        let l = &self.layers[layer];
+        let (place_entry, place_groups) = match heavy_hitters {
+            true => ("evict", [sequences, 1]),
+            false => ("place", place_grid),
+        };
+        let place = ctx.pipelines.get(ctx.device(), &shader_key(place_entry, dtype))?;
+        let copy = ctx.pipelines.get(ctx.device(), &shader_key("append", dtype))?;
+        let mut place_bindings = vec![(0, &place_params), (5, &l.positions), (7, dest)];
+        if heavy_hitters {
+            place_bindings.push((6, &l.scores));
+        }
+        let place_group = bind_buffers(ctx.device(), &place, &place_bindings);
+        let copy_group = bind_buffers(
+            ctx.device(),
+            &copy,
+            &[(0, &copy_params), (1, k.buffer), (2, v.buffer), (3, &l.k), (4, &l.v), (7, dest)],
+        );
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("wattn kv append"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&place);
+        pass.set_bind_group(0, &place_group, &[]);
+        pass.dispatch_workgroups(place_groups[0], place_groups[1], 1);
+        pass.set_pipeline(&copy);
+        pass.set_bind_group(0, &copy_group, &[]);
+        pass.dispatch_workgroups(copy_grid[0], copy_grid[1], 1);
+        drop(pass);
+        self.layers[layer].seen += count as u64;
+        Ok(())
+    }
+
+    /// Checks new K/V against the cache and returns T.
+    fn check_append(&self, k: &TensorView<'_>, v: &TensorView<'_>) -> Result<usize> {
+        let KvCacheConfig { batch, kv_heads, head_dim, dtype, .. } = self.config;
+        for (what, t) in [("appended K", k), ("appended V", v)] {
+            if t.shape.len() != 4 {
+                return Err(Error::Rank { what, expected: "4 [B, Hkv, T, D]".into(), got: t.shape.to_vec() });
+            }
+            if t.shape.contains(&0) {
+                return Err(Error::Empty { what, shape: t.shape.to_vec() });
+            }
+            let want = [batch, kv_heads, t.shape[2], head_dim];
+            if t.shape != want {
+                return Err(Error::Shape(format!(
+                    "{what} has shape {:?}, the cache takes [B, Hkv, T, D] = {want:?}",
+                    t.shape
+                )));
+            }
+            if t.dtype != dtype {
+                return Err(Error::DType(format!("{what} is {} but the cache stores {dtype}", t.dtype)));
+            }
+        }
+        if k.shape != v.shape {
+            return Err(Error::Shape(format!("appended K {:?} and V {:?} differ", k.shape, v.shape)));
+        }
+        Ok(k.shape[2])
+    }
+
+    /// The positions buffer of `layer`, `[B, Hkv, capacity]` ([`EMPTY_SLOT`] = empty). Waits for the GPU.
+    pub fn read_positions(&self, ctx: &Context, layer: usize) -> Result<Vec<u32>> {
+        let b = &self.layer(layer)?.positions;
+        Ok(bytemuck::cast_slice(&read_buffer(ctx, b, b.size())?).to_vec())
+    }
+
+    /// The heavy-hitter scores of `layer`, `[B, Hkv, capacity]`. Waits for the GPU.
+    pub fn read_scores(&self, ctx: &Context, layer: usize) -> Result<Vec<f32>> {
+        let b = &self.layer(layer)?.scores;
+        Ok(bytemuck::cast_slice(&read_buffer(ctx, b, b.size())?).to_vec())
+    }
+
+    /// K and V of `layer` as f32, `[B, Hkv, capacity, D]` each. Waits for the GPU.
+    pub fn read_kv(&self, ctx: &Context, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let l = self.layer(layer)?;
+        let KvCacheConfig { batch, kv_heads, head_dim, .. } = self.config;
+        let n = batch * kv_heads * self.capacity() * head_dim;
+        let read = |b: &wgpu::Buffer| -> Result<Vec<f32>> {
+            let bytes = read_buffer(ctx, b, b.size())?;
+            Ok(match self.config.dtype {
+                DType::F32 => bytemuck::cast_slice::<u8, f32>(&bytes)[..n].to_vec(),
+                DType::F16 => bytemuck::cast_slice::<u8, f16>(&bytes)[..n].iter().map(|h| h.to_f32()).collect(),
+            })
+        };
+        Ok((read(&l.k)?, read(&l.v)?))
+    }
+}
+
+/// Loop iterations `evict` runs per new token over `capacity` slots, counted the way a
+/// loop-capped adapter (llvmpipe) counts them: the scan, the reduction, and every barrier
+/// in the token loop's body as one more iteration.
+fn evict_loop_iterations(capacity: usize) -> usize {
+    let reduction_steps = WORKGROUP.ilog2() as usize;
+    let barriers = 1 + reduction_steps + 2;
+    1 + barriers + capacity.div_ceil(WORKGROUP as usize) + 2 * reduction_steps
+}
+
+pub(crate) fn upload<T: bytemuck::Pod>(ctx: &Context, params: &T) -> wgpu::Buffer {
+    ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some("wattn params"),
+        contents: bytemuck::bytes_of(params),
+        usage: wgpu::BufferUsages::UNIFORM,
+    })
+}
+
+fn validate_config(ctx: &Context, config: &KvCacheConfig) -> Result<()> {
+    let KvCacheConfig { layers, batch, kv_heads, head_dim, dtype, policy, positions } = *config;
+    policy.validate()?;
+    for (what, n) in [("layers", layers), ("batch", batch), ("kv_heads", kv_heads)] {
+        if n == 0 {
+            return Err(Error::Option(format!("KV cache {what} must be at least 1")));
+        }
+    }
+    if head_dim == 0 || head_dim > MAX_HEAD_DIM {
+        return Err(Error::HeadDim { what: "KV cache", got: head_dim, max: MAX_HEAD_DIM });
+    }
+    if dtype == DType::F16 && !ctx.capabilities().shader_f16 {
+        return Err(Error::F16Unsupported { adapter: ctx.adapter_info().name.clone() });
+    }
+    if let PositionMode::Reindexed(rope) = positions {
+        if matches!(policy, EvictionPolicy::HeavyHitters { .. }) {
+            return Err(Error::Option(
+                "re-indexed positions need a contiguous window; with heavy hitters use absolute positions".into(),
+            ));
+        }
+        if head_dim % 2 != 0 {
+            return Err(Error::Option(format!("RoPE needs an even head dim, got {head_dim}")));
+        }
+        if !(rope.base.is_finite() && rope.base > 1.0) {
+            return Err(Error::Option(format!("RoPE base {} must be finite and > 1", rope.base)));
+        }
+    }
+    let elements = (batch * kv_heads * policy.capacity()) as u64 * head_dim as u64;
+    if elements > u32::MAX as u64 {
+        return Err(Error::Limit {
+            what: "KV cache element count".into(),
+            needed: elements,
+            allowed: u32::MAX as u64,
+            limit: "32-bit indexing",
+        });
+    }
+    check_grid(ctx.limits(), &format!("KV cache grid: {} sequence heads", batch * kv_heads), (batch * kv_heads) as u32)
+}
+
+/// (cos, sin) of every position `[0, capacity)` and frequency `[0, D/2)`, computed in f64.
+/// The layout (which columns pair up) is the kernel's business, not the table's.
+fn rope_table(rope: &Rope, capacity: usize, head_dim: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut table = Vec::with_capacity(2 * capacity * half);
+    for p in 0..capacity {
+        for i in 0..half {
+            let angle = p as f64 * rope.base.powf(-2.0 * i as f64 / head_dim as f64);
+            table.extend([angle.cos() as f32, angle.sin() as f32]);
+        }
+    }
+    table
+}

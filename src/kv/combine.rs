@@ -1,0 +1,130 @@
+//! Merging partial attention results over disjoint key sets (`shaders/combine.wgsl`): the
+//! second half of split-KV decode, and usable alone, e.g. to merge attention over a cache
+//! with attention over new tokens computed elsewhere.
+
+use super::cache::wrapped_grid;
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::pipeline::bind_buffers;
+use crate::shader::{ConstValue, Kernel, ShaderKey};
+use crate::tensor::{DType, TensorView};
+
+/// Uniform parameters of `combine.wgsl`.
+/// Keep in sync with `struct Params` there (a test compares the layouts).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct CombineParams {
+    pub rows: u32,
+    pub dim: u32,
+    pub splits: u32,
+    pub groups_x: u32,
+}
+
+const WORKGROUP: u32 = 64;
+
+fn shader_key(dtype: DType) -> ShaderKey {
+    ShaderKey {
+        kernel: Kernel::Combine,
+        entry_point: "main",
+        dtype,
+        constants: vec![("WORKGROUP", ConstValue::U32(WORKGROUP))],
+    }
+}
+
+/// Every variant of `combine.wgsl`.
+pub fn shader_keys() -> Vec<ShaderKey> {
+    vec![shader_key(DType::F32), shader_key(DType::F16)]
+}
+
+/// The merge of `splits` partials of `rows` rows of width `dim`: where they are and where
+/// the result goes. Shapes have been checked by the caller.
+pub(crate) struct Merge<'a> {
+    pub partial_out: &'a wgpu::Buffer,
+    pub partial_lse: &'a wgpu::Buffer,
+    pub out: &'a wgpu::Buffer,
+    pub lse: &'a wgpu::Buffer,
+    pub out_dtype: DType,
+    pub rows: usize,
+    pub dim: usize,
+    pub splits: usize,
+}
+
+/// Records the merge into an open pass.
+pub(crate) fn dispatch(ctx: &Context, pass: &mut wgpu::ComputePass<'_>, m: &Merge<'_>) -> Result<()> {
+    let elements = (m.rows * m.dim) as u64;
+    let grid = wrapped_grid(ctx.limits(), "combine grid", elements.div_ceil(WORKGROUP as u64))?;
+    let params = CombineParams { rows: m.rows as u32, dim: m.dim as u32, splits: m.splits as u32, groups_x: grid[0] };
+    let params = super::cache::upload(ctx, &params);
+    let pipeline = ctx.pipelines.get(ctx.device(), &shader_key(m.out_dtype))?;
+    let group = bind_buffers(
+        ctx.device(),
+        &pipeline,
+        &[(0, &params), (1, m.partial_out), (2, m.partial_lse), (3, m.out), (4, m.lse)],
+    );
+    pass.set_pipeline(&pipeline);
+    pass.set_bind_group(0, &group, &[]);
+    pass.dispatch_workgroups(grid[0], grid[1], 1);
+    Ok(())
+}
+
+/// Records the merge of partial results: `partial_out` `[S, ..., D]` f32 (each partial
+/// normalised over its own keys), `partial_lse` `[S, ...]` f32 (natural log, -inf where a
+/// partial saw no key) into `out` `[..., D]` (f32 or f16) and `lse` `[...]` f32. Rows whose
+/// partials are all -inf get zeros and -inf.
+pub fn encode(
+    ctx: &Context,
+    encoder: &mut wgpu::CommandEncoder,
+    partial_out: &TensorView<'_>,
+    partial_lse: &TensorView<'_>,
+    out: &TensorView<'_>,
+    lse: &TensorView<'_>,
+) -> Result<()> {
+    let ps = partial_out.shape;
+    if ps.len() < 2 || ps.contains(&0) {
+        return Err(Error::Rank {
+            what: "partial outputs",
+            expected: "at least 2 [S, ..., D], none empty".into(),
+            got: ps.to_vec(),
+        });
+    }
+    if partial_out.numel() > u32::MAX as usize {
+        return Err(Error::Limit {
+            what: "partial output element count".into(),
+            needed: partial_out.numel() as u64,
+            allowed: u32::MAX as u64,
+            limit: "32-bit indexing",
+        });
+    }
+    let (splits, row_shape, dim) = (ps[0], &ps[1..ps.len() - 1], ps[ps.len() - 1]);
+    let expect = |what: &str, got: &[usize], want: Vec<usize>| {
+        if got == want.as_slice() {
+            Ok(())
+        } else {
+            Err(Error::Shape(format!("{what} has shape {got:?}, expected {want:?}")))
+        }
+    };
+    expect("partial LSE", partial_lse.shape, [&[splits][..], row_shape].concat())?;
+    expect("combined output", out.shape, ps[1..].to_vec())?;
+    expect("combined LSE", lse.shape, row_shape.to_vec())?;
+    for (what, t) in [("partial outputs", partial_out), ("partial LSE", partial_lse), ("combined LSE", lse)] {
+        if t.dtype != DType::F32 {
+            return Err(Error::DType(format!("{what} must be f32, got {}", t.dtype)));
+        }
+    }
+    if out.dtype == DType::F16 && !ctx.capabilities().shader_f16 {
+        return Err(Error::F16Unsupported { adapter: ctx.adapter_info().name.clone() });
+    }
+    let merge = Merge {
+        partial_out: partial_out.buffer,
+        partial_lse: partial_lse.buffer,
+        out: out.buffer,
+        lse: lse.buffer,
+        out_dtype: out.dtype,
+        rows: row_shape.iter().product(),
+        dim,
+        splits,
+    };
+    let mut pass = encoder
+        .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn combine"), timestamp_writes: None });
+    dispatch(ctx, &mut pass, &merge)
+}
