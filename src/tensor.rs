@@ -177,6 +177,19 @@ impl Tensor {
     }
 }
 
+/// Errors if `what` has more elements than the kernels' 32-bit indices reach.
+pub(crate) fn check_u32_indexing(what: &str, elements: u64) -> Result<()> {
+    if elements > u32::MAX as u64 {
+        return Err(Error::Limit {
+            what: format!("{what} element count"),
+            needed: elements,
+            allowed: u32::MAX as u64,
+            limit: "32-bit indexing",
+        });
+    }
+    Ok(())
+}
+
 /// Errors if one binding of `size` bytes would exceed the adapter's storage binding limit.
 pub(crate) fn check_binding_size(ctx: &Context, what: &str, size: u64) -> Result<()> {
     let limits = ctx.limits();

@@ -6,7 +6,7 @@ pub mod naive;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor, TensorView, byte_size, check_binding_size};
+use crate::tensor::{DType, Tensor, TensorView, byte_size, check_binding_size, check_u32_indexing};
 
 /// Largest head dim (of Q/K and of V) the kernels take.
 pub const MAX_HEAD_DIM: usize = 256;
@@ -176,15 +176,7 @@ impl AttentionBuffers<'_> {
             return Err(Error::F16Unsupported { adapter: ctx.adapter_info().name.clone() });
         }
         for (what, t) in [("Q", &self.q), ("K", &self.k), ("V", &self.v), ("O", &self.out)] {
-            // Kernels index with u32.
-            if t.numel() > u32::MAX as usize {
-                return Err(Error::Limit {
-                    what: format!("{what} element count"),
-                    needed: t.numel() as u64,
-                    allowed: u32::MAX as u64,
-                    limit: "32-bit indexing",
-                });
-            }
+            check_u32_indexing(what, t.numel() as u64)?;
             check_binding_size(ctx, what, byte_size(t.numel(), t.dtype))?;
         }
         Ok(shape)

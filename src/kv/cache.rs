@@ -7,7 +7,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::pipeline::{bind_buffers, check_grid};
 use crate::shader::{ConstValue, Kernel, ShaderKey};
-use crate::tensor::{DType, TensorView, byte_size, check_binding_size, read_buffer};
+use crate::tensor::{DType, TensorView, byte_size, check_binding_size, check_u32_indexing, read_buffer};
 use half::f16;
 use wgpu::util::DeviceExt;
 
@@ -428,14 +428,7 @@ fn validate_config(ctx: &Context, config: &KvCacheConfig) -> Result<()> {
         }
     }
     let elements = (batch * kv_heads * policy.capacity()) as u64 * head_dim as u64;
-    if elements > u32::MAX as u64 {
-        return Err(Error::Limit {
-            what: "KV cache element count".into(),
-            needed: elements,
-            allowed: u32::MAX as u64,
-            limit: "32-bit indexing",
-        });
-    }
+    check_u32_indexing("KV cache", elements)?;
     check_grid(ctx.limits(), &format!("KV cache grid: {} sequence heads", batch * kv_heads), (batch * kv_heads) as u32)
 }
 

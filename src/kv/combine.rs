@@ -7,7 +7,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::pipeline::bind_buffers;
 use crate::shader::{ConstValue, Kernel, ShaderKey};
-use crate::tensor::{DType, TensorView};
+use crate::tensor::{DType, TensorView, check_u32_indexing};
 
 /// Uniform parameters of `combine.wgsl`.
 /// Keep in sync with `struct Params` there (a test compares the layouts).
@@ -87,14 +87,7 @@ pub fn encode(
             got: ps.to_vec(),
         });
     }
-    if partial_out.numel() > u32::MAX as usize {
-        return Err(Error::Limit {
-            what: "partial output element count".into(),
-            needed: partial_out.numel() as u64,
-            allowed: u32::MAX as u64,
-            limit: "32-bit indexing",
-        });
-    }
+    check_u32_indexing("partial output", partial_out.numel() as u64)?;
     let (splits, row_shape, dim) = (ps[0], &ps[1..ps.len() - 1], ps[ps.len() - 1]);
     let expect = |what: &str, got: &[usize], want: Vec<usize>| {
         if got == want.as_slice() {

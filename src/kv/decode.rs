@@ -15,7 +15,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::pipeline::{bind_buffers, check_grid};
 use crate::shader::{ConstValue, Kernel, ShaderKey};
-use crate::tensor::{DType, Tensor, TensorView};
+use crate::tensor::{DType, Tensor, TensorView, check_u32_indexing};
 
 /// Uniform parameters of `decode.wgsl`.
 /// Keep in sync with `struct Params` there (a test compares the layouts).
@@ -402,14 +402,7 @@ impl KvCache {
         if lse.shape != &q.shape[..3] {
             return Err(Error::Shape(format!("LSE has shape {:?}, expected {:?}", lse.shape, &q.shape[..3])));
         }
-        if q.numel() > u32::MAX as usize {
-            return Err(Error::Limit {
-                what: "Q element count".into(),
-                needed: q.numel() as u64,
-                allowed: u32::MAX as u64,
-                limit: "32-bit indexing",
-            });
-        }
+        check_u32_indexing("Q", q.numel() as u64)?;
         if n_q as u64 > seen {
             return Err(Error::Option(format!(
                 "{n_q} queries but layer {layer} has {seen} tokens: the queries are the last tokens appended"
