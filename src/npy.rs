@@ -1,6 +1,7 @@
 //! Reading and writing NumPy `.npy` files (through `npyz`) for the command line.
 //!
-//! Only what attention needs: C-order float32 or float16 arrays in, float32 arrays out.
+//! Only what attention needs: C-order float32 or float16 arrays in (and, for block-sparse
+//! masks, bool or uint8 masks and int32 document ids), float32 arrays out.
 //! Outputs are written under a temporary name and renamed into place, so a failed run
 //! leaves no half-written file and never replaces a file that was there before.
 
@@ -21,11 +22,76 @@ pub struct NpyArray {
     pub data: Vec<f32>,
 }
 
+/// A boolean or integer array read from a `.npy` file: block-sparse masks and document ids.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Array<T> {
+    pub shape: Vec<usize>,
+    /// The values in C order.
+    pub data: Vec<T>,
+}
+
 /// Reads a C-order float32 or float16 array, of either byte order.
 pub fn read_array(path: &Path) -> Result<NpyArray> {
-    let fail = |detail: String| Error::File { path: path.to_path_buf(), detail };
-    let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read: {e}")))?;
-    let mut rest = &bytes[..];
+    let bytes = read_bytes(path)?;
+    let opened = open(path, &bytes, |d| element_type(d).map(|t| (t, t.size())), "float32 or float16")?;
+    let dtype = opened.element;
+    let decoded = match dtype {
+        DType::F32 => opened.file.into_vec::<f32>(),
+        DType::F16 => opened.file.into_vec::<f16>().map(|h| h.iter().map(|x| x.to_f32()).collect()),
+    };
+    let data = decoded.map_err(|e| file_error(path, format!("cannot decode: {e}")))?;
+    Ok(NpyArray { shape: opened.shape, dtype, data })
+}
+
+/// Reads a C-order bool or uint8 array as booleans: non-zero is true.
+pub fn read_bools(path: &Path) -> Result<Array<bool>> {
+    let bytes = read_bytes(path)?;
+    let one_byte = |d: &npyz::DType| match plain_type(d)? {
+        (npyz::TypeChar::Bool | npyz::TypeChar::Uint, 1) => Some(((), 1)),
+        _ => None,
+    };
+    let opened = open(path, &bytes, one_byte, "bool or uint8")?;
+    Ok(Array { shape: opened.shape, data: opened.data.iter().map(|&b| b != 0).collect() })
+}
+
+/// Reads a C-order int32 array, of either byte order.
+pub fn read_i32(path: &Path) -> Result<Array<i32>> {
+    let bytes = read_bytes(path)?;
+    let int32 = |d: &npyz::DType| (plain_type(d)? == (npyz::TypeChar::Int, 4)).then_some(((), 4));
+    let opened = open(path, &bytes, int32, "int32")?;
+    let data = opened.file.into_vec::<i32>().map_err(|e| file_error(path, format!("cannot decode: {e}")))?;
+    Ok(Array { shape: opened.shape, data })
+}
+
+fn file_error(path: &Path, detail: String) -> Error {
+    Error::File { path: path.to_path_buf(), detail }
+}
+
+fn read_bytes(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| file_error(path, format!("cannot read: {e}")))
+}
+
+/// A `.npy` file whose header passed the checks every reader makes.
+struct Opened<'a, E> {
+    /// What `element` made of the file's dtype.
+    element: E,
+    shape: Vec<usize>,
+    /// The raw data bytes, exactly as many as the shape needs.
+    data: &'a [u8],
+    file: npyz::NpyFile<&'a [u8]>,
+}
+
+/// Parses the header of the `.npy` file `bytes` and checks it: C order, a dtype that
+/// `element` accepts (giving its size in bytes; `supported` names the accepted ones), a
+/// shape that fits, and exactly the data bytes the shape needs.
+fn open<'a, E>(
+    path: &Path,
+    bytes: &'a [u8],
+    element: impl FnOnce(&npyz::DType) -> Option<(E, usize)>,
+    supported: &str,
+) -> Result<Opened<'a, E>> {
+    let fail = |detail: String| file_error(path, detail);
+    let mut rest = bytes;
     let header = npyz::NpyHeader::from_reader(&mut rest)
         .map_err(|e| fail(format!("not a .npy file ({})", one_line(&e.to_string()))))?;
     if header.order() == npyz::Order::Fortran {
@@ -33,8 +99,8 @@ pub fn read_array(path: &Path) -> Result<NpyArray> {
             "array is in Fortran order; save it in C order (numpy.ascontiguousarray)".into(),
         ));
     }
-    let dtype = element_type(&header.dtype()).ok_or_else(|| {
-        fail(format!("dtype {} is not supported: use float32 or float16", header.dtype().descr()))
+    let (element, size) = element(&header.dtype()).ok_or_else(|| {
+        fail(format!("dtype {} is not supported: use {supported}", header.dtype().descr()))
     })?;
     let shape = header
         .shape()
@@ -44,28 +110,28 @@ pub fn read_array(path: &Path) -> Result<NpyArray> {
         .map_err(|_| fail(format!("shape {:?} does not fit this machine", header.shape())))?;
     let expected = shape
         .iter()
-        .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+        .try_fold(size, |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| fail(format!("shape {shape:?} is too large")))?;
     // Checked before decoding so a corrupt header cannot make us allocate its claimed size.
     if rest.len() != expected {
         return Err(fail(format!(
-            "holds {} data bytes but shape {shape:?} of {dtype} needs {expected} (truncated or corrupt?)",
-            rest.len()
+            "holds {} data bytes but shape {shape:?} of {} needs {expected} (truncated or corrupt?)",
+            rest.len(),
+            header.dtype().descr()
         )));
     }
-    let file = npyz::NpyFile::with_header(header, rest);
-    let decoded = match dtype {
-        DType::F32 => file.into_vec::<f32>(),
-        DType::F16 => file.into_vec::<f16>().map(|h| h.iter().map(|x| x.to_f32()).collect()),
-    };
-    let data = decoded.map_err(|e| fail(format!("cannot decode: {e}")))?;
-    Ok(NpyArray { shape, dtype, data })
+    Ok(Opened { element, shape, data: rest, file: npyz::NpyFile::with_header(header, rest) })
+}
+
+/// The type code and size of a plain (non-record) dtype.
+fn plain_type(dtype: &npyz::DType) -> Option<(npyz::TypeChar, u64)> {
+    let npyz::DType::Plain(ty) = dtype else { return None };
+    Some((ty.type_char(), ty.size_field()))
 }
 
 /// Float32 and float16 in either byte order; everything else is refused.
 fn element_type(dtype: &npyz::DType) -> Option<DType> {
-    let npyz::DType::Plain(ty) = dtype else { return None };
-    match (ty.type_char(), ty.size_field()) {
+    match plain_type(dtype)? {
         (npyz::TypeChar::Float, 4) => Some(DType::F32),
         (npyz::TypeChar::Float, 2) => Some(DType::F16),
         _ => None,
@@ -223,6 +289,27 @@ mod tests {
         std::fs::write(&path, "a,b\n1,2\n").unwrap();
         let msg = detail(read_array(&path).unwrap_err());
         assert!(msg.starts_with("not a .npy file") && !msg.contains('\n'), "{msg}");
+        assert!(detail(read_array(&dir.join("missing.npy")).unwrap_err()).starts_with("cannot read"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn masks_read_bool_and_uint8_and_ids_read_int32() {
+        let dir = scratch("masks");
+        let path = dir.join("m.npy");
+        write_with_npyz(&path, "|b1", npyz::Order::C, &[2, 2], &[true, false, false, true]);
+        assert_eq!(read_bools(&path).unwrap(), Array { shape: vec![2, 2], data: vec![true, false, false, true] });
+        write_with_npyz(&path, "|u1", npyz::Order::C, &[3], &[0u8, 7, 1]);
+        assert_eq!(read_bools(&path).unwrap().data, [false, true, true]);
+        for descr in ["<i4", ">i4"] {
+            write_with_npyz(&path, descr, npyz::Order::C, &[1, 3], &[0i32, -2, 70000]);
+            assert_eq!(read_i32(&path).unwrap(), Array { shape: vec![1, 3], data: vec![0, -2, 70000] }, "{descr}");
+        }
+        write_with_npyz(&path, "<i8", npyz::Order::C, &[2], &[1i64, 2]);
+        assert!(detail(read_bools(&path).unwrap_err()).contains("'<i8' is not supported: use bool or uint8"));
+        assert!(detail(read_i32(&path).unwrap_err()).contains("'<i8' is not supported: use int32"));
+        write_with_npyz(&path, "<f4", npyz::Order::C, &[2], &[1f32, 2.0]);
+        assert!(detail(read_bools(&path).unwrap_err()).contains("'<f4' is not supported"));
         assert!(detail(read_array(&dir.join("missing.npy")).unwrap_err()).starts_with("cannot read"));
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -1,5 +1,6 @@
 //! The benchmark runner: `wattn bench` and `wattn peak` end to end (their JSON, CSV and SVG),
-//! the validation that guards every timed point, and the GPU timer.
+//! block-sparse sweeps against the dense kernel, the validation that guards every timed
+//! point, and the GPU timer.
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 use wattn::bench::runner::validate;
-use wattn::bench::workload::criterion_workloads;
+use wattn::bench::workload::{Pattern, criterion_workloads};
 use wattn::bench::{Clock, Path, Problem, Timer, Workload};
 use wattn::{AttentionOptions, DType, FlashConfig};
 
@@ -27,6 +28,20 @@ fn wattn(args: &[&str]) -> String {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "wattn {args:?} failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
     text
+}
+
+/// The fields of one CSV line, unquoted (quotes only wrap fields holding commas here).
+fn csv_cells(line: &str) -> Vec<String> {
+    let mut cells = vec![String::new()];
+    let mut quoted = false;
+    for c in line.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => cells.push(String::new()),
+            _ => cells.last_mut().unwrap().push(c),
+        }
+    }
+    cells
 }
 
 fn read_json(path: &std::path::Path) -> Value {
@@ -185,6 +200,85 @@ fn without_naive_points_are_checked_against_the_reference_and_budget_caps_are_re
 }
 
 #[test]
+fn block_sparse_sweep_reports_speedups_against_the_dense_point() {
+    let dir = scratch("sparse");
+    let (json, csv, svg) = (dir.join("s.json"), dir.join("s.csv"), dir.join("s.svg"));
+    let table = wattn(&[
+        "bench", "--density", "0.1,1.0", "--pattern", "causal,window,documents", "--seq", "256", "--head-dim", "64",
+        "--batch", "1", "--heads", "2", "--dtype", "f32", "--no-peak", "--runs", "1",
+        "--json", json.to_str().unwrap(), "--csv", csv.to_str().unwrap(), "--plot", svg.to_str().unwrap(),
+    ]);
+    assert!(table.contains("block-sparse") && table.contains("sparse random 0.1") && table.contains("of ideal"), "{table}");
+
+    let report = read_json(&json);
+    let points = report["points"].as_array().unwrap();
+    assert_eq!(points.len(), 1 + 5, "the dense point and five block-sparse ones: {points:#?}");
+    let dense = &points[0];
+    assert!(dense["block_sparse"].is_null() && !dense["causal"].as_bool().unwrap(), "{dense:#}");
+    assert_eq!(dense["validation"]["against"], "naive", "the dense point keeps its naive baseline");
+    let dense_s = dense["flash"]["time"]["median_s"].as_f64().unwrap();
+    let block = [&report["flash_config"]["block_q"], &report["flash_config"]["block_k"]].map(|v| v.as_u64().unwrap());
+    let q_blocks = 256u64.div_ceil(block[0]) as f64;
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
+    let mut patterns = Vec::new();
+    for p in &points[1..] {
+        assert_eq!(p["status"], "measured", "{p:#}");
+        let b = &p["block_sparse"];
+        patterns.push(b["pattern"].as_str().unwrap().to_owned());
+        assert_eq!(b["block"], serde_json::json!(block), "{p:#}");
+        let density = b["density"].as_f64().unwrap();
+        assert!(density > 0.0 && density <= 1.0, "{p:#}");
+        match (b["pattern"].as_str().unwrap(), b["requested_density"].as_f64()) {
+            ("random", Some(1.0)) => assert_eq!(density, 1.0),
+            ("random", Some(d)) => assert!((d / 2.0..d * 3.0).contains(&density), "{p:#}"),
+            // Square causal: the blocks on and below the diagonal.
+            ("causal", None) => assert!(close(density, (q_blocks + 1.0) / (2.0 * q_blocks)), "{p:#}"),
+            ("window" | "documents", None) => assert!(density < 0.5, "{p:#}"),
+            other => panic!("unexpected pattern {other:?}"),
+        }
+        // Checked against the f64 reference with its mask (the naive path takes none), then timed.
+        assert_eq!(p["validation"]["against"], "reference");
+        assert!(p["validation"]["max_error"].as_f64().unwrap() <= p["validation"]["tolerance"].as_f64().unwrap());
+        assert!(p["naive"].is_null() && p["speedup"].is_null());
+        assert!(close(p["flops"].as_f64().unwrap(), dense["flops"].as_f64().unwrap() * density), "{p:#}");
+        let own_s = p["flash"]["time"]["median_s"].as_f64().unwrap();
+        let ideal = b["ideal_speedup"].as_f64().unwrap();
+        let speedup = b["speedup_vs_dense"].as_f64().unwrap();
+        assert!(close(ideal, 1.0 / density) && close(b["dense_median_s"].as_f64().unwrap(), dense_s), "{p:#}");
+        assert!(close(speedup, dense_s / own_s), "{p:#}");
+        assert!(close(b["fraction_of_ideal"].as_f64().unwrap(), speedup / ideal), "{p:#}");
+    }
+    patterns.sort();
+    assert_eq!(patterns, ["causal", "documents", "random", "random", "window"]);
+
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 1 + points.len());
+    let header: Vec<&str> = lines[0].split(',').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap_or_else(|| panic!("no column {name}"));
+    for line in &lines[2..] {
+        let cells = csv_cells(line);
+        assert_eq!(cells.len(), header.len(), "{line}");
+        assert!(cells[column("speedup_vs_dense")].parse::<f64>().unwrap() > 0.0, "{line}");
+    }
+    assert_eq!(csv_cells(lines[1])[column("block_pattern")], "", "the dense row has no pattern");
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.contains("block density") && svg.contains("speed-up over the dense kernel"), "{svg}");
+    // Axes, random, its ideal, and one per structured pattern.
+    assert_eq!(svg.matches("<polyline").count(), 1 + 2 + 3);
+
+    // Block-sparse points need the dense kernel's point to compare with.
+    let refused = |args: &[&str], expect: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_wattn")).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(expect), "{args:?}: {stderr}");
+    };
+    refused(&["bench", "--density", "0.5", "--causal", "true"], "measured against the dense kernel");
+    refused(&["bench", "--density", "0"], "(0, 1]");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn a_point_over_a_limit_is_recorded_and_the_run_goes_on() {
     let dir = scratch("limit");
     let json = dir.join("l.json");
@@ -265,6 +359,26 @@ fn validation_catches_a_wrong_output_against_either_baseline() {
             let v = validate(ctx, &problem, &flash, baseline).unwrap();
             assert!(!v.passed(), "{dtype}: a corrupted output passed against {}: {v:?}", v.against);
         }
+    }
+}
+
+#[test]
+fn validation_catches_a_wrong_block_sparse_output() {
+    let ctx = ctx();
+    let block = FlashConfig::for_adapter(ctx).block_size();
+    let dense = Workload::new(1, 2, 2, 100, 32, DType::F32, AttentionOptions::default());
+    for pattern in [Pattern::Random(0.3), Pattern::Documents] {
+        let workload = dense.block_sparse(pattern, block).unwrap();
+        let problem = Problem::upload(ctx, &workload).unwrap();
+        assert!(problem.alloc(ctx, Path::Naive).is_err(), "the naive path takes no block mask");
+        let flash = run_once(&problem, Path::Flash);
+        let v = validate(ctx, &problem, &flash, None).unwrap();
+        assert!(v.passed(), "{pattern:?} {v:?}");
+        // The same output does not pass as the dense problem's: the mask is part of the check.
+        let unmasked = Problem::upload(ctx, &dense).unwrap();
+        assert!(!validate(ctx, &unmasked, &flash, None).unwrap().passed(), "{pattern:?}");
+        corrupt_last_row(&problem, &flash);
+        assert!(!validate(ctx, &problem, &flash, None).unwrap().passed(), "{pattern:?}: a corrupted output passed");
     }
 }
 

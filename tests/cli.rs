@@ -1,6 +1,7 @@
 //! The `wattn` binary end to end: .npy files written here (with this file's own minimal
 //! .npy writer and reader, independent of `wattn::npy`), results compared with the f64
-//! reference, and every kind of bad input refused with one line and no output file.
+//! reference (block-sparse runs with their masks written out here as plain predicates),
+//! and every kind of bad input refused with one line and no output file.
 
 mod common;
 
@@ -35,6 +36,16 @@ fn f32_le(data: &[f32]) -> Vec<u8> {
 
 fn f16_le(data: &[f32]) -> Vec<u8> {
     data.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect()
+}
+
+fn i32_le(data: &[i32]) -> Vec<u8> {
+    data.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// A bool mask as `|b1` (`uint8` false) or `|u1` with arbitrary non-zero values for true.
+fn mask_npy(shape: &[usize], bits: &[bool], uint8: bool) -> Vec<u8> {
+    let raw: Vec<u8> = bits.iter().enumerate().map(|(n, &b)| if !b { 0 } else if uint8 { 1 + (n % 255) as u8 } else { 1 }).collect();
+    npy_bytes(if uint8 { "|u1" } else { "|b1" }, false, shape, &raw)
 }
 
 /// Reads a little-endian float32 C-order .npy file: (shape, data).
@@ -120,11 +131,30 @@ struct Case {
     storage: DType,
     options: AttentionOptions,
     args: &'static [&'static str],
+    /// Block-sparse inputs: (flag, .npy bytes), written to FLAG.npy and passed as --FLAG.
+    files: Vec<(&'static str, Vec<u8>)>,
+    /// Whether query `i` of batch `b`, head `h` sees key `j` beside the options (the
+    /// block-sparse flags' meaning, written out here).
+    sees: Sees,
+}
+
+/// A predicate over (batch, query head, query, key).
+type Sees = Box<dyn Fn(usize, usize, usize, usize) -> bool>;
+
+fn dense() -> Sees {
+    Box::new(|_, _, _, _| true)
+}
+
+/// What a successful run printed.
+struct Ran {
+    lse: Vec<f32>,
+    stdout: String,
+    stderr: String,
 }
 
 impl Case {
-    /// Runs the case and returns the LSE it wrote, after checking O and LSE.
-    fn check(&self, name: &str) -> Vec<f32> {
+    /// Runs the case and returns what it printed and the LSE it wrote, after checking O and LSE.
+    fn check(&self, name: &str) -> Ran {
         let s = Scratch::new(name);
         let sh = self.shape;
         let mut rng = Rng::new(name.len() as u64 * 7919);
@@ -147,12 +177,17 @@ impl Case {
             args.push(s.arg(&format!("{flag}.npy")));
         }
         args.extend(self.args.iter().map(|a| a.to_string()));
+        for (flag, bytes) in &self.files {
+            s.write(&format!("{flag}.npy"), bytes);
+            args.push(format!("--{flag}"));
+            args.push(s.arg(&format!("{flag}.npy")));
+        }
         let run = wattn(&args);
-        let stderr = text(&run.stderr);
+        let (stdout, stderr) = (text(&run.stdout), text(&run.stderr));
         assert!(run.status.success(), "{name}: wattn run failed:\n{stderr}");
         assert!(stderr.lines().any(|l| l.starts_with("wattn run: ") && l.contains(" ms")), "{name}: no summary:\n{stderr}");
 
-        let want = wattn::reference::attention(&read[0], &read[1], &read[2], &sh, &self.options);
+        let want = wattn::reference::attention_masked(&read[0], &read[1], &read[2], &sh, &self.options, &self.sees);
         let (o_shape, out) = read_f32_npy(&s.path("out.npy"));
         let (lse_shape, lse) = read_f32_npy(&s.path("lse.npy"));
         let skip = if self.batched { 0 } else { 1 };
@@ -167,8 +202,21 @@ impl Case {
         eprintln!("{name}: max error O {o_err:.2e}, LSE {lse_err:.2e}");
         assert!(o_err <= o_tol, "{name}: O error {o_err} > {o_tol}");
         assert!(lse_err <= lse_tol, "{name}: LSE error {lse_err} > {lse_tol}");
-        assert_eq!(s.files(), ["k.npy", "lse.npy", "out.npy", "q.npy", "v.npy"], "{name}: stray files");
-        lse
+        let mut expected_files: Vec<String> = ["k.npy", "lse.npy", "out.npy", "q.npy", "v.npy"].map(String::from).into();
+        expected_files.extend(self.files.iter().map(|(flag, _)| format!("{flag}.npy")));
+        expected_files.sort();
+        assert_eq!(s.files(), expected_files, "{name}: stray files");
+        Ran { lse, stdout, stderr }
+    }
+}
+
+/// The two numbers of `--check`'s line, each below `tolerance`.
+fn assert_check_line(stdout: &str, tolerance: f64) {
+    let line = stdout.lines().find(|l| l.contains("max |O - ref|")).unwrap_or_else(|| panic!("no check line:\n{stdout}"));
+    // "max |O - ref| = 1.234e-4, max |LSE - ref| = 5.678e-5": both numbers small.
+    for part in line.split(" = ").skip(1) {
+        let number: f64 = part.split(',').next().unwrap().trim().parse().unwrap();
+        assert!(number < tolerance, "{line}");
     }
 }
 
@@ -182,8 +230,10 @@ fn f32_4d_gqa_causal_with_more_queries_than_keys() {
         storage: DType::F32,
         options: AttentionOptions::causal(),
         args: &["--causal"],
+        files: Vec::new(),
+        sees: dense(),
     };
-    let lse = case.check("f32-gqa-causal");
+    let lse = case.check("f32-gqa-causal").lse;
     // Bottom-right causal: query i sees keys j <= i + Nk - Nq, so the first 4 rows see none.
     for (row, value) in lse.iter().enumerate() {
         let i = row % shape.n_q;
@@ -202,6 +252,8 @@ fn f16_3d_window_sinks_softcap_with_more_keys_than_queries() {
         storage: DType::F16,
         options,
         args: &["--window", "8,0", "--sinks", "2", "--softcap", "5"],
+        files: Vec::new(),
+        sees: dense(),
     }
     .check("f16-3d-window");
 }
@@ -221,15 +273,143 @@ fn dtype_option_converts_f32_files_and_check_reports_errors() {
     let (stdout, stderr) = (text(&run.stdout), text(&run.stderr));
     assert!(run.status.success(), "{stderr}");
     assert!(stderr.contains(" f16 ") && stderr.contains("scale -0.3"), "{stderr}");
-    let line = stdout.lines().find(|l| l.contains("max |O - ref|")).unwrap_or_else(|| panic!("no check line:\n{stdout}"));
-    // "max |O - ref| = 1.234e-4, max |LSE - ref| = 5.678e-5": both numbers small.
-    for part in line.split(" = ").skip(1) {
-        let number: f64 = part.split(',').next().unwrap().trim().parse().unwrap();
-        assert!(number < 1e-2, "{line}");
-    }
+    assert_check_line(&stdout, 1e-2);
     assert_eq!(s.files(), ["k.npy", "o.npy", "q.npy", "v.npy"]);
     let (o_shape, _) = read_f32_npy(&s.path("o.npy"));
     assert_eq!(o_shape, [1, 2, 7, 24]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Block-sparse runs: --mask, --doc-ids, --prefix, --block-size.
+
+fn random_bits(rng: &mut Rng, n: usize, density: f64) -> Vec<bool> {
+    (0..n).map(|_| ((rng.next_u64() >> 11) as f64) < density * (1u64 << 53) as f64).collect()
+}
+
+/// The key position query `i` of `n_q` is aligned to among `n_k` keys (bottom-right).
+fn position(n_q: usize, n_k: usize, i: usize) -> i64 {
+    i as i64 + n_k as i64 - n_q as i64
+}
+
+/// "Query `i` and key `j` are in the same document": the document of a query is that of
+/// the key position it is aligned to; a query before the first key has none.
+fn same_document(ids: &[i32], n_q: usize, i: usize, j: usize) -> bool {
+    let p = position(n_q, ids.len(), i);
+    p >= 0 && ids[p as usize] == ids[j]
+}
+
+/// The block-mask summary line `wattn run` prints, e.g. "block mask 37 x 45, blocks of 16x32, ... density 0.4".
+fn mask_line(stderr: &str) -> &str {
+    stderr.lines().find(|l| l.starts_with("wattn run: block mask")).unwrap_or_else(|| panic!("no mask line:\n{stderr}"))
+}
+
+#[test]
+fn two_dimensional_bool_mask_with_causal_and_block_size() {
+    let shape = AttentionShape { batch: 1, q_heads: 2, kv_heads: 2, n_q: 37, n_k: 45, d_qk: 32, d_v: 32 };
+    let bits = random_bits(&mut Rng::new(5), 37 * 45, 0.6);
+    let ran = Case {
+        batched: false,
+        shape,
+        file_dtype: DType::F32,
+        storage: DType::F32,
+        options: AttentionOptions::causal(),
+        args: &["--causal", "--block-size", "16,32", "--show-mask"],
+        files: vec![("mask", mask_npy(&[37, 45], &bits, false))],
+        sees: Box::new(move |_, _, i, j| bits[i * 45 + j]),
+    }
+    .check("mask-2d-bool");
+    let line = mask_line(&ran.stderr);
+    assert!(line.contains("37 x 45") && line.contains("blocks of 16x32") && line.contains("density"), "{line}");
+    // --show-mask draws 3 rows of 2 blocks: causal with 8 more keys than queries leaves the
+    // last key block of the first query block empty.
+    let after_mask_line = ran.stderr.lines().skip_while(|l| !l.starts_with("wattn run: block mask")).skip(1);
+    let drawing: Vec<&str> = after_mask_line.take(3).collect();
+    assert_eq!(drawing.len(), 3, "{}", ran.stderr);
+    assert!(drawing.iter().all(|l| l.len() == 2 && l.chars().all(|c| "#+.".contains(c))), "{drawing:?}");
+    assert_eq!(&drawing[0][1..], ".", "{drawing:?}");
+}
+
+#[test]
+fn four_dimensional_uint8_mask_broadcast_over_the_batch_with_a_fully_masked_row() {
+    let shape = AttentionShape { batch: 2, q_heads: 4, kv_heads: 2, n_q: 40, n_k: 40, d_qk: 16, d_v: 24 };
+    let mut bits = random_bits(&mut Rng::new(8), 4 * 40 * 40, 0.3);
+    // Head 2, query 5 sees nothing: zeros and LSE -inf.
+    bits[(2 * 40 + 5) * 40..][..40].fill(false);
+    let ran = Case {
+        batched: true,
+        shape,
+        file_dtype: DType::F32,
+        storage: DType::F32,
+        options: AttentionOptions::default(),
+        args: &["--check"],
+        files: vec![("mask", mask_npy(&[1, 4, 40, 40], &bits, true))],
+        sees: Box::new(move |_, h, i, j| bits[(h * 40 + i) * 40 + j]),
+    }
+    .check("mask-4d-uint8");
+    assert_check_line(&ran.stdout, 1e-5);
+    for b in 0..2 {
+        assert_eq!(ran.lse[(b * 4 + 2) * 40 + 5], f32::NEG_INFINITY, "batch {b}");
+    }
+    assert!(mask_line(&ran.stderr).contains("density"));
+}
+
+#[test]
+fn per_batch_mask_and_document_ids_in_f16() {
+    let shape = AttentionShape { batch: 2, q_heads: 2, kv_heads: 1, n_q: 24, n_k: 30, d_qk: 32, d_v: 32 };
+    let bits = random_bits(&mut Rng::new(13), 2 * 24 * 30, 0.7);
+    // Batch 0: documents of 11, 1 and 18 keys (ids need not be consecutive); batch 1: runs of 7.
+    let first = (0..30).map(|p| if p < 11 { 0 } else if p < 12 { 4 } else { 9 });
+    let ids: Vec<i32> = first.chain((0..30).map(|p| p / 7)).collect();
+    let ids_bytes = npy_bytes("<i4", false, &[2, 30], &i32_le(&ids));
+    Case {
+        batched: true,
+        shape,
+        file_dtype: DType::F16,
+        storage: DType::F16,
+        options: AttentionOptions::default(),
+        args: &[],
+        files: vec![("mask", mask_npy(&[2, 1, 24, 30], &bits, false)), ("doc-ids", ids_bytes)],
+        sees: Box::new(move |b, _, i, j| bits[(b * 24 + i) * 30 + j] && same_document(&ids[b * 30..][..30], 24, i, j)),
+    }
+    .check("mask-docs-f16");
+}
+
+#[test]
+fn document_ids_with_causal_both_ways_round() {
+    // More keys than queries, then more queries than keys (the first 12 queries see nothing).
+    for (n_q, n_k, name) in [(20, 50, "docs-more-keys"), (62, 50, "docs-more-queries")] {
+        let ids: Vec<i32> = (0..n_k as i32).map(|p| [0, 3, 3, 7][(p as usize * 4 / n_k).min(3)] + (p > 45) as i32).collect();
+        let ids_in_test = ids.clone();
+        let ran = Case {
+            batched: false,
+            shape: AttentionShape { batch: 1, q_heads: 2, kv_heads: 2, n_q, n_k, d_qk: 64, d_v: 64 },
+            file_dtype: DType::F32,
+            storage: DType::F32,
+            options: AttentionOptions::causal(),
+            args: &["--causal"],
+            files: vec![("doc-ids", npy_bytes("<i4", false, &[n_k], &i32_le(&ids)))],
+            sees: Box::new(move |_, _, i, j| same_document(&ids_in_test, n_q, i, j)),
+        }
+        .check(name);
+        let hidden = ran.lse.iter().take(n_q).filter(|x| x.is_infinite()).count();
+        assert_eq!(hidden, n_q.saturating_sub(n_k), "{name}");
+    }
+}
+
+#[test]
+fn prefix_lm_with_a_window_and_small_blocks() {
+    let (n, prefix) = (33, 7);
+    Case {
+        batched: false,
+        shape: AttentionShape { batch: 1, q_heads: 3, kv_heads: 3, n_q: n, n_k: n, d_qk: 48, d_v: 16 },
+        file_dtype: DType::F32,
+        storage: DType::F32,
+        options: AttentionOptions { window: (12, -1), softcap: 4.0, ..Default::default() },
+        args: &["--prefix", "7", "--window", "12,-1", "--softcap", "4", "--block-size", "8,16"],
+        files: Vec::new(),
+        sees: Box::new(move |_, _, i, j| j < prefix || j <= i),
+    }
+    .check("prefix-lm");
 }
 
 #[test]
@@ -343,6 +523,43 @@ fn bad_shapes_are_refused() {
         f32_file(s, "v.npy", &[1, 16385, 1]);
         f.insert("check", String::new());
     }, &["--check", "2^28"]);
+}
+
+#[test]
+fn bad_block_sparse_inputs_are_refused() {
+    // The valid inputs are 3-D: 2 heads, 4 queries, 6 keys.
+    let mask = |shape: &'static [usize], bits: usize| {
+        move |s: &Scratch, f: &mut Flags| {
+            s.write("m.npy", &mask_npy(shape, &vec![true; bits], false));
+            f.insert("mask", s.arg("m.npy"));
+        }
+    };
+    refused("mask-shape", mask(&[4, 5], 20), &["m.npy", "mask shape [4, 5] does not broadcast"]);
+    refused("mask-heads", mask(&[1, 3, 4, 6], 72), &["m.npy", "does not broadcast"]);
+    refused("mask-batch", mask(&[2, 1, 4, 6], 48), &["m.npy", "does not broadcast"]);
+    refused("mask-int64", |s, f| {
+        s.write("m.npy", &npy_bytes("<i8", false, &[4, 6], &[0; 8 * 24]));
+        f.insert("mask", s.arg("m.npy"));
+    }, &["m.npy", "'<i8' is not supported: use bool or uint8"]);
+    let ids = |shape: &'static [usize], values: &'static [i32]| {
+        move |s: &Scratch, f: &mut Flags| {
+            s.write("ids.npy", &npy_bytes("<i4", false, shape, &i32_le(values)));
+            f.insert("doc-ids", s.arg("ids.npy"));
+        }
+    };
+    refused("ids-length", ids(&[5], &[0, 0, 1, 1, 1]), &["ids.npy", "do not fit"]);
+    refused("ids-order", ids(&[6], &[0, 0, 1, 0, 1, 1]), &["ids.npy", "non-decreasing", "ids[3] = 0"]);
+    refused("ids-negative", ids(&[6], &[-1, 0, 0, 0, 0, 0]), &["ids.npy", ">= 0"]);
+    refused("ids-float", |s, f| {
+        f32_file(s, "ids.npy", &[6]);
+        f.insert("doc-ids", s.arg("ids.npy"));
+    }, &["ids.npy", "use int32"]);
+    let block = |size: &'static str| move |_: &Scratch, f: &mut Flags| { f.insert("block-size", size.into()); };
+    refused("block-threads", block("32,33"), &["multiple of threads_per_row"]);
+    refused("block-limit", block("4096,32"), &["workgroup", "max_compute_invocations_per_workgroup"]);
+    refused("block-text", block("32"), &["--block-size '32'"]);
+    refused("block-zero", block("0,32"), &["--block-size '0,32'"]);
+    refused("show-mask-alone", |_, f| { f.insert("show-mask", String::new()); }, &["--show-mask"]);
 }
 
 #[test]

@@ -1,5 +1,7 @@
-//! `wattn bench --plot FILE.svg`: flash throughput against sequence length, one line per
-//! series, as a self-contained SVG (log-2 x axis, linear y axis from zero, legend).
+//! Line charts as self-contained SVG (linear y axis from zero, legend on the right):
+//! `wattn bench --plot` draws flash throughput against sequence length (log-2 x axis), or,
+//! when it measured block-sparse points, their speed-up over the dense kernel against
+//! density (linear x axis); `wattn stream --plot` per-token time against stream position.
 
 use super::report::{BenchReport, RateUnit, seq_label};
 use std::collections::BTreeMap;
@@ -14,8 +16,49 @@ const TOP: f64 = 60.0;
 const BOTTOM: f64 = 440.0;
 const COLORS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
 
-/// The SVG text of the report's measured points (an empty plot says so).
+/// How the x axis maps values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XAxis {
+    /// Powers of two equally spaced, labelled as sequence lengths (512, 1K, 16K).
+    Log2,
+    /// From zero, ticks at 1, 2 or 5 times a power of ten.
+    Linear,
+}
+
+/// One line of a chart, with a marker at each point.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Line {
+    pub name: String,
+    /// Index into the palette: lines of one family share a colour.
+    pub color: usize,
+    pub dashed: bool,
+    /// (x, y) in drawing order.
+    pub points: Vec<(f64, f64)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Chart {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub x_axis: XAxis,
+    pub lines: Vec<Line>,
+    /// Written across the plot area when no line has a point.
+    pub empty_note: String,
+}
+
+/// `wattn bench --plot`: the SVG text of the report's measured points.
 pub fn svg(report: &BenchReport) -> String {
+    if report.points.iter().any(|p| p.block_sparse.is_some()) {
+        draw(&speedup_chart(report))
+    } else {
+        draw(&throughput_chart(report))
+    }
+}
+
+/// Flash throughput against sequence length, one line per series (one colour per series
+/// up to its mask, causal ones dashed).
+fn throughput_chart(report: &BenchReport) -> Chart {
     let unit = RateUnit::for_points(&report.points);
     let mut series: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
     for p in &report.points {
@@ -23,33 +66,90 @@ pub fn svg(report: &BenchReport) -> String {
             series.entry(&p.series).or_default().push((p.seq as f64, m.flash.flops_per_s / unit.per));
         }
     }
-    for line in series.values_mut() {
-        line.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut families: Vec<String> = Vec::new();
+    let mut lines = Vec::new();
+    for (name, mut points) in series {
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let family = name.replace(" causal", "").replace(" dense", "");
+        let color = families.iter().position(|f| *f == family).unwrap_or_else(|| {
+            families.push(family);
+            families.len() - 1
+        });
+        lines.push(Line { name: name.to_string(), color, dashed: name.contains("causal"), points });
     }
-    let (lo, hi, y_max) = series
-        .values()
-        .flatten()
-        .fold((f64::MAX, 0.0f64, 0.0f64), |(lo, hi, top), &(x, y)| (lo.min(x), hi.max(x), top.max(y)));
-    let (x_lo, x_hi) = if lo > hi {
-        (256.0, 1024.0)
-    } else if lo == hi {
-        (lo / 2.0, hi * 2.0)
-    } else {
-        (lo, hi)
+    let pv = &report.provenance;
+    Chart {
+        title: format!("wattn {} flash attention forward on {} ({})", pv.wattn_version, pv.adapter.name, pv.date),
+        x_label: "sequence length (tokens)".into(),
+        y_label: unit.name.into(),
+        x_axis: XAxis::Log2,
+        lines,
+        empty_note: "no point was measured".into(),
+    }
+}
+
+/// Block-sparse speed-up over the dense kernel against density, per problem shape: the
+/// random masks as one line with the ideal 1 / density dashed beside it in the same colour,
+/// each structured pattern as a point of its own colour.
+fn speedup_chart(report: &BenchReport) -> Chart {
+    // (problem, pattern) -> (density, speed-up) points; random densities share one line.
+    let mut series: BTreeMap<(String, &str), Vec<(f64, f64)>> = BTreeMap::new();
+    for p in &report.points {
+        let Some(b) = &p.block_sparse else { continue };
+        if let Some(speedup) = b.speedup_vs_dense {
+            let problem = format!("{} d{} {} {}x{}", p.dtype, p.head_dim, seq_label(p.seq), p.batch, p.heads);
+            series.entry((problem, b.pattern)).or_default().push((b.density, speedup));
+        }
+    }
+    let mut lines: Vec<Line> = Vec::new();
+    for ((problem, pattern), mut points) in series {
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let color = lines.iter().filter(|l| !l.dashed).count();
+        let ideal = (pattern == "random").then(|| points.iter().map(|&(d, _)| (d, 1.0 / d)).collect());
+        lines.push(Line { name: format!("{problem} {pattern}"), color, dashed: false, points });
+        if let Some(points) = ideal {
+            lines.push(Line { name: format!("{problem} ideal"), color, dashed: true, points });
+        }
+    }
+    let pv = &report.provenance;
+    Chart {
+        title: format!("wattn {} block-sparse attention on {} ({})", pv.wattn_version, pv.adapter.name, pv.date),
+        x_label: "block density (fraction of blocks visited)".into(),
+        y_label: "speed-up over the dense kernel".into(),
+        x_axis: XAxis::Linear,
+        lines,
+        empty_note: "no block-sparse point was measured against a dense one".into(),
+    }
+}
+
+/// The SVG text of `chart`.
+pub fn draw(chart: &Chart) -> String {
+    let points = || chart.lines.iter().flat_map(|l| l.points.iter().copied());
+    let (lo, hi, y_max) =
+        points().fold((f64::MAX, 0.0f64, 0.0f64), |(lo, hi, top), (x, y)| (lo.min(x), hi.max(x), top.max(y)));
+    let (x_lo, x_hi) = match chart.x_axis {
+        XAxis::Log2 if lo > hi => (256.0, 1024.0),
+        XAxis::Log2 if lo == hi => (lo / 2.0, hi * 2.0),
+        XAxis::Log2 => (lo, hi),
+        XAxis::Linear => (0.0, if hi > 0.0 { hi } else { 1.0 }),
     };
     let y_step = nice_step(y_max / 5.0);
     let y_ticks = (y_max / y_step).ceil().max(1.0) as usize;
     let y_top = y_ticks as f64 * y_step;
 
-    let x_of = |x: f64| LEFT + (x.log2() - x_lo.log2()) / (x_hi.log2() - x_lo.log2()) * (RIGHT - LEFT);
+    let x_of = |x: f64| {
+        let fraction = match chart.x_axis {
+            XAxis::Log2 => (x.log2() - x_lo.log2()) / (x_hi.log2() - x_lo.log2()),
+            XAxis::Linear => (x - x_lo) / (x_hi - x_lo),
+        };
+        LEFT + fraction * (RIGHT - LEFT)
+    };
     let y_of = |y: f64| BOTTOM - y / y_top * (BOTTOM - TOP);
 
     let mut s = String::new();
     writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">"#).unwrap();
     writeln!(s, r#"<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>"#).unwrap();
-    let pv = &report.provenance;
-    let title = format!("wattn {} flash attention forward on {} ({})", pv.wattn_version, pv.adapter.name, pv.date);
-    writeln!(s, r#"<text x="{LEFT}" y="30" font-size="15">{}</text>"#, escape(&title)).unwrap();
+    writeln!(s, r#"<text x="{LEFT}" y="30" font-size="15">{}</text>"#, escape(&chart.title)).unwrap();
 
     // Axes, grid lines and ticks.
     for k in 0..=y_ticks {
@@ -65,58 +165,58 @@ pub fn svg(report: &BenchReport) -> String {
         )
         .unwrap();
     }
-    let mut x = x_lo.log2().ceil().exp2();
-    while x <= x_hi * (1.0 + 1e-9) {
+    let x_ticks: Vec<(f64, String)> = match chart.x_axis {
+        XAxis::Log2 => std::iter::successors(Some(x_lo.log2().ceil().exp2()), |x| Some(x * 2.0))
+            .take_while(|&x| x <= x_hi * (1.0 + 1e-9))
+            .map(|x| (x, seq_label(x as usize)))
+            .collect(),
+        XAxis::Linear => {
+            let step = nice_step(x_hi / 5.0);
+            (0..=(x_hi / step).floor() as usize).map(|k| k as f64 * step).map(|x| (x, format_tick(x, step))).collect()
+        }
+    };
+    for (x, label) in x_ticks {
         let px = x_of(x);
         writeln!(s, r##"<line x1="{px:.1}" y1="{BOTTOM}" x2="{px:.1}" y2="{}" stroke="#333"/>"##, BOTTOM + 5.0)
             .unwrap();
-        writeln!(s, r#"<text x="{px:.1}" y="{}" text-anchor="middle">{}</text>"#, BOTTOM + 20.0, seq_label(x as usize))
-            .unwrap();
-        x *= 2.0;
+        writeln!(s, r#"<text x="{px:.1}" y="{}" text-anchor="middle">{label}</text>"#, BOTTOM + 20.0).unwrap();
     }
     writeln!(s, r##"<polyline points="{LEFT},{TOP} {LEFT},{BOTTOM} {RIGHT},{BOTTOM}" fill="none" stroke="#333"/>"##)
         .unwrap();
     writeln!(
         s,
-        r#"<text x="{}" y="{}" text-anchor="middle">sequence length (tokens)</text>"#,
+        r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
         (LEFT + RIGHT) / 2.0,
-        BOTTOM + 45.0
+        BOTTOM + 45.0,
+        escape(&chart.x_label)
     )
     .unwrap();
     writeln!(
         s,
         r#"<text transform="translate(22 {}) rotate(-90)" text-anchor="middle">{}</text>"#,
         (TOP + BOTTOM) / 2.0,
-        unit.name
+        escape(&chart.y_label)
     )
     .unwrap();
-    if series.is_empty() {
+    if points().next().is_none() {
         writeln!(
             s,
-            r#"<text x="{}" y="{}" text-anchor="middle">no point was measured</text>"#,
+            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
             (LEFT + RIGHT) / 2.0,
-            (TOP + BOTTOM) / 2.0
+            (TOP + BOTTOM) / 2.0,
+            escape(&chart.empty_note)
         )
         .unwrap();
     }
 
-    // One line per series: one colour per series up to its mask, causal ones dashed.
-    // The legend lists them in the same order.
-    let mut families: Vec<String> = Vec::new();
-    for (i, (name, line)) in series.iter().enumerate() {
-        let family = name.replace(" causal", "").replace(" dense", "");
-        let color = match families.iter().position(|f| *f == family) {
-            Some(k) => COLORS[k % COLORS.len()],
-            None => {
-                families.push(family);
-                COLORS[(families.len() - 1) % COLORS.len()]
-            }
-        };
-        let dash = if name.contains("causal") { r#" stroke-dasharray="6 4""# } else { "" };
-        let coords: Vec<String> = line.iter().map(|&(x, y)| format!("{:.1},{:.1}", x_of(x), y_of(y))).collect();
+    // The lines, and the legend in the same order.
+    for (i, line) in chart.lines.iter().filter(|l| !l.points.is_empty()).enumerate() {
+        let color = COLORS[line.color % COLORS.len()];
+        let dash = if line.dashed { r#" stroke-dasharray="6 4""# } else { "" };
+        let coords: Vec<String> = line.points.iter().map(|&(x, y)| format!("{:.1},{:.1}", x_of(x), y_of(y))).collect();
         writeln!(s, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"{dash}/>"#, coords.join(" "))
             .unwrap();
-        for &(x, y) in line {
+        for &(x, y) in &line.points {
             writeln!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#, x_of(x), y_of(y)).unwrap();
         }
         let ly = TOP + 10.0 + 20.0 * i as f64;
@@ -127,7 +227,7 @@ pub fn svg(report: &BenchReport) -> String {
             RIGHT + 50.0
         )
         .unwrap();
-        writeln!(s, r#"<text x="{}" y="{}">{}</text>"#, RIGHT + 58.0, ly + 4.0, escape(name)).unwrap();
+        writeln!(s, r#"<text x="{}" y="{}">{}</text>"#, RIGHT + 58.0, ly + 4.0, escape(&line.name)).unwrap();
     }
     s.push_str("</svg>\n");
     s

@@ -2,7 +2,7 @@
 //! are), the aligned tables on stdout, and the CSV rows.
 
 use super::peak::{Measurement, Peak};
-use super::runner::{Outcome, PathResult, PointResult};
+use super::runner::{BlockSparse, Outcome, PathResult, PointResult};
 use super::timing::Clock;
 use crate::FlashConfig;
 use crate::context::Context;
@@ -48,7 +48,7 @@ impl Provenance {
     }
 
     /// "wattn 0.1.0 on NAME (Vulkan, Cpu, DRIVER), 2025-01-01T00:00:00Z; GPU timestamps".
-    fn headline(&self) -> String {
+    pub fn headline(&self) -> String {
         let a = &self.adapter;
         let driver = [a.driver.as_str(), a.driver_info.as_str()]
             .iter()
@@ -147,7 +147,7 @@ impl RateUnit {
 }
 
 /// Three significant figures, without exponent.
-fn sig3(x: f64) -> String {
+pub fn sig3(x: f64) -> String {
     match x.abs() {
         a if a >= 100.0 => format!("{x:.0}"),
         a if a >= 10.0 => format!("{x:.1}"),
@@ -156,7 +156,7 @@ fn sig3(x: f64) -> String {
     }
 }
 
-fn mib(bytes: u64) -> String {
+pub fn mib(bytes: u64) -> String {
     sig3(bytes as f64 / (1 << 20) as f64)
 }
 
@@ -167,7 +167,7 @@ pub fn seq_label(seq: usize) -> String {
 
 /// Columns padded to their widest cell; a row shorter than the header lets its last
 /// cell run on (used for reasons in place of figures).
-fn aligned(rows: &[Vec<String>], right: &[bool]) -> String {
+pub fn aligned(rows: &[Vec<String>], right: &[bool]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {
@@ -275,7 +275,7 @@ impl BenchReport {
         let mut notes = Vec::new();
         // The series, first sequence length and estimate of the capped points in the last row.
         let mut capped_run: Option<(&str, usize, f64)> = None;
-        for p in &self.points {
+        for p in self.points.iter().filter(|p| p.block_sparse.is_none()) {
             let mut row = vec![p.series.clone(), seq_label(p.seq), format!("{} x {}", p.batch, p.heads)];
             let mut capped = None;
             match &p.outcome {
@@ -326,7 +326,55 @@ impl BenchReport {
             out += &notes.join("\n");
             out.push('\n');
         }
-        out
+        out + &self.block_sparse_table()
+    }
+
+    /// The block-sparse points against the dense kernel; empty when there are none.
+    fn block_sparse_table(&self) -> String {
+        let sparse: Vec<(&PointResult, &BlockSparse)> =
+            self.points.iter().filter_map(|p| Some((p, p.block_sparse.as_ref()?))).collect();
+        let Some((_, first)) = sparse.first() else { return String::new() };
+        let mut rows = vec![
+            [
+                "series",
+                "seq",
+                "batch x heads",
+                "density",
+                "flash ms (min-max)",
+                "dense ms",
+                "speed-up",
+                "ideal",
+                "of ideal",
+                "checked against",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        let or_dash = |x: Option<f64>, f: &dyn Fn(f64) -> String| x.map_or("-".into(), f);
+        for (p, b) in &sparse {
+            let mut row = vec![p.series.clone(), seq_label(p.seq), format!("{} x {}", p.batch, p.heads)];
+            row.push(format!("{:.3}", b.density));
+            match &p.outcome {
+                Outcome::Measured(m) => row.extend([
+                    ms_range(&m.flash.time),
+                    or_dash(b.dense_median_s, &|s| sig3(s * 1e3)),
+                    or_dash(b.speedup_vs_dense, &|s| format!("{}x", sig3(s))),
+                    format!("{}x", sig3(b.ideal_speedup)),
+                    or_dash(b.fraction_of_ideal, &|f| format!("{:.0}%", f * 100.0)),
+                    format!("{} ({:.0e})", m.validation.against, m.validation.max_error),
+                ]),
+                other => row.push(format!("{}: {}", other.status(), other.reason().unwrap_or_default())),
+            }
+            rows.push(row);
+        }
+        let right = [false, true, true, true, true, true, true, true, true, false];
+        format!(
+            "\nblock-sparse, blocks of {}x{}, against the dense kernel on the same shape in this run \
+             (ideal = 1 / density)\n{}",
+            first.block[0],
+            first.block[1],
+            aligned(&rows, &right)
+        )
     }
 
     /// One row per point, each carrying the provenance and the peak figures so that files
@@ -340,6 +388,8 @@ impl BenchReport {
             "flash_median_s", "flash_min_s", "flash_max_s", "flash_flops_per_s", "flash_bytes", "fraction_of_peak",
             "naive_median_s", "naive_min_s", "naive_max_s", "naive_flops_per_s", "naive_bytes", "speedup",
             "validated_against", "max_error", "tolerance",
+            "block_pattern", "block_requested_density", "block_q", "block_k", "block_density", "ideal_speedup",
+            "dense_median_s", "speedup_vs_dense", "fraction_of_ideal",
             "peak_fma_f32_flops_per_s", "peak_fma_f16_flops_per_s", "peak_copy_bytes_per_s",
         ];
         let pv = &self.provenance;
@@ -401,6 +451,21 @@ impl BenchReport {
                     row.extend(std::iter::repeat_n(String::new(), 15));
                 }
             }
+            let b = p.block_sparse.as_ref();
+            row.push(b.map_or("", |b| b.pattern).into());
+            row.extend(
+                [
+                    b.and_then(|b| b.requested_density),
+                    b.map(|b| b.block[0] as f64),
+                    b.map(|b| b.block[1] as f64),
+                    b.map(|b| b.density),
+                    b.map(|b| b.ideal_speedup),
+                    b.and_then(|b| b.dense_median_s),
+                    b.and_then(|b| b.speedup_vs_dense),
+                    b.and_then(|b| b.fraction_of_ideal),
+                ]
+                .map(num),
+            );
             row.extend(peak.iter().cloned());
             debug_assert_eq!(row.len(), header.len());
             out += &row.iter().map(|c| csv_field(c)).collect::<Vec<_>>().join(",");

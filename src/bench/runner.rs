@@ -1,11 +1,13 @@
 //! The loop of `wattn bench`: for each point, check the flash output, then time the flash
 //! and naive paths. A point or path that cannot run says why, and the run goes on.
+//! Block-sparse points time the flash path only, and are compared afterwards with the
+//! dense point of their shape.
 
 use super::stats::Stats;
 use super::timing::Timer;
-use super::workload::{Path, PathBuffers, Problem, Workload, input_values};
+use super::workload::{Path, PathBuffers, Pattern, Problem, Sparsity, Workload, input_values};
 use crate::FlashConfig;
-use crate::attention::AttentionShape;
+use crate::attention::{AttentionOptions, AttentionShape};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::reference;
@@ -68,6 +70,48 @@ pub struct Measured {
     pub validation: Validation,
 }
 
+/// A block-sparse point's mask and its speed against the dense kernel.
+#[derive(Clone, Debug, Serialize)]
+pub struct BlockSparse {
+    /// "random", "causal", "window" or "documents".
+    pub pattern: &'static str,
+    /// The density asked for, for random patterns.
+    pub requested_density: Option<f64>,
+    /// `[block_q, block_k]`.
+    pub block: [u32; 2],
+    /// The fraction of blocks the kernel visits.
+    pub density: f64,
+    /// 1 / density: the speed-up if time followed the blocks visited.
+    pub ideal_speedup: f64,
+    /// The dense kernel's median on the same shape and dtype, in the same run.
+    pub dense_median_s: Option<f64>,
+    /// `dense_median_s` over this point's median.
+    pub speedup_vs_dense: Option<f64>,
+    /// `speedup_vs_dense / ideal_speedup`.
+    pub fraction_of_ideal: Option<f64>,
+}
+
+impl BlockSparse {
+    /// The figures of `sparsity`, with speeds where both medians (in seconds) are known.
+    fn new(sparsity: &Sparsity, median_s: Option<f64>, dense_median_s: Option<f64>) -> Self {
+        let ideal_speedup = 1.0 / sparsity.density;
+        let speedup_vs_dense = median_s.zip(dense_median_s).map(|(own, dense)| dense / own);
+        Self {
+            pattern: sparsity.pattern.kind(),
+            requested_density: match sparsity.pattern {
+                Pattern::Random(d) => Some(d),
+                _ => None,
+            },
+            block: [sparsity.block.q, sparsity.block.k],
+            density: sparsity.density,
+            ideal_speedup,
+            dense_median_s,
+            speedup_vs_dense,
+            fraction_of_ideal: speedup_vs_dense.map(|s| s / ideal_speedup),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum Outcome {
@@ -98,11 +142,15 @@ pub struct PointResult {
     pub kv_heads: usize,
     pub seq: usize,
     pub flops: f64,
+    /// Present exactly for block-sparse points.
+    pub block_sparse: Option<BlockSparse>,
     #[serde(flatten)]
     pub outcome: Outcome,
 }
 
 impl PointResult {
+    /// The result of `w`; a block-sparse point's speed against the dense kernel is filled
+    /// in once the dense point has run.
     fn new(w: &Workload, outcome: Outcome) -> Self {
         let s = &w.shape;
         Self {
@@ -116,6 +164,7 @@ impl PointResult {
             kv_heads: s.kv_heads,
             seq: s.n_q,
             flops: w.flops(),
+            block_sparse: None,
             outcome,
         }
     }
@@ -172,7 +221,15 @@ pub fn run(
         let point = Point { ctx, timer, settings, workload: w };
         results[i] = Some(PointResult::new(w, point.run(&mut speeds, left)));
     }
-    results.into_iter().map(|r| r.expect("every point was run")).collect()
+    let mut results: Vec<PointResult> = results.into_iter().map(|r| r.expect("every point was run")).collect();
+    let median = |r: &PointResult| r.measured().map(|m| m.flash.time.median_s);
+    for (i, w) in workloads.iter().enumerate() {
+        if let Some(sparsity) = &w.sparsity {
+            let dense = workloads.iter().position(|d| *d == w.dense_baseline()).and_then(|d| median(&results[d]));
+            results[i].block_sparse = Some(BlockSparse::new(sparsity, median(&results[i]), dense));
+        }
+    }
+    results
 }
 
 /// Work below this many FLOPs is cheap enough to learn a path's speed from.
@@ -215,6 +272,11 @@ impl Point<'_> {
         self.settings.warmup.max(1) + self.settings.runs
     }
 
+    /// Whether to time the naive path: when asked, and for dense points (it takes no block mask).
+    fn naive(&self) -> bool {
+        self.settings.naive && self.workload.sparsity.is_none()
+    }
+
     /// `left`: seconds left of the budget, if there is one.
     fn run(&self, speeds: &mut Speeds, left: Option<f64>) -> Outcome {
         let started = Instant::now();
@@ -226,7 +288,7 @@ impl Point<'_> {
                 if let Some(estimated_s) = seconds.filter(|&t| t > left) {
                     return Ok(Outcome::Capped { estimated_s, left_s: left.max(0.0) });
                 }
-                if self.settings.naive {
+                if self.naive() {
                     self.probe(speeds, Path::Naive);
                 }
             }
@@ -261,7 +323,7 @@ impl Point<'_> {
         self.timer.time(ctx, &mut flash_work)?;
 
         let flash_seconds = speeds.seconds(Path::Flash, w, self.runs()).unwrap_or(0.0);
-        let naive = self.settings.naive.then(|| self.naive_run(&problem, speeds, left.map(|l| l - flash_seconds)));
+        let naive = self.naive().then(|| self.naive_run(&problem, speeds, left.map(|l| l - flash_seconds)));
         let validation = validate(ctx, &problem, &flash, naive.as_ref().and_then(|n| n.as_ref().ok()))?;
         if !validation.passed() {
             return Ok(Outcome::Failed {
@@ -374,7 +436,7 @@ pub fn validate(
 ) -> Result<Validation> {
     match naive {
         Some(naive) => compare_paths(ctx, problem.workload.dtype, flash, naive),
-        None => compare_reference_rows(ctx, &problem.workload, flash),
+        None => compare_reference_rows(ctx, problem, flash),
     }
 }
 
@@ -385,26 +447,41 @@ fn compare_paths(ctx: &Context, dtype: DType, flash: &PathBuffers, naive: &PathB
     Ok(Validation { against: "naive", max_error: out.max(lse), tolerance: tolerance(dtype) })
 }
 
-/// Compares the last query rows of the first and the last (batch, head) with the f64
-/// reference. Masks align bottom-right, so the last m queries against all keys are a
-/// problem of their own; under causal and windowed masks they are also the rows that see
-/// the most keys.
-fn compare_reference_rows(ctx: &Context, w: &Workload, flash: &PathBuffers) -> Result<Validation> {
+/// Compares [`REFERENCE_ROWS`] query rows of the first and the last (batch, head), spread
+/// over the sequence and ending with the last, with the f64 reference. Spread, because a
+/// block mask changes from one query block to the next; the last row, because under causal
+/// and windowed masks it sees the most keys. The reference takes the sampled rows as a
+/// problem of their own, each row keeping its mask through the predicate.
+fn compare_reference_rows(ctx: &Context, problem: &Problem, flash: &PathBuffers) -> Result<Validation> {
+    let w = &problem.workload;
     let s = w.shape;
-    let rows = s.n_q.min(REFERENCE_ROWS);
+    let count = s.n_q.min(REFERENCE_ROWS);
+    let rows: Vec<usize> = (1..=count).map(|k| (s.n_q - 1) * k / count).collect();
     let (out, lse) = (flash.out.to_f32(ctx)?, flash.lse.to_f32(ctx)?);
-    let sub = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: rows, ..s };
+    let sub = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: count, ..s };
+    let unmasked = AttentionOptions { causal: false, window: (-1, -1), sinks: 0, ..w.options };
+    let visible = |_: usize, _: usize, r: usize, j: usize| {
+        let i = rows[r];
+        reference::visible(&w.options, s.n_q, s.n_k, i, j) && problem.mask_allows(i, j)
+    };
     let mut worst: f64 = 0.0;
     for (b, h) in [(0, 0), (s.batch - 1, s.q_heads - 1)] {
-        let first_row = (b * s.q_heads + h) * s.n_q + s.n_q - rows;
+        let first_row = (b * s.q_heads + h) * s.n_q;
         let first_key = (b * s.kv_heads + h / (s.q_heads / s.kv_heads)) * s.n_k;
-        let q = input_values(0, first_row * s.d_qk..(first_row + rows) * s.d_qk, w.dtype);
+        let q: Vec<f32> = rows
+            .iter()
+            .flat_map(|&i| input_values(0, (first_row + i) * s.d_qk..(first_row + i + 1) * s.d_qk, w.dtype))
+            .collect();
         let k = input_values(1, first_key * s.d_qk..(first_key + s.n_k) * s.d_qk, w.dtype);
         let v = input_values(2, first_key * s.d_v..(first_key + s.n_k) * s.d_v, w.dtype);
-        let want = reference::attention(&q, &k, &v, &sub, &w.options);
-        worst = worst
-            .max(max_error(&out[first_row * s.d_v..(first_row + rows) * s.d_v], want.out))
-            .max(max_error(&lse[first_row..first_row + rows], want.lse));
+        let want = reference::attention_masked(&q, &k, &v, &sub, &unmasked, visible);
+        for (r, &i) in rows.iter().enumerate() {
+            let row = first_row + i;
+            let want_out = want.out[r * s.d_v..(r + 1) * s.d_v].iter().copied();
+            worst = worst
+                .max(max_error(&out[row * s.d_v..(row + 1) * s.d_v], want_out))
+                .max(max_error(&lse[row..row + 1], [want.lse[r]]));
+        }
     }
     Ok(Validation { against: "reference", max_error: worst, tolerance: tolerance(w.dtype) })
 }

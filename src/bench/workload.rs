@@ -1,10 +1,12 @@
-//! What is benchmarked: attention problems, their FLOP and memory accounting, their GPU
-//! buffers, and the grids `wattn bench` walks. The criterion benches use the same types.
+//! What is benchmarked: attention problems, dense or block-sparse, their FLOP and memory
+//! accounting, their GPU buffers, and the grids `wattn bench` walks. The criterion benches
+//! use the same types.
 
 use crate::FlashConfig;
 use crate::attention::{AttentionBuffers, AttentionOptions, AttentionShape, flash, naive};
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::mask::{BlockMask, BlockSize, GpuBlockMask, Mask};
 use crate::tensor::{DType, Tensor};
 
 /// One attention problem: self-attention sizes, storage dtype and mask.
@@ -13,6 +15,100 @@ pub struct Workload {
     pub shape: AttentionShape,
     pub dtype: DType,
     pub options: AttentionOptions,
+    /// The block mask of a block-sparse problem; `None` runs the dense kernel.
+    pub sparsity: Option<Sparsity>,
+}
+
+/// The block masks `wattn bench` measures. Each is defined for any sequence length and
+/// built the same way every time (seeded), so a run can be repeated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Pattern {
+    /// Each (query block, key block) visited with probability `density`, independently.
+    Random(f64),
+    /// Causal: about half the blocks.
+    Causal,
+    /// A causal sliding window of N/8 keys.
+    Window,
+    /// Packed documents of random lengths between N/16 and 3N/16 (N/8 on average), causal
+    /// inside each.
+    Documents,
+}
+
+/// `which` of [`input_value`] for the random choices of the patterns.
+const RANDOM_BLOCKS: u64 = 3;
+const DOCUMENT_LENGTHS: u64 = 4;
+
+impl Pattern {
+    /// "random", "causal", "window" or "documents".
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Pattern::Random(_) => "random",
+            Pattern::Causal => "causal",
+            Pattern::Window => "window",
+            Pattern::Documents => "documents",
+        }
+    }
+
+    /// The kind, with the density asked for when random: "random 0.1".
+    pub fn name(&self) -> String {
+        match self {
+            Pattern::Random(density) => format!("random {density}"),
+            other => other.kind().into(),
+        }
+    }
+
+    /// The mask for `n` queries and `n` keys; random patterns choose blocks of `block`.
+    pub fn mask(&self, n: usize, block: BlockSize) -> Result<Mask> {
+        match *self {
+            Pattern::Random(density) => {
+                if !(density > 0.0 && density <= 1.0) {
+                    return Err(Error::Option(format!("block density {density} is not in (0, 1]")));
+                }
+                let (q_blocks, k_blocks) = (n.div_ceil(block.q as usize), n.div_ceil(block.k as usize));
+                let on: Vec<bool> = (0..q_blocks * k_blocks)
+                    .map(|i| (input_value(RANDOM_BLOCKS, i as u64) as f64 + 1.0) / 2.0 < density)
+                    .collect();
+                Mask::blocks(block, q_blocks, k_blocks, &on)
+            }
+            Pattern::Causal => Ok(Mask::causal()),
+            Pattern::Window => Ok(Mask::window((n / 8).max(1) as i32, 0)),
+            Pattern::Documents => {
+                let mut lengths = Vec::new();
+                let mut left = n;
+                while left > 0 {
+                    let unit = (input_value(DOCUMENT_LENGTHS, lengths.len() as u64) as f64 + 1.0) / 2.0;
+                    let length = ((n as f64 / 16.0) * (1.0 + 2.0 * unit)) as usize;
+                    lengths.push(length.clamp(1, left));
+                    left -= lengths[lengths.len() - 1];
+                }
+                Ok(Mask::document_lengths(&lengths)? & Mask::causal())
+            }
+        }
+    }
+}
+
+/// A workload's block mask: a pattern compiled onto the flash kernel's tiles.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sparsity {
+    pub pattern: Pattern,
+    pub block: BlockSize,
+    /// The fraction of blocks the kernel visits ([`BlockMask::density`]).
+    pub density: f64,
+}
+
+impl Sparsity {
+    /// `pattern` on `n` x `n` elements in blocks of `block`, built once to learn its density.
+    pub fn new(pattern: Pattern, n: usize, block: BlockSize) -> Result<Self> {
+        let density = BlockMask::new(&pattern.mask(n, block)?, n, n, block)?.density();
+        Ok(Self { pattern, block, density })
+    }
+
+    /// The mask and its blocks, as [`Sparsity::new`] built them.
+    fn build(&self, n: usize) -> Result<(Mask, BlockMask)> {
+        let mask = self.pattern.mask(n, self.block)?;
+        let blocks = BlockMask::new(&mask, n, n, self.block)?;
+        Ok((mask, blocks))
+    }
 }
 
 /// The two ways of computing attention that are timed against each other.
@@ -38,7 +134,19 @@ impl Workload {
     ) -> Self {
         let shape =
             AttentionShape { batch, q_heads: heads, kv_heads, n_q: seq, n_k: seq, d_qk: head_dim, d_v: head_dim };
-        Self { shape, dtype, options }
+        Self { shape, dtype, options, sparsity: None }
+    }
+
+    /// This problem without options, restricted to `pattern` on blocks of `block`.
+    pub fn block_sparse(&self, pattern: Pattern, block: BlockSize) -> Result<Self> {
+        let sparsity = Sparsity::new(pattern, self.shape.n_q, block)?;
+        Ok(Self { options: AttentionOptions::default(), sparsity: Some(sparsity), ..*self })
+    }
+
+    /// The dense problem a block-sparse one is measured against: the same shape and dtype,
+    /// no mask at all.
+    pub fn dense_baseline(&self) -> Self {
+        Self { options: AttentionOptions::default(), sparsity: None, ..*self }
     }
 
     pub fn q_shape(&self) -> [usize; 4] {
@@ -62,9 +170,14 @@ impl Workload {
     /// Floating-point operations of one forward: per visible query-key pair, a dot product
     /// over Dqk and a weighted sum over Dv, 2 FLOPs per multiply-add, so 4·B·Hq·Nq·Nk·D
     /// when dense. K/V heads do not enter: grouped-query attention does the same arithmetic.
+    /// Block-sparse problems count the pairs of the blocks visited, partial ones whole: the
+    /// work the kernel does.
     pub fn flops(&self) -> f64 {
         let s = &self.shape;
-        let pairs = counted_pairs(s.n_q, s.n_k, &self.options);
+        let pairs = match &self.sparsity {
+            Some(sparsity) => s.n_q as f64 * s.n_k as f64 * sparsity.density,
+            None => counted_pairs(s.n_q, s.n_k, &self.options),
+        };
         2.0 * (s.batch * s.q_heads) as f64 * pairs * (s.d_qk + s.d_v) as f64
     }
 
@@ -76,7 +189,10 @@ impl Workload {
         if s.d_v != s.d_qk {
             name += &format!("/{}", s.d_v);
         }
-        name += &mask_name(&self.options);
+        match &self.sparsity {
+            Some(sparsity) => name += &format!(" sparse {}", sparsity.pattern.name()),
+            None => name += &mask_name(&self.options),
+        }
         if s.kv_heads != s.q_heads {
             name += &format!(" gqa {}/{}", s.q_heads, s.kv_heads);
         }
@@ -176,12 +292,19 @@ pub fn input_values(which: u64, range: std::ops::Range<usize>, dtype: DType) -> 
         .collect()
 }
 
-/// A workload's inputs on the GPU, shared by both paths.
+/// A workload's inputs on the GPU, shared by both paths, and its block mask.
 pub struct Problem {
     pub workload: Workload,
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    mask: Option<UploadedMask>,
+}
+
+/// A block-sparse problem's mask: the predicate, for the reference, and its blocks on the GPU.
+struct UploadedMask {
+    mask: Mask,
+    blocks: GpuBlockMask,
 }
 
 /// The buffers one path writes: O, LSE and, for the naive path, the score matrix.
@@ -204,24 +327,40 @@ impl PathBuffers {
 }
 
 impl Problem {
-    /// Uploads Q, K and V filled by [`input_value`].
+    /// Uploads Q, K and V filled by [`input_value`], and the block mask if there is one.
     pub fn upload(ctx: &Context, workload: &Workload) -> Result<Self> {
         workload.check()?;
         let tensor = |which: u64, shape: [usize; 4]| {
             let data = input_values(which, 0..shape.iter().product(), workload.dtype);
             Tensor::from_f32(ctx, &shape, &data, workload.dtype)
         };
+        let mask = match &workload.sparsity {
+            Some(sparsity) => {
+                let (mask, blocks) = sparsity.build(workload.shape.n_q)?;
+                Some(UploadedMask { mask, blocks: blocks.upload(ctx)? })
+            }
+            None => None,
+        };
         Ok(Self {
             workload: *workload,
             q: tensor(0, workload.q_shape())?,
             k: tensor(1, workload.k_shape())?,
             v: tensor(2, workload.v_shape())?,
+            mask,
         })
     }
 
-    /// Bytes of the input buffers.
+    /// Bytes of the input buffers, the block mask's included.
     pub fn input_bytes(&self) -> u64 {
-        [&self.q, &self.k, &self.v].iter().map(|t| t.buffer().size()).sum()
+        let mask = self.mask.as_ref().map_or(0, |m| m.blocks.buffer().size());
+        [&self.q, &self.k, &self.v].iter().map(|t| t.buffer().size()).sum::<u64>() + mask
+    }
+
+    /// Whether query `i` sees key `j` under the block mask (always, without one); the
+    /// options' mask is separate.
+    pub fn mask_allows(&self, i: usize, j: usize) -> bool {
+        let s = &self.workload.shape;
+        self.mask.as_ref().is_none_or(|m| m.mask.visible(s.n_q, s.n_k, i, j))
     }
 
     /// Allocates the outputs of `path` (and the naive path's score matrix, checked
@@ -230,6 +369,9 @@ impl Problem {
         let shape = &self.workload.shape;
         let scores = match path {
             Path::Flash => None,
+            Path::Naive if self.mask.is_some() => {
+                return Err(Error::Option("the naive baseline takes no block mask".into()));
+            }
             Path::Naive => Some(naive::alloc_scores(ctx, self.q.shape(), self.k.shape())?),
         };
         Ok(PathBuffers {
@@ -255,9 +397,10 @@ impl Problem {
             lse: bufs.lse.view(),
         };
         let options = &self.workload.options;
-        match &bufs.scores {
-            None => flash::encode(ctx, encoder, &views, options, config),
-            Some(scores) => naive::encode(ctx, encoder, &views, scores, options),
+        match (&bufs.scores, &self.mask) {
+            (None, None) => flash::encode(ctx, encoder, &views, options, config),
+            (None, Some(mask)) => flash::encode_masked(ctx, encoder, &views, &mask.blocks, options, config),
+            (Some(scores), _) => naive::encode(ctx, encoder, &views, scores, options),
         }
     }
 }
@@ -284,6 +427,10 @@ pub struct Grid {
     pub heads: Option<usize>,
     /// `None`: as many as query heads.
     pub kv_heads: Option<usize>,
+    /// Block-sparse patterns, each measured at every (dtype, head dim, sequence length)
+    /// against the dense point of that shape (so `causal` must hold `false` and there must
+    /// be no window).
+    pub sparse: Vec<Pattern>,
 }
 
 impl Grid {
@@ -299,6 +446,7 @@ impl Grid {
             batch: None,
             heads: None,
             kv_heads: None,
+            sparse: Vec::new(),
         }
     }
 
@@ -307,8 +455,17 @@ impl Grid {
         Self { seqs: vec![256, 512, 1024], head_dims: vec![64], batch: Some(1), heads: Some(2), ..Self::full() }
     }
 
-    /// The points in grid order (dtype, head dim, causal, sequence length), each checked.
-    pub fn workloads(&self) -> Result<Vec<Workload>> {
+    /// The points in grid order (dtype, head dim, causal, sequence length), each checked,
+    /// then the block-sparse ones (dtype, head dim, sequence length, pattern), whose masks
+    /// have blocks of `block`: the flash tiles they will run with.
+    pub fn workloads(&self, block: BlockSize) -> Result<Vec<Workload>> {
+        if !self.sparse.is_empty() && (!self.causal.contains(&false) || self.window != (-1, -1)) {
+            return Err(Error::Option(
+                "block-sparse points are measured against the dense kernel without a mask: \
+                 keep causal false (or both) and no window"
+                    .into(),
+            ));
+        }
         let mut points = Vec::new();
         for &dtype in &self.dtypes {
             for &head_dim in &self.head_dims {
@@ -327,6 +484,12 @@ impl Grid {
         }
         if points.is_empty() {
             return Err(Error::Option("the benchmark grid is empty".into()));
+        }
+        let baselines: Vec<Workload> = points.iter().filter(|w| !w.options.causal).copied().collect();
+        for dense in baselines {
+            for &pattern in &self.sparse {
+                points.push(dense.block_sparse(pattern, block)?);
+            }
         }
         Ok(points)
     }
@@ -409,14 +572,14 @@ mod tests {
 
     #[test]
     fn grids_follow_the_token_protocol_and_check_heads() {
-        let points = Grid::full().workloads().unwrap();
+        let points = Grid::full().workloads(FlashConfig::CPU.block_size()).unwrap();
         assert_eq!(points.len(), 6 * 2 * 2 * 2);
         for w in &points {
             assert_eq!(w.shape.batch * w.shape.n_q, TOKENS_PER_POINT);
             assert_eq!(w.shape.q_heads * w.shape.d_qk, MODEL_WIDTH);
         }
         let bad = Grid { kv_heads: Some(3), ..Grid::quick() };
-        assert!(matches!(bad.workloads(), Err(Error::Heads { .. })));
+        assert!(matches!(bad.workloads(FlashConfig::CPU.block_size()), Err(Error::Heads { .. })));
     }
 
     #[test]
@@ -426,6 +589,50 @@ mod tests {
         assert!(small.flops() <= 1e9 && small.flops() > 1e9 / 4.0, "{small:?}");
         assert_eq!((small.shape.n_q, small.shape.d_qk), (512, 64));
         assert_eq!(small.shape.q_heads / small.shape.kv_heads, 4);
+    }
+
+    #[test]
+    fn block_sparse_patterns_mean_what_they_say() {
+        let block = BlockSize::new(32, 32);
+        // 256 x 256 blocks: the realised density is close to the one asked for.
+        for density in [0.05, 0.3, 1.0] {
+            let s = Sparsity::new(Pattern::Random(density), 8192, block).unwrap();
+            assert!((s.density - density).abs() < 0.01, "{density}: {}", s.density);
+        }
+        assert_eq!(Sparsity::new(Pattern::Random(1.0), 100, block).unwrap().density, 1.0);
+        assert!(Pattern::Random(0.0).mask(64, block).is_err() && Pattern::Random(1.5).mask(64, block).is_err());
+        let n = 1000;
+        let sees = |pattern: Pattern, i: usize, j: usize| pattern.mask(n, block).unwrap().visible(n, n, i, j);
+        // Window: causal, n/8 = 125 keys back.
+        assert!(sees(Pattern::Window, 500, 375) && !sees(Pattern::Window, 500, 374) && !sees(Pattern::Window, 500, 501));
+        assert!(sees(Pattern::Causal, 500, 500) && !sees(Pattern::Causal, 500, 501));
+        // Documents: causal runs of n/16 to 3n/16 keys (the last one cut to fit).
+        let mask = Pattern::Documents.mask(n, block).unwrap();
+        let starts: Vec<usize> = (0..n).filter(|&i| i == 0 || !mask.visible(n, n, i, i - 1)).collect();
+        let lengths: Vec<usize> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(lengths.len() >= 4 && lengths.iter().all(|&l| (n / 16..=3 * n / 16).contains(&l)), "{starts:?}");
+        assert!(!mask.visible(n, n, starts[1], starts[1] + 1), "causal inside documents");
+        assert_eq!(Pattern::Documents.mask(n, block).unwrap().to_string(), mask.to_string(), "seeded");
+    }
+
+    #[test]
+    fn block_sparse_workloads_count_the_blocks_they_visit() {
+        let dense = Workload::new(2, 4, 4, 512, 64, DType::F32, AttentionOptions::causal());
+        let sparse = dense.block_sparse(Pattern::Causal, BlockSize::new(64, 64)).unwrap();
+        // 8 query blocks: 36 of 64 blocks on or below the diagonal.
+        assert_eq!(sparse.sparsity.unwrap().density, 36.0 / 64.0);
+        assert_eq!(sparse.flops(), dense.dense_baseline().flops() * 36.0 / 64.0);
+        assert_eq!(sparse.options, AttentionOptions::default());
+        assert_eq!(sparse.series(), "f32 d64 sparse causal");
+        assert_eq!(sparse.dense_baseline(), Workload { options: AttentionOptions::default(), ..dense });
+        let grid = Grid { sparse: vec![Pattern::Random(0.5), Pattern::Window], causal: vec![false], ..Grid::quick() };
+        let points = grid.workloads(BlockSize::new(32, 32)).unwrap();
+        assert_eq!(points.len(), 6 + 6 * 2, "3 seqs x 2 dtypes, each dense and with two patterns");
+        for w in points.iter().filter(|w| w.sparsity.is_some()) {
+            assert!(points.contains(&w.dense_baseline()), "{w:?}");
+        }
+        let causal_only = Grid { causal: vec![true], ..grid };
+        assert!(matches!(causal_only.workloads(BlockSize::new(32, 32)), Err(Error::Option(_))));
     }
 
     #[test]

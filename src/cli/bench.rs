@@ -1,9 +1,11 @@
-//! `wattn bench`: the flash kernel against the naive baseline over a grid of problems.
+//! `wattn bench`: the flash kernel against the naive baseline over a grid of problems, and
+//! block-sparse masks against the dense kernel.
 
 use super::AdapterArgs;
 use crate::bench::progress::Progress;
 use crate::bench::report::{BenchReport, Provenance, seq_label, write_file, write_json};
 use crate::bench::runner::{self, Settings};
+use crate::bench::workload::Pattern;
 use crate::bench::{Grid, Timer, peak, plot};
 use crate::error::{Error, Result};
 use crate::flash::FlashConfig;
@@ -41,6 +43,15 @@ pub struct BenchArgs {
     /// Sliding window LEFT,RIGHT in keys around the diagonal; -1 = unbounded on that side.
     #[arg(long, value_name = "LEFT,RIGHT", value_delimiter = ',', allow_hyphen_values = true)]
     pub window: Option<Vec<i32>>,
+    /// Block-sparse: random block masks of these densities (seeded), each timed against the
+    /// dense kernel on the same shape, e.g. 0.05,0.1,0.3,1.0. With --density or --pattern,
+    /// --causal defaults to false (the dense points are the baseline).
+    #[arg(long, value_name = "D,...", value_delimiter = ',', value_parser = parse_density)]
+    pub density: Option<Vec<f64>>,
+    /// Block-sparse: structured masks timed against the dense kernel: causal, window (causal,
+    /// N/8 keys), documents (causal inside packed documents of N/16 to 3N/16 keys).
+    #[arg(long, value_name = "causal,window,documents", value_delimiter = ',')]
+    pub pattern: Option<Vec<PatternChoice>>,
     /// Timed runs per path and point; the median is reported with min and max.
     #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub runs: u32,
@@ -84,6 +95,24 @@ pub enum CausalChoice {
     Both,
 }
 
+/// The structured block-sparse patterns `--pattern` takes.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum PatternChoice {
+    Causal,
+    Window,
+    Documents,
+}
+
+impl From<PatternChoice> for Pattern {
+    fn from(choice: PatternChoice) -> Self {
+        match choice {
+            PatternChoice::Causal => Pattern::Causal,
+            PatternChoice::Window => Pattern::Window,
+            PatternChoice::Documents => Pattern::Documents,
+        }
+    }
+}
+
 impl BenchArgs {
     /// The grid the flags describe: `--quick` or the full grid, then each flag given.
     pub fn grid(&self) -> Result<Grid> {
@@ -96,6 +125,12 @@ impl BenchArgs {
         }
         if let Some(dtypes) = &self.dtype {
             grid.dtypes = dtypes.clone();
+        }
+        let densities = self.density.iter().flatten().map(|&d| Pattern::Random(d));
+        grid.sparse = densities.chain(self.pattern.iter().flatten().map(|&p| p.into())).collect();
+        if !grid.sparse.is_empty() {
+            // The block-sparse points' baseline is the dense kernel without a mask.
+            grid.causal = vec![false];
         }
         if let Some(causal) = self.causal {
             grid.causal = match causal {
@@ -118,13 +153,15 @@ impl BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let workloads = args.grid()?.workloads()?;
+    let grid = args.grid()?;
     if args.budget.is_nan() || args.budget < 0.0 {
         return Err(Error::Option(format!("--budget {}: give seconds >= 0 (0 = no limit)", args.budget)));
     }
     check_output_dirs(&[&args.json, &args.csv, &args.plot])?;
     let ctx = args.adapter.context()?;
     let config = args.config.unwrap_or_else(|| FlashConfig::for_adapter(&ctx));
+    // Block masks are built on the tiles they will run with.
+    let workloads = grid.workloads(config.block_size())?;
     // Rule violations do not depend on the shape; limits do and are reported per point.
     if let Err(e @ Error::Option(_)) = config.check(ctx.limits(), &workloads[0].shape) {
         return Err(e);
@@ -188,7 +225,7 @@ pub(super) fn check_output_dirs(paths: &[&Option<PathBuf>]) -> Result<()> {
 }
 
 /// A token count: 512, 2k, 16K.
-fn parse_tokens(text: &str) -> std::result::Result<usize, String> {
+pub(super) fn parse_tokens(text: &str) -> std::result::Result<usize, String> {
     let t = text.trim();
     let (digits, scale) = match t.strip_suffix(['k', 'K']) {
         Some(d) => (d, 1024),
@@ -197,6 +234,14 @@ fn parse_tokens(text: &str) -> std::result::Result<usize, String> {
     match digits.parse::<usize>() {
         Ok(n) if n > 0 => Ok(n * scale),
         _ => Err(format!("'{text}' is not a sequence length (e.g. 512, 2k)")),
+    }
+}
+
+/// A block density in (0, 1].
+fn parse_density(text: &str) -> std::result::Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(d) if d > 0.0 && d <= 1.0 => Ok(d),
+        _ => Err(format!("'{text}' is not a density in (0, 1], e.g. 0.1")),
     }
 }
 

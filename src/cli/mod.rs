@@ -4,6 +4,7 @@ pub mod bench;
 pub mod info;
 pub mod peak;
 pub mod run;
+pub mod stream;
 
 use crate::context::{AdapterSelection, Context};
 use crate::error::{Error, Result};
@@ -25,6 +26,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Measure the adapter's FMA throughput and memory bandwidth.
     Peak(peak::PeakArgs),
+    /// Stream synthetic tokens through the KV cache: per-token decode time against position, and memory.
+    Stream(stream::StreamArgs),
 }
 
 pub fn dispatch(cli: Cli) -> Result<()> {
@@ -33,6 +36,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Run(a) => run::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Peak(a) => peak::run(a),
+        Command::Stream(a) => stream::run(a),
     }
 }
 

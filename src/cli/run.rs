@@ -1,4 +1,6 @@
-//! `wattn run`: attention on .npy files.
+//! `wattn run`: attention on .npy files, dense or block-sparse.
+
+mod block_sparse;
 
 use super::AdapterArgs;
 use crate::attention::{AttentionBuffers, AttentionOptions, AttentionShape};
@@ -6,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::flash::{self, FlashConfig};
 use crate::npy::{self, NpyArray};
 use crate::tensor::{DType, Tensor};
+use block_sparse::SparseInputs;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
@@ -46,6 +49,22 @@ pub struct RunArgs {
     /// Also compute the f64 CPU reference and print the max abs error of O and LSE.
     #[arg(long)]
     pub check: bool,
+    /// Block-sparse: an element mask, bool or uint8, [Nq, Nk] or [B|1, Hq|1, Nq, Nk]; true = attend.
+    #[arg(long, value_name = "MASK.npy")]
+    pub mask: Option<PathBuf>,
+    /// Block-sparse: the document of each key position, int32 [Nk] or [B, Nk], non-decreasing
+    /// (packed sequences); a query sees the keys of the document at its own position (bottom-right).
+    #[arg(long, value_name = "IDS.npy")]
+    pub doc_ids: Option<PathBuf>,
+    /// Block-sparse: prefix-LM, the first P keys visible to every query, causal after.
+    #[arg(long, value_name = "P")]
+    pub prefix: Option<usize>,
+    /// Block-sparse: the kernel's tiles, which are the mask's blocks [default: the adapter's flash config].
+    #[arg(long, value_name = "BQ,BK")]
+    pub block_size: Option<String>,
+    /// Draw the block mask on stderr: '#' full, '+' partial, '.' empty blocks.
+    #[arg(long)]
+    pub show_mask: bool,
     #[command(flatten)]
     pub adapter: AdapterArgs,
 }
@@ -77,6 +96,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         Some(d) => d,
         None => common_dtype(&q, &k, &v)?,
     };
+    let sparse =
+        SparseInputs::read(args.mask.as_deref(), args.doc_ids.as_deref(), args.prefix, args.block_size.as_deref(), &shape)?;
+    if args.show_mask && sparse.is_none() {
+        return Err(Error::Option("--show-mask draws a block mask: give --mask, --doc-ids, --prefix or --block-size".into()));
+    }
     let pairs = [shape.batch, shape.q_heads, shape.n_q, shape.n_k].iter().fold(1usize, |a, &b| a.saturating_mul(b));
     if args.check && pairs > MAX_CHECK_PAIRS {
         return Err(Error::Option(format!(
@@ -87,7 +111,16 @@ pub fn run(args: RunArgs) -> Result<()> {
     let (q_data, k_data, v_data) = (in_storage(q.data, dtype), in_storage(k.data, dtype), in_storage(v.data, dtype));
 
     let ctx = args.adapter.context()?;
-    let config = FlashConfig::for_adapter(&ctx);
+    let adapter_config = FlashConfig::for_adapter(&ctx);
+    // The masks hold the dense options too, so that the kernel skips the tiles they hide.
+    let masks = sparse.as_ref().map(|s| s.masks(&options));
+    let config = match &sparse {
+        Some(s) => adapter_config.with_block_size(s.block_size(adapter_config.block_size())),
+        None => adapter_config,
+    };
+    config.check(ctx.limits(), &shape)?;
+    let block_mask = masks.as_ref().map(|m| m.block_mask(shape.n_q, shape.n_k, config.block_size())).transpose()?;
+    let gpu_mask = block_mask.as_ref().map(|m| m.upload(&ctx)).transpose()?;
     let q_gpu = Tensor::from_f32(&ctx, &q_shape, &q_data, dtype)?;
     let k_gpu = Tensor::from_f32(&ctx, &k_shape, &k_data, dtype)?;
     let v_gpu = Tensor::from_f32(&ctx, &v_shape, &v_data, dtype)?;
@@ -102,7 +135,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     };
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
     // Recording builds the pipeline, so the timed part below is only the GPU's work.
-    flash::encode(&ctx, &mut encoder, &bufs, &options, &config)?;
+    match &gpu_mask {
+        Some(mask) => flash::encode_masked(&ctx, &mut encoder, &bufs, mask, &options, &config)?,
+        None => flash::encode(&ctx, &mut encoder, &bufs, &options, &config)?,
+    }
     let start = std::time::Instant::now();
     ctx.submit_and_wait(encoder)?;
     let gpu_time = start.elapsed();
@@ -121,17 +157,27 @@ pub fn run(args: RunArgs) -> Result<()> {
         s.commit()?;
     }
     eprintln!(
-        "wattn run: {} | Q {:?} K {:?} V {:?} {dtype}{} | GPU {:.3} ms",
+        "wattn run: {} | Q {:?} K {:?} V {:?} {dtype}{}{} | GPU {:.3} ms",
         ctx.describe(),
         q.shape,
         k.shape,
         v.shape,
         describe_options(&options),
+        sparse.as_ref().map_or(String::new(), |s| format!(" block-sparse {}", s.describe())),
         gpu_time.as_secs_f64() * 1e3
     );
+    if let Some(mask) = &block_mask {
+        // The drawing's first line gives the size, the blocks and the density.
+        let drawing = mask.to_string();
+        let shown = if args.show_mask { drawing.as_str() } else { drawing.lines().next().unwrap_or_default() };
+        eprintln!("wattn run: {}", shown.trim_end());
+    }
 
     if args.check {
-        let want = crate::reference::attention(&q_data, &k_data, &v_data, &shape, &options);
+        let visible = |b: usize, h: usize, i: usize, j: usize| {
+            masks.as_ref().is_none_or(|m| m.visible(shape.n_q, shape.n_k, b, h, i, j))
+        };
+        let want = crate::reference::attention_masked(&q_data, &k_data, &v_data, &shape, &options, visible);
         println!(
             "check against the f64 CPU reference: max |O - ref| = {:.3e}, max |LSE - ref| = {:.3e}",
             max_abs_diff(&out, &want.out),
@@ -153,7 +199,7 @@ fn parse_window(text: &str) -> Result<(i32, i32)> {
     })
 }
 
-fn parse_dtype(text: &str) -> Result<DType> {
+pub(super) fn parse_dtype(text: &str) -> Result<DType> {
     text.parse().map_err(|_| Error::Option(format!("--dtype '{text}': use f32 or f16")))
 }
 

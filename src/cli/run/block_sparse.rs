@@ -1,0 +1,201 @@
+//! `wattn run`'s block-sparse inputs (`--mask`, `--doc-ids`, `--prefix`, `--block-size`):
+//! read, checked against the attention shape, and combined with the dense options into one
+//! [`Mask`] per (batch, head), so that the kernel skips every tile none of them needs.
+
+use crate::attention::{AttentionOptions, AttentionShape};
+use crate::error::{Error, Result};
+use crate::mask::{BlockMask, BlockSize, Mask};
+use crate::npy;
+use std::path::{Path, PathBuf};
+
+/// The block-sparse flags of one run, read and checked.
+pub struct SparseInputs {
+    /// `--mask`: one element mask per (batch, head) of its file, batch-major.
+    elements: Option<Masks>,
+    /// `--doc-ids`: one documents mask per batch of its file.
+    documents: Option<Masks>,
+    prefix: Option<usize>,
+    block: Option<BlockSize>,
+    /// For the summary line: what was given, e.g. "mask [2, 1, 8, 8] & doc-ids [8]".
+    description: String,
+}
+
+/// Masks for `batch` x `heads` (batch-major); an axis of 1 broadcasts.
+pub struct Masks {
+    pub masks: Vec<Mask>,
+    pub batch: usize,
+    pub heads: usize,
+}
+
+impl Masks {
+    fn one(mask: Mask) -> Self {
+        Self { masks: vec![mask], batch: 1, heads: 1 }
+    }
+
+    fn get(&self, b: usize, h: usize) -> &Mask {
+        let b = if self.batch == 1 { 0 } else { b };
+        let h = if self.heads == 1 { 0 } else { h };
+        &self.masks[b * self.heads + h]
+    }
+
+    /// Whether query `i` of batch `b`, head `h` sees key `j`, for `n_q` x `n_k`.
+    pub fn visible(&self, n_q: usize, n_k: usize, b: usize, h: usize, i: usize, j: usize) -> bool {
+        self.get(b, h).visible(n_q, n_k, i, j)
+    }
+
+    /// The masks compiled onto blocks of `block`.
+    pub fn block_mask(&self, n_q: usize, n_k: usize, block: BlockSize) -> Result<BlockMask> {
+        BlockMask::build(&self.masks, self.batch, self.heads, n_q, n_k, block)
+    }
+
+    /// Visible where both are, per (batch, head), broadcasting each where it broadcasts.
+    fn and(&self, other: &Masks) -> Masks {
+        let (batch, heads) = (self.batch.max(other.batch), self.heads.max(other.heads));
+        let masks = (0..batch * heads).map(|i| {
+            let (b, h) = (i / heads, i % heads);
+            self.get(b, h).clone() & other.get(b, h).clone()
+        });
+        Masks { masks: masks.collect(), batch, heads }
+    }
+}
+
+impl SparseInputs {
+    /// Reads the files the flags name and checks them against `shape`; `None` when no
+    /// block-sparse flag is given.
+    pub fn read(
+        mask: Option<&Path>,
+        doc_ids: Option<&Path>,
+        prefix: Option<usize>,
+        block_size: Option<&str>,
+        shape: &AttentionShape,
+    ) -> Result<Option<Self>> {
+        if mask.is_none() && doc_ids.is_none() && prefix.is_none() && block_size.is_none() {
+            return Ok(None);
+        }
+        let block = block_size.map(parse_block_size).transpose()?;
+        let mut parts = Vec::new();
+        let elements = mask.map(|path| read_mask(path, shape, &mut parts)).transpose()?;
+        let documents = doc_ids.map(|path| read_documents(path, shape, &mut parts)).transpose()?;
+        if let Some(p) = prefix {
+            parts.push(format!("prefix-LM {p}"));
+        }
+        let mut description = parts.join(" & ");
+        if let Some(b) = block {
+            description += &format!(" blocks {b}");
+        }
+        Ok(Some(Self { elements, documents, prefix, block, description }))
+    }
+
+    /// `--block-size`, or the tiles of the adapter's flash configuration.
+    pub fn block_size(&self, default: BlockSize) -> BlockSize {
+        self.block.unwrap_or(default)
+    }
+
+    pub fn describe(&self) -> &str {
+        &self.description
+    }
+
+    /// The masks of the run: the element mask, the documents, the prefix-LM and the dense
+    /// options (causal, window, sinks), all of them required.
+    pub fn masks(&self, options: &AttentionOptions) -> Masks {
+        let mut combined = Masks::one(Mask::from_options(options));
+        if let Some(p) = self.prefix {
+            combined = combined.and(&Masks::one(Mask::prefix_lm(p)));
+        }
+        for part in [&self.documents, &self.elements].into_iter().flatten() {
+            combined = combined.and(part);
+        }
+        combined
+    }
+}
+
+/// `--mask`: bool or uint8, `[Nq, Nk]` or `[B or 1, Hq or 1, Nq, Nk]`.
+fn read_mask(path: &Path, shape: &AttentionShape, parts: &mut Vec<String>) -> Result<Masks> {
+    let array = npy::read_bools(path)?;
+    let (n_q, n_k) = (shape.n_q, shape.n_k);
+    let (batch, heads) = match array.shape[..] {
+        [q, k] if (q, k) == (n_q, n_k) => (1, 1),
+        [b, h, q, k] if (b == 1 || b == shape.batch) && (h == 1 || h == shape.q_heads) && (q, k) == (n_q, n_k) => (b, h),
+        _ => {
+            return Err(in_file(path, format!(
+                "mask shape {:?} does not broadcast to [B, Hq, Nq, Nk] = [{}, {}, {n_q}, {n_k}]: \
+                 use [Nq, Nk] or [B or 1, Hq or 1, Nq, Nk]",
+                array.shape, shape.batch, shape.q_heads
+            )));
+        }
+    };
+    parts.push(format!("mask {:?}", array.shape));
+    let masks = array.data.chunks(n_q * n_k).map(|slice| Mask::dense(n_q, n_k, slice)).collect::<Result<_>>()?;
+    Ok(Masks { masks, batch, heads })
+}
+
+/// `--doc-ids`: int32 `[Nk]` or `[B, Nk]`, non-negative and non-decreasing along the keys.
+fn read_documents(path: &Path, shape: &AttentionShape, parts: &mut Vec<String>) -> Result<Masks> {
+    let array = npy::read_i32(path)?;
+    let n_k = shape.n_k;
+    let batch = match array.shape[..] {
+        [k] if k == n_k => 1,
+        [b, k] if (b == 1 || b == shape.batch) && k == n_k => b,
+        _ => {
+            return Err(in_file(path, format!(
+                "document ids of shape {:?} do not fit {} batch x {n_k} keys: use [Nk] or [B, Nk]",
+                array.shape, shape.batch
+            )));
+        }
+    };
+    if let Some(p) = array.data.iter().position(|&id| id < 0) {
+        return Err(in_file(path, format!("document ids must be >= 0, got {} at index {p}", array.data[p])));
+    }
+    parts.push(format!("doc-ids {:?}", array.shape));
+    let masks = array
+        .data
+        .chunks(n_k)
+        .enumerate()
+        .map(|(b, ids)| {
+            let ids: Vec<u32> = ids.iter().map(|&id| id as u32).collect();
+            Mask::documents(&ids).map_err(|e| match e {
+                Error::Option(why) if batch > 1 => in_file(path, format!("batch {b}: {why}")),
+                Error::Option(why) => in_file(path, why),
+                other => other,
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(Masks { masks, batch, heads: 1 })
+}
+
+fn in_file(path: &Path, detail: String) -> Error {
+    Error::File { path: PathBuf::from(path), detail }
+}
+
+/// `BQ,BK` as a block size (checked against the device when the kernel is configured).
+fn parse_block_size(text: &str) -> Result<BlockSize> {
+    let parsed = text.split_once(',').and_then(|(q, k)| Some((q.trim().parse().ok()?, k.trim().parse().ok()?)));
+    match parsed {
+        Some((q, k)) if q > 0 && k > 0 => Ok(BlockSize::new(q, k)),
+        _ => Err(Error::Option(format!("--block-size '{text}': expected BQ,BK, two positive integers, e.g. 32,32"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_sizes_take_two_positive_numbers() {
+        assert_eq!(parse_block_size("16, 64").unwrap(), BlockSize::new(16, 64));
+        for bad in ["16", "0,32", "a,b", "16,32,4", "-1,8"] {
+            assert!(parse_block_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn masks_broadcast_each_axis_when_combined() {
+        let by_head = Masks { masks: vec![Mask::causal(), Mask::full()], batch: 1, heads: 2 };
+        let by_batch = Masks { masks: vec![Mask::full(), Mask::key_prefix(1)], batch: 2, heads: 1 };
+        let both = by_head.and(&by_batch);
+        assert_eq!((both.batch, both.heads, both.masks.len()), (2, 2, 4));
+        // Batch 1, head 0: causal and key 0 only; batch 0, head 1: everything.
+        assert!(both.visible(4, 4, 1, 0, 3, 0) && !both.visible(4, 4, 1, 0, 3, 1) && !both.visible(4, 4, 1, 0, 0, 1));
+        assert!(both.visible(4, 4, 0, 1, 0, 3));
+    }
+}
