@@ -54,6 +54,7 @@ pub struct Context {
     caps: Capabilities,
     loop_limit: Option<u32>,
     pub(crate) pipelines: PipelineCache,
+    unused: [std::sync::OnceLock<wgpu::Buffer>; 2],
 }
 
 /// The features wattn asks for when it opens the device itself.
@@ -92,7 +93,7 @@ impl Context {
         let limits = device.limits();
         let caps = Capabilities::of(device.features());
         let loop_limit = loop_iteration_limit(&info);
-        Self { device, queue, info, limits, caps, loop_limit, pipelines: PipelineCache::default() }
+        Self { device, queue, info, limits, caps, loop_limit, pipelines: PipelineCache::default(), unused: Default::default() }
     }
 
     pub fn device(&self) -> &wgpu::Device {
@@ -127,6 +128,20 @@ impl Context {
     pub fn with_loop_iteration_limit(mut self, limit: u32) -> Self {
         self.loop_limit = Some(self.loop_limit.map_or(limit, |own| own.min(limit)));
         self
+    }
+
+    /// A small storage buffer, made once, for a binding a shader variant declares but never
+    /// touches. `slot` 0 and 1 are distinct buffers, so one bind group can fill two such
+    /// bindings (one of them read-write) without a usage conflict.
+    pub(crate) fn unused_binding(&self, slot: usize) -> &wgpu::Buffer {
+        self.unused[slot].get_or_init(|| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("wattn unused binding"),
+                size: 256,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        })
     }
 
     /// A one-line description: name, backend, type, driver.

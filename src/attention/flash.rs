@@ -5,7 +5,7 @@
 use super::{AttentionBuffers, AttentionOptions, AttentionShape};
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::mask::{BlockMaskHeader, BlockSize, GpuBlockMask};
+use crate::mask::{BlockSize, GpuBlockMask};
 use crate::pipeline::{bind_buffers, check_grid};
 use crate::tensor::check_binding_size;
 use crate::shader::{ConstValue, Kernel, ShaderKey};
@@ -305,29 +305,23 @@ fn record(
     let keys_per_pass = config.keys_per_pass(ctx.limits(), &shape, ctx.loop_iteration_limit()).unwrap_or(n_k);
     let passes = n_k.div_ceil(keys_per_pass);
     // The carried (m, l, o) of every row, only when there is more than one pass.
-    let state_floats = if passes > 1 { shape.batch * shape.q_heads * shape.n_q * (Variant::new(config, ctx.limits(), &shape).dv_pad as usize + 2) } else { 1 };
-    let state_bytes = 4 * state_floats as u64;
-    check_binding_size(ctx, "flash pass state", state_bytes)?;
-    let state = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-        label: Some("wattn flash pass state"),
-        size: state_bytes,
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    });
-    // The dense variant never reads the mask binding, but its layout still has it.
-    let no_mask;
-    let mask_buffer = match mask {
-        Some(mask) => mask.buffer(),
-        None => {
-            no_mask = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-                label: Some("wattn no block mask"),
-                size: size_of::<BlockMaskHeader>() as u64 + 4,
-                usage: wgpu::BufferUsages::STORAGE,
-                mapped_at_creation: false,
-            });
-            &no_mask
-        }
+    let own_state;
+    let state = if passes > 1 {
+        let floats = shape.batch * shape.q_heads * shape.n_q * (Variant::new(config, ctx.limits(), &shape).dv_pad as usize + 2);
+        let bytes = 4 * floats as u64;
+        check_binding_size(ctx, "flash pass state", bytes)?;
+        own_state = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wattn flash pass state"),
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        &own_state
+    } else {
+        ctx.unused_binding(0)
     };
+    // The dense variant never reads the mask binding, but its layout still has it.
+    let mask_buffer = mask.map_or_else(|| ctx.unused_binding(1), |m| m.buffer());
     let base = FlashParams::new(&shape, options);
     for p in 0..passes {
         let params = FlashParams {
@@ -344,7 +338,7 @@ fn record(
             (3, bufs.v.buffer),
             (4, bufs.out.buffer),
             (5, bufs.lse.buffer),
-            (6, &state),
+            (6, state),
             (7, mask_buffer),
         ]);
         // One compute pass per key pass, so each sees the state the previous one wrote.
