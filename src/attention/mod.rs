@@ -51,6 +51,28 @@ impl AttentionOptions {
         self.scale.unwrap_or(1.0 / (d_qk as f32).sqrt())
     }
 
+    /// The settings that differ from plain attention, each with a leading space
+    /// (" causal window 128,0 sinks 4"), or "" for none: for summaries and labels.
+    pub fn describe(&self) -> String {
+        let mut s = String::new();
+        if self.causal {
+            s += " causal";
+        }
+        if self.window != (-1, -1) {
+            s += &format!(" window {},{}", self.window.0, self.window.1);
+        }
+        if self.sinks > 0 {
+            s += &format!(" sinks {}", self.sinks);
+        }
+        if self.softcap > 0.0 {
+            s += &format!(" softcap {}", self.softcap);
+        }
+        if let Some(scale) = self.scale {
+            s += &format!(" scale {scale}");
+        }
+        s
+    }
+
     pub fn validate(&self) -> Result<()> {
         let (l, r) = self.window;
         if l < -1 || r < -1 {

@@ -191,7 +191,10 @@ impl Workload {
         }
         match &self.sparsity {
             Some(sparsity) => name += &format!(" sparse {}", sparsity.pattern.name()),
-            None => name += &mask_name(&self.options),
+            None => {
+                let options = self.options.describe();
+                name += if options.is_empty() { " dense" } else { &options };
+            }
         }
         if s.kv_heads != s.q_heads {
             name += &format!(" gqa {}/{}", s.q_heads, s.kv_heads);
@@ -230,20 +233,6 @@ impl Workload {
     }
 }
 
-/// " causal", " window L,R", " sinks N", or nothing for a dense mask.
-fn mask_name(options: &AttentionOptions) -> String {
-    let mut name = String::new();
-    if options.causal {
-        name += " causal";
-    }
-    if options.window != (-1, -1) {
-        name += &format!(" window {},{}", options.window.0, options.window.1);
-    }
-    if options.sinks > 0 {
-        name += &format!(" sinks {}", options.sinks);
-    }
-    if name.is_empty() { " dense".into() } else { name }
-}
 
 /// The query-key pairs FLOPs are counted over, per (batch, head): all Nq·Nk when dense,
 /// half of them when causal (FlashAttention's convention, so figures compare with

@@ -162,7 +162,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         q.shape,
         k.shape,
         v.shape,
-        describe_options(&options),
+        options.describe(),
         sparse.as_ref().map_or(String::new(), |s| format!(" block-sparse {}", s.describe())),
         gpu_time.as_secs_f64() * 1e3
     );
@@ -251,27 +251,6 @@ fn in_storage(data: Vec<f32>, dtype: DType) -> Vec<f32> {
         DType::F32 => data,
         DType::F16 => data.into_iter().map(|x| half::f16::from_f32(x).to_f32()).collect(),
     }
-}
-
-/// The options that differ from plain attention, for the summary line.
-fn describe_options(o: &AttentionOptions) -> String {
-    let mut s = String::new();
-    if o.causal {
-        s += " causal";
-    }
-    if o.window != (-1, -1) {
-        s += &format!(" window {},{}", o.window.0, o.window.1);
-    }
-    if o.sinks > 0 {
-        s += &format!(" sinks {}", o.sinks);
-    }
-    if o.softcap > 0.0 {
-        s += &format!(" softcap {}", o.softcap);
-    }
-    if let Some(scale) = o.scale {
-        s += &format!(" scale {scale}");
-    }
-    s
 }
 
 /// Max |got - want|; -inf against -inf counts as equal, any NaN makes the result NaN.
