@@ -1,18 +1,25 @@
 //! Criterion benchmarks of the flash kernel and the naive baseline on the small shapes of
-//! `wattn::bench::workload::criterion_workloads`, with the workloads, the validation and
-//! the GPU timer of `wattn bench`. Throughput is reported in attention FLOPs ("elements").
+//! `wattn::bench::workload::criterion_workloads`, and of decode unsplit and with automatic
+//! splits, with the workloads, the validation and the GPU timer of `wattn bench`.
+//! Throughput is reported in attention FLOPs ("elements") for attention and in bytes of K
+//! and V read for decode.
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use std::time::Duration;
+use wattn::bench::decode::{DecodeProblem, DecodeWorkload};
 use wattn::bench::runner::validate;
 use wattn::bench::workload::{PathBuffers, criterion_workloads};
 use wattn::bench::{Path, Problem, Timer};
-use wattn::{Context, FlashConfig};
+use wattn::{Context, DType, FlashConfig};
+
+fn context() -> Context {
+    Context::new().unwrap_or_else(|e| {
+        panic!("the benchmarks need an adapter: {e}\nInstall one with `sudo apt-get install -y mesa-vulkan-drivers`.")
+    })
+}
 
 fn attention(c: &mut Criterion) {
-    let ctx = Context::new().unwrap_or_else(|e| {
-        panic!("the benchmarks need an adapter: {e}\nInstall one with `sudo apt-get install -y mesa-vulkan-drivers`.")
-    });
+    let ctx = context();
     let timer = Timer::new(&ctx);
     let config = FlashConfig::for_adapter(&ctx);
     eprintln!("benchmarking on {}, timed by {}", ctx.describe(), timer.clock().describe());
@@ -39,6 +46,32 @@ fn attention(c: &mut Criterion) {
     group.finish();
 }
 
+/// One decode step of 8 query / 2 KV heads against a 4K-token cache, unsplit and with
+/// automatic splits.
+fn decode(c: &mut Criterion) {
+    let ctx = context();
+    let timer = Timer::new(&ctx);
+    let w = DecodeWorkload { dtype: DType::F32, batch: 1, heads: 8, kv_heads: 2, head_dim: 128, queries: 1, cache_len: 4096 };
+    let mut problem = DecodeProblem::upload(&ctx, &w).unwrap();
+    let mut group = c.benchmark_group("decode");
+    group.sampling_mode(SamplingMode::Flat);
+    group.throughput(Throughput::Bytes(w.kv_bytes()));
+    for splits in [Some(1), None] {
+        timer.time(&ctx, &mut |e| problem.record(&ctx, e, splits)).unwrap();
+        let validation = problem.validate(&ctx).unwrap();
+        assert!(validation.passed(), "decode splits {splits:?}: {validation:?}");
+        let setting = splits.map_or("auto".into(), |n| n.to_string());
+        group.bench_function(format!("{} cache {} splits {setting}", w.series(), w.cache_len), |b| {
+            b.iter_custom(|iters| {
+                let seconds: f64 =
+                    (0..iters).map(|_| timer.time(&ctx, &mut |e| problem.record(&ctx, e, splits)).unwrap()).sum();
+                Duration::from_secs_f64(seconds)
+            })
+        });
+    }
+    group.finish();
+}
+
 /// The summed GPU (or wall) time of `iters` runs.
 fn time_runs(
     ctx: &Context,
@@ -57,6 +90,6 @@ criterion_group! {
     name = benches;
     // Small samples: the whole suite runs in a couple of minutes on a software adapter.
     config = Criterion::default().sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = attention
+    targets = attention, decode
 }
 criterion_main!(benches);

@@ -1,6 +1,6 @@
 //! The benchmark runner: `wattn bench` and `wattn peak` end to end (their JSON, CSV and SVG),
-//! block-sparse sweeps against the dense kernel, the validation that guards every timed
-//! point, and the GPU timer.
+//! block-sparse sweeps against the dense kernel, split-KV decode against unsplit decode,
+//! the validation that guards every timed point, and the GPU timer.
 
 mod common;
 
@@ -9,6 +9,7 @@ use serde_json::Value;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
+use wattn::bench::decode::{DecodeProblem, DecodeWorkload};
 use wattn::bench::runner::validate;
 use wattn::bench::workload::{Pattern, criterion_workloads};
 use wattn::bench::{Clock, Path, Problem, Timer, Workload};
@@ -319,6 +320,95 @@ fn peak_reports_positive_ceilings() {
     assert_eq!(report["peak"]["fma_f16"].is_object(), ctx().capabilities().shader_f16);
     assert!(assert_positive(&report["peak"], &["rate", "work", "median_s", "min_s", "max_s"], "peak") >= 10);
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn decode_bench_times_split_settings_against_the_unsplit_kernel() {
+    let dir = scratch("decode");
+    let (json, csv, svg) = (dir.join("d.json"), dir.join("d.csv"), dir.join("d.svg"));
+    #[rustfmt::skip]
+    let table = wattn(&[
+        "bench", "--decode", "--quick", "--seq", "200,700", "--head-dim", "48", "--heads", "6", "--kv-heads", "2",
+        "--queries", "2", "--splits", "1,3,auto", "--runs", "2",
+        "--json", json.to_str().unwrap(), "--csv", csv.to_str().unwrap(), "--plot", svg.to_str().unwrap(),
+    ]);
+    assert!(table.contains("f32 d48 6/2 heads") && table.contains("auto ("), "{table}");
+
+    let report = read_json(&json);
+    assert_provenance(&report);
+    let points = report["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2, "{points:#?}");
+    for (p, cache_len) in points.iter().zip([200, 700]) {
+        assert_eq!(p["status"], "measured", "{p:#}");
+        assert_eq!((p["cache_len"].as_u64(), p["queries"].as_u64()), (Some(cache_len), Some(2)));
+        assert_eq!(p["kv_bytes"].as_u64(), Some(2 * 2 * cache_len * 48 * 4), "K and V of 2 KV heads, f32");
+        let v = &p["validation"];
+        assert!(v["max_error"].as_f64().unwrap() <= v["tolerance"].as_f64().unwrap(), "{v}");
+        let settings = p["settings"].as_array().unwrap();
+        let requested: Vec<&Value> = settings.iter().map(|s| &s["requested"]).collect();
+        assert_eq!(requested, [&Value::from(1), &Value::from(3), &Value::Null]);
+        assert_eq!(settings[0]["splits"], 1);
+        assert_eq!(settings[1]["splits"], 3, "three tiles of keys or more: the request stands");
+        assert_eq!(settings[0]["speedup_vs_unsplit"].as_f64(), Some(1.0));
+        for s in settings {
+            let bytes_per_s = s["bytes_per_s"].as_f64().unwrap();
+            let median = s["time"]["median_s"].as_f64().unwrap();
+            assert!((bytes_per_s * median / p["kv_bytes"].as_f64().unwrap() - 1.0).abs() < 1e-9, "{s}");
+        }
+    }
+    let figures = ["median_s", "min_s", "max_s", "bytes_per_s", "fraction_of_copy", "speedup_vs_unsplit", "kv_bytes"];
+    assert!(assert_positive(&report["points"], &figures, "points") >= 2 * 3 * 6 + 2);
+
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 1 + 2 * 3, "a row per point and split setting");
+    let header = csv_cells(lines[0]);
+    let column = |name: &str| header.iter().position(|h| h == name).unwrap();
+    for line in &lines[1..] {
+        let cells = csv_cells(line);
+        assert_eq!(cells.len(), header.len(), "{line}");
+        assert_eq!(cells[column("status")], "measured");
+        assert!(cells[column("peak_copy_bytes_per_s")].parse::<f64>().unwrap() > 0.0);
+    }
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 1 + 3, "axes + one line per split setting");
+    assert!(svg.contains("cache length") && svg.contains("GB/s"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn decode_validation_catches_a_wrong_output() {
+    let ctx = ctx();
+    let w = DecodeWorkload { dtype: DType::F32, batch: 2, heads: 4, kv_heads: 2, head_dim: 32, queries: 3, cache_len: 300 };
+    let mut problem = DecodeProblem::upload(ctx, &w).unwrap();
+    for splits in [Some(1), Some(4), None] {
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        problem.record(ctx, &mut encoder, splits).unwrap();
+        ctx.submit_and_wait(encoder).unwrap();
+        let v = problem.validate(ctx).unwrap();
+        assert!(v.passed(), "splits {splits:?}: {v:?}");
+    }
+    // The last output element belongs to the last head's last query, which is checked.
+    let offset = (problem.out.numel() as u64 - 1) * 4;
+    ctx.queue().write_buffer(problem.out.buffer(), offset, &7.0f32.to_le_bytes());
+    assert!(!problem.validate(ctx).unwrap().passed(), "a corrupted output passed");
+}
+
+#[test]
+fn decode_flags_are_refused_without_decode_and_prefill_flags_with_it() {
+    for args in [
+        &["bench", "--splits", "2"][..],
+        &["bench", "--queries", "2"],
+        &["bench", "--decode", "--density", "0.1"],
+        &["bench", "--decode", "--causal", "true"],
+        &["bench", "--decode", "--splits", "0"],
+        &["bench", "--decode", "--quick", "--heads", "6", "--kv-heads", "4", "--no-peak"],
+        &["bench", "--decode", "--quick", "--seq", "4", "--queries", "8", "--no-peak"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_wattn")).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("error"), "{args:?} was accepted:\n{stderr}");
+    }
 }
 
 /// Runs `path` once on `problem` and returns its buffers.

@@ -5,8 +5,10 @@
 //! - [`timing`]: GPU timestamps (or the wall clock) around recorded work; [`stats`]: median, min, max.
 //! - [`peak`]: the adapter's FMA and copy-bandwidth ceilings.
 //! - [`runner`]: validate each point, then time the flash and naive paths within a time budget.
+//! - [`decode`]: split-KV decode against the unsplit kernel over cache lengths (`wattn bench --decode`).
 //! - [`report`], [`plot`], [`progress`]: tables, JSON, CSV, SVG and the progress bar.
 
+pub mod decode;
 pub mod peak;
 pub mod plot;
 pub mod progress;

@@ -204,7 +204,7 @@ pub fn aligned(rows: &[Vec<String>], right: &[bool]) -> String {
     out
 }
 
-fn ms_range(time: &super::stats::Stats) -> String {
+pub(crate) fn ms_range(time: &super::stats::Stats) -> String {
     format!("{} ({}-{})", sig3(time.median_s * 1e3), sig3(time.min_s * 1e3), sig3(time.max_s * 1e3))
 }
 
@@ -476,7 +476,7 @@ impl BenchReport {
 }
 
 /// Quotes a CSV field when it holds a comma, a quote or a line break.
-fn csv_field(s: &str) -> String {
+pub(crate) fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
 }
 

@@ -388,7 +388,7 @@ impl Point<'_> {
 
 /// Runs `f`, turning the out-of-memory and validation errors wgpu raises meanwhile (which
 /// would otherwise reach its uncaptured-error handler, a panic) into an error.
-fn catching_gpu_errors<T>(ctx: &Context, f: impl FnOnce() -> Result<T>) -> Result<T> {
+pub(crate) fn catching_gpu_errors<T>(ctx: &Context, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let out_of_memory = ctx.device().push_error_scope(wgpu::ErrorFilter::OutOfMemory);
     let validation = ctx.device().push_error_scope(wgpu::ErrorFilter::Validation);
     let result = f();
@@ -403,7 +403,7 @@ fn catching_gpu_errors<T>(ctx: &Context, f: impl FnOnce() -> Result<T>) -> Resul
 /// The error allowed between the flash output and the expected one: output rounding of
 /// the storage type and a different summation order, with a wide margin; a wrong kernel
 /// is off by far more.
-fn tolerance(dtype: DType) -> f64 {
+pub(crate) fn tolerance(dtype: DType) -> f64 {
     match dtype {
         DType::F32 => 1e-4,
         DType::F16 => 4e-3,
@@ -412,7 +412,7 @@ fn tolerance(dtype: DType) -> f64 {
 
 /// The largest |got - want| / max(1, |want|). Infinities must agree exactly (a fully
 /// masked row has LSE -inf); NaN, or a lone infinity, is an infinite error.
-fn max_error(got: &[f32], want: impl IntoIterator<Item = f64>) -> f64 {
+pub(crate) fn max_error(got: &[f32], want: impl IntoIterator<Item = f64>) -> f64 {
     got.iter().zip(want).fold(0.0, |worst: f64, (&g, w)| {
         let g = g as f64;
         let err = if g == w {

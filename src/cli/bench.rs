@@ -1,7 +1,9 @@
-//! `wattn bench`: the flash kernel against the naive baseline over a grid of problems, and
-//! block-sparse masks against the dense kernel.
+//! `wattn bench`: the flash kernel against the naive baseline over a grid of problems,
+//! block-sparse masks against the dense kernel, and (`--decode`) split-KV decode against
+//! the unsplit kernel.
 
-use super::AdapterArgs;
+use super::{AdapterArgs, SplitChoice, parse_splits};
+use crate::bench::decode::{self, DecodeGrid, DecodeReport, DecodeSettings};
 use crate::bench::progress::Progress;
 use crate::bench::report::{BenchReport, Provenance, seq_label, write_file, write_json};
 use crate::bench::runner::{self, Settings};
@@ -15,23 +17,36 @@ use std::path::{Path, PathBuf};
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// A small grid that finishes in under a minute on a software adapter: sequence lengths
-    /// 256, 512 and 1K, head dim 64, batch 1, 2 heads, f32 and f16, causal and not.
-    /// The other flags change it.
+    /// 256, 512 and 1K, head dim 64, batch 1, 2 heads, f32 and f16, causal and not (with
+    /// --decode: caches of 1K and 4K tokens, 8 query / 2 KV heads, f32). The other flags change it.
     #[arg(long)]
     pub quick: bool,
-    /// Sequence lengths, e.g. 512,2k,16K [default: 512 to 16K, doubling].
+    /// Split-KV decode instead of prefill: one query token per sequence (--queries) against
+    /// a KV cache of each --seq length, unsplit and with automatic splits (--splits), timed
+    /// as K/V bandwidth against the copy peak. Defaults: a Llama-3-8B layer (32 query / 8 KV
+    /// heads, head dim 128), batch 1, caches of 1K to 64K tokens, f32 and f16.
+    #[arg(long, conflicts_with_all = ["density", "pattern", "causal", "window", "config", "no_naive"])]
+    pub decode: bool,
+    /// With --decode: the split settings to time at every point, e.g. 1,4,16,auto [default: 1,auto].
+    #[arg(long, value_name = "N|auto,...", value_delimiter = ',', value_parser = parse_splits, requires = "decode")]
+    pub splits: Option<Vec<SplitChoice>>,
+    /// With --decode: query tokens per sequence and step (the last tokens of the cache).
+    #[arg(long, value_name = "N", requires = "decode")]
+    pub queries: Option<usize>,
+    /// Sequence lengths (with --decode, cache lengths), e.g. 512,2k,16K [default: 512 to 16K, doubling].
     #[arg(long, value_name = "N,...", value_delimiter = ',', value_parser = parse_tokens)]
     pub seq: Option<Vec<usize>>,
-    /// Head dims [default: 64,128].
+    /// Head dims [default: 64,128; with --decode 128].
     #[arg(long, value_name = "D,...", value_delimiter = ',')]
     pub head_dim: Option<Vec<usize>>,
-    /// Query heads [default: 2048 / head dim].
+    /// Query heads [default: 2048 / head dim; with --decode 32].
     #[arg(long, value_name = "H")]
     pub heads: Option<usize>,
-    /// K/V heads, dividing the query heads (grouped-query attention) [default: as many as query heads].
+    /// K/V heads, dividing the query heads (grouped-query attention) [default: as many as
+    /// query heads; with --decode 8].
     #[arg(long, value_name = "H")]
     pub kv_heads: Option<usize>,
-    /// Batch size [default: 16384 / sequence length, so each point has 16K tokens].
+    /// Batch size [default: 16384 / sequence length, so each point has 16K tokens; with --decode 1].
     #[arg(long, value_name = "B")]
     pub batch: Option<usize>,
     /// Causal mask: true, false or both [default: both].
@@ -150,14 +165,39 @@ impl BenchArgs {
         grid.kv_heads = self.kv_heads.or(grid.kv_heads);
         Ok(grid)
     }
+
+    /// The decode grid the flags describe: `--quick` or the full grid, then each flag given.
+    pub fn decode_grid(&self) -> DecodeGrid {
+        let mut grid = if self.quick { DecodeGrid::quick() } else { DecodeGrid::full() };
+        if let Some(seq) = &self.seq {
+            grid.cache_lens = seq.clone();
+        }
+        if let Some(d) = &self.head_dim {
+            grid.head_dims = d.clone();
+        }
+        if let Some(dtypes) = &self.dtype {
+            grid.dtypes = dtypes.clone();
+        }
+        if let Some(splits) = &self.splits {
+            grid.splits = splits.iter().map(|s| s.0).collect();
+        }
+        grid.batch = self.batch.unwrap_or(grid.batch);
+        grid.heads = self.heads.unwrap_or(grid.heads);
+        grid.kv_heads = self.kv_heads.unwrap_or(grid.kv_heads);
+        grid.queries = self.queries.unwrap_or(grid.queries);
+        grid
+    }
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let grid = args.grid()?;
     if args.budget.is_nan() || args.budget < 0.0 {
         return Err(Error::Option(format!("--budget {}: give seconds >= 0 (0 = no limit)", args.budget)));
     }
     check_output_dirs(&[&args.json, &args.csv, &args.plot])?;
+    if args.decode {
+        return run_decode(&args);
+    }
+    let grid = args.grid()?;
     let ctx = args.adapter.context()?;
     let config = args.config.unwrap_or_else(|| FlashConfig::for_adapter(&ctx));
     // Block masks are built on the tiles they will run with.
@@ -208,6 +248,46 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if let Some(path) = &args.plot {
         write_file(path, &plot::svg(&report))?;
+    }
+    Ok(())
+}
+
+/// `wattn bench --decode`.
+fn run_decode(args: &BenchArgs) -> Result<()> {
+    let grid = args.decode_grid();
+    let workloads = grid.workloads()?;
+    let ctx = args.adapter.context()?;
+    let timer = if args.wall_clock { Timer::wall_clock() } else { Timer::new(&ctx) };
+    let (warmup, runs) = (args.warmup as usize, args.runs as usize);
+    let progress = Progress::new();
+    let peak = if args.no_peak {
+        None
+    } else {
+        progress.show(0, workloads.len(), "measuring the adapter's peak");
+        Some(peak::measure(&ctx, &timer, warmup, runs)?)
+    };
+    let settings = DecodeSettings {
+        warmup,
+        runs,
+        splits: grid.splits.clone(),
+        budget_s: (args.budget > 0.0).then_some(args.budget),
+        copy_peak: peak.as_ref().map(|p| p.copy.rate),
+    };
+    let points = decode::run(&ctx, &timer, &workloads, &settings, &mut |done, total, w| {
+        progress.show(done, total, &format!("decode {} cache {}", w.series(), seq_label(w.cache_len)));
+    });
+    progress.finish();
+    let provenance = Provenance::new(&ctx, timer.clock());
+    let report = DecodeReport { provenance, warmup, runs, budget_s: settings.budget_s, peak, points };
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        write_json(path, &report)?;
+    }
+    if let Some(path) = &args.csv {
+        write_file(path, &report.csv())?;
+    }
+    if let Some(path) = &args.plot {
+        write_file(path, &plot::draw(&report.chart()))?;
     }
     Ok(())
 }

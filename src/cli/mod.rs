@@ -22,7 +22,7 @@ pub enum Command {
     Info(info::InfoArgs),
     /// Attention on .npy files: O (and LSE) written as float32 .npy.
     Run(run::RunArgs),
-    /// Benchmark the flash kernel against the naive baseline.
+    /// Benchmark the flash kernel against the naive baseline (or, with --decode, split-KV decode).
     Bench(bench::BenchArgs),
     /// Measure the adapter's FMA throughput and memory bandwidth.
     Peak(peak::PeakArgs),
@@ -71,5 +71,19 @@ impl AdapterArgs {
 
     pub fn context(&self) -> Result<Context> {
         Context::with_selection(&self.selection()?)
+    }
+}
+
+/// `--splits N|auto` of the decode commands; `None` is the automatic choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitChoice(pub Option<u32>);
+
+pub(crate) fn parse_splits(text: &str) -> std::result::Result<SplitChoice, String> {
+    match text.trim() {
+        "auto" => Ok(SplitChoice(None)),
+        t => match t.parse::<u32>() {
+            Ok(n) if n > 0 => Ok(SplitChoice(Some(n))),
+            _ => Err(format!("'{text}': use a number >= 1 or auto")),
+        },
     }
 }
