@@ -51,7 +51,15 @@ fn attention(c: &mut Criterion) {
 fn decode(c: &mut Criterion) {
     let ctx = context();
     let timer = Timer::new(&ctx);
-    let w = DecodeWorkload { dtype: DType::F32, batch: 1, heads: 8, kv_heads: 2, head_dim: 128, queries: 1, cache_len: 4096 };
+    let w = DecodeWorkload {
+        dtype: DType::F32,
+        batch: 1,
+        heads: 8,
+        kv_heads: 2,
+        head_dim: 128,
+        queries: 1,
+        cache_len: 4096,
+    };
     let mut problem = DecodeProblem::upload(&ctx, &w).unwrap();
     let mut group = c.benchmark_group("decode");
     group.sampling_mode(SamplingMode::Flat);

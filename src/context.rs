@@ -58,9 +58,8 @@ pub struct Context {
 }
 
 /// The features wattn asks for when it opens the device itself.
-pub const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
-    .union(wgpu::Features::SUBGROUP)
-    .union(wgpu::Features::TIMESTAMP_QUERY);
+pub const WANTED_FEATURES: wgpu::Features =
+    wgpu::Features::SHADER_F16.union(wgpu::Features::SUBGROUP).union(wgpu::Features::TIMESTAMP_QUERY);
 
 impl Context {
     /// Opens the adapter chosen by the environment (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME`).
@@ -80,9 +79,8 @@ impl Context {
             required_limits: adapter.limits(),
             ..Default::default()
         };
-        let (device, queue) = pollster::block_on(adapter.request_device(&desc)).map_err(|e| {
-            Error::RequestDevice { adapter: adapter.get_info().name, detail: e.to_string() }
-        })?;
+        let (device, queue) = pollster::block_on(adapter.request_device(&desc))
+            .map_err(|e| Error::RequestDevice { adapter: adapter.get_info().name, detail: e.to_string() })?;
         Ok(Self::from_wgpu(device, queue))
     }
 
@@ -93,7 +91,16 @@ impl Context {
         let limits = device.limits();
         let caps = Capabilities::of(device.features());
         let loop_limit = loop_iteration_limit(&info);
-        Self { device, queue, info, limits, caps, loop_limit, pipelines: PipelineCache::default(), unused: Default::default() }
+        Self {
+            device,
+            queue,
+            info,
+            limits,
+            caps,
+            loop_limit,
+            pipelines: PipelineCache::default(),
+            unused: Default::default(),
+        }
     }
 
     pub fn device(&self) -> &wgpu::Device {
@@ -203,21 +210,16 @@ fn choose_adapter(instance: &wgpu::Instance, sel: &AdapterSelection) -> Result<w
     if let Some(name) = &sel.name {
         let want = name.to_lowercase();
         let seen: Vec<String> = all.iter().map(|a| a.get_info().name).collect();
-        return all
-            .into_iter()
-            .find(|a| a.get_info().name.to_lowercase().contains(&want))
-            .ok_or_else(|| Error::NoAdapter {
-                detail: format!("no adapter name contains '{name}'; adapters seen: {seen:?}"),
-            });
+        return all.into_iter().find(|a| a.get_info().name.to_lowercase().contains(&want)).ok_or_else(|| {
+            Error::NoAdapter { detail: format!("no adapter name contains '{name}'; adapters seen: {seen:?}") }
+        });
     }
-    let opts = wgpu::RequestAdapterOptions {
-        power_preference: wgpu::PowerPreference::HighPerformance,
-        ..Default::default()
-    };
+    let opts =
+        wgpu::RequestAdapterOptions { power_preference: wgpu::PowerPreference::HighPerformance, ..Default::default() };
     if let Ok(a) = pollster::block_on(instance.request_adapter(&opts)) {
         return Ok(a);
     }
-    all.into_iter().next().ok_or_else(|| Error::NoAdapter {
-        detail: format!("wgpu found no adapter on backends {backends:?}"),
-    })
+    all.into_iter()
+        .next()
+        .ok_or_else(|| Error::NoAdapter { detail: format!("wgpu found no adapter on backends {backends:?}") })
 }

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 /// What went wrong, with the offending values.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("no GPU adapter found ({detail}); on Debian/Ubuntu install Mesa's software Vulkan driver with `sudo apt-get install -y mesa-vulkan-drivers` (or run tools/ensure-adapter.sh)")]
+    #[error(
+        "no GPU adapter found ({detail}); on Debian/Ubuntu install Mesa's software Vulkan driver with `sudo apt-get install -y mesa-vulkan-drivers` (or run tools/ensure-adapter.sh)"
+    )]
     NoAdapter { detail: String },
 
     #[error("could not open a device on adapter '{adapter}': {detail}")]
@@ -36,7 +38,9 @@ pub enum Error {
     #[error("{what} needs {needed} but the adapter allows {allowed} ({limit})")]
     Limit { what: String, needed: u64, allowed: u64, limit: &'static str },
 
-    #[error("KV cache full: {len} of {capacity} slots hold tokens and {appended} more were appended; eviction policy None never evicts")]
+    #[error(
+        "KV cache full: {len} of {capacity} slots hold tokens and {appended} more were appended; eviction policy None never evicts"
+    )]
     CacheFull { capacity: usize, len: usize, appended: usize },
 
     #[error("invalid option: {0}")]

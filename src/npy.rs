@@ -95,13 +95,10 @@ fn open<'a, E>(
     let header = npyz::NpyHeader::from_reader(&mut rest)
         .map_err(|e| fail(format!("not a .npy file ({})", one_line(&e.to_string()))))?;
     if header.order() == npyz::Order::Fortran {
-        return Err(fail(
-            "array is in Fortran order; save it in C order (numpy.ascontiguousarray)".into(),
-        ));
+        return Err(fail("array is in Fortran order; save it in C order (numpy.ascontiguousarray)".into()));
     }
-    let (element, size) = element(&header.dtype()).ok_or_else(|| {
-        fail(format!("dtype {} is not supported: use {supported}", header.dtype().descr()))
-    })?;
+    let (element, size) = element(&header.dtype())
+        .ok_or_else(|| fail(format!("dtype {} is not supported: use {supported}", header.dtype().descr())))?;
     let shape = header
         .shape()
         .iter()
@@ -218,7 +215,13 @@ mod tests {
         dir
     }
 
-    fn write_with_npyz<T: npyz::Serialize + Copy>(path: &Path, descr: &str, order: npyz::Order, shape: &[u64], data: &[T]) {
+    fn write_with_npyz<T: npyz::Serialize + Copy>(
+        path: &Path,
+        descr: &str,
+        order: npyz::Order,
+        shape: &[u64],
+        data: &[T],
+    ) {
         let mut bytes = Vec::new();
         let mut w = npyz::WriteOptions::<T>::new()
             .dtype(npyz::DType::Plain(descr.parse().unwrap()))

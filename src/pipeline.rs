@@ -64,7 +64,11 @@ pub(crate) fn check_grid(limits: &wgpu::Limits, what: &str, count: u32) -> Resul
 }
 
 /// A bind group for group 0 of `pipeline` with whole buffers at the given bindings.
-pub(crate) fn bind_buffers(device: &wgpu::Device, pipeline: &wgpu::ComputePipeline, entries: &[(u32, &wgpu::Buffer)]) -> wgpu::BindGroup {
+pub(crate) fn bind_buffers(
+    device: &wgpu::Device,
+    pipeline: &wgpu::ComputePipeline,
+    entries: &[(u32, &wgpu::Buffer)],
+) -> wgpu::BindGroup {
     let entries: Vec<wgpu::BindGroupEntry> = entries
         .iter()
         .map(|(binding, buffer)| wgpu::BindGroupEntry { binding: *binding, resource: buffer.as_entire_binding() })

@@ -29,7 +29,13 @@ pub struct ReferenceOutput {
 }
 
 /// Attention over f32 inputs laid out as Q `[B, Hq, Nq, D]`, K `[B, Hkv, Nk, D]`, V `[B, Hkv, Nk, Dv]`.
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: &AttentionShape, options: &AttentionOptions) -> ReferenceOutput {
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: &AttentionShape,
+    options: &AttentionOptions,
+) -> ReferenceOutput {
     attention_masked(q, k, v, shape, options, |_, _, _, _| true)
 }
 

@@ -95,10 +95,7 @@ impl Tensor {
     pub fn from_f32(ctx: &Context, shape: &[usize], data: &[f32], dtype: DType) -> Result<Self> {
         let n: usize = shape.iter().product();
         if data.len() != n {
-            return Err(Error::Shape(format!(
-                "{} values given for shape {shape:?} ({n} elements)",
-                data.len()
-            )));
+            return Err(Error::Shape(format!("{} values given for shape {shape:?} ({n} elements)", data.len())));
         }
         let mut bytes = match dtype {
             DType::F32 => bytemuck::cast_slice::<f32, u8>(data).to_vec(),
@@ -114,10 +111,7 @@ impl Tensor {
     pub fn from_f16(ctx: &Context, shape: &[usize], data: &[f16]) -> Result<Self> {
         let n: usize = shape.iter().product();
         if data.len() != n {
-            return Err(Error::Shape(format!(
-                "{} values given for shape {shape:?} ({n} elements)",
-                data.len()
-            )));
+            return Err(Error::Shape(format!("{} values given for shape {shape:?} ({n} elements)", data.len())));
         }
         Self::from_bytes(ctx, shape, &mut bytemuck::cast_slice(data).to_vec(), DType::F16)
     }
@@ -146,9 +140,8 @@ impl Tensor {
         Ok(Self { buffer, shape: shape.to_vec(), dtype })
     }
 
-    const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
-        .union(wgpu::BufferUsages::COPY_SRC)
-        .union(wgpu::BufferUsages::COPY_DST);
+    const USAGE: wgpu::BufferUsages =
+        wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_SRC).union(wgpu::BufferUsages::COPY_DST);
 
     pub fn shape(&self) -> &[usize] {
         &self.shape

@@ -11,8 +11,17 @@ use common::{Errors, Inputs, Rng, Verdict, ctx};
 use wattn::{AttentionOptions, AttentionShape, DType, FlashConfig, Tensor, naive};
 
 const HEAD_DIMS: [(usize, usize); 13] = [
-    (32, 32), (40, 40), (59, 59), (64, 64), (80, 80), (96, 96), (111, 111), (128, 128),
-    (160, 160), (192, 192), (256, 256),
+    (32, 32),
+    (40, 40),
+    (59, 59),
+    (64, 64),
+    (80, 80),
+    (96, 96),
+    (111, 111),
+    (128, 128),
+    (160, 160),
+    (192, 192),
+    (256, 256),
     (192, 128), // MLA: the value head is narrower than the query/key head
     (64, 256),
 ];
@@ -78,8 +87,17 @@ impl Case {
         let cap = if self.options.softcap > 0.0 { format!(" softcap {}", self.options.softcap) } else { String::new() };
         format!(
             "{} B{} H{}/{} N{}x{} D{}/{} {}{cap} tiles {}x{}",
-            self.dtype, self.batch, self.heads.0, self.heads.1, self.lens.0, self.lens.1,
-            self.dims.0, self.dims.1, self.mask, self.config.block_q, self.config.block_k
+            self.dtype,
+            self.batch,
+            self.heads.0,
+            self.heads.1,
+            self.lens.0,
+            self.lens.1,
+            self.dims.0,
+            self.dims.1,
+            self.mask,
+            self.config.block_q,
+            self.config.block_k
         )
     }
 }
@@ -101,8 +119,18 @@ fn spread(rng: &mut Rng, len: usize, n: usize) -> Vec<usize> {
 
 /// Combinations that random sampling could miss, always run.
 fn pinned_cases() -> Vec<Case> {
-    let options = |causal, window, sinks, softcap| AttentionOptions { causal, window, sinks, softcap, ..Default::default() };
-    let case = |dtype, heads, lens, dims, mask, options| Case { dtype, batch: 2, heads, lens, dims, mask, options, config: FlashConfig::CPU };
+    let options =
+        |causal, window, sinks, softcap| AttentionOptions { causal, window, sinks, softcap, ..Default::default() };
+    let case = |dtype, heads, lens, dims, mask, options| Case {
+        dtype,
+        batch: 2,
+        heads,
+        lens,
+        dims,
+        mask,
+        options,
+        config: FlashConfig::CPU,
+    };
     vec![
         // Causal with Nq > Nk: the first 123 rows see no key.
         case(DType::F32, (2, 1), (200, 77), (64, 64), "causal", options(true, (-1, -1), 0, 0.0)),
@@ -119,8 +147,14 @@ fn sampled_cases(n: usize) -> Vec<Case> {
     let mut rng = Rng::new(0x5eed_a77e);
     let mut axis = |len| spread(&mut rng, len, n);
     let (dt, ba, he, le, di, ma, sc, co) = (
-        axis(DTYPES.len()), axis(BATCHES.len()), axis(HEADS.len()), axis(LENGTHS.len()),
-        axis(HEAD_DIMS.len()), axis(masks.len()), axis(SOFTCAPS.len()), axis(CONFIGS.len()),
+        axis(DTYPES.len()),
+        axis(BATCHES.len()),
+        axis(HEADS.len()),
+        axis(LENGTHS.len()),
+        axis(HEAD_DIMS.len()),
+        axis(masks.len()),
+        axis(SOFTCAPS.len()),
+        axis(CONFIGS.len()),
     );
     (0..n)
         .map(|i| {
@@ -178,7 +212,8 @@ fn run_naive(case: &Case, q: &Tensor, k: &Tensor, v: &Tensor) -> wattn::Result<w
 fn check_cases(what: &str, cases: &[Case], gpu: GpuRun) {
     let c = ctx();
     let mut failures = Vec::new();
-    let mut worst: Vec<(DType, Errors, Errors)> = DTYPES.iter().map(|&d| (d, Errors::default(), Errors::default())).collect();
+    let mut worst: Vec<(DType, Errors, Errors)> =
+        DTYPES.iter().map(|&d| (d, Errors::default(), Errors::default())).collect();
     for (n, case) in cases.iter().enumerate() {
         let shape = case.shape();
         let x = Inputs::random(&shape, case.dtype, 1000 + n as u64);
@@ -199,7 +234,13 @@ fn check_cases(what: &str, cases: &[Case], gpu: GpuRun) {
             got.out, plain.out, got.lse, plain.lse
         );
     }
-    assert!(failures.is_empty(), "{} of {} cases broke the rule:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases broke the rule:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]

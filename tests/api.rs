@@ -20,7 +20,14 @@ fn flash_on(c: &Context, x: &Inputs, s: &AttentionShape, o: &AttentionOptions, d
     (result.out.to_f32(c).unwrap(), result.lse.to_f32(c).unwrap())
 }
 
-fn assert_follows_rule(what: &str, got: &(Vec<f32>, Vec<f32>), x: &Inputs, s: &AttentionShape, o: &AttentionOptions, dtype: DType) {
+fn assert_follows_rule(
+    what: &str,
+    got: &(Vec<f32>, Vec<f32>),
+    x: &Inputs,
+    s: &AttentionShape,
+    o: &AttentionOptions,
+    dtype: DType,
+) {
     let verdict = Verdict::new(&got.0, &got.1, x, s, o, dtype);
     eprintln!("{what}: {}", verdict.describe());
     assert!(verdict.passes(), "{what}: {}", verdict.describe());
@@ -93,7 +100,10 @@ fn encode_records_into_the_callers_encoder_on_the_callers_buffers() {
 
     let untouched = read_f32(&device, &queue, &out);
     assert!(untouched.iter().all(|&y| y == SENTINEL), "O was written before the caller submitted");
-    assert!(read_f32(&device, &queue, &lse).iter().all(|&y| y == SENTINEL), "LSE was written before the caller submitted");
+    assert!(
+        read_f32(&device, &queue, &lse).iter().all(|&y| y == SENTINEL),
+        "LSE was written before the caller submitted"
+    );
 
     queue.submit([encoder.finish()]);
     let got = (read_f32(&device, &queue, &out), read_f32(&device, &queue, &lse));
@@ -106,7 +116,14 @@ fn rows_with_query(s: &AttentionShape, pick: impl Fn(usize) -> bool) -> Vec<usiz
 }
 
 /// Asserts that rows `rows` of an f32 flash output are finite and within 1e-5 of the reference.
-fn assert_rows_correct(what: &str, got: &(Vec<f32>, Vec<f32>), x: &Inputs, s: &AttentionShape, o: &AttentionOptions, rows: &[usize]) {
+fn assert_rows_correct(
+    what: &str,
+    got: &(Vec<f32>, Vec<f32>),
+    x: &Inputs,
+    s: &AttentionShape,
+    o: &AttentionOptions,
+    rows: &[usize],
+) {
     let want = wattn::reference::attention(&x.q, &x.k, &x.v, s, o);
     for &r in rows {
         let out = &got.0[r * s.d_v..][..s.d_v];
@@ -217,7 +234,8 @@ fn key_passes_carry_the_softmax_state_exactly() {
         (DType::F32, AttentionOptions::default()),
     ] {
         let config = wattn::FlashConfig::for_adapter(&capped);
-        let passes = s.n_k.div_ceil(config.keys_per_pass(capped.limits(), &s, capped.loop_iteration_limit()).unwrap() as usize);
+        let passes =
+            s.n_k.div_ceil(config.keys_per_pass(capped.limits(), &s, capped.loop_iteration_limit()).unwrap() as usize);
         assert!(passes >= 3, "the cap should force several passes, got {passes}");
         let x = Inputs::random(&s, dtype, 77);
         let got = flash_on(&capped, &x, &s, &options, dtype);

@@ -205,11 +205,35 @@ fn block_sparse_sweep_reports_speedups_against_the_dense_point() {
     let dir = scratch("sparse");
     let (json, csv, svg) = (dir.join("s.json"), dir.join("s.csv"), dir.join("s.svg"));
     let table = wattn(&[
-        "bench", "--density", "0.1,1.0", "--pattern", "causal,window,documents", "--seq", "256", "--head-dim", "64",
-        "--batch", "1", "--heads", "2", "--dtype", "f32", "--no-peak", "--runs", "1",
-        "--json", json.to_str().unwrap(), "--csv", csv.to_str().unwrap(), "--plot", svg.to_str().unwrap(),
+        "bench",
+        "--density",
+        "0.1,1.0",
+        "--pattern",
+        "causal,window,documents",
+        "--seq",
+        "256",
+        "--head-dim",
+        "64",
+        "--batch",
+        "1",
+        "--heads",
+        "2",
+        "--dtype",
+        "f32",
+        "--no-peak",
+        "--runs",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+        "--csv",
+        csv.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
     ]);
-    assert!(table.contains("block-sparse") && table.contains("sparse random 0.1") && table.contains("of ideal"), "{table}");
+    assert!(
+        table.contains("block-sparse") && table.contains("sparse random 0.1") && table.contains("of ideal"),
+        "{table}"
+    );
 
     let report = read_json(&json);
     let points = report["points"].as_array().unwrap();
@@ -379,7 +403,8 @@ fn decode_bench_times_split_settings_against_the_unsplit_kernel() {
 #[test]
 fn decode_validation_catches_a_wrong_output() {
     let ctx = ctx();
-    let w = DecodeWorkload { dtype: DType::F32, batch: 2, heads: 4, kv_heads: 2, head_dim: 32, queries: 3, cache_len: 300 };
+    let w =
+        DecodeWorkload { dtype: DType::F32, batch: 2, heads: 4, kv_heads: 2, head_dim: 32, queries: 3, cache_len: 300 };
     let mut problem = DecodeProblem::upload(ctx, &w).unwrap();
     for splits in [Some(1), Some(4), None] {
         let mut encoder = ctx.device().create_command_encoder(&Default::default());

@@ -87,15 +87,19 @@ fn masks(n_q: usize, n_k: usize, block: BlockSize, rng: &mut Rng) -> Vec<Named> 
         named("prefix_lm(30)", Mask::prefix_lm(30), move |i, j| j < 30 || w(-1, 0)(i, j)),
         named("documents", docs.clone(), same_doc),
         named("documents & causal", docs.clone() & Mask::causal(), move |i, j| d1(i, j) && w(-1, 0)(i, j)),
-        named("(documents | keys<8) & window(40,-1)", (docs.clone() | Mask::key_prefix(8)) & Mask::window(40, -1), move |i, j| {
-            (d2(i, j) || j < 8) && w(40, -1)(i, j)
-        }),
+        named(
+            "(documents | keys<8) & window(40,-1)",
+            (docs.clone() | Mask::key_prefix(8)) & Mask::window(40, -1),
+            move |i, j| (d2(i, j) || j < 8) && w(40, -1)(i, j),
+        ),
         named("dense", dense.clone(), dense_sees.clone()),
         named("dense & (causal | window(2,2))", dense & Mask::causal().or(Mask::window(2, 2)), move |i, j| {
             dense_sees(i, j) && (w(-1, 0)(i, j) || w(2, 2)(i, j))
         }),
         named("blocks", blocks.clone(), b1),
-        named("blocks & documents | keys<3", blocks & docs | Mask::key_prefix(3), move |i, j| (b2(i, j) && d3(i, j)) || j < 3),
+        named("blocks & documents | keys<3", blocks & docs | Mask::key_prefix(3), move |i, j| {
+            (b2(i, j) && d3(i, j)) || j < 3
+        }),
         named("from_fn(i+j odd)", Mask::from_fn(n_q, n_k, |i, j| (i + j) % 2 == 1), |i, j| (i + j) % 2 == 1),
     ]
 }
@@ -112,7 +116,13 @@ fn exhaustive() -> bool {
 #[test]
 fn block_classes_match_brute_force() {
     let lengths = [(37, 53), (64, 64), (100, 31), (1, 45), (45, 1), (129, 127)];
-    let blocks = [BlockSize::new(16, 32), BlockSize::new(8, 8), BlockSize::new(5, 7), BlockSize::new(32, 16), BlockSize::new(1, 3)];
+    let blocks = [
+        BlockSize::new(16, 32),
+        BlockSize::new(8, 8),
+        BlockSize::new(5, 7),
+        BlockSize::new(32, 16),
+        BlockSize::new(1, 3),
+    ];
     let mut rng = Rng::new(11);
     let mut checked = 0;
     for (n_q, n_k) in lengths {
@@ -130,7 +140,11 @@ fn block_classes_match_brute_force() {
                     for kb in 0..built.k_blocks() {
                         let rows = qb * bq..((qb + 1) * bq).min(n_q);
                         let keys = kb * bk..((kb + 1) * bk).min(n_k);
-                        let count = rows.clone().flat_map(|i| keys.clone().map(move |j| (i, j))).filter(|&(i, j)| (m.sees)(i, j)).count();
+                        let count = rows
+                            .clone()
+                            .flat_map(|i| keys.clone().map(move |j| (i, j)))
+                            .filter(|&(i, j)| (m.sees)(i, j))
+                            .count();
                         let want = match count {
                             0 => BlockClass::Empty,
                             c if c == rows.len() * keys.len() => BlockClass::Full,
@@ -148,7 +162,10 @@ fn block_classes_match_brute_force() {
                     let runs = built.runs(0, 0, qb);
                     for pair in runs.windows(2) {
                         let merged = pair[0].end == pair[1].first && pair[0].is_full() == pair[1].is_full();
-                        assert!(pair[0].end <= pair[1].first && !merged, "{what}: runs {pair:?} overlap or should be one");
+                        assert!(
+                            pair[0].end <= pair[1].first && !merged,
+                            "{what}: runs {pair:?} overlap or should be one"
+                        );
                     }
                 }
                 checked += 1;
@@ -161,7 +178,14 @@ fn block_classes_match_brute_force() {
 #[test]
 fn masks_broadcast_over_batch_and_heads() {
     let (n_q, n_k, block) = (70, 90, BlockSize::new(16, 16));
-    let per = [Mask::causal(), Mask::window(10, 0), Mask::prefix_lm(20), Mask::full(), Mask::key_prefix(5), Mask::window(-1, 3)];
+    let per = [
+        Mask::causal(),
+        Mask::window(10, 0),
+        Mask::prefix_lm(20),
+        Mask::full(),
+        Mask::key_prefix(5),
+        Mask::window(-1, 3),
+    ];
     let alone: Vec<BlockMask> = per.iter().map(|m| BlockMask::new(m, n_q, n_k, block).unwrap()).collect();
     let grid = BlockMask::build(&per, 2, 3, n_q, n_k, block).unwrap();
     let heads = BlockMask::per_head(&per[..3], n_q, n_k, block).unwrap();
@@ -170,7 +194,9 @@ fn masks_broadcast_over_batch_and_heads() {
     // Same runs (element masks are numbered across the whole mask) and same elements.
     let same = |a: &BlockMask, (b, h): (usize, usize), alone: &BlockMask, what: &str| {
         for qb in 0..a.q_blocks() {
-            let shape = |m: &BlockMask, b, h| m.runs(b, h, qb).iter().map(|r| (r.first, r.end, r.is_full())).collect::<Vec<_>>();
+            let shape = |m: &BlockMask, b, h| {
+                m.runs(b, h, qb).iter().map(|r| (r.first, r.end, r.is_full())).collect::<Vec<_>>()
+            };
             assert_eq!(shape(a, b, h), shape(alone, 0, 0), "{what}: query block {qb}");
         }
         for i in 0..n_q {
@@ -195,7 +221,10 @@ fn display_draws_the_blocks_and_density_counts_them() {
     let text = causal.to_string();
     let grid: Vec<&str> = text.lines().skip(1).collect();
     assert_eq!(grid, ["+...", "#+..", "##+.", "###+"], "{text}");
-    assert!(text.starts_with("block mask 64 x 64, blocks of 16x16 (4 x 4), density 0.6250 (6 full, 4 partial of 16)"), "{text}");
+    assert!(
+        text.starts_with("block mask 64 x 64, blocks of 16x16 (4 x 4), density 0.6250 (6 full, 4 partial of 16)"),
+        "{text}"
+    );
     assert_eq!(causal.density(), 10.0 / 16.0);
 
     let heads = BlockMask::per_head(&[Mask::full(), Mask::key_prefix(1)], 32, 48, BlockSize::new(16, 16)).unwrap();
@@ -218,12 +247,21 @@ fn builds_128k_masks_quickly() {
     let block = BlockSize::new(32, 32);
     let mut rng = Rng::new(3);
     let docs = Mask::documents(&random_documents(&mut rng, n)).unwrap();
-    for (name, mask) in [("causal", Mask::causal()), ("documents & causal", docs & Mask::causal()), ("sinks4+window(4096,0)", Mask::sinks_window(4, 4096, 0))] {
+    for (name, mask) in [
+        ("causal", Mask::causal()),
+        ("documents & causal", docs & Mask::causal()),
+        ("sinks4+window(4096,0)", Mask::sinks_window(4, 4096, 0)),
+    ] {
         let start = Instant::now();
         let built = BlockMask::new(&mask, n, n, block).unwrap();
         let took = start.elapsed();
         let c = built.block_counts();
-        eprintln!("{name} at {n} x {n}: built in {took:.2?}, {} full + {} partial blocks, density {:.4}", c.full, c.partial, built.density());
+        eprintln!(
+            "{name} at {n} x {n}: built in {took:.2?}, {} full + {} partial blocks, density {:.4}",
+            c.full,
+            c.partial,
+            built.density()
+        );
         assert!(took.as_secs_f64() < 5.0, "building {name} at {n} took {took:?}");
     }
 }
@@ -275,12 +313,22 @@ fn assert_close(
     let lse_bound = largest(&want.lse) * 2e-6;
     let (out, lse) = (max_abs_err(&got.0, &want.out), max_abs_err(&got.1, &want.lse));
     eprintln!("{what}: O err {out:.2e} (bound {out_bound:.2e}), LSE err {lse:.2e} (bound {lse_bound:.2e})");
-    assert!(out <= out_bound && lse <= lse_bound, "{what}: O err {out:.3e} > {out_bound:.3e} or LSE err {lse:.3e} > {lse_bound:.3e}");
+    assert!(
+        out <= out_bound && lse <= lse_bound,
+        "{what}: O err {out:.3e} > {out_bound:.3e} or LSE err {lse:.3e} > {lse_bound:.3e}"
+    );
     out
 }
 
 /// `attention_masked` on random inputs of shape `s`: the inputs and (O, LSE).
-fn run_masked(c: &Context, s: &AttentionShape, dtype: DType, mask: &BlockMask, options: &AttentionOptions, seed: u64) -> (Inputs, (Vec<f32>, Vec<f32>)) {
+fn run_masked(
+    c: &Context,
+    s: &AttentionShape,
+    dtype: DType,
+    mask: &BlockMask,
+    options: &AttentionOptions,
+    seed: u64,
+) -> (Inputs, (Vec<f32>, Vec<f32>)) {
     let x = Inputs::random(s, dtype, seed);
     let (q, k, v) = x.upload(c, s, dtype);
     let out = wattn::attention_masked(c, &q, &k, &v, mask, options).unwrap();
@@ -403,9 +451,13 @@ fn dense_options_equal_their_block_masks() {
             let (q, k, v) = x.upload(c, &s, dtype);
             let dense = download(c, &wattn::attention_with(c, &q, &k, &v, o, &config).unwrap());
             let built = BlockMask::new(&Mask::from_options(o), lens.0, lens.1, config.block_size()).unwrap();
-            let masked = download(c, &wattn::attention_masked(c, &q, &k, &v, &built, &AttentionOptions::default()).unwrap());
+            let masked =
+                download(c, &wattn::attention_masked(c, &q, &k, &v, &built, &AttentionOptions::default()).unwrap());
             let what = format!("{o:?} N{}x{} {dtype}", lens.0, lens.1);
-            assert!(dense.0 == masked.0 && dense.1.iter().zip(&masked.1).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: O or LSE differ");
+            assert!(
+                dense.0 == masked.0 && dense.1.iter().zip(&masked.1).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{what}: O or LSE differ"
+            );
         }
     }
 }
@@ -419,7 +471,9 @@ fn dense_options_apply_on_top_of_a_block_mask() {
     let built = BlockMask::new(&docs, s.n_q, s.n_k, BlockSize::for_adapter(c)).unwrap();
     let options = AttentionOptions { causal: true, window: (30, -1), sinks: 2, ..Default::default() };
     let (x, got) = run_masked(c, &s, DType::F32, &built, &options, 31);
-    assert_close("documents + dense causal window sinks", &got, &x, &s, &options, DType::F32, |_, _, i, j| docs.visible(s.n_q, s.n_k, i, j));
+    assert_close("documents + dense causal window sinks", &got, &x, &s, &options, DType::F32, |_, _, i, j| {
+        docs.visible(s.n_q, s.n_k, i, j)
+    });
 }
 
 /// On an adapter that caps loop iterations, the keys are split into passes: each pass
@@ -431,13 +485,17 @@ fn key_passes_walk_the_runs() {
     let s = shape(1, (2, 1), (70, 900), 32);
     let block = BlockSize::for_adapter(&capped);
     let config = FlashConfig::for_adapter(&capped);
-    let passes = s.n_k.div_ceil(config.keys_per_pass(capped.limits(), &s, capped.loop_iteration_limit()).unwrap() as usize);
+    let passes =
+        s.n_k.div_ceil(config.keys_per_pass(capped.limits(), &s, capped.loop_iteration_limit()).unwrap() as usize);
     assert!(passes >= 3, "the cap should force several passes, got {passes}");
     let mut rng = Rng::new(8);
     let k_blocks = s.n_k.div_ceil(block.k as usize);
     let q_blocks = s.n_q.div_ceil(block.q as usize);
     let pattern = random_bools(&mut rng, q_blocks * k_blocks, 0.3);
-    let heads = [Mask::blocks(block, q_blocks, k_blocks, &pattern).unwrap() | Mask::window(5, 5), Mask::document_lengths(&[300, 1, 599]).unwrap() & Mask::causal()];
+    let heads = [
+        Mask::blocks(block, q_blocks, k_blocks, &pattern).unwrap() | Mask::window(5, 5),
+        Mask::document_lengths(&[300, 1, 599]).unwrap() & Mask::causal(),
+    ];
     let built = BlockMask::per_head(&heads, s.n_q, s.n_k, block).unwrap();
     let (x, got) = run_masked(&capped, &s, DType::F32, &built, &AttentionOptions::default(), 4);
     let sees = |_, h: usize, i, j| heads[h].visible(s.n_q, s.n_k, i, j);
@@ -466,7 +524,9 @@ fn an_uploaded_mask_serves_many_launches() {
     c.submit_and_wait(encoder).unwrap();
     for (n, (x, r)) in inputs.iter().zip(&results).enumerate() {
         let got = (r.3.to_f32(c).unwrap(), r.4.to_f32(c).unwrap());
-        assert_close(&format!("launch {n}"), &got, x, &s, &AttentionOptions::default(), DType::F32, |_, _, i, j| mask.visible(s.n_q, s.n_k, i, j));
+        assert_close(&format!("launch {n}"), &got, x, &s, &AttentionOptions::default(), DType::F32, |_, _, i, j| {
+            mask.visible(s.n_q, s.n_k, i, j)
+        });
     }
 }
 
@@ -485,10 +545,14 @@ fn bad_launches_are_errors() {
     let three_heads = BlockMask::per_head(&[Mask::causal(), Mask::full(), Mask::causal()], 40, 50, block).unwrap();
     assert!(err(run(&three_heads)).contains("3 query heads"));
     let huge_blocks = BlockMask::new(&Mask::causal(), 40, 50, BlockSize::new(4096, 32)).unwrap();
-    assert!(matches!(wattn::attention_masked(c, &q, &k, &v, &huge_blocks, &AttentionOptions::default()), Err(Error::Limit { .. })));
+    assert!(matches!(
+        wattn::attention_masked(c, &q, &k, &v, &huge_blocks, &AttentionOptions::default()),
+        Err(Error::Limit { .. })
+    ));
 
     // encode_masked with tiles other than the mask's blocks.
-    let other = BlockMask::new(&Mask::causal(), 40, 50, BlockSize::new(block.q, block.k * 2)).unwrap().upload(c).unwrap();
+    let other =
+        BlockMask::new(&Mask::causal(), 40, 50, BlockSize::new(block.q, block.k * 2)).unwrap().upload(c).unwrap();
     let out = Tensor::zeros(c, &s.out_shape(), DType::F32).unwrap();
     let lse = Tensor::zeros(c, &s.lse_shape(), DType::F32).unwrap();
     let bufs = AttentionBuffers { q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view() };
@@ -501,7 +565,10 @@ fn bad_launches_are_errors() {
 /// The header the host writes has the layout of the shader's `struct BlockMask`.
 #[test]
 fn mask_header_matches_the_shader() {
-    let key = flash::validation_keys().into_iter().find(|k| k.label().contains("BLOCK_SPARSE=true")).expect("a block-sparse variant");
+    let key = flash::validation_keys()
+        .into_iter()
+        .find(|k| k.label().contains("BLOCK_SPARSE=true"))
+        .expect("a block-sparse variant");
     let module = naga::front::wgsl::parse_str(&key.source()).unwrap();
     let (_, ty) = module.types.iter().find(|(_, t)| t.name.as_deref() == Some("BlockMask")).expect("struct BlockMask");
     let naga::TypeInner::Struct { members, .. } = &ty.inner else { panic!("BlockMask is not a struct") };

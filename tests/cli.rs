@@ -44,7 +44,19 @@ fn i32_le(data: &[i32]) -> Vec<u8> {
 
 /// A bool mask as `|b1` (`uint8` false) or `|u1` with arbitrary non-zero values for true.
 fn mask_npy(shape: &[usize], bits: &[bool], uint8: bool) -> Vec<u8> {
-    let raw: Vec<u8> = bits.iter().enumerate().map(|(n, &b)| if !b { 0 } else if uint8 { 1 + (n % 255) as u8 } else { 1 }).collect();
+    let raw: Vec<u8> = bits
+        .iter()
+        .enumerate()
+        .map(|(n, &b)| {
+            if !b {
+                0
+            } else if uint8 {
+                1 + (n % 255) as u8
+            } else {
+                1
+            }
+        })
+        .collect();
     npy_bytes(if uint8 { "|u1" } else { "|b1" }, false, shape, &raw)
 }
 
@@ -59,8 +71,10 @@ fn read_f32_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
     let dict = std::str::from_utf8(&bytes[start..start + header_len]).unwrap();
     assert!(dict.contains("'descr': '<f4'") && dict.contains("'fortran_order': False"), "{dict}");
     let dims = dict.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
-    let shape: Vec<usize> = dims.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect();
-    let data: Vec<f32> = bytes[start + header_len..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let shape: Vec<usize> =
+        dims.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect();
+    let data: Vec<f32> =
+        bytes[start + header_len..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     assert_eq!(data.len(), shape.iter().product::<usize>(), "{}", path.display());
     (shape, data)
 }
@@ -185,7 +199,10 @@ impl Case {
         let run = wattn(&args);
         let (stdout, stderr) = (text(&run.stdout), text(&run.stderr));
         assert!(run.status.success(), "{name}: wattn run failed:\n{stderr}");
-        assert!(stderr.lines().any(|l| l.starts_with("wattn run: ") && l.contains(" ms")), "{name}: no summary:\n{stderr}");
+        assert!(
+            stderr.lines().any(|l| l.starts_with("wattn run: ") && l.contains(" ms")),
+            "{name}: no summary:\n{stderr}"
+        );
 
         let want = wattn::reference::attention_masked(&read[0], &read[1], &read[2], &sh, &self.options, &self.sees);
         let (o_shape, out) = read_f32_npy(&s.path("out.npy"));
@@ -202,7 +219,8 @@ impl Case {
         eprintln!("{name}: max error O {o_err:.2e}, LSE {lse_err:.2e}");
         assert!(o_err <= o_tol, "{name}: O error {o_err} > {o_tol}");
         assert!(lse_err <= lse_tol, "{name}: LSE error {lse_err} > {lse_tol}");
-        let mut expected_files: Vec<String> = ["k.npy", "lse.npy", "out.npy", "q.npy", "v.npy"].map(String::from).into();
+        let mut expected_files: Vec<String> =
+            ["k.npy", "lse.npy", "out.npy", "q.npy", "v.npy"].map(String::from).into();
         expected_files.extend(self.files.iter().map(|(flag, _)| format!("{flag}.npy")));
         expected_files.sort();
         assert_eq!(s.files(), expected_files, "{name}: stray files");
@@ -212,7 +230,8 @@ impl Case {
 
 /// The two numbers of `--check`'s line, each below `tolerance`.
 fn assert_check_line(stdout: &str, tolerance: f64) {
-    let line = stdout.lines().find(|l| l.contains("max |O - ref|")).unwrap_or_else(|| panic!("no check line:\n{stdout}"));
+    let line =
+        stdout.lines().find(|l| l.contains("max |O - ref|")).unwrap_or_else(|| panic!("no check line:\n{stdout}"));
     // "max |O - ref| = 1.234e-4, max |LSE - ref| = 5.678e-5": both numbers small.
     for part in line.split(" = ").skip(1) {
         let number: f64 = part.split(',').next().unwrap().trim().parse().unwrap();
@@ -267,8 +286,19 @@ fn dtype_option_converts_f32_files_and_check_reports_errors() {
         s.write_array(file, DType::F32, &shape, &rng.normal_vec(shape.iter().product()));
     }
     let run = wattn(&[
-        "run", "--q", &s.arg("q.npy"), "--k", &s.arg("k.npy"), "--v", &s.arg("v.npy"), "--out", &s.arg("o.npy"),
-        "--dtype", "f16", "--scale=-0.3", "--check",
+        "run",
+        "--q",
+        &s.arg("q.npy"),
+        "--k",
+        &s.arg("k.npy"),
+        "--v",
+        &s.arg("v.npy"),
+        "--out",
+        &s.arg("o.npy"),
+        "--dtype",
+        "f16",
+        "--scale=-0.3",
+        "--check",
     ]);
     let (stdout, stderr) = (text(&run.stdout), text(&run.stderr));
     assert!(run.status.success(), "{stderr}");
@@ -358,7 +388,15 @@ fn per_batch_mask_and_document_ids_in_f16() {
     let shape = AttentionShape { batch: 2, q_heads: 2, kv_heads: 1, n_q: 24, n_k: 30, d_qk: 32, d_v: 32 };
     let bits = random_bits(&mut Rng::new(13), 2 * 24 * 30, 0.7);
     // Batch 0: documents of 11, 1 and 18 keys (ids need not be consecutive); batch 1: runs of 7.
-    let first = (0..30).map(|p| if p < 11 { 0 } else if p < 12 { 4 } else { 9 });
+    let first = (0..30).map(|p| {
+        if p < 11 {
+            0
+        } else if p < 12 {
+            4
+        } else {
+            9
+        }
+    });
     let ids: Vec<i32> = first.chain((0..30).map(|p| p / 7)).collect();
     let ids_bytes = npy_bytes("<i4", false, &[2, 30], &i32_le(&ids));
     Case {
@@ -378,7 +416,8 @@ fn per_batch_mask_and_document_ids_in_f16() {
 fn document_ids_with_causal_both_ways_round() {
     // More keys than queries, then more queries than keys (the first 12 queries see nothing).
     for (n_q, n_k, name) in [(20, 50, "docs-more-keys"), (62, 50, "docs-more-queries")] {
-        let ids: Vec<i32> = (0..n_k as i32).map(|p| [0, 3, 3, 7][(p as usize * 4 / n_k).min(3)] + (p > 45) as i32).collect();
+        let ids: Vec<i32> =
+            (0..n_k as i32).map(|p| [0, 3, 3, 7][(p as usize * 4 / n_k).min(3)] + (p > 45) as i32).collect();
         let ids_in_test = ids.clone();
         let ran = Case {
             batched: false,
@@ -483,16 +522,42 @@ fn f32_file(s: &Scratch, name: &str, shape: &[usize]) {
 
 #[test]
 fn bad_files_are_refused() {
-    refused("missing", |s, f| { f.insert("q", s.arg("nope.npy")); }, &["nope.npy", "cannot read"]);
+    refused(
+        "missing",
+        |s, f| {
+            f.insert("q", s.arg("nope.npy"));
+        },
+        &["nope.npy", "cannot read"],
+    );
     refused("not-npy", |s, _| s.write("k.npy", b"1,2,3\n4,5,6\n"), &["k.npy", "not a .npy file"]);
-    refused("truncated", |s, _| {
-        let bytes = std::fs::read(s.path("v.npy")).unwrap();
-        s.write("v.npy", &bytes[..bytes.len() - 3]);
-    }, &["v.npy", "truncated"]);
-    refused("fortran", |s, _| s.write("q.npy", &npy_bytes("<f4", true, &[2, 4, 16], &f32_le(&[0.0; 128]))), &["q.npy", "Fortran order"]);
-    refused("int64", |s, _| s.write("k.npy", &npy_bytes("<i8", false, &[2, 6, 16], &[0; 8 * 192])), &["k.npy", "'<i8' is not supported"]);
-    refused("float64", |s, _| s.write("v.npy", &npy_bytes("<f8", false, &[2, 6, 8], &[0; 8 * 96])), &["v.npy", "'<f8' is not supported"]);
-    refused("mixed-dtypes", |s, _| s.write_array("k.npy", DType::F16, &[2, 6, 16], &[0.5; 192]), &["K is f16", "--dtype"]);
+    refused(
+        "truncated",
+        |s, _| {
+            let bytes = std::fs::read(s.path("v.npy")).unwrap();
+            s.write("v.npy", &bytes[..bytes.len() - 3]);
+        },
+        &["v.npy", "truncated"],
+    );
+    refused(
+        "fortran",
+        |s, _| s.write("q.npy", &npy_bytes("<f4", true, &[2, 4, 16], &f32_le(&[0.0; 128]))),
+        &["q.npy", "Fortran order"],
+    );
+    refused(
+        "int64",
+        |s, _| s.write("k.npy", &npy_bytes("<i8", false, &[2, 6, 16], &[0; 8 * 192])),
+        &["k.npy", "'<i8' is not supported"],
+    );
+    refused(
+        "float64",
+        |s, _| s.write("v.npy", &npy_bytes("<f8", false, &[2, 6, 8], &[0; 8 * 96])),
+        &["v.npy", "'<f8' is not supported"],
+    );
+    refused(
+        "mixed-dtypes",
+        |s, _| s.write_array("k.npy", DType::F16, &[2, 6, 16], &[0.5; 192]),
+        &["K is f16", "--dtype"],
+    );
 }
 
 #[test]
@@ -503,26 +568,42 @@ fn bad_shapes_are_refused() {
     refused("head-dim-mismatch", |s, _| f32_file(s, "k.npy", &[2, 6, 8]), &["Q head dim 16 differs from K head dim 8"]);
     refused("v-length", |s, _| f32_file(s, "v.npy", &[2, 7, 8]), &["V [1, 2, 7, 8]"]);
     refused("heads", |s, _| f32_file(s, "q.npy", &[3, 4, 16]), &["K has 2 heads and Q has 3"]);
-    refused("batch", |s, _| {
-        f32_file(s, "q.npy", &[2, 2, 4, 16]);
-        f32_file(s, "k.npy", &[1, 2, 6, 16]);
-        f32_file(s, "v.npy", &[1, 2, 6, 8]);
-    }, &["batch sizes differ"]);
-    refused("empty-keys", |s, _| {
-        f32_file(s, "k.npy", &[2, 0, 16]);
-        f32_file(s, "v.npy", &[2, 0, 8]);
-    }, &["K is empty"]);
-    refused("head-dim-300", |s, _| {
-        f32_file(s, "q.npy", &[1, 1, 300]);
-        f32_file(s, "k.npy", &[1, 1, 300]);
-        f32_file(s, "v.npy", &[1, 1, 8]);
-    }, &["head dim 300", "256"]);
-    refused("check-too-big", |s, f| {
-        f32_file(s, "q.npy", &[1, 16385, 1]);
-        f32_file(s, "k.npy", &[1, 16385, 1]);
-        f32_file(s, "v.npy", &[1, 16385, 1]);
-        f.insert("check", String::new());
-    }, &["--check", "2^28"]);
+    refused(
+        "batch",
+        |s, _| {
+            f32_file(s, "q.npy", &[2, 2, 4, 16]);
+            f32_file(s, "k.npy", &[1, 2, 6, 16]);
+            f32_file(s, "v.npy", &[1, 2, 6, 8]);
+        },
+        &["batch sizes differ"],
+    );
+    refused(
+        "empty-keys",
+        |s, _| {
+            f32_file(s, "k.npy", &[2, 0, 16]);
+            f32_file(s, "v.npy", &[2, 0, 8]);
+        },
+        &["K is empty"],
+    );
+    refused(
+        "head-dim-300",
+        |s, _| {
+            f32_file(s, "q.npy", &[1, 1, 300]);
+            f32_file(s, "k.npy", &[1, 1, 300]);
+            f32_file(s, "v.npy", &[1, 1, 8]);
+        },
+        &["head dim 300", "256"],
+    );
+    refused(
+        "check-too-big",
+        |s, f| {
+            f32_file(s, "q.npy", &[1, 16385, 1]);
+            f32_file(s, "k.npy", &[1, 16385, 1]);
+            f32_file(s, "v.npy", &[1, 16385, 1]);
+            f.insert("check", String::new());
+        },
+        &["--check", "2^28"],
+    );
 }
 
 #[test]
@@ -537,10 +618,14 @@ fn bad_block_sparse_inputs_are_refused() {
     refused("mask-shape", mask(&[4, 5], 20), &["m.npy", "mask shape [4, 5] does not broadcast"]);
     refused("mask-heads", mask(&[1, 3, 4, 6], 72), &["m.npy", "does not broadcast"]);
     refused("mask-batch", mask(&[2, 1, 4, 6], 48), &["m.npy", "does not broadcast"]);
-    refused("mask-int64", |s, f| {
-        s.write("m.npy", &npy_bytes("<i8", false, &[4, 6], &[0; 8 * 24]));
-        f.insert("mask", s.arg("m.npy"));
-    }, &["m.npy", "'<i8' is not supported: use bool or uint8"]);
+    refused(
+        "mask-int64",
+        |s, f| {
+            s.write("m.npy", &npy_bytes("<i8", false, &[4, 6], &[0; 8 * 24]));
+            f.insert("mask", s.arg("m.npy"));
+        },
+        &["m.npy", "'<i8' is not supported: use bool or uint8"],
+    );
     let ids = |shape: &'static [usize], values: &'static [i32]| {
         move |s: &Scratch, f: &mut Flags| {
             s.write("ids.npy", &npy_bytes("<i4", false, shape, &i32_le(values)));
@@ -550,35 +635,107 @@ fn bad_block_sparse_inputs_are_refused() {
     refused("ids-length", ids(&[5], &[0, 0, 1, 1, 1]), &["ids.npy", "do not fit"]);
     refused("ids-order", ids(&[6], &[0, 0, 1, 0, 1, 1]), &["ids.npy", "non-decreasing", "ids[3] = 0"]);
     refused("ids-negative", ids(&[6], &[-1, 0, 0, 0, 0, 0]), &["ids.npy", ">= 0"]);
-    refused("ids-float", |s, f| {
-        f32_file(s, "ids.npy", &[6]);
-        f.insert("doc-ids", s.arg("ids.npy"));
-    }, &["ids.npy", "use int32"]);
-    let block = |size: &'static str| move |_: &Scratch, f: &mut Flags| { f.insert("block-size", size.into()); };
+    refused(
+        "ids-float",
+        |s, f| {
+            f32_file(s, "ids.npy", &[6]);
+            f.insert("doc-ids", s.arg("ids.npy"));
+        },
+        &["ids.npy", "use int32"],
+    );
+    let block = |size: &'static str| {
+        move |_: &Scratch, f: &mut Flags| {
+            f.insert("block-size", size.into());
+        }
+    };
     refused("block-threads", block("32,33"), &["multiple of threads_per_row"]);
     refused("block-limit", block("4096,32"), &["workgroup", "max_compute_invocations_per_workgroup"]);
     refused("block-text", block("32"), &["--block-size '32'"]);
     refused("block-zero", block("0,32"), &["--block-size '0,32'"]);
-    refused("show-mask-alone", |_, f| { f.insert("show-mask", String::new()); }, &["--show-mask"]);
+    refused(
+        "show-mask-alone",
+        |_, f| {
+            f.insert("show-mask", String::new());
+        },
+        &["--show-mask"],
+    );
 }
 
 #[test]
 fn bad_options_are_refused() {
     for (name, window) in [("window-text", "abc"), ("window-one", "3"), ("window-half", "1,x")] {
-        refused(name, |_, f| { f.insert("window", window.into()); }, &["--window", window]);
+        refused(
+            name,
+            |_, f| {
+                f.insert("window", window.into());
+            },
+            &["--window", window],
+        );
     }
-    refused("window-negative", |_, f| { f.insert("window", "-2,0".into()); }, &["window (-2, 0)"]);
-    refused("scale-nan", |_, f| { f.insert("scale", "nan".into()); }, &["scale NaN is not finite"]);
-    refused("softcap", |_, f| { f.insert("softcap", "-1".into()); }, &["softcap -1"]);
-    refused("dtype-name", |_, f| { f.insert("dtype", "f64".into()); }, &["--dtype 'f64'"]);
-    refused("backend-name", |_, f| { f.insert("backend", "glide".into()); }, &["unknown backend 'glide'"]);
-    refused("adapter-name", |_, f| { f.insert("adapter", "no-such-gpu".into()); }, &["no-such-gpu"]);
-    refused("same-outputs", |s, f| { f.insert("lse", s.arg("o.npy")); }, &["--out and --lse name the same file"]);
-    refused("out-dir-missing", |s, f| { f.insert("out", s.arg("missing/o.npy")); }, &["missing/o.npy", "directory does not exist"]);
-    refused("out-is-dir", |s, f| {
-        std::fs::create_dir(s.path("sub")).unwrap();
-        f.insert("lse", s.arg("sub"));
-    }, &["is a directory"]);
+    refused(
+        "window-negative",
+        |_, f| {
+            f.insert("window", "-2,0".into());
+        },
+        &["window (-2, 0)"],
+    );
+    refused(
+        "scale-nan",
+        |_, f| {
+            f.insert("scale", "nan".into());
+        },
+        &["scale NaN is not finite"],
+    );
+    refused(
+        "softcap",
+        |_, f| {
+            f.insert("softcap", "-1".into());
+        },
+        &["softcap -1"],
+    );
+    refused(
+        "dtype-name",
+        |_, f| {
+            f.insert("dtype", "f64".into());
+        },
+        &["--dtype 'f64'"],
+    );
+    refused(
+        "backend-name",
+        |_, f| {
+            f.insert("backend", "glide".into());
+        },
+        &["unknown backend 'glide'"],
+    );
+    refused(
+        "adapter-name",
+        |_, f| {
+            f.insert("adapter", "no-such-gpu".into());
+        },
+        &["no-such-gpu"],
+    );
+    refused(
+        "same-outputs",
+        |s, f| {
+            f.insert("lse", s.arg("o.npy"));
+        },
+        &["--out and --lse name the same file"],
+    );
+    refused(
+        "out-dir-missing",
+        |s, f| {
+            f.insert("out", s.arg("missing/o.npy"));
+        },
+        &["missing/o.npy", "directory does not exist"],
+    );
+    refused(
+        "out-is-dir",
+        |s, f| {
+            std::fs::create_dir(s.path("sub")).unwrap();
+            f.insert("lse", s.arg("sub"));
+        },
+        &["is a directory"],
+    );
 }
 
 /// f16 storage needs shader-f16; an adapter without it must refuse rather than compute.
@@ -597,9 +754,13 @@ fn f16_on_an_adapter_without_shader_f16_is_refused() {
         wgpu::Backend::Dx12 => "dx12",
         _ => "gl",
     };
-    refused("f16-unsupported", |_, f| {
-        f.insert("dtype", "f16".into());
-        f.insert("backend", backend.into());
-        f.insert("adapter", info.name.clone());
-    }, &["shader-f16", &info.name]);
+    refused(
+        "f16-unsupported",
+        |_, f| {
+            f.insert("dtype", "f16".into());
+            f.insert("backend", backend.into());
+            f.insert("adapter", info.name.clone());
+        },
+        &["shader-f16", &info.name],
+    );
 }

@@ -51,7 +51,13 @@ fn tensors_must_have_rank_four() {
         ("V", &good, &good, &[16]),
     ] {
         let e = attend_shapes(q, k, v);
-        let got = if what == "Q" { q } else if what == "K" { k } else { v };
+        let got = if what == "Q" {
+            q
+        } else if what == "K" {
+            k
+        } else {
+            v
+        };
         assert!(matches!(&e, Error::Rank { what: w, got: g, .. } if *w == what && g.as_slice() == got), "{e:?}");
         assert_mentions(&e, &[what, &format!("{got:?}")]);
     }
@@ -117,13 +123,7 @@ fn encode_with_outputs(out_shape: &[usize], lse_shape: &[usize], lse_dtype: DTyp
     let q = zeros(c, &s, DType::F32);
     let out = zeros(c, out_shape, DType::F32);
     let lse = zeros(c, lse_shape, lse_dtype);
-    let bufs = AttentionBuffers {
-        q: q.view(),
-        k: q.view(),
-        v: q.view(),
-        out: out.view(),
-        lse: lse.view(),
-    };
+    let bufs = AttentionBuffers { q: q.view(), k: q.view(), v: q.view(), out: out.view(), lse: lse.view() };
     let mut encoder = c.device().create_command_encoder(&Default::default());
     let result = flash::encode(c, &mut encoder, &bufs, &AttentionOptions::default(), &FlashConfig::PORTABLE);
     refused(result, &format!("O {out_shape:?}, LSE {lse_shape:?} {lse_dtype}"))
@@ -200,7 +200,10 @@ fn tensors_beyond_the_binding_limit_are_refused() {
     let c = Context::from_wgpu(device, queue);
     let data = vec![0.0f32; limit as usize / 4 + 1];
     let e = refused(Tensor::from_f32(&c, &[data.len()], &data, DType::F32), "a tensor over the limit");
-    assert!(matches!(e, Error::Limit { needed, allowed, .. } if needed == 4 * data.len() as u64 && allowed == limit), "{e:?}");
+    assert!(
+        matches!(e, Error::Limit { needed, allowed, .. } if needed == 4 * data.len() as u64 && allowed == limit),
+        "{e:?}"
+    );
     assert_mentions(&e, &["max_storage_buffer_binding_size", &limit.to_string(), &(4 * data.len()).to_string()]);
 
     // The caller's own Q/K buffer, bigger than one binding may be: refused before recording.
@@ -213,12 +216,16 @@ fn tensors_beyond_the_binding_limit_are_refused() {
         mapped_at_creation: false,
     });
     let qk = TensorView::new(&big, &qk_shape, DType::F32).unwrap();
-    let (v, out, lse) = (zeros(&c, &v_shape, DType::F32), zeros(&c, &v_shape, DType::F32), zeros(&c, &v_shape[..3], DType::F32));
+    let (v, out, lse) =
+        (zeros(&c, &v_shape, DType::F32), zeros(&c, &v_shape, DType::F32), zeros(&c, &v_shape[..3], DType::F32));
     let bufs = AttentionBuffers { q: qk, k: qk, v: v.view(), out: out.view(), lse: lse.view() };
     let mut encoder = c.device().create_command_encoder(&Default::default());
     let result = flash::encode(&c, &mut encoder, &bufs, &AttentionOptions::default(), &FlashConfig::PORTABLE);
     let e = refused(result, "a caller's buffer over the binding limit");
-    assert!(matches!(e, Error::Limit { limit: "max_storage_buffer_binding_size", needed, .. } if needed == 4 * 32 * n as u64), "{e:?}");
+    assert!(
+        matches!(e, Error::Limit { limit: "max_storage_buffer_binding_size", needed, .. } if needed == 4 * 32 * n as u64),
+        "{e:?}"
+    );
 }
 
 #[test]

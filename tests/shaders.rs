@@ -6,8 +6,8 @@ use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
 use std::mem::{offset_of, size_of};
 use wattn::attention::flash::{self, FlashParams};
-use wattn::naive;
 use wattn::kv::{cache::KvParams, combine::CombineParams, decode::DecodeParams};
+use wattn::naive;
 use wattn::shader::{Kernel, ShaderKey};
 use wattn::tensor::DType;
 
@@ -95,8 +95,10 @@ fn every_variant_validates_and_translates() {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let chunk = keys.len().div_ceil(threads);
     let failures: Vec<String> = std::thread::scope(|s| {
-        let workers: Vec<_> =
-            keys.chunks(chunk).map(|part| s.spawn(move || part.iter().flat_map(check_variant).collect::<Vec<_>>())).collect();
+        let workers: Vec<_> = keys
+            .chunks(chunk)
+            .map(|part| s.spawn(move || part.iter().flat_map(check_variant).collect::<Vec<_>>()))
+            .collect();
         workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
     });
     eprintln!("checked {} shader variants", keys.len());
@@ -150,18 +152,54 @@ fn uniform_structs_match_rust() {
     assert_eq!(flash_key.kernel, Kernel::FlashForward);
     assert_eq!(naive_key.kernel, Kernel::Naive);
     let flash_params = rust_layout!(FlashParams {
-        batch, q_heads, kv_heads, n_q, n_k, d_qk, d_v, sinks, window_left, window_right, scale, softcap,
-        key_begin, key_end, pass_flags, _pad
+        batch,
+        q_heads,
+        kv_heads,
+        n_q,
+        n_k,
+        d_qk,
+        d_v,
+        sinks,
+        window_left,
+        window_right,
+        scale,
+        softcap,
+        key_begin,
+        key_end,
+        pass_flags,
+        _pad
     });
     let kv_keys = wattn::kv::validation_keys();
     let kv_key = |kernel: Kernel| kv_keys.iter().find(|k| k.kernel == kernel).expect("a variant of each kv kernel");
     let decode_params = rust_layout!(DecodeParams {
-        batch, q_heads, kv_heads, n_q, head_dim, capacity, len, seen, keys_per_split, rope, rope_sinks, rope_shift,
-        write_logits, scale
+        batch,
+        q_heads,
+        kv_heads,
+        n_q,
+        head_dim,
+        capacity,
+        len,
+        seen,
+        keys_per_split,
+        rope,
+        rope_sinks,
+        rope_shift,
+        write_logits,
+        scale
     });
     let combine_params = rust_layout!(CombineParams { rows, dim, splits, groups_x });
     let kv_params = rust_layout!(KvParams {
-        batch, kv_heads, q_heads, head_dim, capacity, seen, count, len, sinks, window, groups_x
+        batch,
+        kv_heads,
+        q_heads,
+        head_dim,
+        capacity,
+        seen,
+        count,
+        len,
+        sinks,
+        window,
+        groups_x
     });
     // One line per (shader, WGSL struct, Rust layout).
     let pairs = [

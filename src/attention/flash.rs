@@ -7,9 +7,9 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::mask::{BlockSize, GpuBlockMask};
 use crate::pipeline::{bind_buffers, check_grid};
-use crate::tensor::check_binding_size;
 use crate::shader::{ConstValue, Kernel, ShaderKey};
 use crate::tensor::DType;
+use crate::tensor::check_binding_size;
 use wgpu::util::DeviceExt;
 
 /// Uniform parameters of `flash_fwd.wgsl` and `naive.wgsl`.
@@ -227,11 +227,22 @@ pub fn shader_key(config: &FlashConfig, limits: &wgpu::Limits, dtype: DType, sha
 }
 
 /// The pipeline key of the block-sparse flash kernel (see [`encode_masked`]).
-pub fn masked_shader_key(config: &FlashConfig, limits: &wgpu::Limits, dtype: DType, shape: &AttentionShape) -> ShaderKey {
+pub fn masked_shader_key(
+    config: &FlashConfig,
+    limits: &wgpu::Limits,
+    dtype: DType,
+    shape: &AttentionShape,
+) -> ShaderKey {
     variant_key(config, limits, dtype, shape, true)
 }
 
-fn variant_key(config: &FlashConfig, limits: &wgpu::Limits, dtype: DType, shape: &AttentionShape, block_sparse: bool) -> ShaderKey {
+fn variant_key(
+    config: &FlashConfig,
+    limits: &wgpu::Limits,
+    dtype: DType,
+    shape: &AttentionShape,
+    block_sparse: bool,
+) -> ShaderKey {
     let v = Variant::new(config, limits, shape);
     ShaderKey {
         kernel: Kernel::FlashForward,
@@ -291,11 +302,7 @@ fn record(
     if let Some(mask) = mask {
         mask.check(&shape, config)?;
     }
-    let groups = [
-        (shape.n_q as u32).div_ceil(config.block_q),
-        shape.q_heads as u32,
-        shape.batch as u32,
-    ];
+    let groups = [(shape.n_q as u32).div_ceil(config.block_q), shape.q_heads as u32, shape.batch as u32];
     for (what, g) in ["query blocks", "query heads", "batch"].iter().zip(groups) {
         check_grid(ctx.limits(), &format!("flash grid: {g} {what}"), g)?;
     }
@@ -307,7 +314,8 @@ fn record(
     // The carried (m, l, o) of every row, only when there is more than one pass.
     let own_state;
     let state = if passes > 1 {
-        let floats = shape.batch * shape.q_heads * shape.n_q * (Variant::new(config, ctx.limits(), &shape).dv_pad as usize + 2);
+        let floats =
+            shape.batch * shape.q_heads * shape.n_q * (Variant::new(config, ctx.limits(), &shape).dv_pad as usize + 2);
         let bytes = 4 * floats as u64;
         check_binding_size(ctx, "flash pass state", bytes)?;
         own_state = ctx.device().create_buffer(&wgpu::BufferDescriptor {
@@ -331,18 +339,23 @@ fn record(
             ..base
         }
         .upload(ctx);
-        let bind_group = bind_buffers(ctx.device(), &pipeline, &[
-            (0, &params),
-            (1, bufs.q.buffer),
-            (2, bufs.k.buffer),
-            (3, bufs.v.buffer),
-            (4, bufs.out.buffer),
-            (5, bufs.lse.buffer),
-            (6, state),
-            (7, mask_buffer),
-        ]);
+        let bind_group = bind_buffers(
+            ctx.device(),
+            &pipeline,
+            &[
+                (0, &params),
+                (1, bufs.q.buffer),
+                (2, bufs.k.buffer),
+                (3, bufs.v.buffer),
+                (4, bufs.out.buffer),
+                (5, bufs.lse.buffer),
+                (6, state),
+                (7, mask_buffer),
+            ],
+        );
         // One compute pass per key pass, so each sees the state the previous one wrote.
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn flash"), timestamp_writes: None });
+        let mut pass = encoder
+            .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn flash"), timestamp_writes: None });
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);

@@ -76,9 +76,7 @@ impl AttentionOptions {
     pub fn validate(&self) -> Result<()> {
         let (l, r) = self.window;
         if l < -1 || r < -1 {
-            return Err(Error::Option(format!(
-                "window ({l}, {r}): each side must be >= 0, or -1 for unbounded"
-            )));
+            return Err(Error::Option(format!("window ({l}, {r}): each side must be >= 0, or -1 for unbounded")));
         }
         if let Some(s) = self.scale {
             if !s.is_finite() {
@@ -86,10 +84,7 @@ impl AttentionOptions {
             }
         }
         if !(self.softcap.is_finite() && self.softcap >= 0.0) {
-            return Err(Error::Option(format!(
-                "softcap {} must be finite and >= 0 (0 = none)",
-                self.softcap
-            )));
+            return Err(Error::Option(format!("softcap {} must be finite and >= 0 (0 = none)", self.softcap)));
         }
         Ok(())
     }
@@ -119,21 +114,13 @@ impl AttentionShape {
             }
         }
         if k[0] != q[0] || v[0] != q[0] {
-            return Err(Error::Shape(format!(
-                "batch sizes differ: Q {}, K {}, V {}",
-                q[0], k[0], v[0]
-            )));
+            return Err(Error::Shape(format!("batch sizes differ: Q {}, K {}, V {}", q[0], k[0], v[0])));
         }
         if v[1] != k[1] || v[2] != k[2] {
-            return Err(Error::Shape(format!(
-                "V {v:?} must have the heads and length of K {k:?}"
-            )));
+            return Err(Error::Shape(format!("V {v:?} must have the heads and length of K {k:?}")));
         }
         if k[3] != q[3] {
-            return Err(Error::Shape(format!(
-                "Q head dim {} differs from K head dim {}",
-                q[3], k[3]
-            )));
+            return Err(Error::Shape(format!("Q head dim {} differs from K head dim {}", q[3], k[3])));
         }
         if !q[1].is_multiple_of(k[1]) {
             return Err(Error::Heads { what: "K", got: k[1], q_heads: q[1] });
@@ -181,18 +168,10 @@ impl AttentionBuffers<'_> {
             return Err(Error::DType(format!("LSE must be f32, got {}", self.lse.dtype)));
         }
         if self.out.shape != shape.out_shape() {
-            return Err(Error::Shape(format!(
-                "O has shape {:?}, expected {:?}",
-                self.out.shape,
-                shape.out_shape()
-            )));
+            return Err(Error::Shape(format!("O has shape {:?}, expected {:?}", self.out.shape, shape.out_shape())));
         }
         if self.lse.shape != shape.lse_shape() {
-            return Err(Error::Shape(format!(
-                "LSE has shape {:?}, expected {:?}",
-                self.lse.shape,
-                shape.lse_shape()
-            )));
+            return Err(Error::Shape(format!("LSE has shape {:?}, expected {:?}", self.lse.shape, shape.lse_shape())));
         }
         if dtype == DType::F16 && !ctx.capabilities().shader_f16 {
             return Err(Error::F16Unsupported { adapter: ctx.adapter_info().name.clone() });
@@ -238,7 +217,8 @@ pub fn attention_with(
     config: &flash::FlashConfig,
 ) -> Result<Output> {
     let output = alloc_output(ctx, q, k, v)?;
-    let bufs = AttentionBuffers { q: q.view(), k: k.view(), v: v.view(), out: output.out.view(), lse: output.lse.view() };
+    let bufs =
+        AttentionBuffers { q: q.view(), k: k.view(), v: v.view(), out: output.out.view(), lse: output.lse.view() };
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
     flash::encode(ctx, &mut encoder, &bufs, options, config)?;
     ctx.queue().submit([encoder.finish()]);

@@ -1,25 +1,20 @@
 //! The materialised-scores baseline (`shaders/naive.wgsl`): O(N^2) memory, three passes.
 //! Benchmarks measure the flash kernel against it.
 
+use super::flash::FlashParams;
 use super::{AttentionBuffers, AttentionOptions, Output, alloc_output};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::pipeline::{bind_buffers, check_grid};
 use crate::shader::{ConstValue, Kernel, ShaderKey};
 use crate::tensor::{DType, Tensor};
-use super::flash::FlashParams;
 
 const WORKGROUP: u32 = 64;
 /// Softmax rows are spread over (x, y) so that any row count fits the grid.
 const ROWS_PER_GRID_ROW: u32 = 65535 * WORKGROUP;
 
 fn key(entry_point: &'static str, dtype: DType) -> ShaderKey {
-    ShaderKey {
-        kernel: Kernel::Naive,
-        entry_point,
-        dtype,
-        constants: vec![("WORKGROUP", ConstValue::U32(WORKGROUP))],
-    }
+    ShaderKey { kernel: Kernel::Naive, entry_point, dtype, constants: vec![("WORKGROUP", ConstValue::U32(WORKGROUP))] }
 }
 
 /// Entry points of `naive.wgsl`, for validation.
@@ -75,7 +70,8 @@ pub fn encode(
         }
     }
     let params = FlashParams::new(&shape, options).upload(ctx);
-    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn naive"), timestamp_writes: None });
+    let mut pass =
+        encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn naive"), timestamp_writes: None });
     for (entry, g) in grids {
         let pipeline = ctx.pipelines.get(ctx.device(), &key(entry, bufs.q.dtype))?;
         let bindings: Vec<(u32, &wgpu::Buffer)> = match entry {
@@ -107,7 +103,8 @@ pub fn alloc_scores(ctx: &Context, q: &[usize], k: &[usize]) -> Result<wgpu::Buf
 pub fn attention(ctx: &Context, q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> Result<Output> {
     let output = alloc_output(ctx, q, k, v)?;
     let scores = alloc_scores(ctx, q.shape(), k.shape())?;
-    let bufs = AttentionBuffers { q: q.view(), k: k.view(), v: v.view(), out: output.out.view(), lse: output.lse.view() };
+    let bufs =
+        AttentionBuffers { q: q.view(), k: k.view(), v: v.view(), out: output.out.view(), lse: output.lse.view() };
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
     encode(ctx, &mut encoder, &bufs, &scores, options)?;
     ctx.queue().submit([encoder.finish()]);

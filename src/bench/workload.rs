@@ -233,7 +233,6 @@ impl Workload {
     }
 }
 
-
 /// The query-key pairs FLOPs are counted over, per (batch, head): all Nq·Nk when dense,
 /// half of them when causal (FlashAttention's convention, so figures compare with
 /// published ones), and the pairs actually visible when a window or sinks shape the mask.
@@ -593,7 +592,9 @@ mod tests {
         let n = 1000;
         let sees = |pattern: Pattern, i: usize, j: usize| pattern.mask(n, block).unwrap().visible(n, n, i, j);
         // Window: causal, n/8 = 125 keys back.
-        assert!(sees(Pattern::Window, 500, 375) && !sees(Pattern::Window, 500, 374) && !sees(Pattern::Window, 500, 501));
+        assert!(
+            sees(Pattern::Window, 500, 375) && !sees(Pattern::Window, 500, 374) && !sees(Pattern::Window, 500, 501)
+        );
         assert!(sees(Pattern::Causal, 500, 500) && !sees(Pattern::Causal, 500, 501));
         // Documents: causal runs of n/16 to 3n/16 keys (the last one cut to fit).
         let mask = Pattern::Documents.mask(n, block).unwrap();

@@ -63,7 +63,9 @@ impl AdapterArgs {
                 "metal" | "mtl" => wgpu::Backends::METAL,
                 "dx12" | "d3d12" => wgpu::Backends::DX12,
                 "gl" | "gles" | "opengl" => wgpu::Backends::GL,
-                other => return Err(Error::Option(format!("unknown backend '{other}': use vulkan, metal, dx12 or gl"))),
+                other => {
+                    return Err(Error::Option(format!("unknown backend '{other}': use vulkan, metal, dx12 or gl")));
+                }
             });
         }
         Ok(sel)

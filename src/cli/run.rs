@@ -96,10 +96,17 @@ pub fn run(args: RunArgs) -> Result<()> {
         Some(d) => d,
         None => common_dtype(&q, &k, &v)?,
     };
-    let sparse =
-        SparseInputs::read(args.mask.as_deref(), args.doc_ids.as_deref(), args.prefix, args.block_size.as_deref(), &shape)?;
+    let sparse = SparseInputs::read(
+        args.mask.as_deref(),
+        args.doc_ids.as_deref(),
+        args.prefix,
+        args.block_size.as_deref(),
+        &shape,
+    )?;
     if args.show_mask && sparse.is_none() {
-        return Err(Error::Option("--show-mask draws a block mask: give --mask, --doc-ids, --prefix or --block-size".into()));
+        return Err(Error::Option(
+            "--show-mask draws a block mask: give --mask, --doc-ids, --prefix or --block-size".into(),
+        ));
     }
     let pairs = [shape.batch, shape.q_heads, shape.n_q, shape.n_k].iter().fold(1usize, |a, &b| a.saturating_mul(b));
     if args.check && pairs > MAX_CHECK_PAIRS {
@@ -189,9 +196,7 @@ pub fn run(args: RunArgs) -> Result<()> {
 
 /// `LEFT,RIGHT` as two integers.
 fn parse_window(text: &str) -> Result<(i32, i32)> {
-    let parsed = text
-        .split_once(',')
-        .and_then(|(l, r)| Some((l.trim().parse().ok()?, r.trim().parse().ok()?)));
+    let parsed = text.split_once(',').and_then(|(l, r)| Some((l.trim().parse().ok()?, r.trim().parse().ok()?)));
     parsed.ok_or_else(|| {
         Error::Option(format!(
             "--window '{text}': expected LEFT,RIGHT, two integers (-1 = unbounded), e.g. --window 256,0"

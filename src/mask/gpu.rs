@@ -58,7 +58,14 @@ impl BlockMask {
             contents: &bytes,
             usage: wgpu::BufferUsages::STORAGE,
         });
-        Ok(GpuBlockMask { buffer, n_q: self.n_q(), n_k: self.n_k(), block: self.block, batch: self.batch, heads: self.heads })
+        Ok(GpuBlockMask {
+            buffer,
+            n_q: self.n_q(),
+            n_k: self.n_k(),
+            block: self.block,
+            batch: self.batch,
+            heads: self.heads,
+        })
     }
 }
 
@@ -103,11 +110,19 @@ impl GpuBlockMask {
 /// The kernel's tiles are the mask's blocks, with the rest of the adapter's
 /// [`FlashConfig`]; a block size the device cannot run is an error. To reuse the mask,
 /// upload it once and call [`flash::encode_masked`].
-pub fn attention_masked(ctx: &Context, q: &Tensor, k: &Tensor, v: &Tensor, mask: &BlockMask, options: &AttentionOptions) -> Result<Output> {
+pub fn attention_masked(
+    ctx: &Context,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &BlockMask,
+    options: &AttentionOptions,
+) -> Result<Output> {
     let config = FlashConfig::for_adapter(ctx).with_block_size(mask.block_size());
     let output = alloc_output(ctx, q, k, v)?;
     let gpu_mask = mask.upload(ctx)?;
-    let bufs = AttentionBuffers { q: q.view(), k: k.view(), v: v.view(), out: output.out.view(), lse: output.lse.view() };
+    let bufs =
+        AttentionBuffers { q: q.view(), k: k.view(), v: v.view(), out: output.out.view(), lse: output.lse.view() };
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
     flash::encode_masked(ctx, &mut encoder, &bufs, &gpu_mask, options, &config)?;
     ctx.queue().submit([encoder.finish()]);

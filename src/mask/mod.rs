@@ -260,7 +260,10 @@ impl BlockMask {
     fn row(&self, b: usize, h: usize, qb: usize) -> usize {
         let b = if self.batch == 1 { 0 } else { b };
         let h = if self.heads == 1 { 0 } else { h };
-        assert!(b < self.batch && h < self.heads && qb < self.grid.q_blocks, "block ({b}, {h}, {qb}) is outside the mask");
+        assert!(
+            b < self.batch && h < self.heads && qb < self.grid.q_blocks,
+            "block ({b}, {h}, {qb}) is outside the mask"
+        );
         (b * self.heads + h) * self.grid.q_blocks + qb
     }
 
@@ -272,7 +275,10 @@ impl BlockMask {
 
     /// The class of key block `kb` for query block `qb` of batch `b`, head `h`.
     pub fn class(&self, b: usize, h: usize, qb: usize, kb: usize) -> BlockClass {
-        self.runs(b, h, qb).iter().find(|r| (r.first as usize..r.end as usize).contains(&kb)).map_or(BlockClass::Empty, KvRun::class)
+        self.runs(b, h, qb)
+            .iter()
+            .find(|r| (r.first as usize..r.end as usize).contains(&kb))
+            .map_or(BlockClass::Empty, KvRun::class)
     }
 
     /// Whether query `i` of batch `b`, head `h` sees key `j`, read back from the blocks.
@@ -315,7 +321,12 @@ impl BlockMask {
 }
 
 fn too_big(what: &str) -> Error {
-    Error::Limit { what: format!("block mask {what}"), needed: u32::MAX as u64 + 1, allowed: u32::MAX as u64, limit: "32-bit indexing" }
+    Error::Limit {
+        what: format!("block mask {what}"),
+        needed: u32::MAX as u64 + 1,
+        allowed: u32::MAX as u64,
+        limit: "32-bit indexing",
+    }
 }
 
 /// At most this many characters per side in [`BlockMask`]'s drawing; bigger grids are
@@ -332,7 +343,15 @@ impl std::fmt::Display for BlockMask {
         write!(
             f,
             "block mask {} x {}, blocks of {} ({} x {}), density {:.4} ({} full, {} partial of {})",
-            g.n_q, g.n_k, self.block, g.q_blocks, g.k_blocks, self.density(), c.full, c.partial, c.total
+            g.n_q,
+            g.n_k,
+            self.block,
+            g.q_blocks,
+            g.k_blocks,
+            self.density(),
+            c.full,
+            c.partial,
+            c.total
         )?;
         if per_row * per_col > 1 {
             write!(f, ", one character per {per_row} x {per_col} blocks")?;

@@ -40,7 +40,10 @@ pub struct Mask(Node);
 #[derive(Clone)]
 enum Node {
     /// Keys `pos - left ..= pos + right` of the query at position `pos`; -1 = unbounded.
-    Window { left: i32, right: i32 },
+    Window {
+        left: i32,
+        right: i32,
+    },
     /// Keys `0..n`, for every query.
     KeyPrefix(usize),
     Documents(Arc<Documents>),
@@ -168,7 +171,8 @@ impl Mask {
                 q_blocks * k_blocks
             )));
         }
-        let pattern = BlockPattern { block_q: block.q as usize, block_k: block.k as usize, q_blocks, k_blocks, on: on.to_vec() };
+        let pattern =
+            BlockPattern { block_q: block.q as usize, block_k: block.k as usize, q_blocks, k_blocks, on: on.to_vec() };
         Ok(Self(Node::Blocks(Arc::new(pattern))))
     }
 
@@ -406,11 +410,9 @@ impl Node {
             Node::Window { left, right } if *left < -1 || *right < -1 => Err(Error::Option(format!(
                 "mask window ({left}, {right}): each side must be >= 0, or -1 for unbounded"
             ))),
-            Node::Documents(d) if d.doc_of.len() != e.n_k => Err(Error::Shape(format!(
-                "document ids cover {} keys, the mask has {} keys",
-                d.doc_of.len(),
-                e.n_k
-            ))),
+            Node::Documents(d) if d.doc_of.len() != e.n_k => {
+                Err(Error::Shape(format!("document ids cover {} keys, the mask has {} keys", d.doc_of.len(), e.n_k)))
+            }
             Node::Dense(d) if (d.n_q, d.n_k) != (e.n_q, e.n_k) => Err(Error::Shape(format!(
                 "dense mask is {} x {}, the mask has {} queries and {} keys",
                 d.n_q, d.n_k, e.n_q, e.n_k
@@ -458,7 +460,9 @@ impl Node {
     fn row_bits(&self, e: &Extent, i: usize, k0: usize, count: usize) -> u32 {
         match self {
             Node::Dense(d) => d.row_bits(i, k0, count),
-            Node::Blocks(p) => (0..count).filter(|&c| p.on(i / p.block_q, (k0 + c) / p.block_k)).fold(0, |x, c| x | 1 << c),
+            Node::Blocks(p) => {
+                (0..count).filter(|&c| p.on(i / p.block_q, (k0 + c) / p.block_k)).fold(0, |x, c| x | 1 << c)
+            }
             Node::And(a, b) => a.row_bits(e, i, k0, count) & b.row_bits(e, i, k0, count),
             Node::Or(a, b) => a.row_bits(e, i, k0, count) | b.row_bits(e, i, k0, count),
             _ => {

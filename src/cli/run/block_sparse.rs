@@ -115,13 +115,18 @@ fn read_mask(path: &Path, shape: &AttentionShape, parts: &mut Vec<String>) -> Re
     let (n_q, n_k) = (shape.n_q, shape.n_k);
     let (batch, heads) = match array.shape[..] {
         [q, k] if (q, k) == (n_q, n_k) => (1, 1),
-        [b, h, q, k] if (b == 1 || b == shape.batch) && (h == 1 || h == shape.q_heads) && (q, k) == (n_q, n_k) => (b, h),
+        [b, h, q, k] if (b == 1 || b == shape.batch) && (h == 1 || h == shape.q_heads) && (q, k) == (n_q, n_k) => {
+            (b, h)
+        }
         _ => {
-            return Err(in_file(path, format!(
-                "mask shape {:?} does not broadcast to [B, Hq, Nq, Nk] = [{}, {}, {n_q}, {n_k}]: \
+            return Err(in_file(
+                path,
+                format!(
+                    "mask shape {:?} does not broadcast to [B, Hq, Nq, Nk] = [{}, {}, {n_q}, {n_k}]: \
                  use [Nq, Nk] or [B or 1, Hq or 1, Nq, Nk]",
-                array.shape, shape.batch, shape.q_heads
-            )));
+                    array.shape, shape.batch, shape.q_heads
+                ),
+            ));
         }
     };
     parts.push(format!("mask {:?}", array.shape));
@@ -137,10 +142,13 @@ fn read_documents(path: &Path, shape: &AttentionShape, parts: &mut Vec<String>) 
         [k] if k == n_k => 1,
         [b, k] if (b == 1 || b == shape.batch) && k == n_k => b,
         _ => {
-            return Err(in_file(path, format!(
-                "document ids of shape {:?} do not fit {} batch x {n_k} keys: use [Nk] or [B, Nk]",
-                array.shape, shape.batch
-            )));
+            return Err(in_file(
+                path,
+                format!(
+                    "document ids of shape {:?} do not fit {} batch x {n_k} keys: use [Nk] or [B, Nk]",
+                    array.shape, shape.batch
+                ),
+            ));
         }
     };
     if let Some(p) = array.data.iter().position(|&id| id < 0) {
