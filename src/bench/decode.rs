@@ -12,7 +12,7 @@
 
 use super::plot::{Chart, Line, XAxis};
 use super::report::{Provenance, aligned, csv_field, mib, ms_range, seq_label, sig3};
-use super::runner::{Validation, catching_gpu_errors, max_error, tolerance};
+use super::runner::{Outcome, Validation, catching_gpu_errors, max_error, tolerance};
 use super::stats::Stats;
 use super::timing::Timer;
 use super::workload::input_values;
@@ -169,22 +169,11 @@ impl SplitResult {
     }
 }
 
+/// A measured decode point: every split setting passed the check before it was timed.
 #[derive(Clone, Debug, Serialize)]
-#[serde(tag = "status", rename_all = "snake_case")]
-pub enum DecodeOutcome {
-    Measured {
-        validation: Validation,
-        settings: Vec<SplitResult>,
-    },
-    /// Not started: estimated to take `estimated_s`, and only `left_s` of the budget were left.
-    Capped {
-        estimated_s: f64,
-        left_s: f64,
-    },
-    /// Started and could not finish (a limit, out of memory, a wrong result).
-    Failed {
-        reason: String,
-    },
+pub struct DecodeMeasured {
+    pub validation: Validation,
+    pub settings: Vec<SplitResult>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -195,13 +184,13 @@ pub struct DecodePoint {
     pub workload: DecodeWorkload,
     pub kv_bytes: u64,
     #[serde(flatten)]
-    pub outcome: DecodeOutcome,
+    pub outcome: Outcome<DecodeMeasured>,
 }
 
 impl DecodePoint {
     pub fn settings(&self) -> &[SplitResult] {
         match &self.outcome {
-            DecodeOutcome::Measured { settings, .. } => settings,
+            Outcome::Measured(m) => &m.settings,
             _ => &[],
         }
     }
@@ -235,8 +224,9 @@ pub fn run(
     let start = Instant::now();
     let mut order: Vec<usize> = (0..workloads.len()).collect();
     order.sort_by_key(|&i| workloads[i].kv_bytes());
-    // Seconds per byte of K and V of the slowest setting at the last measured point, with
-    // filling and checking counted as one more run: what the budget's estimates go by.
+    // Wall seconds per byte of K and V read at the last measured point, everything it did
+    // (filling, checking, warm-up and timed runs of every setting) counted: what the
+    // budget's estimates go by.
     let mut seconds_per_byte: Option<f64> = None;
     let mut results: Vec<Option<DecodePoint>> = vec![None; workloads.len()];
     for (done, &i) in order.iter().enumerate() {
@@ -247,13 +237,13 @@ pub fn run(
         let left_s = settings.budget_s.map(|b| b - start.elapsed().as_secs_f64());
         let outcome = match (estimated_s, left_s) {
             (Some(estimated_s), Some(left_s)) if estimated_s > left_s => {
-                DecodeOutcome::Capped { estimated_s, left_s: left_s.max(0.0) }
+                Outcome::Capped { estimated_s, left_s: left_s.max(0.0) }
             }
             _ => {
                 let started = Instant::now();
                 let outcome = catching_gpu_errors(ctx, || measure(ctx, timer, w, settings))
-                    .unwrap_or_else(|e| DecodeOutcome::Failed { reason: e.to_string() });
-                if matches!(outcome, DecodeOutcome::Measured { .. }) {
+                    .unwrap_or_else(|e| Outcome::Failed { reason: e.to_string() });
+                if matches!(outcome, Outcome::Measured(_)) {
                     seconds_per_byte = Some(started.elapsed().as_secs_f64() / (w.kv_bytes() * runs as u64) as f64);
                 }
                 outcome
@@ -267,7 +257,12 @@ pub fn run(
 }
 
 /// Checks and times every split setting on one filled cache.
-fn measure(ctx: &Context, timer: &Timer, w: &DecodeWorkload, settings: &DecodeSettings) -> Result<DecodeOutcome> {
+fn measure(
+    ctx: &Context,
+    timer: &Timer,
+    w: &DecodeWorkload,
+    settings: &DecodeSettings,
+) -> Result<Outcome<DecodeMeasured>> {
     let mut problem = DecodeProblem::upload(ctx, w)?;
     let mut validation = Validation { against: "reference", max_error: 0.0, tolerance: tolerance(w.dtype) };
     let mut results: Vec<SplitResult> = Vec::new();
@@ -278,7 +273,7 @@ fn measure(ctx: &Context, timer: &Timer, w: &DecodeWorkload, settings: &DecodeSe
         let checked = problem.validate(ctx)?;
         validation.max_error = validation.max_error.max(checked.max_error);
         if !checked.passed() {
-            return Ok(DecodeOutcome::Failed {
+            return Ok(Outcome::Failed {
                 reason: format!(
                     "decode with {} splits differs from the f64 reference by {:.3e} (tolerance {:.1e}); not timed",
                     plan.splits, checked.max_error, checked.tolerance
@@ -302,7 +297,7 @@ fn measure(ctx: &Context, timer: &Timer, w: &DecodeWorkload, settings: &DecodeSe
             r.speedup_vs_unsplit = Some(unsplit / r.time.median_s);
         }
     }
-    Ok(DecodeOutcome::Measured { validation, settings: results })
+    Ok(Outcome::Measured(DecodeMeasured { validation, settings: results }))
 }
 
 /// A decode workload on the GPU: a cache filled with `cache_len` tokens of seeded K and V,
@@ -430,7 +425,7 @@ impl DecodeReport {
         for p in &self.points {
             let lead = vec![p.series.clone(), seq_label(p.workload.cache_len), mib(p.kv_bytes)];
             match &p.outcome {
-                DecodeOutcome::Measured { validation, settings } => {
+                Outcome::Measured(DecodeMeasured { validation, settings }) => {
                     for r in settings {
                         let mut row = lead.clone();
                         row.extend([
@@ -444,13 +439,9 @@ impl DecodeReport {
                         rows.push(row);
                     }
                 }
-                DecodeOutcome::Capped { estimated_s, left_s } => rows.push(
-                    lead.into_iter()
-                        .chain([format!("capped: estimated {estimated_s:.0} s, {left_s:.0} s of the time budget left")])
-                        .collect(),
-                ),
-                DecodeOutcome::Failed { reason } => {
-                    rows.push(lead.into_iter().chain([format!("failed: {reason}")]).collect())
+                other => {
+                    let why = format!("{}: {}", other.status(), other.reason().unwrap_or_default());
+                    rows.push(lead.into_iter().chain([why]).collect());
                 }
             }
         }
@@ -494,7 +485,7 @@ impl DecodeReport {
             ];
             let mut rows: Vec<Vec<String>> = Vec::new();
             match &p.outcome {
-                DecodeOutcome::Measured { validation, settings } => {
+                Outcome::Measured(DecodeMeasured { validation, settings }) => {
                     for r in settings {
                         let mut row = lead.clone();
                         row.extend(["measured".into(), String::new()]);
@@ -509,12 +500,9 @@ impl DecodeReport {
                         rows.push(row);
                     }
                 }
-                DecodeOutcome::Capped { estimated_s, left_s } => {
-                    let reason = format!("estimated {estimated_s:.0} s, {left_s:.0} s of the time budget left");
-                    rows.push(lead.iter().cloned().chain(["capped".into(), reason]).collect());
-                }
-                DecodeOutcome::Failed { reason } => {
-                    rows.push(lead.iter().cloned().chain(["failed".into(), reason.clone()]).collect());
+                other => {
+                    let (status, reason) = (other.status().into(), other.reason().unwrap_or_default());
+                    rows.push(lead.iter().cloned().chain([status, reason]).collect());
                 }
             }
             for mut row in rows {

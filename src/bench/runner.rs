@@ -114,8 +114,8 @@ impl BlockSparse {
 
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
-pub enum Outcome {
-    Measured(Measured),
+pub enum Outcome<M = Measured> {
+    Measured(M),
     /// Not started: its flash runs were estimated to take `estimated_s`, and only `left_s`
     /// of the time budget were left.
     Capped {
@@ -177,7 +177,7 @@ impl PointResult {
     }
 }
 
-impl Outcome {
+impl<M> Outcome<M> {
     /// "measured", "capped" or "failed", as in the JSON.
     pub fn status(&self) -> &'static str {
         match self {
