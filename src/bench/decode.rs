@@ -10,8 +10,8 @@
 //! checks every split setting's output against the f64 reference, then times each setting
 //! on the same cache and queries.
 
-use super::plot::{Chart, Line, XAxis};
-use super::report::{Provenance, aligned, csv_field, mib, ms_range, seq_label, sig3};
+use super::plot::{Chart, Families, Line, XAxis};
+use super::report::{PROVENANCE_CSV_HEADER, Provenance, aligned, csv_field, mib, ms_range, seq_label, sig3};
 use super::runner::{Outcome, Validation, catching_gpu_errors, max_error, tolerance};
 use super::stats::Stats;
 use super::timing::Timer;
@@ -453,26 +453,18 @@ impl DecodeReport {
     pub fn csv(&self) -> String {
         #[rustfmt::skip]
         let header = [
-            "wattn_version", "date", "adapter", "backend", "device_type", "driver", "clock",
             "series", "dtype", "head_dim", "batch", "heads", "kv_heads", "queries", "cache_len", "kv_bytes",
             "status", "reason", "requested_splits", "splits", "median_s", "min_s", "max_s", "bytes_per_s",
             "fraction_of_copy", "speedup_vs_unsplit", "max_error", "tolerance", "peak_copy_bytes_per_s",
         ];
-        let pv = &self.provenance;
-        let a = &pv.adapter;
         let num = |x: Option<f64>| x.map_or(String::new(), |v| v.to_string());
         let peak = num(self.peak.as_ref().map(|p| p.copy.rate));
-        let mut out = header.join(",") + "\n";
+        let columns = PROVENANCE_CSV_HEADER.len() + header.len();
+        let mut out = PROVENANCE_CSV_HEADER.join(",") + "," + &header.join(",") + "\n";
         for p in &self.points {
             let w = &p.workload;
-            let lead: Vec<String> = vec![
-                pv.wattn_version.into(),
-                pv.date.clone(),
-                a.name.clone(),
-                a.backend.clone(),
-                a.device_type.clone(),
-                format!("{} {}", a.driver, a.driver_info).trim().into(),
-                pv.clock.name().into(),
+            let mut lead = self.provenance.csv_cells();
+            lead.extend([
                 p.series.clone(),
                 p.dtype.into(),
                 w.head_dim.to_string(),
@@ -482,7 +474,7 @@ impl DecodeReport {
                 w.queries.to_string(),
                 w.cache_len.to_string(),
                 p.kv_bytes.to_string(),
-            ];
+            ]);
             let mut rows: Vec<Vec<String>> = Vec::new();
             match &p.outcome {
                 Outcome::Measured(DecodeMeasured { validation, settings }) => {
@@ -506,7 +498,7 @@ impl DecodeReport {
                 }
             }
             for mut row in rows {
-                row.resize(header.len() - 1, String::new());
+                row.resize(columns - 1, String::new());
                 row.push(peak.clone());
                 out += &row.iter().map(|c| csv_field(c)).collect::<Vec<_>>().join(",");
                 out.push('\n');
@@ -530,14 +522,11 @@ impl DecodeReport {
                 series.entry((p.series.clone(), setting)).or_default().push(point);
             }
         }
-        let mut families: Vec<String> = Vec::new();
+        let mut families = Families::default();
         let mut lines = Vec::new();
         for ((family, setting), mut points) in series {
             points.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let color = families.iter().position(|f| *f == family).unwrap_or_else(|| {
-                families.push(family.clone());
-                families.len() - 1
-            });
+            let color = families.color(&family);
             lines.push(Line { name: format!("{family} {setting}"), color, dashed: setting == "unsplit", points });
         }
         let pv = &self.provenance;

@@ -47,6 +47,20 @@ pub struct Chart {
     pub empty_note: String,
 }
 
+/// Palette indices by family name, in order of first appearance: lines of one family
+/// (one problem shape, say) share a colour.
+#[derive(Default)]
+pub struct Families(Vec<String>);
+
+impl Families {
+    pub fn color(&mut self, family: &str) -> usize {
+        self.0.iter().position(|f| f == family).unwrap_or_else(|| {
+            self.0.push(family.to_string());
+            self.0.len() - 1
+        })
+    }
+}
+
 /// `wattn bench --plot`: the SVG text of the report's measured points.
 pub fn svg(report: &BenchReport) -> String {
     if report.points.iter().any(|p| p.block_sparse.is_some()) {
@@ -66,15 +80,11 @@ fn throughput_chart(report: &BenchReport) -> Chart {
             series.entry(&p.series).or_default().push((p.seq as f64, m.flash.flops_per_s / unit.per));
         }
     }
-    let mut families: Vec<String> = Vec::new();
+    let mut families = Families::default();
     let mut lines = Vec::new();
     for (name, mut points) in series {
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let family = name.replace(" causal", "").replace(" dense", "");
-        let color = families.iter().position(|f| *f == family).unwrap_or_else(|| {
-            families.push(family);
-            families.len() - 1
-        });
+        let color = families.color(&name.replace(" causal", "").replace(" dense", ""));
         lines.push(Line { name: name.to_string(), color, dashed: name.contains("causal"), points });
     }
     let pv = &report.provenance;

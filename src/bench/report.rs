@@ -47,6 +47,20 @@ impl Provenance {
         }
     }
 
+    /// The CSV columns that open every row, named by [`PROVENANCE_CSV_HEADER`].
+    pub fn csv_cells(&self) -> Vec<String> {
+        let a = &self.adapter;
+        vec![
+            self.wattn_version.into(),
+            self.date.clone(),
+            a.name.clone(),
+            a.backend.clone(),
+            a.device_type.clone(),
+            format!("{} {}", a.driver, a.driver_info).trim().into(),
+            self.clock.name().into(),
+        ]
+    }
+
     /// "wattn 0.1.0 on NAME (Vulkan, Cpu, DRIVER), 2025-01-01T00:00:00Z; GPU timestamps".
     pub fn headline(&self) -> String {
         let a = &self.adapter;
@@ -68,6 +82,10 @@ impl Provenance {
         )
     }
 }
+
+/// The names of [`Provenance::csv_cells`].
+pub const PROVENANCE_CSV_HEADER: [&str; 7] =
+    ["wattn_version", "date", "adapter", "backend", "device_type", "driver", "clock"];
 
 /// `wattn peak`'s result.
 #[derive(Clone, Debug, Serialize)]
@@ -382,7 +400,7 @@ impl BenchReport {
     pub fn csv(&self) -> String {
         #[rustfmt::skip]
         let header = [
-            "wattn_version", "date", "adapter", "backend", "device_type", "driver", "clock", "flash_config",
+            "flash_config",
             "series", "dtype", "head_dim", "causal", "window_left", "window_right", "batch", "heads", "kv_heads", "seq",
             "flops", "status", "reason",
             "flash_median_s", "flash_min_s", "flash_max_s", "flash_flops_per_s", "flash_bytes", "fraction_of_peak",
@@ -392,24 +410,16 @@ impl BenchReport {
             "dense_median_s", "speedup_vs_dense", "fraction_of_ideal",
             "peak_fma_f32_flops_per_s", "peak_fma_f16_flops_per_s", "peak_copy_bytes_per_s",
         ];
-        let pv = &self.provenance;
-        let a = &pv.adapter;
         let num = |x: Option<f64>| x.map_or(String::new(), |v| v.to_string());
         let peak = [
             num(self.peak.as_ref().map(|p| p.fma_f32.rate)),
             num(self.peak.as_ref().and_then(|p| p.fma_f16.as_ref()).map(|m| m.rate)),
             num(self.peak.as_ref().map(|p| p.copy.rate)),
         ];
-        let mut out = header.join(",") + "\n";
+        let mut out = PROVENANCE_CSV_HEADER.join(",") + "," + &header.join(",") + "\n";
         for p in &self.points {
-            let mut row: Vec<String> = vec![
-                pv.wattn_version.into(),
-                pv.date.clone(),
-                a.name.clone(),
-                a.backend.clone(),
-                a.device_type.clone(),
-                format!("{} {}", a.driver, a.driver_info).trim().into(),
-                pv.clock.name().into(),
+            let mut row = self.provenance.csv_cells();
+            row.extend([
                 self.flash_config.to_string(),
                 p.series.clone(),
                 p.dtype.into(),
@@ -422,7 +432,7 @@ impl BenchReport {
                 p.kv_heads.to_string(),
                 p.seq.to_string(),
                 p.flops.to_string(),
-            ];
+            ]);
             let path = |r: Option<&PathResult>| {
                 [
                     r.map(|r| r.time.median_s),
@@ -467,7 +477,7 @@ impl BenchReport {
                 .map(num),
             );
             row.extend(peak.iter().cloned());
-            debug_assert_eq!(row.len(), header.len());
+            debug_assert_eq!(row.len(), PROVENANCE_CSV_HEADER.len() + header.len());
             out += &row.iter().map(|c| csv_field(c)).collect::<Vec<_>>().join(",");
             out.push('\n');
         }

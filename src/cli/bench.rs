@@ -4,11 +4,13 @@
 
 use super::{AdapterArgs, SplitChoice, parse_splits};
 use crate::bench::decode::{self, DecodeGrid, DecodeReport, DecodeSettings};
+use crate::bench::peak::Peak;
 use crate::bench::progress::Progress;
 use crate::bench::report::{BenchReport, Provenance, seq_label, write_file, write_json};
 use crate::bench::runner::{self, Settings};
 use crate::bench::workload::Pattern;
 use crate::bench::{Grid, Timer, peak, plot};
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::flash::FlashConfig;
 use crate::tensor::DType;
@@ -166,6 +168,39 @@ impl BenchArgs {
         Ok(grid)
     }
 
+    /// GPU timestamps where the adapter has them, unless --wall-clock.
+    fn timer(&self, ctx: &Context) -> Timer {
+        if self.wall_clock { Timer::wall_clock() } else { Timer::new(ctx) }
+    }
+
+    /// The adapter's ceilings, unless --no-peak.
+    fn peak(&self, ctx: &Context, timer: &Timer, progress: &Progress, points: usize) -> Result<Option<Peak>> {
+        if self.no_peak {
+            return Ok(None);
+        }
+        progress.show(0, points, "measuring the adapter's peak");
+        Ok(Some(peak::measure(ctx, timer, self.warmup as usize, self.runs as usize)?))
+    }
+
+    /// Writes the report to the --json, --csv and --plot files asked for.
+    fn write_outputs(
+        &self,
+        report: &impl serde::Serialize,
+        csv: impl FnOnce() -> String,
+        svg: impl FnOnce() -> String,
+    ) -> Result<()> {
+        if let Some(path) = &self.json {
+            write_json(path, report)?;
+        }
+        if let Some(path) = &self.csv {
+            write_file(path, &csv())?;
+        }
+        if let Some(path) = &self.plot {
+            write_file(path, &svg())?;
+        }
+        Ok(())
+    }
+
     /// The decode grid the flags describe: `--quick` or the full grid, then each flag given.
     pub fn decode_grid(&self) -> DecodeGrid {
         let mut grid = if self.quick { DecodeGrid::quick() } else { DecodeGrid::full() };
@@ -206,15 +241,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let Err(e @ Error::Option(_)) = config.check(ctx.limits(), &workloads[0].shape) {
         return Err(e);
     }
-    let timer = if args.wall_clock { Timer::wall_clock() } else { Timer::new(&ctx) };
+    let timer = args.timer(&ctx);
     let (warmup, runs) = (args.warmup as usize, args.runs as usize);
     let progress = Progress::new();
-    let peak = if args.no_peak {
-        None
-    } else {
-        progress.show(0, workloads.len(), "measuring the adapter's peak");
-        Some(peak::measure(&ctx, &timer, warmup, runs)?)
-    };
+    let peak = args.peak(&ctx, &timer, &progress, workloads.len())?;
     let budget_s = (args.budget > 0.0).then_some(args.budget);
     let settings = Settings {
         warmup,
@@ -240,16 +270,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         points,
     };
     print!("{}", report.table());
-    if let Some(path) = &args.json {
-        write_json(path, &report)?;
-    }
-    if let Some(path) = &args.csv {
-        write_file(path, &report.csv())?;
-    }
-    if let Some(path) = &args.plot {
-        write_file(path, &plot::svg(&report))?;
-    }
-    Ok(())
+    args.write_outputs(&report, || report.csv(), || plot::svg(&report))
 }
 
 /// `wattn bench --decode`.
@@ -257,15 +278,10 @@ fn run_decode(args: &BenchArgs) -> Result<()> {
     let grid = args.decode_grid();
     let workloads = grid.workloads()?;
     let ctx = args.adapter.context()?;
-    let timer = if args.wall_clock { Timer::wall_clock() } else { Timer::new(&ctx) };
+    let timer = args.timer(&ctx);
     let (warmup, runs) = (args.warmup as usize, args.runs as usize);
     let progress = Progress::new();
-    let peak = if args.no_peak {
-        None
-    } else {
-        progress.show(0, workloads.len(), "measuring the adapter's peak");
-        Some(peak::measure(&ctx, &timer, warmup, runs)?)
-    };
+    let peak = args.peak(&ctx, &timer, &progress, workloads.len())?;
     let settings = DecodeSettings {
         warmup,
         runs,
@@ -280,16 +296,7 @@ fn run_decode(args: &BenchArgs) -> Result<()> {
     let provenance = Provenance::new(&ctx, timer.clock());
     let report = DecodeReport { provenance, warmup, runs, budget_s: settings.budget_s, peak, points };
     print!("{}", report.table());
-    if let Some(path) = &args.json {
-        write_json(path, &report)?;
-    }
-    if let Some(path) = &args.csv {
-        write_file(path, &report.csv())?;
-    }
-    if let Some(path) = &args.plot {
-        write_file(path, &plot::draw(&report.chart()))?;
-    }
-    Ok(())
+    args.write_outputs(&report, || report.csv(), || plot::draw(&report.chart()))
 }
 
 /// Refuses, before any work, output files whose directory does not exist.
