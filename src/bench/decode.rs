@@ -1,7 +1,7 @@
 //! `wattn bench --decode`: split-KV decode against the unsplit kernel over cache lengths.
 //!
-//! A decode step reads all of K and V once and does about one FMA per element read, so it
-//! is bound by memory bandwidth, and its figure of merit is the bytes of K and V read per
+//! A decode step reads all of K and V once and does one FMA per element read and query head
+//! of its group (4 in Llama-3-8B), so on a GPU it is bound by memory bandwidth, and its figure of merit is the bytes of K and V read per
 //! second, quoted against the adapter's measured copy bandwidth. Without splits a step has
 //! one workgroup per (sequence, KV head, row block): 8 on a Llama-3-8B layer at batch 1,
 //! too few to keep a GPU's memory system busy, which is what splitting the keys fixes.
