@@ -62,8 +62,8 @@ pub struct StreamArgs {
     pub positions: String,
     /// Ranges the cache is split into for decode (split-KV), or auto to choose from the
     /// adapter and the cache length.
-    #[arg(long, value_name = "N|auto", default_value = "auto", value_parser = super::parse_splits)]
-    pub splits: super::SplitChoice,
+    #[arg(long, value_name = "N|auto", default_value = "auto")]
+    pub splits: String,
     /// Positions per reported bucket (median, min and max of their steps) [default: steps / 50].
     #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
     pub report_every: Option<u64>,
@@ -229,7 +229,7 @@ impl StreamArgs {
             "reindexed" => PositionMode::Reindexed(ROPE),
             other => return Err(Error::Option(format!("--positions '{other}': use absolute or reindexed"))),
         };
-        let splits = self.splits.0;
+        let splits = super::parse_splits(&self.splits).map_err(|why| Error::Option(format!("--splits {why}")))?.0;
         Ok(StreamSpec {
             layers: self.layers,
             batch: self.batch,
