@@ -8,16 +8,8 @@ use std::mem::{offset_of, size_of};
 use wattn::attention::flash::{self, FlashParams};
 use wattn::kv::{cache::KvParams, combine::CombineParams, decode::DecodeParams};
 use wattn::naive;
-use wattn::shader::{Kernel, ShaderKey};
+use wattn::shader::{Kernel, ShaderKey, every_variant};
 use wattn::tensor::DType;
-
-fn all_keys() -> Vec<ShaderKey> {
-    let mut keys = flash::validation_keys();
-    keys.extend(naive::shader_keys());
-    keys.extend(wattn::kv::validation_keys());
-    keys.extend(wattn::bench::peak::shader_keys());
-    keys
-}
 
 fn parse_and_validate(key: &ShaderKey) -> Result<(naga::Module, ModuleInfo), String> {
     let source = key.source();
@@ -91,7 +83,7 @@ fn check_variant(key: &ShaderKey) -> Vec<String> {
 
 #[test]
 fn every_variant_validates_and_translates() {
-    let keys = all_keys();
+    let keys = every_variant();
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let chunk = keys.len().div_ceil(threads);
     let failures: Vec<String> = std::thread::scope(|s| {

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod info;
 pub mod peak;
 pub mod run;
+pub mod shaders;
 pub mod stream;
 
 use crate::context::{AdapterSelection, Context};
@@ -28,6 +29,8 @@ pub enum Command {
     Peak(peak::PeakArgs),
     /// Stream synthetic tokens through the KV cache: per-token decode time against position, and memory.
     Stream(stream::StreamArgs),
+    /// Write every shader variant as WGSL with a manifest (bindings, layouts), for checks on other WGSL compilers.
+    Shaders(shaders::ShadersArgs),
 }
 
 pub fn dispatch(cli: Cli) -> Result<()> {
@@ -37,6 +40,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Peak(a) => peak::run(a),
         Command::Stream(a) => stream::run(a),
+        Command::Shaders(a) => shaders::run(a),
     }
 }
 

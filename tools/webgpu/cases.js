@@ -1,0 +1,450 @@
+// The attention kernels run on small problems and judged against reference.js: the flash
+// forward (dense, causal with nQ > nK, a window with sinks and softcap, GQA with
+// Dqk != Dv, a block mask) on every tile preset, split-KV decode + combine, and combine
+// alone. Uniform structs are filled from the manifest's layouts by member name; grids and
+// buffers follow the Rust host (src/attention/flash.rs, src/kv/decode.rs,
+// src/kv/combine.rs, src/mask/gpu.rs).
+
+import { judge, merge, judgeMerge } from './reference.js';
+
+// flash_fwd.wgsl's pass flags: one pass walks every key (the Rust host splits the keys into
+// several passes only where the adapter caps loop iterations, as llvmpipe does).
+const FIRST_PASS = 1;
+const LAST_PASS = 2;
+// decode.wgsl: a slot that holds no token.
+const EMPTY_SLOT = 0xffffffff;
+// Block-mask runs: FULL_RUN marks a run of full tiles (src/mask/mod.rs KvRun::FULL).
+const FULL_RUN = 0xffffffff;
+
+/** A deterministic generator of floats in [-1, 1), rounded to f32 (mulberry32). */
+function random(seed) {
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return Math.fround(((t ^ (t >>> 14)) >>> 0) / 2 ** 31 - 1);
+  };
+}
+
+function randomArray(n, rng, spread = 1) {
+  return Float32Array.from({ length: n }, () => Math.fround(spread * rng()));
+}
+
+/**
+ * The bytes of a struct laid out as `layout` (from the manifest), each member taken from
+ * `values` by name; members whose name starts with `_` are padding. A runtime-sized array
+ * member (the last one) gets `tail` (u32 words). Errors name the member the case lacks.
+ */
+function packStruct(layout, values, tail, what) {
+  const runtime = layout.members.find((m) => m.type.startsWith('array<'));
+  const size = runtime ? runtime.offset + 4 * tail.length : layout.size;
+  const bytes = new ArrayBuffer(Math.max(16, Math.ceil(size / 16) * 16));
+  const view = new DataView(bytes);
+  for (const m of layout.members) {
+    if (m === runtime) {
+      new Uint32Array(bytes, m.offset, tail.length).set(tail);
+      continue;
+    }
+    const x = values[m.name] ?? (m.name.startsWith('_') ? 0 : undefined);
+    if (x === undefined) throw new Error(`${what}: no value for member ${m.name}: ${m.type}`);
+    if (m.type === 'u32') view.setUint32(m.offset, x, true);
+    else if (m.type === 'i32') view.setInt32(m.offset, x, true);
+    else if (m.type === 'f32') view.setFloat32(m.offset, x, true);
+    else throw new Error(`${what}: member ${m.name} has type ${m.type}, which this page cannot fill`);
+  }
+  const unknown = Object.keys(values).filter((name) => !layout.members.some((m) => m.name === name));
+  if (unknown.length) throw new Error(`${what}: the shader has no member ${unknown.join(', ')}`);
+  return bytes;
+}
+
+/** The layout of the struct bound as `name` in `variant`. */
+function layoutOf(variant, name) {
+  const b = variant.bindings.find((b) => b.name === name);
+  if (!b || !b.layout) throw new Error(`${variant.label}: no struct binding ${name}`);
+  return b.layout;
+}
+
+const STORAGE = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
+
+function buffer(device, data, usage = STORAGE) {
+  const bytes = data instanceof ArrayBuffer ? data : data.buffer;
+  const b = device.createBuffer({ size: Math.max(16, Math.ceil(bytes.byteLength / 4) * 4), usage });
+  device.queue.writeBuffer(b, 0, bytes);
+  return b;
+}
+
+/** A buffer of `n` f32 NaNs: an element the kernel does not write reads back as NaN. */
+function sentinel(device, n) {
+  return buffer(device, new Float32Array(n).fill(NaN));
+}
+
+/** The bind group of group 0 with each of the variant's bindings taken from `buffers` by name. */
+function bindByName(device, variant, pipeline, buffers) {
+  const entries = variant.bindings.map((b) => {
+    if (!buffers[b.name]) throw new Error(`${variant.label}: no buffer for binding ${b.binding} (${b.name})`);
+    return { binding: b.binding, resource: { buffer: buffers[b.name] } };
+  });
+  device.pushErrorScope('validation');
+  const group = device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
+  return device.popErrorScope().then((error) => {
+    if (error) throw new Error(`bind group of ${variant.label}: ${error.message}`);
+    return group;
+  });
+}
+
+/** Dispatches each [variant, pipeline, buffers, grid] in one pass and reads back `outputs`. */
+async function dispatch(device, steps, outputs) {
+  const groups = await Promise.all(steps.map(([variant, pipeline, buffers]) => bindByName(device, variant, pipeline, buffers)));
+  const encoder = device.createCommandEncoder();
+  const pass = encoder.beginComputePass();
+  for (const [i, [, pipeline, , grid]] of steps.entries()) {
+    pass.setPipeline(pipeline);
+    pass.setBindGroup(0, groups[i]);
+    pass.dispatchWorkgroups(...grid);
+  }
+  pass.end();
+  const reads = outputs.map((b) => {
+    const read = device.createBuffer({ size: b.size, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+    encoder.copyBufferToBuffer(b, 0, read, 0, b.size);
+    return read;
+  });
+  device.pushErrorScope('validation');
+  device.queue.submit([encoder.finish()]);
+  const error = await device.popErrorScope();
+  if (error) throw new Error(`dispatch: ${error.message}`);
+  return Promise.all(
+    reads.map(async (read) => {
+      await read.mapAsync(GPUMapMode.READ);
+      const data = new Float32Array(read.getMappedRange().slice(0));
+      read.unmap();
+      return data;
+    }),
+  );
+}
+
+/**
+ * The block-mask buffer of flash_fwd.wgsl for `mask(b, h, i, j)` on tiles of bq x bk:
+ * per mask row (batch, head, query block) the runs of consecutive key tiles of one class,
+ * full (every element visible) or partial (with one bit per element, bit r * bk + j, the
+ * partial tiles of a run stored consecutively); empty tiles are in no run.
+ */
+function blockMaskWords(p, maskBatch, maskHeads, bq, bk) {
+  const qBlocks = Math.ceil(p.nQ / bq);
+  const kBlocks = Math.ceil(p.nK / bk);
+  const maskWords = Math.ceil((bq * bk) / 32);
+  const rowStarts = [0];
+  const runs = []; // [first, end, FULL_RUN or the index of the first tile's element mask]
+  const bits = [];
+  for (let b = 0; b < maskBatch; b++) {
+    for (let h = 0; h < maskHeads; h++) {
+      for (let qb = 0; qb < qBlocks; qb++) {
+        const rowStart = runs.length;
+        for (let kb = 0; kb < kBlocks; kb++) {
+          const tile = new Array(maskWords).fill(0);
+          let seen = 0;
+          let elements = 0;
+          for (let r = 0; r < bq && qb * bq + r < p.nQ; r++) {
+            for (let j = 0; j < bk && kb * bk + j < p.nK; j++) {
+              elements += 1;
+              if (p.mask(b, h, qb * bq + r, kb * bk + j)) {
+                seen += 1;
+                const bit = r * bk + j;
+                tile[bit >>> 5] |= 1 << (bit & 31);
+              }
+            }
+          }
+          if (seen === 0) continue;
+          const full = seen === elements;
+          const last = runs.length > rowStart ? runs[runs.length - 1] : null;
+          const extends_ = last && last[1] === kb && (last[2] === FULL_RUN) === full;
+          if (extends_) last[1] = kb + 1;
+          else runs.push([kb, kb + 1, full ? FULL_RUN : bits.length / maskWords]);
+          if (!full) bits.push(...tile.map((w) => w >>> 0));
+        }
+        rowStarts.push(runs.length);
+      }
+    }
+  }
+  const runsAt = rowStarts.length;
+  return {
+    header: { batch: maskBatch, heads: maskHeads, q_blocks: qBlocks, runs_at: runsAt, bits_at: runsAt + 3 * runs.length },
+    words: Uint32Array.from([...rowStarts, ...runs.flat(), ...bits]),
+  };
+}
+
+/** Runs the flash variant on problem `p`; returns { out, lse }. */
+async function runFlash(device, variant, pipeline, p) {
+  const c = variant.constants;
+  const params = {
+    batch: p.batch,
+    q_heads: p.qHeads,
+    kv_heads: p.kvHeads,
+    n_q: p.nQ,
+    n_k: p.nK,
+    d_qk: p.dQk,
+    d_v: p.dV,
+    sinks: p.sinks,
+    window_left: p.window[0],
+    window_right: p.window[1],
+    scale: p.scale,
+    softcap: p.softcap,
+    key_begin: 0,
+    key_end: p.nK,
+    pass_flags: FIRST_PASS | LAST_PASS,
+  };
+  let blockMask = new Uint32Array(8); // the dense variant never reads it, but its layout has it
+  if (c.BLOCK_SPARSE) {
+    const { header, words } = blockMaskWords(p, p.maskBatch, p.maskHeads, c.BLOCK_Q, c.BLOCK_K);
+    blockMask = packStruct(layoutOf(variant, 'block_mask'), header, words, 'block_mask');
+  }
+  const rows = p.batch * p.qHeads * p.nQ;
+  const out = sentinel(device, rows * p.dV);
+  const lse = sentinel(device, rows);
+  const buffers = {
+    params: buffer(device, packStruct(layoutOf(variant, 'params'), params, null, 'params'), GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST),
+    q: buffer(device, p.q),
+    k: buffer(device, p.k),
+    v: buffer(device, p.v),
+    out,
+    lse,
+    state: buffer(device, new Float32Array(4)), // one pass: never touched
+    block_mask: buffer(device, blockMask),
+  };
+  const grid = [Math.ceil(p.nQ / c.BLOCK_Q), p.qHeads, p.batch];
+  const [o, l] = await dispatch(device, [[variant, pipeline, buffers, grid]], [out, lse]);
+  return { out: o.subarray(0, rows * p.dV), lse: l.subarray(0, rows) };
+}
+
+/** The combine grid of src/kv/combine.rs: one thread per element, wrapped into y. */
+function combineGrid(device, combine, rows, dim) {
+  const workgroups = Math.ceil((rows * dim) / combine.constants.WORKGROUP);
+  const x = Math.min(Math.max(workgroups, 1), device.limits.maxComputeWorkgroupsPerDimension);
+  return [x, Math.ceil(workgroups / x), 1];
+}
+
+function combineBuffers(device, combine, m, partialOut, partialLse, out, lse) {
+  const grid = combineGrid(device, combine, m.rows, m.dim);
+  const params = { rows: m.rows, dim: m.dim, splits: m.splits, groups_x: grid[0] };
+  const uniform = buffer(device, packStruct(layoutOf(combine, 'params'), params, null, 'params'), GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST);
+  return [{ params: uniform, partial_out: partialOut, partial_lse: partialLse, out, lse }, grid];
+}
+
+/**
+ * Split-KV decode then combine on a cache problem `p` (see decodeProblem): the grid of
+ * src/kv/decode.rs, (splits, row blocks, batch * KV heads). Returns { out, lse }.
+ */
+async function runDecode(device, [decode, decodePipeline], [combine, combinePipeline], p) {
+  const group = p.qHeads / p.kvHeads;
+  const rows = group * p.nQ;
+  const splits = Math.ceil(p.len / p.keysPerSplit);
+  const queryRows = p.batch * p.qHeads * p.nQ;
+  const params = {
+    batch: p.batch,
+    q_heads: p.qHeads,
+    kv_heads: p.kvHeads,
+    n_q: p.nQ,
+    head_dim: p.dim,
+    capacity: p.capacity,
+    len: p.len,
+    seen: p.seen,
+    keys_per_split: p.keysPerSplit,
+    rope: 0,
+    rope_sinks: 0,
+    rope_shift: 0,
+    write_logits: 0,
+    scale: p.scale,
+  };
+  const partialOut = sentinel(device, splits * queryRows * p.dim);
+  const partialLse = sentinel(device, splits * queryRows);
+  const out = sentinel(device, queryRows * p.dim);
+  const lse = sentinel(device, queryRows);
+  const decodeBuffers = {
+    params: buffer(device, packStruct(layoutOf(decode, 'params'), params, null, 'params'), GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST),
+    q: buffer(device, p.q),
+    k: buffer(device, p.cacheK),
+    v: buffer(device, p.cacheV),
+    pos: buffer(device, p.positions),
+    rope_table: buffer(device, new Float32Array(4)), // RoPE off
+    partial_out: partialOut,
+    partial_lse: partialLse,
+    logits: buffer(device, new Float32Array(4)), // write_logits off
+  };
+  const decodeGrid = [splits, Math.ceil(rows / decode.constants.BLOCK_R), p.batch * p.kvHeads];
+  const merge = { rows: queryRows, dim: p.dim, splits };
+  const [combineBufs, combineGrid_] = combineBuffers(device, combine, merge, partialOut, partialLse, out, lse);
+  const [o, l] = await dispatch(
+    device,
+    [
+      [decode, decodePipeline, decodeBuffers, decodeGrid],
+      [combine, combinePipeline, combineBufs, combineGrid_],
+    ],
+    [out, lse],
+  );
+  return { out: o.subarray(0, queryRows * p.dim), lse: l.subarray(0, queryRows) };
+}
+
+/** An attention problem with seeded random inputs. */
+function problem({ seed, batch = 1, qHeads = 2, kvHeads = qHeads, nQ, nK, dQk, dV = dQk, window = [-1, -1], sinks = 0, softcap = 0, ...rest }) {
+  const rng = random(seed);
+  return {
+    batch, qHeads, kvHeads, nQ, nK, dQk, dV, window, sinks, softcap,
+    scale: Math.fround(1 / Math.sqrt(dQk)),
+    q: randomArray(batch * qHeads * nQ * dQk, rng, 2),
+    k: randomArray(batch * kvHeads * nK * dQk, rng, 2),
+    v: randomArray(batch * kvHeads * nK * dV, rng),
+    ...rest,
+  };
+}
+
+// Head 0: three documents, causal inside each; head 1: a pattern with partial tiles
+// everywhere, keys 32..47 hidden (empty tiles) and queries 40..43 that see nothing.
+const DOCUMENTS = [13, 30, 21];
+function documentOf(i) {
+  let end = 0;
+  for (let d = 0; d < DOCUMENTS.length; d++) if (i < (end += DOCUMENTS[d])) return d;
+  return DOCUMENTS.length;
+}
+function exampleMask(_b, h, i, j) {
+  if (h === 0) return documentOf(i) === documentOf(j) && j <= i;
+  if (j >= 32 && j < 48) return false;
+  if (i >= 40 && i < 44) return false;
+  return j % 3 !== 0 || (i + j) % 5 === 0;
+}
+
+const FLASH_CASES = [
+  { name: 'dense 37x45 d40', nQ: 37, nK: 45, dQk: 40 },
+  { name: 'causal nQ > nK 50x21 d40', nQ: 50, nK: 21, dQk: 40, window: [-1, 0] },
+  { name: 'window (9,4) sinks 3 softcap 2 70x70 d40', nQ: 70, nK: 70, dQk: 40, window: [9, 4], sinks: 3, softcap: 2 },
+  { name: 'GQA 4/2 batch 2 dqk 90 dv 30 19x33', batch: 2, qHeads: 4, kvHeads: 2, nQ: 19, nK: 33, dQk: 90, dV: 30 },
+  {
+    name: 'block mask per head, broadcast over batch 2, GQA 2/1 64x64 d40',
+    batch: 2, qHeads: 2, kvHeads: 1, nQ: 64, nK: 64, dQk: 40,
+    blockSparse: true, mask: exampleMask, maskBatch: 1, maskHeads: 2,
+  },
+];
+
+/**
+ * A KV cache problem: `capacity` slots, of which `slotPositions.length` are filled, slot j
+ * with the token at stream position slotPositions[j]; `seen` tokens appended so far, the
+ * queries being the last `nQ` of them.
+ */
+function decodeProblem({ seed, batch = 1, qHeads, kvHeads, nQ, dim, capacity, seen, keysPerSplit, slotPositions }) {
+  const len = slotPositions.length;
+  const rng = random(seed);
+  const slots = batch * kvHeads * capacity;
+  const positions = new Uint32Array(slots).fill(EMPTY_SLOT);
+  for (let s = 0; s < batch * kvHeads; s++) positions.set(slotPositions, s * capacity);
+  const p = {
+    batch, qHeads, kvHeads, nQ, dim, capacity, len, seen, keysPerSplit, positions,
+    scale: Math.fround(1 / Math.sqrt(dim)),
+    q: randomArray(batch * qHeads * nQ * dim, rng, 2),
+    cacheK: randomArray(slots * dim, rng, 2),
+    cacheV: randomArray(slots * dim, rng),
+  };
+  // The same problem as plain attention over the filled slots: query i (at position
+  // seen - nQ + i) sees the slots whose token is at or before it.
+  const filled = (cache) => {
+    const x = new Float32Array(batch * kvHeads * len * dim);
+    for (let s = 0; s < batch * kvHeads; s++) x.set(cache.subarray(s * capacity * dim, (s * capacity + len) * dim), s * len * dim);
+    return x;
+  };
+  p.attention = {
+    batch, qHeads, kvHeads, nQ, nK: len, dQk: dim, dV: dim, window: [-1, -1], sinks: 0, softcap: 0,
+    scale: p.scale, q: p.q, k: filled(p.cacheK), v: filled(p.cacheV),
+    mask: (b, h, i, j) => positions[(b * kvHeads + Math.floor(h / (qHeads / kvHeads))) * capacity + j] <= seen - nQ + i,
+  };
+  return p;
+}
+
+/** Where StreamingLLM's ring puts each of `seen` tokens: sinks first, then slot sinks + (t - sinks) % window. */
+function ring(sinks, window, seen) {
+  const positions = [];
+  for (let t = 0; t < seen; t++) positions[t < sinks ? t : sinks + ((t - sinks) % window)] = t;
+  return positions;
+}
+
+const DECODE_CASES = [
+  {
+    name: 'decode GQA 8/2, 1 query, 150 of 160 slots in order, 2 splits of up to 100, d40',
+    qHeads: 8, kvHeads: 2, nQ: 1, dim: 40, capacity: 160, seen: 150, keysPerSplit: 100,
+    slotPositions: ring(0, 160, 150),
+  },
+  {
+    name: 'decode chunk of 5 queries, group 2, batch 2, ring of 4 sinks + 36 after 90 tokens, 5 splits, d40',
+    batch: 2, qHeads: 4, kvHeads: 2, nQ: 5, dim: 40, capacity: 40, seen: 90, keysPerSplit: 8,
+    slotPositions: ring(4, 36, 90),
+  },
+];
+
+function byConstants(variants, kernel, wanted) {
+  return variants.filter(
+    (v) => v.kernel === kernel && v.dtype === 'f32' && Object.entries(wanted).every(([name, x]) => v.constants[name] === x),
+  );
+}
+
+const pad16 = (d) => Math.ceil(d / 16) * 16;
+const presetOf = (v) => `${v.constants.BLOCK_Q}x${v.constants.BLOCK_K}x${v.constants.THREADS_PER_ROW}`;
+const constantsText = (v) => Object.entries(v.constants).map(([n, x]) => `${n}=${x}`).join(' ');
+
+/**
+ * Every run: [kernel, name, variants it uses, run() -> error or null]. The flash cases run
+ * on every admitted f32 variant of their head dims (each tile preset, Q resident or not);
+ * the decode cases on the decode variants of their head dim with the fewest and the most
+ * rows per workgroup.
+ */
+export function caseList(device, variants) {
+  const runs = [];
+  for (const spec of FLASH_CASES) {
+    const p = problem({ seed: runs.length + 1, ...spec });
+    const candidates = byConstants(variants, 'flash_fwd', {
+      DQK_PAD: pad16(p.dQk),
+      DV_PAD: pad16(p.dV),
+      BLOCK_SPARSE: !!spec.blockSparse,
+    });
+    if (candidates.length === 0) runs.push(['flash_fwd', spec.name, [], async () => 'no admitted variant for these head dims']);
+    for (const v of candidates) {
+      runs.push(['flash_fwd', `${spec.name} | preset ${presetOf(v)} ${constantsText(v)}`, [v], async ([pipeline]) => judge(p, await runFlash(device, v, pipeline, p))]);
+    }
+  }
+  const [combine] = byConstants(variants, 'combine', {});
+  for (const spec of DECODE_CASES) {
+    const p = decodeProblem({ seed: 100 + runs.length, ...spec });
+    const candidates = byConstants(variants, 'decode', { D_PAD: pad16(p.dim) });
+    const rowsPerBlock = candidates.map((v) => v.constants.BLOCK_R);
+    const chosen = candidates.filter(
+      (v, i) =>
+        (v.constants.BLOCK_R === Math.min(...rowsPerBlock) || v.constants.BLOCK_R === Math.max(...rowsPerBlock)) &&
+        candidates.findIndex((w) => w.constants.BLOCK_R === v.constants.BLOCK_R) === i,
+    );
+    if (chosen.length === 0 || !combine) runs.push(['decode', spec.name, [], async () => 'no admitted decode or combine variant']);
+    for (const v of chosen) {
+      runs.push([
+        'decode',
+        `${spec.name} | ${constantsText(v)}`,
+        [v, combine],
+        async ([decodePipeline, combinePipeline]) =>
+          judge(p.attention, await runDecode(device, [v, decodePipeline], [combine, combinePipeline], p)),
+      ]);
+    }
+  }
+  if (combine) runs.push(['combine', 'combine of 3 partials with -inf partials and a row with none, dim 20', [combine], (pipelines) => combineAlone(device, combine, pipelines)]);
+  return runs;
+}
+
+/** combine.wgsl alone on partials where some rows saw no key in some splits, one in none. */
+async function combineAlone(device, combine, [pipeline]) {
+  const [splits, rows, dim] = [3, 7, 20];
+  const rng = random(7);
+  const partialOut = randomArray(splits * rows * dim, rng);
+  const partialLse = randomArray(splits * rows, rng, 4);
+  for (const [s, r] of [[0, 1], [1, 1], [2, 1], [0, 3], [2, 5], [1, 6]]) partialLse[s * rows + r] = -Infinity;
+  const out = sentinel(device, rows * dim);
+  const lse = sentinel(device, rows);
+  const m = { rows, dim, splits };
+  const [bufs, grid] = combineBuffers(device, combine, m, buffer(device, partialOut), buffer(device, partialLse), out, lse);
+  const [o, l] = await dispatch(device, [[combine, pipeline, bufs, grid]], [out, lse]);
+  const got = { out: o.subarray(0, rows * dim), lse: l.subarray(0, rows) };
+  return judgeMerge(merge(partialOut, partialLse, splits, rows, dim), got);
+}

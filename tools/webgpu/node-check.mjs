@@ -1,0 +1,68 @@
+// The f16 half of the WebGPU check, run by tools/webgpu-check.sh: Dawn for Node (npm
+// package `webgpu`) on its null backend, whose adapter has shader-f16 (Chromium's
+// SwiftShader has not). Every f16 variant is compiled (createShaderModule +
+// getCompilationInfo), and the pipeline of every one the null adapter's limits admit (cheap
+// there: the null backend compiles to nothing and executes nothing, so there are no runs).
+//
+// Usage: node node-check.mjs SHADERS_DIR RESULTS_JSON
+
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { create, globals } from 'webgpu';
+import { compile, buildPipeline, notAdmitted } from './shared.js';
+
+Object.assign(globalThis, globals);
+
+const LIMITS = ['maxComputeWorkgroupStorageSize', 'maxComputeInvocationsPerWorkgroup', 'maxComputeWorkgroupSizeX'];
+
+async function check(dir, results) {
+  const manifest = JSON.parse(await readFile(join(dir, 'manifest.json'), 'utf8'));
+  const gpu = create(['backend=null']);
+  const adapter = await gpu.requestAdapter();
+  if (!adapter) throw new Error("Dawn's null backend gave no adapter");
+  if (!adapter.features.has('shader-f16')) throw new Error("Dawn's null adapter has no shader-f16");
+  const requiredLimits = Object.fromEntries(LIMITS.map((name) => [name, adapter.limits[name]]));
+  const device = await adapter.requestDevice({ requiredFeatures: ['shader-f16'], requiredLimits });
+  results.adapter = { vendor: 'dawn', architecture: 'null backend' };
+  results.limits = requiredLimits;
+  results.features = ['shader-f16'];
+
+  const f16 = manifest.variants.filter((v) => v.dtype === 'f16');
+  const modules = new Map();
+  for (const v of f16) {
+    const { module, error } = await compile(device, v, await readFile(join(dir, v.file), 'utf8'));
+    results.checks.push({ stage: 'validate', kernel: v.kernel, name: v.label, ok: !error, error: error || undefined });
+    if (!error) modules.set(v.file, module);
+  }
+  const admitted = [];
+  for (const v of f16) {
+    const why = notAdmitted(device.limits, v);
+    if (why) results.skipped.push({ stage: 'pipeline', kernel: v.kernel, name: v.label, why });
+    else admitted.push(v);
+  }
+  for (const v of admitted) {
+    if (!modules.has(v.file)) {
+      results.skipped.push({ stage: 'pipeline', kernel: v.kernel, name: v.label, why: 'did not compile' });
+      continue;
+    }
+    const { error } = await buildPipeline(device, v, modules.get(v.file));
+    results.checks.push({ stage: 'pipeline', kernel: v.kernel, name: v.label, ok: !error, error: error || undefined });
+  }
+  device.destroy();
+}
+
+const [dir, resultsPath, ...extra] = process.argv.slice(2);
+if (!dir || !resultsPath || extra.length) {
+  console.error('usage: node node-check.mjs SHADERS_DIR RESULTS_JSON');
+  process.exit(2);
+}
+const results = { runner: 'dawn-node', checks: [], skipped: [], fatal: null };
+const started = performance.now();
+try {
+  await check(dir, results);
+} catch (e) {
+  results.fatal = String((e && e.stack) || e);
+}
+results.seconds = (performance.now() - started) / 1000;
+await writeFile(resultsPath, JSON.stringify(results));
+process.exit(0);

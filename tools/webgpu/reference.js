@@ -1,0 +1,174 @@
+// Softmax attention on the CPU, written from FlashAttention's conventions (README,
+// Conventions), independent of the Rust host and the shaders: the f64 reference the
+// kernels are judged against, and the same loops rounded to f32 after every operation
+// ("plain" attention in the kernels' precision) for FlashAttention's tolerance rule.
+
+/**
+ * Whether query `i` sees key `j`: bottom-right aligned window (left, right) of the
+ * diagonal i + nK - nQ, -1 unbounded on that side (causal is right = 0), and the first
+ * `sinks` keys exempt from the left bound.
+ */
+export function visible(p, i, j) {
+  const [left, right] = p.window;
+  const diag = i + p.nK - p.nQ;
+  if (right >= 0 && j > diag + right) return false;
+  if (left >= 0 && j < diag - left && j >= p.sinks) return false;
+  return true;
+}
+
+/**
+ * O [B, Hq, nQ, dV] and LSE [B, Hq, nQ] of attention on Q [B, Hq, nQ, dQk], K [B, Hkv,
+ * nK, dQk], V [B, Hkv, nK, dV], rounding every result with `round`. `p.mask(b, h, i, j)`,
+ * if given, also hides keys. Rows that see no key get zeros and LSE = -inf.
+ */
+function attentionRounded(p, round) {
+  const { batch, qHeads, kvHeads, nQ, nK, dQk, dV, q, k, v } = p;
+  const out = new Float64Array(batch * qHeads * nQ * dV);
+  const lse = new Float64Array(batch * qHeads * nQ);
+  const group = qHeads / kvHeads;
+  const scores = new Float64Array(nK);
+  for (let b = 0; b < batch; b++) {
+    for (let h = 0; h < qHeads; h++) {
+      const kvh = Math.floor(h / group);
+      for (let i = 0; i < nQ; i++) {
+        const row = (b * qHeads + h) * nQ + i;
+        let max = -Infinity;
+        for (let j = 0; j < nK; j++) {
+          scores[j] = -Infinity;
+          if (!visible(p, i, j) || (p.mask && !p.mask(b, h, i, j))) continue;
+          let dot = 0;
+          for (let d = 0; d < dQk; d++) {
+            dot = round(dot + round(q[row * dQk + d] * k[((b * kvHeads + kvh) * nK + j) * dQk + d]));
+          }
+          let x = round(dot * p.scale);
+          if (p.softcap > 0) x = round(p.softcap * round(Math.tanh(round(x / p.softcap))));
+          scores[j] = x;
+          max = Math.max(max, x);
+        }
+        if (max === -Infinity) {
+          lse[row] = -Infinity;
+          continue;
+        }
+        let sum = 0;
+        for (let j = 0; j < nK; j++) {
+          scores[j] = scores[j] === -Infinity ? 0 : round(Math.exp(round(scores[j] - max)));
+          sum = round(sum + scores[j]);
+        }
+        for (let d = 0; d < dV; d++) {
+          let acc = 0;
+          for (let j = 0; j < nK; j++) {
+            if (scores[j] !== 0) acc = round(acc + round(scores[j] * v[((b * kvHeads + kvh) * nK + j) * dV + d]));
+          }
+          out[row * dV + d] = round(acc / sum);
+        }
+        lse[row] = round(max + round(Math.log(sum)));
+      }
+    }
+  }
+  return { out, lse };
+}
+
+const exact = (x) => x;
+
+/** The f64 reference. */
+export function attention(p) {
+  return attentionRounded(p, exact);
+}
+
+/** The largest |got - want|; 0 where both are the same infinity, Infinity for a NaN. */
+function maxAbsError(got, want) {
+  let worst = 0;
+  for (let i = 0; i < want.length; i++) {
+    if (got[i] === want[i]) continue;
+    const e = Math.abs(got[i] - want[i]);
+    worst = Math.max(worst, Number.isNaN(e) ? Infinity : e);
+  }
+  return worst;
+}
+
+function largestFinite(xs) {
+  let m = 1;
+  for (const x of xs) if (Number.isFinite(x)) m = Math.max(m, Math.abs(x));
+  return m;
+}
+
+const F32_EPSILON = 2 ** -23;
+
+/**
+ * FlashAttention's rule, as the Rust tests apply it: the kernel's largest error against the
+ * f64 reference may be at most twice that of plain attention in f32, plus a floor of half
+ * an f32 rounding of the largest output (1e-5 of the largest finite LSE for the LSE).
+ * Returns null when `got` passes, else what failed with the numbers.
+ */
+export function judge(p, got) {
+  const want = attention(p);
+  const plain = attentionRounded(p, Math.fround);
+  const bound = {
+    out: 2 * maxAbsError(plain.out, want.out) + 0.5 * F32_EPSILON * largestFinite(want.out),
+    lse: 2 * maxAbsError(plain.lse, want.lse) + 1e-5 * largestFinite(want.lse),
+  };
+  const failures = [];
+  for (const what of ['out', 'lse']) {
+    const err = maxAbsError(got[what], want[what]);
+    if (!(err <= bound[what])) {
+      const at = worstIndex(got[what], want[what]);
+      failures.push(
+        `${what === 'out' ? 'O' : 'LSE'} error ${err.toExponential(2)} > bound ${bound[what].toExponential(2)}` +
+          ` (at ${at}: got ${got[what][at]}, want ${want[what][at]})`,
+      );
+    }
+  }
+  return failures.length ? failures.join('; ') : null;
+}
+
+function worstIndex(got, want) {
+  let at = 0;
+  let worst = -1;
+  for (let i = 0; i < want.length; i++) {
+    if (got[i] === want[i]) continue;
+    const e = Number.isNaN(got[i] - want[i]) ? Infinity : Math.abs(got[i] - want[i]);
+    if (e > worst) [worst, at] = [e, i];
+  }
+  return at;
+}
+
+/**
+ * The merge of partial results over disjoint key sets, in f64: out = sum_s w_s out_s /
+ * sum_s w_s, lse = m + log(sum_s w_s), w_s = exp(lse_s - m), m = max_s lse_s; partials with
+ * lse = -inf carry no weight, and a row with no other gets zeros and -inf.
+ * `partialOut` [S, rows, dim], `partialLse` [S, rows].
+ */
+export function merge(partialOut, partialLse, splits, rows, dim) {
+  const out = new Float64Array(rows * dim);
+  const lse = new Float64Array(rows);
+  for (let r = 0; r < rows; r++) {
+    let m = -Infinity;
+    for (let s = 0; s < splits; s++) m = Math.max(m, partialLse[s * rows + r]);
+    if (m === -Infinity) {
+      lse[r] = -Infinity;
+      continue;
+    }
+    let sum = 0;
+    for (let s = 0; s < splits; s++) {
+      const x = partialLse[s * rows + r];
+      if (x === -Infinity) continue;
+      const w = Math.exp(x - m);
+      sum += w;
+      for (let c = 0; c < dim; c++) out[r * dim + c] += w * partialOut[(s * rows + r) * dim + c];
+    }
+    for (let c = 0; c < dim; c++) out[r * dim + c] /= sum;
+    lse[r] = m + Math.log(sum);
+  }
+  return { out, lse };
+}
+
+/** A combine result against the f64 merge: f32 roundings of the outputs and LSEs. */
+export function judgeMerge(want, got) {
+  const failures = [];
+  for (const what of ['out', 'lse']) {
+    const err = maxAbsError(got[what], want[what]);
+    const bound = 8 * F32_EPSILON * largestFinite(want[what]);
+    if (!(err <= bound)) failures.push(`${what} error ${err.toExponential(2)} > bound ${bound.toExponential(2)}`);
+  }
+  return failures.length ? failures.join('; ') : null;
+}
