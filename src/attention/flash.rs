@@ -7,7 +7,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::mask::{BlockSize, GpuBlockMask};
 use crate::pipeline::{bind_buffers, check_grid};
-use crate::shader::{ConstValue, Kernel, ShaderKey};
+use crate::shader::{ConstValue, Kernel, ShaderKey, workgroup_array_bytes};
 use crate::tensor::DType;
 use crate::tensor::check_binding_size;
 use wgpu::util::DeviceExt;
@@ -130,7 +130,10 @@ impl FlashConfig {
     /// Q and K/V tiles of vec4, the K/V rows padded by one vec4, and two score tiles).
     fn workgroup_bytes(&self, q_resident: bool, dqk_pad: u32, d_chunk: u32) -> u32 {
         let q_stride = if q_resident { dqk_pad } else { d_chunk };
-        4 * (self.block_q * q_stride + self.block_k * (d_chunk + 4) + 2 * self.block_q * self.block_k)
+        let score_tile = workgroup_array_bytes(self.block_q * self.block_k, 4);
+        workgroup_array_bytes(self.block_q * q_stride / 4, 16)
+            + workgroup_array_bytes(self.block_k * (d_chunk / 4 + 1), 16)
+            + 2 * score_tile
     }
 
     /// Checks the configuration against the kernel's rules and the device's limits.

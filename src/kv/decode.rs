@@ -14,7 +14,7 @@ use crate::attention::Output;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::pipeline::{bind_buffers, check_grid};
-use crate::shader::{ConstValue, Kernel, ShaderKey};
+use crate::shader::{ConstValue, Kernel, ShaderKey, workgroup_array_bytes};
 use crate::tensor::{DType, Tensor, TensorView, check_u32_indexing};
 
 /// Uniform parameters of `decode.wgsl`.
@@ -113,8 +113,11 @@ impl Variant {
     /// Bytes of workgroup memory `decode.wgsl` declares.
     fn workgroup_bytes(&self) -> u32 {
         let Self { block_r, block_k, d_pad, d_chunk } = *self;
-        let vec4s = block_r * d_pad / 4 + block_k * (d_chunk / 4 + 1);
-        16 * vec4s + 4 * (block_k + block_r * block_k + 2 * block_r)
+        workgroup_array_bytes(block_r * d_pad / 4, 16)
+            + workgroup_array_bytes(block_k * (d_chunk / 4 + 1), 16)
+            + workgroup_array_bytes(block_k, 4)
+            + workgroup_array_bytes(block_r * block_k, 4)
+            + 2 * workgroup_array_bytes(block_r, 4)
     }
 
     /// The most slots one split may scan on an adapter that stops every shader after
