@@ -264,7 +264,7 @@ fn main(
                         // Skipping p == 0 keeps a NaN in a masked slot's V out of the row
                         // (0 * NaN would be NaN); a NaN weight is not 0 and reaches it.
                         let p = score_tile[p_row + j];
-                        if p != 0.0 {
+                        if !is_zero(p) {
                             acc += p * kv_tile[j * KV_STRIDE + c4];
                         }
                     }

@@ -304,7 +304,7 @@ fn main(
                 }
                 // Skipping p == 0 keeps a NaN in a masked key's V out of rows that cannot see
                 // it (0 * NaN would be NaN); a NaN weight is not 0 and reaches o.
-                if p != 0.0 {
+                if !is_zero(p) {
                     for (var i = 0u; i < cols; i++) {
                         o[o0 + i] += p * kv_tile[j * KV_STRIDE + lane + i * THREADS_PER_ROW];
                     }

@@ -170,7 +170,7 @@ fn accumulate(
     var sum = 0.0;
     for (var r = 0u; r < rows; r++) {
         let x = logits[(bh * rows + r) * params.capacity + slot];
-        if x != MASKED {
+        if !is_masked(x) {
             let head = kv_head * group + r / params.count;
             sum += exp(x - lse[(b * params.q_heads + head) * params.count + r % params.count]);
         }

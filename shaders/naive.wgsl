@@ -79,7 +79,7 @@ fn pv_main(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var j = 0u; j < params.n_k; j++) {
         let p = scores[p_row + j];
         // As in flash_fwd.wgsl: a masked key's V never reaches the row, a NaN weight does.
-        if p != 0.0 {
+        if !is_zero(p) {
             acc += p * f32(v[(kv * params.n_k + j) * params.d_v + c]);
         }
     }
