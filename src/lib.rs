@@ -33,9 +33,9 @@ pub mod tensor;
 
 pub use attention::flash::{self, FlashConfig};
 pub use attention::naive;
-pub use attention::{AttentionBuffers, AttentionOptions, AttentionShape, Output, attention, attention_with};
+pub use attention::{AttentionBuffers, AttentionOptions, AttentionShape, Output, attention, attention_masked, attention_with};
 pub use context::{AdapterSelection, Capabilities, Context};
 pub use error::{Error, Result};
 pub use kv::{DecodeOptions, EvictionPolicy, KvCache, KvCacheConfig, PositionMode, Rope, RopeLayout};
-pub use mask::{BlockMask, BlockSize, GpuBlockMask, Mask, attention_masked};
+pub use mask::{BlockMask, BlockSize, GpuBlockMask, Mask};
 pub use tensor::{DType, Tensor, TensorView};

@@ -2,7 +2,10 @@
 //! and the naive baseline.
 
 pub mod flash;
+mod masked;
 pub mod naive;
+
+pub use masked::attention_masked;
 
 use crate::context::Context;
 use crate::error::{Error, Result};

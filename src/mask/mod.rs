@@ -5,8 +5,11 @@
 //! compiles masks, one per (batch, head) or broadcast, onto the kernel's tile grid: for
 //! each query block, the key blocks to visit, each *full* (every element visible, no
 //! per-element test) or *partial* (with a bit per element). [`GpuBlockMask`] is a
-//! `BlockMask` uploaded once and reusable across launches; [`attention_masked`] and
-//! [`crate::flash::encode_masked`] run the flash kernel on it.
+//! `BlockMask` uploaded once and reusable across launches.
+//!
+//! This module is data only: it knows nothing of the kernels. The attention module runs
+//! them on a mask ([`crate::attention_masked`], [`crate::flash::encode`] with a mask) and
+//! says which block size its tiles take ([`BlockSize::for_adapter`]).
 //!
 //! FlexAttention keeps `kv_num_blocks`/`kv_indices` (partial blocks) and
 //! `full_kv_num_blocks`/`full_kv_indices` per query block. Here a query block's visited
@@ -29,12 +32,10 @@
 mod gpu;
 mod predicate;
 
-pub use gpu::{BlockMaskHeader, GpuBlockMask, attention_masked};
+pub use gpu::{BlockMaskHeader, GpuBlockMask};
 pub use predicate::{BlockClass, Mask};
 
-use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::flash::FlashConfig;
 use predicate::{Grid, Runs};
 
 /// Queries and keys per block of a block mask: the flash kernel's tile sizes
@@ -48,12 +49,6 @@ pub struct BlockSize {
 impl BlockSize {
     pub const fn new(q: u32, k: u32) -> Self {
         Self { q, k }
-    }
-
-    /// The tiles of [`FlashConfig::for_adapter`]: what [`attention_masked`] launches
-    /// with unless the mask says otherwise.
-    pub fn for_adapter(ctx: &Context) -> Self {
-        FlashConfig::for_adapter(ctx).block_size()
     }
 
     /// 32-bit words of one partial block's element mask (one bit per element).

@@ -13,7 +13,6 @@
 //! so the final classes are exact.
 
 use super::BlockSize;
-use crate::attention::AttentionOptions;
 use crate::error::{Error, Result};
 use std::sync::Arc;
 
@@ -85,16 +84,6 @@ impl Mask {
     /// Prefix-LM: the first `prefix` keys are visible to every query, causal after.
     pub fn prefix_lm(prefix: usize) -> Self {
         Self::key_prefix(prefix) | Self::causal()
-    }
-
-    /// The dense options' mask (causal, window, sinks) as a predicate.
-    pub fn from_options(options: &AttentionOptions) -> Self {
-        let (left, right) = options.effective_window();
-        if options.sinks > 0 && left >= 0 {
-            Self::sinks_window(options.sinks as usize, left, right)
-        } else {
-            Self::window(left, right)
-        }
     }
 
     /// Packed sequences: `ids[p]` is the document of key position `p` (non-decreasing, one
