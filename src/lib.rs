@@ -19,12 +19,15 @@
 //! encoder with [`flash::encode`] on their own buffers ([`TensorView`]).
 
 pub mod attention;
+#[cfg(feature = "cli")]
 pub mod bench;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod context;
 pub mod error;
 pub mod kv;
 pub mod mask;
+#[cfg(feature = "cli")]
 pub mod npy;
 pub mod pipeline;
 pub mod reference;
