@@ -24,6 +24,7 @@ pub mod bench;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod context;
+mod dispatch;
 pub mod error;
 pub mod kv;
 pub mod mask;
@@ -36,7 +37,9 @@ pub mod tensor;
 
 pub use attention::flash::{self, FlashConfig};
 pub use attention::naive;
-pub use attention::{AttentionBuffers, AttentionOptions, AttentionShape, Output, attention, attention_masked, attention_with};
+pub use attention::{
+    AttentionBuffers, AttentionOptions, AttentionShape, Output, attention, attention_masked, attention_with,
+};
 pub use context::{AdapterSelection, Capabilities, Context};
 pub use error::{Error, Result};
 pub use kv::{DecodeOptions, EvictionPolicy, KvCache, KvCacheConfig, PositionMode, Rope, RopeLayout};

@@ -51,6 +51,20 @@ impl Kernel {
         }
     }
 
+    /// The kernel's group-0 bindings by name, in binding order: binding `i` is the WGSL
+    /// global named `bindings()[i]`. Hosts bind by name ([`crate::pipeline::bind_buffers`]);
+    /// the shader tests check the table against naga's reflection of every variant.
+    pub fn bindings(self) -> &'static [&'static str] {
+        match self {
+            Kernel::FlashForward => &["params", "q", "k", "v", "out", "lse", "state", "block_mask"],
+            Kernel::Naive => &["params", "q", "k", "v", "out", "lse", "scores"],
+            Kernel::Decode => &["params", "q", "k", "v", "pos", "rope_table", "partial_out", "partial_lse", "logits"],
+            Kernel::Combine => &["params", "partial_out", "partial_lse", "out", "lse"],
+            Kernel::KvCache => &["params", "src_k", "src_v", "k", "v", "pos", "score", "dest", "logits", "lse"],
+            Kernel::Peak => &["params", "sink", "src", "dst"],
+        }
+    }
+
     /// Files of `shaders/shared/` this kernel uses, prepended to its body in this order.
     pub fn shared(self) -> &'static [&'static str] {
         const SOFTMAX: &str = include_str!("../shaders/shared/softmax.wgsl");

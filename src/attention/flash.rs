@@ -4,13 +4,12 @@
 
 use super::{AttentionBuffers, AttentionOptions, AttentionShape};
 use crate::context::Context;
+use crate::dispatch::{bind_buffers, check_grid, uniform_buffer};
 use crate::error::{Error, Result};
 use crate::mask::{BlockSize, GpuBlockMask};
-use crate::pipeline::{bind_buffers, check_grid};
 use crate::shader::{ConstValue, Kernel, ShaderKey, workgroup_array_bytes};
 use crate::tensor::DType;
 use crate::tensor::check_binding_size;
-use wgpu::util::DeviceExt;
 
 /// Uniform parameters of `flash_fwd.wgsl` and `naive.wgsl`.
 /// Keep in sync with `struct Params` in both shaders (a test compares the layouts).
@@ -61,15 +60,6 @@ impl FlashParams {
             pass_flags: FIRST_PASS | LAST_PASS,
             _pad: 0,
         }
-    }
-
-    /// The params as a uniform buffer.
-    pub(crate) fn upload(&self, ctx: &Context) -> wgpu::Buffer {
-        ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("wattn params"),
-            contents: bytemuck::bytes_of(self),
-            usage: wgpu::BufferUsages::UNIFORM,
-        })
     }
 }
 
@@ -340,22 +330,23 @@ fn record(
             key_end: ((p + 1) * keys_per_pass).min(n_k),
             pass_flags: if p == 0 { FIRST_PASS } else { 0 } | if p + 1 == passes { LAST_PASS } else { 0 },
             ..base
-        }
-        .upload(ctx);
+        };
+        let params = uniform_buffer(ctx, &params);
         let bind_group = bind_buffers(
             ctx.device(),
             &pipeline,
+            Kernel::FlashForward,
             &[
-                (0, &params),
-                (1, bufs.q.buffer),
-                (2, bufs.k.buffer),
-                (3, bufs.v.buffer),
-                (4, bufs.out.buffer),
-                (5, bufs.lse.buffer),
-                (6, state),
-                (7, mask_buffer),
+                ("params", &params),
+                ("q", bufs.q.buffer),
+                ("k", bufs.k.buffer),
+                ("v", bufs.v.buffer),
+                ("out", bufs.out.buffer),
+                ("lse", bufs.lse.buffer),
+                ("state", state),
+                ("block_mask", mask_buffer),
             ],
-        );
+        )?;
         // One compute pass per key pass, so each sees the state the previous one wrote.
         let mut pass = encoder
             .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn flash"), timestamp_writes: None });

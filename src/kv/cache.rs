@@ -4,8 +4,8 @@
 use super::{EvictionPolicy, KvCacheConfig, PositionMode, Rope};
 use crate::attention::MAX_HEAD_DIM;
 use crate::context::Context;
+use crate::dispatch::{bind_buffers, check_grid, scratch, uniform_buffer, wrapped_grid};
 use crate::error::{Error, Result};
-use crate::pipeline::{bind_buffers, check_grid};
 use crate::shader::{ConstValue, Kernel, ShaderKey};
 use crate::tensor::{DType, TensorView, byte_size, check_binding_size, check_u32_indexing, read_buffer};
 use half::f16;
@@ -79,36 +79,6 @@ pub(crate) struct Scratch {
     pub(crate) partial_out: Option<wgpu::Buffer>,
     pub(crate) partial_lse: Option<wgpu::Buffer>,
     pub(crate) logits: Option<wgpu::Buffer>,
-}
-
-/// The buffer in `slot`, replaced by a bigger one if it holds fewer than `bytes`.
-pub(crate) fn scratch<'a>(
-    ctx: &Context,
-    slot: &'a mut Option<wgpu::Buffer>,
-    what: &str,
-    bytes: u64,
-) -> Result<&'a wgpu::Buffer> {
-    let bytes = bytes.max(4);
-    if slot.as_ref().is_none_or(|b| b.size() < bytes) {
-        check_binding_size(ctx, what, bytes)?;
-        *slot = Some(ctx.device().create_buffer(&wgpu::BufferDescriptor {
-            label: Some(what),
-            size: bytes,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        }));
-    }
-    Ok(slot.as_ref().expect("just filled"))
-}
-
-/// A 1-D grid of `workgroups`, wrapped into y when it exceeds the per-dimension limit.
-/// Returns `[x, y]`; the kernels compute their index as `(y * x_count + x) * WORKGROUP + lid`.
-pub(crate) fn wrapped_grid(limits: &wgpu::Limits, what: &str, workgroups: u64) -> Result<[u32; 2]> {
-    let max = limits.max_compute_workgroups_per_dimension as u64;
-    let x = workgroups.clamp(1, max);
-    let y = workgroups.div_ceil(x);
-    check_grid(limits, what, y.min(u32::MAX as u64) as u32)?;
-    Ok([x as u32, y as u32])
 }
 
 /// A GPU-resident KV cache: per layer, K and V of fixed capacity for B sequences × Hkv heads,
@@ -293,8 +263,8 @@ impl KvCache {
             window: window as u32,
             ..KvParams::default()
         };
-        let place_params = upload(ctx, &KvParams { groups_x: place_grid[0], ..params });
-        let copy_params = upload(ctx, &KvParams { groups_x: copy_grid[0], ..params });
+        let place_params = uniform_buffer(ctx, &KvParams { groups_x: place_grid[0], ..params });
+        let copy_params = uniform_buffer(ctx, &KvParams { groups_x: copy_grid[0], ..params });
         let dest = scratch(ctx, &mut self.scratch.dest, "wattn kv slots of new tokens", 4 * tokens)?;
         let l = &self.layers[layer];
         let (place_entry, place_groups) = match heavy_hitters {
@@ -303,16 +273,24 @@ impl KvCache {
         };
         let place = ctx.pipelines.get(ctx.device(), &shader_key(place_entry, dtype))?;
         let copy = ctx.pipelines.get(ctx.device(), &shader_key("append", dtype))?;
-        let mut place_bindings = vec![(0, &place_params), (5, &l.positions), (7, dest)];
+        let mut place_bindings = vec![("params", &place_params), ("pos", &l.positions), ("dest", dest)];
         if heavy_hitters {
-            place_bindings.push((6, &l.scores));
+            place_bindings.push(("score", &l.scores));
         }
-        let place_group = bind_buffers(ctx.device(), &place, &place_bindings);
+        let place_group = bind_buffers(ctx.device(), &place, Kernel::KvCache, &place_bindings)?;
         let copy_group = bind_buffers(
             ctx.device(),
             &copy,
-            &[(0, &copy_params), (1, k.buffer), (2, v.buffer), (3, &l.k), (4, &l.v), (7, dest)],
-        );
+            Kernel::KvCache,
+            &[
+                ("params", &copy_params),
+                ("src_k", k.buffer),
+                ("src_v", v.buffer),
+                ("k", &l.k),
+                ("v", &l.v),
+                ("dest", dest),
+            ],
+        )?;
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("wattn kv append"),
             timestamp_writes: None,
@@ -390,14 +368,6 @@ fn evict_loop_iterations(capacity: usize) -> usize {
     let reduction_steps = WORKGROUP.ilog2() as usize;
     let barriers = 1 + reduction_steps + 2;
     1 + barriers + capacity.div_ceil(WORKGROUP as usize) + 2 * reduction_steps
-}
-
-pub(crate) fn upload<T: bytemuck::Pod>(ctx: &Context, params: &T) -> wgpu::Buffer {
-    ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some("wattn params"),
-        contents: bytemuck::bytes_of(params),
-        usage: wgpu::BufferUsages::UNIFORM,
-    })
 }
 
 fn validate_config(ctx: &Context, config: &KvCacheConfig) -> Result<()> {

@@ -2,10 +2,9 @@
 //! second half of split-KV decode, and usable alone, e.g. to merge attention over a cache
 //! with attention over new tokens computed elsewhere.
 
-use super::cache::wrapped_grid;
 use crate::context::Context;
+use crate::dispatch::{bind_buffers, uniform_buffer, wrapped_grid};
 use crate::error::{Error, Result};
-use crate::pipeline::bind_buffers;
 use crate::shader::{ConstValue, Kernel, ShaderKey};
 use crate::tensor::{DType, TensorView, check_u32_indexing};
 
@@ -54,13 +53,20 @@ pub(crate) fn dispatch(ctx: &Context, pass: &mut wgpu::ComputePass<'_>, m: &Merg
     let elements = (m.rows * m.dim) as u64;
     let grid = wrapped_grid(ctx.limits(), "combine grid", elements.div_ceil(WORKGROUP as u64))?;
     let params = CombineParams { rows: m.rows as u32, dim: m.dim as u32, splits: m.splits as u32, groups_x: grid[0] };
-    let params = super::cache::upload(ctx, &params);
+    let params = uniform_buffer(ctx, &params);
     let pipeline = ctx.pipelines.get(ctx.device(), &shader_key(m.out_dtype))?;
     let group = bind_buffers(
         ctx.device(),
         &pipeline,
-        &[(0, &params), (1, m.partial_out), (2, m.partial_lse), (3, m.out), (4, m.lse)],
-    );
+        Kernel::Combine,
+        &[
+            ("params", &params),
+            ("partial_out", m.partial_out),
+            ("partial_lse", m.partial_lse),
+            ("out", m.out),
+            ("lse", m.lse),
+        ],
+    )?;
     pass.set_pipeline(&pipeline);
     pass.set_bind_group(0, &group, &[]);
     pass.dispatch_workgroups(grid[0], grid[1], 1);

@@ -7,13 +7,13 @@
 //! workgroups, and the partial (output, LSE) pairs are merged. A workgroup serves all query
 //! heads of one KV head (GQA), so each K/V tile is read once for the whole group.
 
-use super::cache::{KvCache, KvParams, scratch, upload, wrapped_grid};
+use super::cache::{KvCache, KvParams};
 use super::combine::{self, Merge};
 use super::{EvictionPolicy, KvCacheConfig, PositionMode, RopeLayout};
 use crate::attention::Output;
 use crate::context::Context;
+use crate::dispatch::{bind_buffers, check_grid, scratch, uniform_buffer, wrapped_grid};
 use crate::error::{Error, Result};
-use crate::pipeline::{bind_buffers, check_grid};
 use crate::shader::{ConstValue, Kernel, ShaderKey, workgroup_array_bytes};
 use crate::tensor::{DType, Tensor, TensorView, check_u32_indexing};
 
@@ -299,22 +299,23 @@ impl KvCache {
 
         let variant = Variant::choose(ctx.limits(), rows, head_dim)?;
         let pipeline = ctx.pipelines.get(ctx.device(), &variant.key(dtype))?;
-        let params = upload(ctx, &params);
+        let params = uniform_buffer(ctx, &params);
         let group = bind_buffers(
             ctx.device(),
             &pipeline,
+            Kernel::Decode,
             &[
-                (0, &params),
-                (1, q.buffer),
-                (2, &l.k),
-                (3, &l.v),
-                (4, &l.positions),
-                (5, rope_table),
-                (6, partial_out),
-                (7, partial_lse),
-                (8, logits),
+                ("params", &params),
+                ("q", q.buffer),
+                ("k", &l.k),
+                ("v", &l.v),
+                ("pos", &l.positions),
+                ("rope_table", rope_table),
+                ("partial_out", partial_out),
+                ("partial_lse", partial_lse),
+                ("logits", logits),
             ],
-        );
+        )?;
         let mut pass = encoder
             .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn decode"), timestamp_writes: None });
         pass.set_pipeline(&pipeline);
@@ -347,10 +348,14 @@ impl KvCache {
                 groups_x: grid[0],
                 ..KvParams::default()
             };
-            let params = upload(ctx, &params);
+            let params = uniform_buffer(ctx, &params);
             let pipeline = ctx.pipelines.get(ctx.device(), &super::cache::shader_key("accumulate", dtype))?;
-            let group =
-                bind_buffers(ctx.device(), &pipeline, &[(0, &params), (6, &l.scores), (8, logits), (9, lse.buffer)]);
+            let group = bind_buffers(
+                ctx.device(),
+                &pipeline,
+                Kernel::KvCache,
+                &[("params", &params), ("score", &l.scores), ("logits", logits), ("lse", lse.buffer)],
+            )?;
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &group, &[]);
             pass.dispatch_workgroups(grid[0], grid[1], 1);
