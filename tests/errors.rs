@@ -170,6 +170,16 @@ fn tensor_constructors_check_sizes() {
     let e = refused(TensorView::new(buffer.buffer(), &[3, 4], DType::F32), "a 40-byte buffer for 48 bytes");
     assert!(matches!(e, Error::Shape(_)), "{e:?}");
     assert_mentions(&e, &["40", "48"]);
+
+    // Sizes whose byte count does not fit in memory are refused, not overflowed.
+    let huge = [usize::MAX / 2, 3];
+    let e = refused(TensorView::new(buffer.buffer(), &huge, DType::F32), "a shape past usize");
+    assert!(matches!(e, Error::Shape(_)), "{e:?}");
+    assert_mentions(&e, &[&format!("{huge:?}")]);
+    let e = refused(Tensor::zeros(c, &huge, DType::F16), "zeros past usize");
+    assert!(matches!(e, Error::Shape(_)), "{e:?}");
+    let e = refused(Tensor::from_f32(c, &huge, &[0.0; 4], DType::F32), "data for a shape past usize");
+    assert!(matches!(e, Error::Shape(_)), "{e:?}");
 }
 
 #[test]

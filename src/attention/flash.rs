@@ -306,7 +306,7 @@ fn record(
     for (what, g) in ["query blocks", "query heads", "batch"].iter().zip(groups) {
         check_grid(ctx.limits(), &format!("flash grid: {g} {what}"), g)?;
     }
-    let key = variant_key(config, ctx.limits(), bufs.q.dtype, &shape, mask.is_some());
+    let key = variant_key(config, ctx.limits(), bufs.q.dtype(), &shape, mask.is_some());
     let pipeline = ctx.pipelines.get(ctx.device(), &key)?;
     let n_k = shape.n_k as u32;
     let keys_per_pass = config.keys_per_pass(ctx.limits(), &shape, ctx.loop_iteration_limit()).unwrap_or(n_k);
@@ -344,11 +344,11 @@ fn record(
             &pipeline,
             &[
                 (0, &params),
-                (1, bufs.q.buffer),
-                (2, bufs.k.buffer),
-                (3, bufs.v.buffer),
-                (4, bufs.out.buffer),
-                (5, bufs.lse.buffer),
+                (1, bufs.q.buffer()),
+                (2, bufs.k.buffer()),
+                (3, bufs.v.buffer()),
+                (4, bufs.out.buffer()),
+                (5, bufs.lse.buffer()),
                 (6, state),
                 (7, mask_buffer),
             ],

@@ -40,7 +40,7 @@ pub fn encode(
 ) -> Result<()> {
     options.validate()?;
     let shape = bufs.validate(ctx)?;
-    let needed = scores_bytes(bufs.q.shape, bufs.k.shape);
+    let needed = scores_bytes(bufs.q.shape(), bufs.k.shape());
     if scores.size() < needed {
         return Err(Error::Shape(format!("score buffer has {} bytes, needs {needed}", scores.size())));
     }
@@ -73,11 +73,11 @@ pub fn encode(
     let mut pass =
         encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn naive"), timestamp_writes: None });
     for (entry, g) in grids {
-        let pipeline = ctx.pipelines.get(ctx.device(), &key(entry, bufs.q.dtype))?;
+        let pipeline = ctx.pipelines.get(ctx.device(), &key(entry, bufs.q.dtype()))?;
         let bindings: Vec<(u32, &wgpu::Buffer)> = match entry {
-            "scores_main" => vec![(0, &params), (1, bufs.q.buffer), (2, bufs.k.buffer), (6, scores)],
-            "softmax_main" => vec![(0, &params), (5, bufs.lse.buffer), (6, scores)],
-            _ => vec![(0, &params), (3, bufs.v.buffer), (4, bufs.out.buffer), (6, scores)],
+            "scores_main" => vec![(0, &params), (1, bufs.q.buffer()), (2, bufs.k.buffer()), (6, scores)],
+            "softmax_main" => vec![(0, &params), (5, bufs.lse.buffer()), (6, scores)],
+            _ => vec![(0, &params), (3, bufs.v.buffer()), (4, bufs.out.buffer()), (6, scores)],
         };
         let bind_group = bind_buffers(ctx.device(), &pipeline, &bindings);
         pass.set_pipeline(&pipeline);

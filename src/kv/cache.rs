@@ -7,8 +7,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::pipeline::{bind_buffers, check_grid};
 use crate::shader::{ConstValue, Kernel, ShaderKey};
-use crate::tensor::{DType, TensorView, byte_size, check_binding_size, check_u32_indexing, read_buffer};
-use half::f16;
+use crate::tensor::{DType, TensorView, byte_size, check_binding_size, check_u32_indexing, read_f32, read_pod};
 use wgpu::util::DeviceExt;
 
 /// Uniform parameters of `kv_cache.wgsl`.
@@ -311,7 +310,7 @@ impl KvCache {
         let copy_group = bind_buffers(
             ctx.device(),
             &copy,
-            &[(0, &copy_params), (1, k.buffer), (2, v.buffer), (3, &l.k), (4, &l.v), (7, dest)],
+            &[(0, &copy_params), (1, k.buffer()), (2, v.buffer()), (3, &l.k), (4, &l.v), (7, dest)],
         );
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("wattn kv append"),
@@ -332,39 +331,37 @@ impl KvCache {
     fn check_append(&self, k: &TensorView<'_>, v: &TensorView<'_>) -> Result<usize> {
         let KvCacheConfig { batch, kv_heads, head_dim, dtype, .. } = self.config;
         for (what, t) in [("appended K", k), ("appended V", v)] {
-            if t.shape.len() != 4 {
-                return Err(Error::Rank { what, expected: "4 [B, Hkv, T, D]".into(), got: t.shape.to_vec() });
+            if t.shape().len() != 4 {
+                return Err(Error::Rank { what, expected: "4 [B, Hkv, T, D]".into(), got: t.shape().to_vec() });
             }
-            if t.shape.contains(&0) {
-                return Err(Error::Empty { what, shape: t.shape.to_vec() });
+            if t.shape().contains(&0) {
+                return Err(Error::Empty { what, shape: t.shape().to_vec() });
             }
-            let want = [batch, kv_heads, t.shape[2], head_dim];
-            if t.shape != want {
+            let want = [batch, kv_heads, t.shape()[2], head_dim];
+            if t.shape() != want {
                 return Err(Error::Shape(format!(
                     "{what} has shape {:?}, the cache takes [B, Hkv, T, D] = {want:?}",
-                    t.shape
+                    t.shape()
                 )));
             }
-            if t.dtype != dtype {
-                return Err(Error::DType(format!("{what} is {} but the cache stores {dtype}", t.dtype)));
+            if t.dtype() != dtype {
+                return Err(Error::DType(format!("{what} is {} but the cache stores {dtype}", t.dtype())));
             }
         }
-        if k.shape != v.shape {
-            return Err(Error::Shape(format!("appended K {:?} and V {:?} differ", k.shape, v.shape)));
+        if k.shape() != v.shape() {
+            return Err(Error::Shape(format!("appended K {:?} and V {:?} differ", k.shape(), v.shape())));
         }
-        Ok(k.shape[2])
+        Ok(k.shape()[2])
     }
 
     /// The positions buffer of `layer`, `[B, Hkv, capacity]` ([`EMPTY_SLOT`] = empty). Waits for the GPU.
     pub fn read_positions(&self, ctx: &Context, layer: usize) -> Result<Vec<u32>> {
-        let b = &self.layer(layer)?.positions;
-        Ok(bytemuck::cast_slice(&read_buffer(ctx, b, b.size())?).to_vec())
+        read_pod(ctx, &self.layer(layer)?.positions)
     }
 
     /// The heavy-hitter scores of `layer`, `[B, Hkv, capacity]`. Waits for the GPU.
     pub fn read_scores(&self, ctx: &Context, layer: usize) -> Result<Vec<f32>> {
-        let b = &self.layer(layer)?.scores;
-        Ok(bytemuck::cast_slice(&read_buffer(ctx, b, b.size())?).to_vec())
+        read_pod(ctx, &self.layer(layer)?.scores)
     }
 
     /// K and V of `layer` as f32, `[B, Hkv, capacity, D]` each. Waits for the GPU.
@@ -372,14 +369,8 @@ impl KvCache {
         let l = self.layer(layer)?;
         let KvCacheConfig { batch, kv_heads, head_dim, .. } = self.config;
         let n = batch * kv_heads * self.capacity() * head_dim;
-        let read = |b: &wgpu::Buffer| -> Result<Vec<f32>> {
-            let bytes = read_buffer(ctx, b, b.size())?;
-            Ok(match self.config.dtype {
-                DType::F32 => bytemuck::cast_slice::<u8, f32>(&bytes)[..n].to_vec(),
-                DType::F16 => bytemuck::cast_slice::<u8, f16>(&bytes)[..n].iter().map(|h| h.to_f32()).collect(),
-            })
-        };
-        Ok((read(&l.k)?, read(&l.v)?))
+        let dtype = self.config.dtype;
+        Ok((read_f32(ctx, &l.k, n, dtype)?, read_f32(ctx, &l.v, n, dtype)?))
     }
 }
 

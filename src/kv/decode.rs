@@ -302,7 +302,7 @@ impl KvCache {
             &pipeline,
             &[
                 (0, &params),
-                (1, q.buffer),
+                (1, q.buffer()),
                 (2, &l.k),
                 (3, &l.v),
                 (4, &l.positions),
@@ -320,8 +320,8 @@ impl KvCache {
         let merge = Merge {
             partial_out,
             partial_lse,
-            out: out.buffer,
-            lse: lse.buffer,
+            out: out.buffer(),
+            lse: lse.buffer(),
             out_dtype: dtype,
             rows: query_rows as usize,
             dim: head_dim,
@@ -347,7 +347,7 @@ impl KvCache {
             let params = upload(ctx, &params);
             let pipeline = ctx.pipelines.get(ctx.device(), &super::cache::shader_key("accumulate", dtype))?;
             let group =
-                bind_buffers(ctx.device(), &pipeline, &[(0, &params), (6, &l.scores), (8, logits), (9, lse.buffer)]);
+                bind_buffers(ctx.device(), &pipeline, &[(0, &params), (6, &l.scores), (8, logits), (9, lse.buffer())]);
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &group, &[]);
             pass.dispatch_workgroups(grid[0], grid[1], 1);
@@ -372,35 +372,35 @@ impl KvCache {
         let DecodeBuffers { q, out, lse } = bufs;
         let KvCacheConfig { batch, kv_heads, head_dim, dtype, policy, .. } = self.config;
         let seen = self.layer(layer)?.seen;
-        if q.shape.len() != 4 {
-            return Err(Error::Rank { what: "Q", expected: "4 [B, Hq, Nq, D]".into(), got: q.shape.to_vec() });
+        if q.shape().len() != 4 {
+            return Err(Error::Rank { what: "Q", expected: "4 [B, Hq, Nq, D]".into(), got: q.shape().to_vec() });
         }
-        if q.shape.contains(&0) {
-            return Err(Error::Empty { what: "Q", shape: q.shape.to_vec() });
+        if q.shape().contains(&0) {
+            return Err(Error::Empty { what: "Q", shape: q.shape().to_vec() });
         }
-        let (b, q_heads, n_q, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+        let (b, q_heads, n_q, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
         if b != batch || d != head_dim {
             return Err(Error::Shape(format!(
                 "Q {:?} must have the cache's batch {batch} and head dim {head_dim}",
-                q.shape
+                q.shape()
             )));
         }
         if q_heads % kv_heads != 0 {
             return Err(Error::Heads { what: "the KV cache", got: kv_heads, q_heads });
         }
         for (what, t) in [("Q", q), ("O", out)] {
-            if t.dtype != dtype {
-                return Err(Error::DType(format!("{what} is {} but the cache stores {dtype}", t.dtype)));
+            if t.dtype() != dtype {
+                return Err(Error::DType(format!("{what} is {} but the cache stores {dtype}", t.dtype())));
             }
         }
-        if lse.dtype != DType::F32 {
-            return Err(Error::DType(format!("LSE must be f32, got {}", lse.dtype)));
+        if lse.dtype() != DType::F32 {
+            return Err(Error::DType(format!("LSE must be f32, got {}", lse.dtype())));
         }
-        if out.shape != q.shape {
-            return Err(Error::Shape(format!("O has shape {:?}, expected {:?}", out.shape, q.shape)));
+        if out.shape() != q.shape() {
+            return Err(Error::Shape(format!("O has shape {:?}, expected {:?}", out.shape(), q.shape())));
         }
-        if lse.shape != &q.shape[..3] {
-            return Err(Error::Shape(format!("LSE has shape {:?}, expected {:?}", lse.shape, &q.shape[..3])));
+        if lse.shape() != &q.shape()[..3] {
+            return Err(Error::Shape(format!("LSE has shape {:?}, expected {:?}", lse.shape(), &q.shape()[..3])));
         }
         check_u32_indexing("Q", q.numel() as u64)?;
         if n_q as u64 > seen {
