@@ -43,6 +43,9 @@ pub enum Error {
     )]
     CacheFull { capacity: usize, len: usize, appended: usize },
 
+    #[error("{what} {index:?} is outside {bounds:?}")]
+    OutOfRange { what: &'static str, index: Vec<usize>, bounds: Vec<usize> },
+
     #[error("invalid option: {0}")]
     Option(String),
 

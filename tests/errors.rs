@@ -248,3 +248,32 @@ fn f16_needs_the_shader_f16_feature() {
     assert!(matches!(&e, Error::F16Unsupported { adapter } if *adapter == c.adapter_info().name), "{e:?}");
     assert_mentions(&e, &["shader-f16", &c.adapter_info().name]);
 }
+
+#[test]
+fn block_mask_accessors_refuse_indices_outside_the_mask() {
+    use wattn::mask::BlockClass;
+    use wattn::{BlockMask, BlockSize, Mask};
+    // 2 heads, broadcast over the batch; 40 x 50 elements in blocks of 16: 3 x 4 blocks.
+    let mask = BlockMask::per_head(&[Mask::causal(), Mask::full()], 40, 50, BlockSize::new(16, 16)).unwrap();
+    assert_eq!(mask.class(7, 1, 2, 3).unwrap(), BlockClass::Full, "any batch index broadcasts");
+    assert!(mask.visible(0, 0, 39, 49).unwrap() && !mask.visible(0, 0, 0, 49).unwrap());
+    for (what, e) in [
+        ("head 2", mask.runs(0, 2, 0).unwrap_err()),
+        ("query block 3", mask.runs(0, 0, 3).unwrap_err()),
+        ("key block 4", mask.class(0, 0, 0, 4).unwrap_err()),
+        ("head 5 of class", mask.class(0, 5, 0, 0).unwrap_err()),
+    ] {
+        assert!(matches!(e, Error::OutOfRange { .. }), "{what}: {e:?}");
+    }
+    let e = mask.runs(0, 2, 0).unwrap_err();
+    assert_mentions(&e, &["[0, 2, 0]", "[1, 2, 3]"]);
+    let e = mask.visible(0, 0, 40, 0).unwrap_err();
+    assert!(matches!(&e, Error::OutOfRange { index, bounds, .. } if *index == [40, 0] && *bounds == [40, 50]), "{e:?}");
+    assert_mentions(&e, &["[40, 0]", "[40, 50]"]);
+    assert!(mask.visible(0, 0, 0, 50).is_err() && mask.visible(0, 3, 0, 0).is_err());
+
+    // The mask predicate itself answers outside its extent, and for masks that do not fit, without panicking.
+    let dense = Mask::from_fn(4, 4, |_, _| true);
+    assert!(dense.visible(4, 4, 3, 3));
+    assert!(!dense.visible(4, 4, 4, 0) && !dense.visible(8, 8, 7, 7), "outside the extent, or a 4 x 4 mask on 8 x 8");
+}
