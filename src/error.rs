@@ -46,6 +46,11 @@ pub enum Error {
     #[error("{what} {index:?} is outside {bounds:?}")]
     OutOfRange { what: &'static str, index: Vec<usize>, bounds: Vec<usize> },
 
+    #[error(
+        "KV cache layer {layer} is out of step with the GPU: the append of {count} tokens at position {position} was recorded into an encoder dropped without being submitted, and later appends were recorded after it; submit encoders in the order they were recorded (an append dropped after every other is undone by itself)"
+    )]
+    KvOutOfStep { layer: usize, position: u64, count: u64 },
+
     #[error("invalid option: {0}")]
     Option(String),
 

@@ -203,7 +203,7 @@ impl KvCache {
         let KvCacheConfig { batch, kv_heads, head_dim, .. } = self.config;
         let rows = (q_heads / kv_heads).max(1) * n_q;
         let variant = Variant::choose(ctx.limits(), rows, head_dim)?;
-        let len = (self.len(layer) as u32).max(1);
+        let len = (self.len_at(self.checked_seen(layer)?) as u32).max(1);
         let tiles = len.div_ceil(variant.block_k);
         let requested = match options.splits {
             Some(0) => return Err(Error::Option("splits must be at least 1".into())),
@@ -244,8 +244,8 @@ impl KvCache {
         let plan = self.plan(ctx, layer, q_heads, n_q, options)?;
         let KvCacheConfig { batch, kv_heads, head_dim, dtype, policy, positions, .. } = self.config;
         let capacity = policy.capacity();
-        let seen = self.seen(layer);
-        let len = self.len(layer);
+        let seen = self.checked_seen(layer)?;
+        let len = self.len_at(seen);
         let rows = q_heads / kv_heads * n_q;
         let row_blocks = (rows as u32).div_ceil(plan.rows_per_block);
         let sequences = (batch * kv_heads) as u32;
@@ -371,7 +371,7 @@ impl KvCache {
     fn check_queries(&self, ctx: &Context, layer: usize, bufs: &DecodeBuffers<'_>) -> Result<(usize, usize)> {
         let DecodeBuffers { q, out, lse } = bufs;
         let KvCacheConfig { batch, kv_heads, head_dim, dtype, policy, .. } = self.config;
-        let seen = self.layer(layer)?.seen;
+        let seen = self.checked_seen(layer)?;
         if q.shape().len() != 4 {
             return Err(Error::Rank { what: "Q", expected: "4 [B, Hq, Nq, D]".into(), got: q.shape().to_vec() });
         }
