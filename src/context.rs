@@ -55,6 +55,9 @@ pub struct Context {
     loop_limit: Option<u32>,
     pub(crate) pipelines: PipelineCache,
     unused: [std::sync::OnceLock<wgpu::Buffer>; 2],
+    /// Whether wattn opened the device, asking for every feature of [`WANTED_FEATURES`] the
+    /// adapter has: then a missing feature is one the adapter lacks.
+    opened_here: bool,
 }
 
 /// The features wattn asks for when it opens the device itself.
@@ -81,7 +84,7 @@ impl Context {
         };
         let (device, queue) = pollster::block_on(adapter.request_device(&desc))
             .map_err(|e| Error::RequestDevice { adapter: adapter.get_info().name, detail: e.to_string() })?;
-        Ok(Self::from_wgpu(device, queue))
+        Ok(Self { opened_here: true, ..Self::from_wgpu(device, queue) })
     }
 
     /// Wraps a device the caller owns. wattn uses whatever features and limits it was
@@ -100,6 +103,7 @@ impl Context {
             loop_limit,
             pipelines: PipelineCache::default(),
             unused: Default::default(),
+            opened_here: false,
         }
     }
 
@@ -118,6 +122,17 @@ impl Context {
     pub fn capabilities(&self) -> Capabilities {
         self.caps
     }
+    /// Errors unless the device can run f16 kernels, saying whether the adapter lacks
+    /// `SHADER_F16` or the caller's device was opened without it.
+    pub(crate) fn require_f16(&self) -> Result<()> {
+        let adapter = self.info.name.clone();
+        match (self.caps.shader_f16, self.opened_here) {
+            (true, _) => Ok(()),
+            (false, true) => Err(Error::F16Unsupported { adapter }),
+            (false, false) => Err(Error::F16NotEnabled { adapter }),
+        }
+    }
+
     /// How many pipelines this context has built (each is built once per variant).
     pub fn pipeline_count(&self) -> usize {
         self.pipelines.len()

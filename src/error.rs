@@ -35,6 +35,11 @@ pub enum Error {
     #[error("dtype f16 needs the adapter feature shader-f16, which '{adapter}' does not have")]
     F16Unsupported { adapter: String },
 
+    #[error(
+        "dtype f16 needs wgpu::Features::SHADER_F16, which the device on '{adapter}' was not opened with: request it in DeviceDescriptor::required_features (where adapter.features() has it) before passing the device to Context::from_wgpu"
+    )]
+    F16NotEnabled { adapter: String },
+
     #[error("{what} needs {needed} but the adapter allows {allowed} ({limit})")]
     Limit { what: String, needed: u64, allowed: u64, limit: &'static str },
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{ctx, own_device};
+use common::{ctx, ctx_adapter, own_device};
 use wattn::attention::flash::{self, FlashConfig};
 use wattn::{AttentionBuffers, AttentionOptions, Context, DType, Error, Tensor, TensorView};
 
@@ -238,15 +238,36 @@ fn tensors_beyond_the_binding_limit_are_refused() {
     );
 }
 
+/// A device of the caller's opened without `SHADER_F16` on an adapter that may have it: the
+/// error says how to open the device, not that the adapter lacks the feature.
 #[test]
-fn f16_needs_the_shader_f16_feature() {
+fn f16_needs_a_device_opened_with_shader_f16() {
     let (device, queue) = own_device(wgpu::Features::empty(), wgpu::Limits::default());
     let c = Context::from_wgpu(device, queue);
     let s = [1, 1, 4, 16];
     let t = zeros(&c, &s, DType::F16);
     let e = refused(wattn::attention(&c, &t, &t, &t, &AttentionOptions::default()), "f16 without SHADER_F16");
-    assert!(matches!(&e, Error::F16Unsupported { adapter } if *adapter == c.adapter_info().name), "{e:?}");
-    assert_mentions(&e, &["shader-f16", &c.adapter_info().name]);
+    assert!(matches!(&e, Error::F16NotEnabled { adapter } if *adapter == c.adapter_info().name), "{e:?}");
+    assert_mentions(&e, &["SHADER_F16", "not opened with", "required_features", &c.adapter_info().name]);
+}
+
+/// wattn opens its own device with shader-f16 exactly when the adapter has it, so on its
+/// devices [`Error::F16Unsupported`] ("the adapter does not have it") tells the truth.
+#[test]
+fn f16_on_a_device_wattn_opened_is_missing_only_when_the_adapter_lacks_it() {
+    let c = ctx();
+    let name = &c.adapter_info().name;
+    let adapter_has = ctx_adapter().features().contains(wgpu::Features::SHADER_F16);
+    assert_eq!(c.capabilities().shader_f16, adapter_has, "shader-f16 on {name}");
+    let t = zeros(c, &[1, 1, 4, 16], DType::F16);
+    match wattn::attention(c, &t, &t, &t, &AttentionOptions::default()) {
+        Ok(_) => assert!(adapter_has, "f16 ran without shader-f16"),
+        Err(e) => {
+            assert!(!adapter_has, "f16 refused on an adapter with shader-f16: {e}");
+            assert!(matches!(&e, Error::F16Unsupported { adapter } if adapter == name), "{e:?}");
+            assert_mentions(&e, &["shader-f16", name, "does not have"]);
+        }
+    }
 }
 
 #[test]

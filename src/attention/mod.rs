@@ -178,8 +178,8 @@ impl AttentionBuffers<'_> {
                 shape.lse_shape()
             )));
         }
-        if dtype == DType::F16 && !ctx.capabilities().shader_f16 {
-            return Err(Error::F16Unsupported { adapter: ctx.adapter_info().name.clone() });
+        if dtype == DType::F16 {
+            ctx.require_f16()?;
         }
         for (what, t) in [("Q", &self.q), ("K", &self.k), ("V", &self.v), ("O", &self.out)] {
             check_u32_indexing(what, t.numel() as u64)?;

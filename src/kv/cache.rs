@@ -508,8 +508,8 @@ fn validate_config(ctx: &Context, config: &KvCacheConfig) -> Result<()> {
     if head_dim == 0 || head_dim > MAX_HEAD_DIM {
         return Err(Error::HeadDim { what: "KV cache", got: head_dim, max: MAX_HEAD_DIM });
     }
-    if dtype == DType::F16 && !ctx.capabilities().shader_f16 {
-        return Err(Error::F16Unsupported { adapter: ctx.adapter_info().name.clone() });
+    if dtype == DType::F16 {
+        ctx.require_f16()?;
     }
     if let PositionMode::Reindexed(rope) = positions {
         if matches!(policy, EvictionPolicy::HeavyHitters { .. }) {

@@ -104,8 +104,8 @@ pub fn encode(
             return Err(Error::DType(format!("{what} must be f32, got {}", t.dtype())));
         }
     }
-    if out.dtype() == DType::F16 && !ctx.capabilities().shader_f16 {
-        return Err(Error::F16Unsupported { adapter: ctx.adapter_info().name.clone() });
+    if out.dtype() == DType::F16 {
+        ctx.require_f16()?;
     }
     let merge = Merge {
         partial_out: partial_out.buffer(),

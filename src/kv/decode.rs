@@ -414,8 +414,8 @@ impl KvCache {
                 policy.name()
             )));
         }
-        if dtype == DType::F16 && !ctx.capabilities().shader_f16 {
-            return Err(Error::F16Unsupported { adapter: ctx.adapter_info().name.clone() });
+        if dtype == DType::F16 {
+            ctx.require_f16()?;
         }
         Ok((q_heads, n_q))
     }
