@@ -299,7 +299,7 @@ fn record(
     for (what, g) in ["query blocks", "query heads", "batch"].iter().zip(groups) {
         check_grid(ctx.limits(), &format!("flash grid: {g} {what}"), g)?;
     }
-    let key = variant_key(config, ctx.limits(), bufs.q.dtype, &shape, mask.is_some());
+    let key = variant_key(config, ctx.limits(), bufs.q.dtype(), &shape, mask.is_some());
     let pipeline = ctx.pipelines.get(ctx.device(), &key)?;
     let n_k = shape.n_k as u32;
     let keys_per_pass = config.keys_per_pass(ctx.limits(), &shape, ctx.loop_iteration_limit()).unwrap_or(n_k);
@@ -338,11 +338,11 @@ fn record(
             Kernel::FlashForward,
             &[
                 ("params", &params),
-                ("q", bufs.q.buffer),
-                ("k", bufs.k.buffer),
-                ("v", bufs.v.buffer),
-                ("out", bufs.out.buffer),
-                ("lse", bufs.lse.buffer),
+                ("q", bufs.q.buffer()),
+                ("k", bufs.k.buffer()),
+                ("v", bufs.v.buffer()),
+                ("out", bufs.out.buffer()),
+                ("lse", bufs.lse.buffer()),
                 ("state", state),
                 ("block_mask", mask_buffer),
             ],

@@ -40,7 +40,7 @@ pub fn encode(
 ) -> Result<()> {
     options.validate()?;
     let shape = bufs.validate(ctx)?;
-    let needed = scores_bytes(bufs.q.shape, bufs.k.shape);
+    let needed = scores_bytes(bufs.q.shape(), bufs.k.shape());
     if scores.size() < needed {
         return Err(Error::Shape(format!("score buffer has {} bytes, needs {needed}", scores.size())));
     }
@@ -73,11 +73,13 @@ pub fn encode(
     let mut pass =
         encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn naive"), timestamp_writes: None });
     for (entry, g) in grids {
-        let pipeline = ctx.pipelines.get(ctx.device(), &key(entry, bufs.q.dtype))?;
+        let pipeline = ctx.pipelines.get(ctx.device(), &key(entry, bufs.q.dtype()))?;
         let bindings: Vec<(&str, &wgpu::Buffer)> = match entry {
-            "scores_main" => vec![("params", &params), ("q", bufs.q.buffer), ("k", bufs.k.buffer), ("scores", scores)],
-            "softmax_main" => vec![("params", &params), ("lse", bufs.lse.buffer), ("scores", scores)],
-            _ => vec![("params", &params), ("v", bufs.v.buffer), ("out", bufs.out.buffer), ("scores", scores)],
+            "scores_main" => {
+                vec![("params", &params), ("q", bufs.q.buffer()), ("k", bufs.k.buffer()), ("scores", scores)]
+            }
+            "softmax_main" => vec![("params", &params), ("lse", bufs.lse.buffer()), ("scores", scores)],
+            _ => vec![("params", &params), ("v", bufs.v.buffer()), ("out", bufs.out.buffer()), ("scores", scores)],
         };
         let bind_group = bind_buffers(ctx.device(), &pipeline, Kernel::Naive, &bindings)?;
         pass.set_pipeline(&pipeline);

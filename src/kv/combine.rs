@@ -85,7 +85,7 @@ pub fn encode(
     out: &TensorView<'_>,
     lse: &TensorView<'_>,
 ) -> Result<()> {
-    let ps = partial_out.shape;
+    let ps = partial_out.shape();
     if ps.len() < 2 || ps.contains(&0) {
         return Err(Error::Rank {
             what: "partial outputs",
@@ -102,23 +102,23 @@ pub fn encode(
             Err(Error::Shape(format!("{what} has shape {got:?}, expected {want:?}")))
         }
     };
-    expect("partial LSE", partial_lse.shape, [&[splits][..], row_shape].concat())?;
-    expect("combined output", out.shape, ps[1..].to_vec())?;
-    expect("combined LSE", lse.shape, row_shape.to_vec())?;
+    expect("partial LSE", partial_lse.shape(), [&[splits][..], row_shape].concat())?;
+    expect("combined output", out.shape(), ps[1..].to_vec())?;
+    expect("combined LSE", lse.shape(), row_shape.to_vec())?;
     for (what, t) in [("partial outputs", partial_out), ("partial LSE", partial_lse), ("combined LSE", lse)] {
-        if t.dtype != DType::F32 {
-            return Err(Error::DType(format!("{what} must be f32, got {}", t.dtype)));
+        if t.dtype() != DType::F32 {
+            return Err(Error::DType(format!("{what} must be f32, got {}", t.dtype())));
         }
     }
-    if out.dtype == DType::F16 && !ctx.capabilities().shader_f16 {
-        return Err(Error::F16Unsupported { adapter: ctx.adapter_info().name.clone() });
+    if out.dtype() == DType::F16 {
+        ctx.require_f16()?;
     }
     let merge = Merge {
-        partial_out: partial_out.buffer,
-        partial_lse: partial_lse.buffer,
-        out: out.buffer,
-        lse: lse.buffer,
-        out_dtype: out.dtype,
+        partial_out: partial_out.buffer(),
+        partial_lse: partial_lse.buffer(),
+        out: out.buffer(),
+        lse: lse.buffer(),
+        out_dtype: out.dtype(),
         rows: row_shape.iter().product(),
         dim,
         splits,

@@ -206,7 +206,7 @@ impl KvCache {
         let KvCacheConfig { batch, kv_heads, head_dim, .. } = self.config;
         let rows = (q_heads / kv_heads).max(1) * n_q;
         let variant = Variant::choose(ctx.limits(), rows, head_dim)?;
-        let len = (self.len(layer) as u32).max(1);
+        let len = (self.len_at(self.checked_seen(layer)?) as u32).max(1);
         let tiles = len.div_ceil(variant.block_k);
         let requested = match options.splits {
             Some(0) => return Err(Error::Option("splits must be at least 1".into())),
@@ -247,8 +247,8 @@ impl KvCache {
         let plan = self.plan(ctx, layer, q_heads, n_q, options)?;
         let KvCacheConfig { batch, kv_heads, head_dim, dtype, policy, positions, .. } = self.config;
         let capacity = policy.capacity();
-        let seen = self.seen(layer);
-        let len = self.len(layer);
+        let seen = self.checked_seen(layer)?;
+        let len = self.len_at(seen);
         let rows = q_heads / kv_heads * n_q;
         let row_blocks = (rows as u32).div_ceil(plan.rows_per_block);
         let sequences = (batch * kv_heads) as u32;
@@ -306,7 +306,7 @@ impl KvCache {
             Kernel::Decode,
             &[
                 ("params", &params),
-                ("q", q.buffer),
+                ("q", q.buffer()),
                 ("k", &l.k),
                 ("v", &l.v),
                 ("pos", &l.positions),
@@ -324,8 +324,8 @@ impl KvCache {
         let merge = Merge {
             partial_out,
             partial_lse,
-            out: out.buffer,
-            lse: lse.buffer,
+            out: out.buffer(),
+            lse: lse.buffer(),
             out_dtype: dtype,
             rows: query_rows as usize,
             dim: head_dim,
@@ -354,7 +354,7 @@ impl KvCache {
                 ctx.device(),
                 &pipeline,
                 Kernel::KvCache,
-                &[("params", &params), ("score", &l.scores), ("logits", logits), ("lse", lse.buffer)],
+                &[("params", &params), ("score", &l.scores), ("logits", logits), ("lse", lse.buffer())],
             )?;
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &group, &[]);
@@ -379,36 +379,36 @@ impl KvCache {
     fn check_queries(&self, ctx: &Context, layer: usize, bufs: &DecodeBuffers<'_>) -> Result<(usize, usize)> {
         let DecodeBuffers { q, out, lse } = bufs;
         let KvCacheConfig { batch, kv_heads, head_dim, dtype, policy, .. } = self.config;
-        let seen = self.layer(layer)?.seen;
-        if q.shape.len() != 4 {
-            return Err(Error::Rank { what: "Q", expected: "4 [B, Hq, Nq, D]".into(), got: q.shape.to_vec() });
+        let seen = self.checked_seen(layer)?;
+        if q.shape().len() != 4 {
+            return Err(Error::Rank { what: "Q", expected: "4 [B, Hq, Nq, D]".into(), got: q.shape().to_vec() });
         }
-        if q.shape.contains(&0) {
-            return Err(Error::Empty { what: "Q", shape: q.shape.to_vec() });
+        if q.shape().contains(&0) {
+            return Err(Error::Empty { what: "Q", shape: q.shape().to_vec() });
         }
-        let (b, q_heads, n_q, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+        let (b, q_heads, n_q, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
         if b != batch || d != head_dim {
             return Err(Error::Shape(format!(
                 "Q {:?} must have the cache's batch {batch} and head dim {head_dim}",
-                q.shape
+                q.shape()
             )));
         }
         if q_heads % kv_heads != 0 {
             return Err(Error::Heads { what: "the KV cache", got: kv_heads, q_heads });
         }
         for (what, t) in [("Q", q), ("O", out)] {
-            if t.dtype != dtype {
-                return Err(Error::DType(format!("{what} is {} but the cache stores {dtype}", t.dtype)));
+            if t.dtype() != dtype {
+                return Err(Error::DType(format!("{what} is {} but the cache stores {dtype}", t.dtype())));
             }
         }
-        if lse.dtype != DType::F32 {
-            return Err(Error::DType(format!("LSE must be f32, got {}", lse.dtype)));
+        if lse.dtype() != DType::F32 {
+            return Err(Error::DType(format!("LSE must be f32, got {}", lse.dtype())));
         }
-        if out.shape != q.shape {
-            return Err(Error::Shape(format!("O has shape {:?}, expected {:?}", out.shape, q.shape)));
+        if out.shape() != q.shape() {
+            return Err(Error::Shape(format!("O has shape {:?}, expected {:?}", out.shape(), q.shape())));
         }
-        if lse.shape != &q.shape[..3] {
-            return Err(Error::Shape(format!("LSE has shape {:?}, expected {:?}", lse.shape, &q.shape[..3])));
+        if lse.shape() != &q.shape()[..3] {
+            return Err(Error::Shape(format!("LSE has shape {:?}, expected {:?}", lse.shape(), &q.shape()[..3])));
         }
         check_u32_indexing("Q", q.numel() as u64)?;
         if n_q as u64 > seen {
@@ -422,8 +422,8 @@ impl KvCache {
                 policy.name()
             )));
         }
-        if dtype == DType::F16 && !ctx.capabilities().shader_f16 {
-            return Err(Error::F16Unsupported { adapter: ctx.adapter_info().name.clone() });
+        if dtype == DType::F16 {
+            ctx.require_f16()?;
         }
         Ok((q_heads, n_q))
     }
