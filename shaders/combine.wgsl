@@ -1,7 +1,10 @@
 // Merges partial attention results over disjoint key sets (the splits of decode.wgsl):
 // out = sum_s w_s out_s / sum_s w_s and lse = m + log(sum_s w_s), w_s = exp(lse_s - m),
 // m = max_s lse_s. Partials with lse = -inf (saw no key) carry no weight; a row whose
-// partials all have -inf gets zeros and -inf, never NaN.
+// partials all have -inf gets zeros and -inf, never NaN. A NaN partial (lse NaN) is not
+// -inf: it reaches the row's output and LSE.
+//
+// neg_inf() and is_neg_inf() come from shared/softmax.wgsl.
 //
 // One thread per output element. Constants from src/shader.rs: Elem, WORKGROUP.
 
@@ -19,13 +22,6 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> out: array<Elem>; // [rows, dim]
 @group(0) @binding(4) var<storage, read_write> lse: array<f32>; // [rows]
 
-const NEG_INF_BITS: u32 = 0xff800000u;
-
-// Compared by bits: WGSL lets implementations assume floats are never infinite.
-fn saw_keys(x: f32) -> bool {
-    return bitcast<u32>(x) != NEG_INF_BITS;
-}
-
 @compute @workgroup_size(WORKGROUP)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -42,7 +38,7 @@ fn main(
     var any = false;
     for (var s = 0u; s < params.splits; s++) {
         let x = partial_lse[s * params.rows + row];
-        if saw_keys(x) {
+        if !is_neg_inf(x) {
             m = select(x, max(m, x), any);
             any = true;
         }
@@ -50,7 +46,7 @@ fn main(
     if !any {
         out[idx] = Elem(0.0);
         if c == 0u {
-            lse[row] = bitcast<f32>(NEG_INF_BITS);
+            lse[row] = neg_inf();
         }
         return;
     }
@@ -58,7 +54,7 @@ fn main(
     var acc = 0.0;
     for (var s = 0u; s < params.splits; s++) {
         let x = partial_lse[s * params.rows + row];
-        if saw_keys(x) {
+        if !is_neg_inf(x) {
             let w = exp(x - m);
             weight_sum += w;
             acc += w * partial_out[(s * params.rows + row) * params.dim + c];

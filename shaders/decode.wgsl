@@ -12,7 +12,8 @@
 //
 // Constants come from the prelude made by src/shader.rs: Elem (f32 or f16), WORKGROUP,
 // BLOCK_R (rows per workgroup), BLOCK_K (slots per tile), D_PAD (head dim rounded up) and
-// D_CHUNK (head-dim columns staged at a time, divides D_PAD).
+// D_CHUNK (head-dim columns staged at a time, divides D_PAD). MASKED and the softmax steps
+// come from shared/softmax.wgsl.
 
 // Keep in sync with `DecodeParams` in src/kv/decode.rs.
 struct Params {
@@ -53,8 +54,6 @@ const KV_STRIDE: u32 = CHUNK4 + 1u;
 const SCORES_PER_THREAD: u32 = (BLOCK_R * BLOCK_K + WORKGROUP - 1u) / WORKGROUP;
 const OUTS_PER_CHUNK: u32 = (BLOCK_R * CHUNK4 + WORKGROUP - 1u) / WORKGROUP;
 const CHUNKS: u32 = D_PAD / D_CHUNK;
-// Masked scores. Finite, so that exp(MASKED - MASKED) is defined; no real logit gets near.
-const MASKED: f32 = -3.0e38;
 const EMPTY: u32 = 0xffffffffu;
 
 var<workgroup> q_tile: array<vec4<f32>, BLOCK_R * D4>;
@@ -173,7 +172,7 @@ fn main(
     var l = 0.0;
     // Thread tid owns the vec4 outputs e = tid + i * WORKGROUP (row e / CHUNK4, column
     // 4 * (e % CHUNK4)) of each chunk.
-    var o: array<vec4<f32>, CHUNKS * OUTS_PER_CHUNK>;
+    var o = array<vec4<f32>, CHUNKS * OUTS_PER_CHUNK>();
 
     for (var key0 = lo; key0 < hi; key0 += BLOCK_K) {
         if tid < BLOCK_K {
@@ -182,7 +181,7 @@ fn main(
         workgroupBarrier();
 
         // S = Q K^T for this tile, D_CHUNK columns at a time.
-        var s: array<f32, SCORES_PER_THREAD>;
+        var s = array<f32, SCORES_PER_THREAD>();
         for (var d0 = 0u; d0 < D_PAD; d0 += D_CHUNK) {
             stage_kv(1u, slot_base, key0, hi, d0, tid);
             workgroupBarrier();
@@ -224,7 +223,7 @@ fn main(
                 m_tile = max(m_tile, score_tile[tid * BLOCK_K + j]);
             }
             let m_new = max(m, m_tile);
-            row_scale[tid] = exp(m - m_new);
+            row_scale[tid] = rescale_factor(m, m_new);
             row_max[tid] = m_new;
             m = m_new;
         }
@@ -233,7 +232,7 @@ fn main(
             let e = tid + i * WORKGROUP;
             if e < BLOCK_R * BLOCK_K {
                 let x = score_tile[e];
-                score_tile[e] = select(0.0, exp(x - row_max[e / BLOCK_K]), x > MASKED);
+                score_tile[e] = softmax_weight(x, row_max[e / BLOCK_K]);
             }
         }
         workgroupBarrier();
@@ -262,7 +261,12 @@ fn main(
                     let c4 = e % CHUNK4;
                     var acc = vec4(0.0);
                     for (var j = 0u; j < BLOCK_K; j++) {
-                        acc += score_tile[p_row + j] * kv_tile[j * KV_STRIDE + c4];
+                        // Skipping p == 0 keeps a NaN in a masked slot's V out of the row
+                        // (0 * NaN would be NaN); a NaN weight is not 0 and reaches it.
+                        let p = score_tile[p_row + j];
+                        if !is_zero(p) {
+                            acc += p * kv_tile[j * KV_STRIDE + c4];
+                        }
                     }
                     o[(d0 / D_CHUNK) * OUTS_PER_CHUNK + i] += acc;
                 }
@@ -283,7 +287,7 @@ fn main(
         let r = row0 + e / CHUNK4;
         if e < BLOCK_R * CHUNK4 && r < rows {
             let sum = row_scale[e / CHUNK4];
-            let x = select(o[i] / sum, vec4(0.0), sum == 0.0);
+            let x = o[i] * inverse_sum(sum);
             let out_row = (split * row_stride + query_row(b, kv_head, r)) * dim;
             let c = (i / OUTS_PER_CHUNK) * D_CHUNK + 4u * (e % CHUNK4);
             for (var t = 0u; t < 4u; t++) {
@@ -294,7 +298,7 @@ fn main(
         }
     }
     if tid < BLOCK_R && row0 + tid < rows {
-        let lse = select(m + log(l), bitcast<f32>(0xff800000u), l == 0.0);
+        let lse = finish_lse(m, l);
         partial_lse[split * row_stride + query_row(b, kv_head, row0 + tid)] = lse;
     }
 }

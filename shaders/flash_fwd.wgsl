@@ -24,7 +24,8 @@
 // Constants come from the prelude made by src/shader.rs: Elem (f32 or f16), BLOCK_Q,
 // BLOCK_K, THREADS_PER_ROW, D_CHUNK, DQK_PAD, DV_PAD (head dims rounded up to 16),
 // Q_RESIDENT (whole Q rows stay in workgroup memory instead of one chunk) and BLOCK_SPARSE.
-// Params, MASKED and visible() come from shared/attention.wgsl.
+// Params and visible() come from shared/attention.wgsl, MASKED and the softmax steps from
+// shared/softmax.wgsl.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> q: array<Elem>;
@@ -151,7 +152,7 @@ fn main(
     let row0 = wg.x * BLOCK_Q;
     let head = wg.y;
     let batch = wg.z;
-    let kv_head = head / (params.q_heads / params.kv_heads);
+    let kv_head = kv_head_of(head, params.q_heads, params.kv_heads);
     let q_base = (batch * params.q_heads + head) * params.n_q * params.d_qk;
     let k_base = (batch * params.kv_heads + kv_head) * params.n_k * params.d_qk;
     let v_base = (batch * params.kv_heads + kv_head) * params.n_k * params.d_v;
@@ -187,7 +188,7 @@ fn main(
     let state_base = ((batch * params.q_heads + head) * params.n_q + min(row, params.n_q - 1u)) * (DV_PAD + 2u);
     var m = MASKED;
     var l = 0.0;
-    var o: array<vec4<f32>, O4_PER_THREAD>;
+    var o = array<vec4<f32>, O4_PER_THREAD>();
     if (params.pass_flags & FIRST_PASS) == 0u {
         m = state[state_base];
         l = state[state_base + 1u];
@@ -233,7 +234,7 @@ fn main(
         let key0 = t * BLOCK_K;
 
         // S = Q K^T for this tile, D_CHUNK columns at a time.
-        var s: array<f32, KEYS_PER_THREAD>;
+        var s = array<f32, KEYS_PER_THREAD>();
         for (var d0 = 0u; d0 < DQK_PAD; d0 += D_CHUNK) {
             if !Q_RESIDENT {
                 stage_q(q_base, row0, d0, tid);
@@ -278,11 +279,11 @@ fn main(
             m_tile = max(m_tile, score_tile[r * BLOCK_K + j]);
         }
         let m_new = max(m, m_tile);
-        let alpha = exp(m - m_new);
+        let alpha = rescale_factor(m, m_new);
         for (var i = 0u; i < KEYS_PER_THREAD; i++) {
             let j = lane + i * THREADS_PER_ROW;
             let x = score_tile[r * BLOCK_K + j];
-            prob_tile[r * BLOCK_K + j] = select(0.0, exp(x - m_new), x > MASKED);
+            prob_tile[r * BLOCK_K + j] = softmax_weight(x, m_new);
         }
         m = m_new;
         for (var i = 0u; i < O4_PER_THREAD; i++) {
@@ -301,8 +302,9 @@ fn main(
                 if d0 == 0u {
                     l += p;
                 }
-                // Skipping p == 0 keeps a NaN in a masked key's V out of rows that cannot see it.
-                if p != 0.0 {
+                // Skipping p == 0 keeps a NaN in a masked key's V out of rows that cannot see
+                // it (0 * NaN would be NaN); a NaN weight is not 0 and reaches o.
+                if !is_zero(p) {
                     for (var i = 0u; i < cols; i++) {
                         o[o0 + i] += p * kv_tile[j * KV_STRIDE + lane + i * THREADS_PER_ROW];
                     }
@@ -330,9 +332,8 @@ fn main(
         return;
     }
     let o_base = ((batch * params.q_heads + head) * params.n_q + row) * params.d_v;
-    // A row that saw no key gets zeros and LSE = -inf. (l is NaN, not 0, if an input was.)
-    let empty = l == 0.0;
-    let inv_l = select(1.0 / l, 0.0, empty);
+    // A row that saw no key gets zeros and LSE = -inf; one that saw a NaN, NaN.
+    let inv_l = inverse_sum(l);
     for (var i = 0u; i < O4_PER_THREAD; i++) {
         let c = column(i, lane);
         for (var e = 0u; e < 4u; e++) {
@@ -342,7 +343,6 @@ fn main(
         }
     }
     if lane == 0u {
-        lse[(batch * params.q_heads + head) * params.n_q + row] =
-            select(m + log(l), bitcast<f32>(0xff800000u), empty);
+        lse[(batch * params.q_heads + head) * params.n_q + row] = finish_lse(m, l);
     }
 }

@@ -9,7 +9,8 @@
 // (token p goes to sinks + (p - sinks) % window); heavy hitters (H2O) reuse, per KV head,
 // the slot with the lowest score outside the sinks and the `window` most recent tokens.
 //
-// Constants from src/shader.rs: Elem (f32 or f16), WORKGROUP (a power of two).
+// Constants from src/shader.rs: Elem (f32 or f16), WORKGROUP (a power of two). MASKED (the
+// logit decode.wgsl writes for a slot a query does not see) comes from shared/softmax.wgsl.
 
 // Keep in sync with `KvParams` in src/kv/cache.rs.
 struct Params {
@@ -37,8 +38,6 @@ struct Params {
 @group(0) @binding(8) var<storage, read> logits: array<f32>; // [B, Hkv, group * count, capacity]
 @group(0) @binding(9) var<storage, read> lse: array<f32>; // [B, Hq, count]
 
-// Masked logits written by decode.wgsl.
-const MASKED: f32 = -3.0e38;
 const NONE: u32 = 0xffffffffu;
 
 var<workgroup> best_score: array<f32, WORKGROUP>;
@@ -171,7 +170,7 @@ fn accumulate(
     var sum = 0.0;
     for (var r = 0u; r < rows; r++) {
         let x = logits[(bh * rows + r) * params.capacity + slot];
-        if x > MASKED {
+        if !is_masked(x) {
             let head = kv_head * group + r / params.count;
             sum += exp(x - lse[(b * params.q_heads + head) * params.count + r % params.count]);
         }

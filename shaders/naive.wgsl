@@ -2,8 +2,8 @@
 // buffer, a row softmax in place, then O = P V. Three passes over O(N^2) memory: the
 // baseline the flash kernel is measured against, not a path to use.
 //
-// Constants from the prelude (src/shader.rs): Elem, WORKGROUP. Params, MASKED and visible()
-// come from shared/attention.wgsl.
+// Constants from the prelude (src/shader.rs): Elem, WORKGROUP. Params and visible() come
+// from shared/attention.wgsl, MASKED and the softmax steps from shared/softmax.wgsl.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> q: array<Elem>;
@@ -12,10 +12,6 @@
 @group(0) @binding(4) var<storage, read_write> out: array<Elem>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
 @group(0) @binding(6) var<storage, read_write> scores: array<f32>;
-
-fn kv_head_of(head: u32) -> u32 {
-    return head / (params.q_heads / params.kv_heads);
-}
 
 // One thread per score: gid.x = key, gid.y = query row, gid.z = batch * q_heads + head.
 @compute @workgroup_size(WORKGROUP)
@@ -26,7 +22,7 @@ fn scores_main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let bh = gid.z;
-    let kv = (bh / params.q_heads) * params.kv_heads + kv_head_of(bh % params.q_heads);
+    let kv = (bh / params.q_heads) * params.kv_heads + kv_head_of(bh % params.q_heads, params.q_heads, params.kv_heads);
     let q_row = (bh * params.n_q + i) * params.d_qk;
     let k_row = (kv * params.n_k + j) * params.d_qk;
     var acc = 0.0;
@@ -57,16 +53,15 @@ fn softmax_main(@builtin(global_invocation_id) gid: vec3<u32>) {
     var l = 0.0;
     for (var j = 0u; j < params.n_k; j++) {
         let x = scores[base + j];
-        let p = select(0.0, exp(x - m), x > MASKED);
+        let p = softmax_weight(x, m);
         scores[base + j] = p;
         l += p;
     }
-    let empty = l == 0.0;
-    let inv_l = select(1.0 / l, 0.0, empty);
+    let inv_l = inverse_sum(l);
     for (var j = 0u; j < params.n_k; j++) {
         scores[base + j] *= inv_l;
     }
-    lse[row] = select(m + log(l), bitcast<f32>(0xff800000u), empty);
+    lse[row] = finish_lse(m, l);
 }
 
 // One thread per output element: gid.x = column, gid.y = query row, gid.z = batch * head.
@@ -78,12 +73,13 @@ fn pv_main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let bh = gid.z;
-    let kv = (bh / params.q_heads) * params.kv_heads + kv_head_of(bh % params.q_heads);
+    let kv = (bh / params.q_heads) * params.kv_heads + kv_head_of(bh % params.q_heads, params.q_heads, params.kv_heads);
     let p_row = (bh * params.n_q + i) * params.n_k;
     var acc = 0.0;
     for (var j = 0u; j < params.n_k; j++) {
         let p = scores[p_row + j];
-        if p != 0.0 {
+        // As in flash_fwd.wgsl: a masked key's V never reaches the row, a NaN weight does.
+        if !is_zero(p) {
             acc += p * f32(v[(kv * params.n_k + j) * params.d_v + c]);
         }
     }

@@ -3,6 +3,9 @@
 //! [`Context::new`] picks an adapter the way wgpu's own tools do (`WGPU_BACKEND`,
 //! `WGPU_ADAPTER_NAME`); [`Context::from_wgpu`] wraps a device the caller already owns, so
 //! an engine can run wattn's kernels on its own device, buffers and command encoders.
+//!
+//! On Linux, a process without a valid `XDG_RUNTIME_DIR` gets a private one before wattn's
+//! first instance, so Mesa's drivers do not print a misleading error about it.
 
 use crate::error::{Error, Result};
 use crate::pipeline::PipelineCache;
@@ -55,6 +58,9 @@ pub struct Context {
     loop_limit: Option<u32>,
     pub(crate) pipelines: PipelineCache,
     unused: [std::sync::OnceLock<wgpu::Buffer>; 2],
+    /// Whether wattn opened the device, asking for every feature of [`WANTED_FEATURES`] the
+    /// adapter has: then a missing feature is one the adapter lacks.
+    opened_here: bool,
 }
 
 /// The features wattn asks for when it opens the device itself.
@@ -81,7 +87,7 @@ impl Context {
         };
         let (device, queue) = pollster::block_on(adapter.request_device(&desc))
             .map_err(|e| Error::RequestDevice { adapter: adapter.get_info().name, detail: e.to_string() })?;
-        Ok(Self::from_wgpu(device, queue))
+        Ok(Self { opened_here: true, ..Self::from_wgpu(device, queue) })
     }
 
     /// Wraps a device the caller owns. wattn uses whatever features and limits it was
@@ -100,6 +106,7 @@ impl Context {
             loop_limit,
             pipelines: PipelineCache::default(),
             unused: Default::default(),
+            opened_here: false,
         }
     }
 
@@ -118,6 +125,17 @@ impl Context {
     pub fn capabilities(&self) -> Capabilities {
         self.caps
     }
+    /// Errors unless the device can run f16 kernels, saying whether the adapter lacks
+    /// `SHADER_F16` or the caller's device was opened without it.
+    pub(crate) fn require_f16(&self) -> Result<()> {
+        let adapter = self.info.name.clone();
+        match (self.caps.shader_f16, self.opened_here) {
+            (true, _) => Ok(()),
+            (false, true) => Err(Error::F16Unsupported { adapter }),
+            (false, false) => Err(Error::F16NotEnabled { adapter }),
+        }
+    }
+
     /// How many pipelines this context has built (each is built once per variant).
     pub fn pipeline_count(&self) -> usize {
         self.pipelines.len()
@@ -189,6 +207,7 @@ pub fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
 }
 
 fn instance(sel: &AdapterSelection) -> wgpu::Instance {
+    quiet_missing_runtime_dir();
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
     if let Some(b) = sel.backends {
         desc.backends = b;
@@ -223,3 +242,45 @@ fn choose_adapter(instance: &wgpu::Instance, sel: &AdapterSelection) -> Result<w
         .next()
         .ok_or_else(|| Error::NoAdapter { detail: format!("wgpu found no adapter on backends {backends:?}") })
 }
+
+/// Gives the process a private `XDG_RUNTIME_DIR` when it has none.
+///
+/// Mesa's Vulkan drivers look for a Wayland display through libwayland, which prints
+/// `error: XDG_RUNTIME_DIR is invalid or not set in the environment.` whenever that variable
+/// is unset or not an absolute path: 4 to 6 times per process on a server or in CI, where no
+/// session sets it. Nothing is wrong (wattn never draws), so before wattn's first instance
+/// this points the variable at `<temp dir>/wattn-runtime-<uid>`, a directory of mode 0700
+/// that only this user owns, as the XDG spec asks. A variable that names an existing
+/// directory is left alone, and so is everything when the directory cannot be made safely.
+#[cfg(target_os = "linux")]
+fn quiet_missing_runtime_dir() {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let current = std::env::var_os("XDG_RUNTIME_DIR").map(std::path::PathBuf::from);
+        if current.is_some_and(|dir| dir.is_absolute() && dir.is_dir()) {
+            return;
+        }
+        // The owner of /proc/self is the process's effective user.
+        let Ok(uid) = std::fs::metadata("/proc/self").map(|m| m.uid()) else { return };
+        let dir = std::env::temp_dir().join(format!("wattn-runtime-{uid}"));
+        let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+        // Someone else's directory, or a link, in a shared temp dir is not ours to use.
+        let Ok(meta) = std::fs::symlink_metadata(&dir) else { return };
+        if !meta.is_dir() || meta.uid() != uid || meta.permissions().mode() & 0o777 != 0o700 {
+            return;
+        }
+        // SAFETY: setting a variable races with any thread reading the environment through
+        // libc without std's lock. This runs once (the `Once`), before the first wgpu instance
+        // wattn creates, so before Mesa, the Vulkan loader or wgpu start threads of their own
+        // in this process through wattn; Rust code that reads the environment meanwhile takes
+        // std's lock. What remains is a program that reads the environment from C on another
+        // thread at this very moment while calling into wattn for the first time: rare
+        // enough, and the price of the alternative is a misleading error on every run.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+    });
+}
+
+/// Only Linux's Mesa drivers complain about `XDG_RUNTIME_DIR`.
+#[cfg(not(target_os = "linux"))]
+fn quiet_missing_runtime_dir() {}

@@ -35,6 +35,11 @@ pub enum Error {
     #[error("dtype f16 needs the adapter feature shader-f16, which '{adapter}' does not have")]
     F16Unsupported { adapter: String },
 
+    #[error(
+        "dtype f16 needs wgpu::Features::SHADER_F16, which the device on '{adapter}' was not opened with: request it in DeviceDescriptor::required_features (where adapter.features() has it) before passing the device to Context::from_wgpu"
+    )]
+    F16NotEnabled { adapter: String },
+
     #[error("{what} needs {needed} but the adapter allows {allowed} ({limit})")]
     Limit { what: String, needed: u64, allowed: u64, limit: &'static str },
 
@@ -42,6 +47,14 @@ pub enum Error {
         "KV cache full: {len} of {capacity} slots hold tokens and {appended} more were appended; eviction policy None never evicts"
     )]
     CacheFull { capacity: usize, len: usize, appended: usize },
+
+    #[error("{what} {index:?} is outside {bounds:?}")]
+    OutOfRange { what: &'static str, index: Vec<usize>, bounds: Vec<usize> },
+
+    #[error(
+        "KV cache layer {layer} is out of step with the GPU: the append of {count} tokens at position {position} was recorded into an encoder dropped without being submitted, and later appends were recorded after it; submit encoders in the order they were recorded (an append dropped after every other is undone by itself)"
+    )]
+    KvOutOfStep { layer: usize, position: u64, count: u64 },
 
     #[error("invalid option: {0}")]
     Option(String),

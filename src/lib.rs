@@ -19,12 +19,16 @@
 //! encoder with [`flash::encode`] on their own buffers ([`TensorView`]).
 
 pub mod attention;
+#[cfg(feature = "cli")]
 pub mod bench;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod context;
+mod dispatch;
 pub mod error;
 pub mod kv;
 pub mod mask;
+#[cfg(feature = "cli")]
 pub mod npy;
 pub mod pipeline;
 pub mod reference;
@@ -33,9 +37,11 @@ pub mod tensor;
 
 pub use attention::flash::{self, FlashConfig};
 pub use attention::naive;
-pub use attention::{AttentionBuffers, AttentionOptions, AttentionShape, Output, attention, attention_with};
+pub use attention::{
+    AttentionBuffers, AttentionOptions, AttentionShape, Output, attention, attention_masked, attention_with,
+};
 pub use context::{AdapterSelection, Capabilities, Context};
 pub use error::{Error, Result};
 pub use kv::{DecodeOptions, EvictionPolicy, KvCache, KvCacheConfig, PositionMode, Rope, RopeLayout};
-pub use mask::{BlockMask, BlockSize, GpuBlockMask, Mask, attention_masked};
+pub use mask::{BlockMask, BlockSize, GpuBlockMask, Mask};
 pub use tensor::{DType, Tensor, TensorView};

@@ -1,5 +1,5 @@
 //! Pipelines are built once per [`ShaderKey`] and reused: per call, only bind groups,
-//! uniforms and the dispatch are made.
+//! uniforms and the dispatch are made (see [`crate::dispatch`]).
 
 use crate::error::{Error, Result};
 use crate::shader::ShaderKey;
@@ -48,34 +48,4 @@ impl PipelineCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-/// Errors if a grid of `count` workgroups along one dimension is over the device's limit.
-pub(crate) fn check_grid(limits: &wgpu::Limits, what: &str, count: u32) -> Result<()> {
-    if count > limits.max_compute_workgroups_per_dimension {
-        return Err(Error::Limit {
-            what: what.to_string(),
-            needed: count as u64,
-            allowed: limits.max_compute_workgroups_per_dimension as u64,
-            limit: "max_compute_workgroups_per_dimension",
-        });
-    }
-    Ok(())
-}
-
-/// A bind group for group 0 of `pipeline` with whole buffers at the given bindings.
-pub(crate) fn bind_buffers(
-    device: &wgpu::Device,
-    pipeline: &wgpu::ComputePipeline,
-    entries: &[(u32, &wgpu::Buffer)],
-) -> wgpu::BindGroup {
-    let entries: Vec<wgpu::BindGroupEntry> = entries
-        .iter()
-        .map(|(binding, buffer)| wgpu::BindGroupEntry { binding: *binding, resource: buffer.as_entire_binding() })
-        .collect();
-    device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: None,
-        layout: &pipeline.get_bind_group_layout(0),
-        entries: &entries,
-    })
 }

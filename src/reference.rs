@@ -64,11 +64,13 @@ pub fn attention_masked(
                 let row = (b * q_heads + h) * n_q + i;
                 let qi = &q[row * d_qk..(row + 1) * d_qk];
                 let mut max = f64::NEG_INFINITY;
+                let mut sees_any = false;
                 for (j, s) in scores.iter_mut().enumerate() {
                     if !visible(options, n_q, n_k, i, j) || !mask(b, h, i, j) {
                         *s = f64::NEG_INFINITY;
                         continue;
                     }
+                    sees_any = true;
                     let kj = &k[(k_off + j) * d_qk..(k_off + j + 1) * d_qk];
                     let dot: f64 = qi.iter().zip(kj).map(|(&a, &b)| a as f64 * b as f64).sum();
                     let mut x = dot * scale;
@@ -76,9 +78,10 @@ pub fn attention_masked(
                         x = cap * (x / cap).tanh();
                     }
                     *s = x;
+                    // f64::max ignores a NaN score; it reaches the row through exp(NaN - max).
                     max = max.max(x);
                 }
-                if max == f64::NEG_INFINITY {
+                if !sees_any {
                     continue;
                 }
                 let mut sum = 0.0;
@@ -157,7 +160,7 @@ pub fn attend_rows(q: &[f64], keys: &[Vec<f64>], values: &[Vec<f64>], d_v: usize
 pub fn merge_partials(parts: &[(Vec<f64>, f64)]) -> (Vec<f64>, f64) {
     let dim = parts.first().map_or(0, |p| p.0.len());
     let max = parts.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
-    if max == f64::NEG_INFINITY {
+    if parts.iter().all(|p| p.1 == f64::NEG_INFINITY) {
         return (vec![0.0; dim], f64::NEG_INFINITY);
     }
     let mut out = vec![0.0; dim];

@@ -51,14 +51,38 @@ impl Kernel {
         }
     }
 
-    /// Files of `shaders/shared/` this kernel uses, prepended to its body in this order.
-    pub fn shared(self) -> &'static [&'static str] {
-        const ATTENTION: &str = include_str!("../shaders/shared/attention.wgsl");
+    /// The kernel's group-0 bindings by name, in binding order: binding `i` is the WGSL
+    /// global named `bindings()[i]`. Hosts bind by name ([`crate::pipeline::bind_buffers`]);
+    /// the shader tests check the table against naga's reflection of every variant.
+    pub fn bindings(self) -> &'static [&'static str] {
         match self {
-            Kernel::FlashForward | Kernel::Naive => &[ATTENTION],
-            _ => &[],
+            Kernel::FlashForward => &["params", "q", "k", "v", "out", "lse", "state", "block_mask"],
+            Kernel::Naive => &["params", "q", "k", "v", "out", "lse", "scores"],
+            Kernel::Decode => &["params", "q", "k", "v", "pos", "rope_table", "partial_out", "partial_lse", "logits"],
+            Kernel::Combine => &["params", "partial_out", "partial_lse", "out", "lse"],
+            Kernel::KvCache => &["params", "src_k", "src_v", "k", "v", "pos", "score", "dest", "logits", "lse"],
+            Kernel::Peak => &["params", "sink", "src", "dst"],
         }
     }
+
+    /// Files of `shaders/shared/` this kernel uses, prepended to its body in this order.
+    pub fn shared(self) -> &'static [&'static str] {
+        const SOFTMAX: &str = include_str!("../shaders/shared/softmax.wgsl");
+        const ATTENTION: &str = include_str!("../shaders/shared/attention.wgsl");
+        match self {
+            Kernel::FlashForward | Kernel::Naive => &[SOFTMAX, ATTENTION],
+            Kernel::Decode | Kernel::Combine | Kernel::KvCache => &[SOFTMAX],
+            Kernel::Peak => &[],
+        }
+    }
+}
+
+/// Bytes a `var<workgroup>` array of `elements` values of `element_bytes` each takes against
+/// the device's `max_compute_workgroup_storage_size`: Dawn (WebGPU in Chromium) rounds every
+/// workgroup variable up to 16 bytes, so estimates that add raw sizes can pass here and fail
+/// there.
+pub(crate) fn workgroup_array_bytes(elements: u32, element_bytes: u32) -> u32 {
+    (elements * element_bytes).next_multiple_of(16)
 }
 
 /// A compile-time constant of a shader variant.

@@ -52,21 +52,34 @@ pub(crate) fn byte_size(n: usize, dtype: DType) -> u64 {
     ((n * dtype.size()) as u64).next_multiple_of(4)
 }
 
+/// Elements of `shape`, or an error when the count does not fit in `usize`.
+fn element_count(shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| Error::Shape(format!("shape {shape:?} has more elements than fit in memory")))
+}
+
 /// A borrowed GPU tensor: the caller's buffer, read as a contiguous array of `shape`.
 /// This is what the `encode` functions take, so engines can pass their own buffers.
+///
+/// The fields are private so that every view went through [`TensorView::new`] (or
+/// [`Tensor::view`]): a view's buffer always holds its shape, and the kernels' checks
+/// can rely on that.
 #[derive(Clone, Copy, Debug)]
 pub struct TensorView<'a> {
-    pub buffer: &'a wgpu::Buffer,
-    pub shape: &'a [usize],
-    pub dtype: DType,
+    buffer: &'a wgpu::Buffer,
+    shape: &'a [usize],
+    dtype: DType,
 }
 
 impl<'a> TensorView<'a> {
     /// Checks that `buffer` holds at least `shape`'s elements of `dtype` and is a storage buffer.
     pub fn new(buffer: &'a wgpu::Buffer, shape: &'a [usize], dtype: DType) -> Result<Self> {
-        let view = Self { buffer, shape, dtype };
-        let needed = byte_size(view.numel(), dtype);
-        if buffer.size() < needed {
+        let needed = element_count(shape)?
+            .checked_mul(dtype.size())
+            .ok_or_else(|| Error::Shape(format!("shape {shape:?} of {dtype} has more bytes than fit in memory")))?;
+        if buffer.size() < needed as u64 {
             return Err(Error::Shape(format!(
                 "buffer of {} bytes is too small for {shape:?} {dtype} ({needed} bytes)",
                 buffer.size()
@@ -75,9 +88,18 @@ impl<'a> TensorView<'a> {
         if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
             return Err(Error::Option("tensor buffers need BufferUsages::STORAGE".into()));
         }
-        Ok(view)
+        Ok(Self { buffer, shape, dtype })
     }
 
+    pub fn buffer(&self) -> &'a wgpu::Buffer {
+        self.buffer
+    }
+    pub fn shape(&self) -> &'a [usize] {
+        self.shape
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -93,7 +115,7 @@ pub struct Tensor {
 impl Tensor {
     /// Uploads f32 host data, converted to `dtype`.
     pub fn from_f32(ctx: &Context, shape: &[usize], data: &[f32], dtype: DType) -> Result<Self> {
-        let n: usize = shape.iter().product();
+        let n = element_count(shape)?;
         if data.len() != n {
             return Err(Error::Shape(format!("{} values given for shape {shape:?} ({n} elements)", data.len())));
         }
@@ -109,7 +131,7 @@ impl Tensor {
 
     /// Uploads f16 host data as f16 storage.
     pub fn from_f16(ctx: &Context, shape: &[usize], data: &[f16]) -> Result<Self> {
-        let n: usize = shape.iter().product();
+        let n = element_count(shape)?;
         if data.len() != n {
             return Err(Error::Shape(format!("{} values given for shape {shape:?} ({n} elements)", data.len())));
         }
@@ -129,7 +151,10 @@ impl Tensor {
 
     /// An uninitialised (zeroed) tensor.
     pub fn zeros(ctx: &Context, shape: &[usize], dtype: DType) -> Result<Self> {
-        let size = byte_size(shape.iter().product(), dtype).max(4);
+        let n = element_count(shape)?;
+        let size = (n.checked_mul(dtype.size()))
+            .map(|bytes| (bytes as u64).next_multiple_of(4).max(4))
+            .ok_or_else(|| Error::Shape(format!("shape {shape:?} of {dtype} has more bytes than fit in memory")))?;
         check_binding_size(ctx, "tensor", size)?;
         let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("wattn tensor"),
@@ -161,13 +186,29 @@ impl Tensor {
 
     /// Downloads the tensor, converted to f32.
     pub fn to_f32(&self, ctx: &Context) -> Result<Vec<f32>> {
-        let bytes = read_buffer(ctx, &self.buffer, byte_size(self.numel(), self.dtype))?;
-        let n = self.numel();
-        Ok(match self.dtype {
-            DType::F32 => bytemuck::cast_slice::<u8, f32>(&bytes)[..n].to_vec(),
-            DType::F16 => bytemuck::cast_slice::<u8, f16>(&bytes)[..n].iter().map(|h| h.to_f32()).collect(),
-        })
+        read_f32(ctx, &self.buffer, self.numel(), self.dtype)
     }
+}
+
+/// Reads the first `n` elements of `dtype` from `buffer`, converted to f32. Waits for the GPU.
+pub(crate) fn read_f32(ctx: &Context, buffer: &wgpu::Buffer, n: usize, dtype: DType) -> Result<Vec<f32>> {
+    let bytes = read_buffer(ctx, buffer, byte_size(n, dtype))?;
+    let bytes = &bytes[..n * dtype.size()];
+    Ok(match dtype {
+        DType::F32 => pod_values(bytes),
+        DType::F16 => pod_values::<f16>(bytes).iter().map(|h| h.to_f32()).collect(),
+    })
+}
+
+/// Reads all of `buffer` as `T`s (its size is a multiple of `T`'s). Waits for the GPU.
+pub(crate) fn read_pod<T: bytemuck::Pod>(ctx: &Context, buffer: &wgpu::Buffer) -> Result<Vec<T>> {
+    Ok(pod_values(&read_buffer(ctx, buffer, buffer.size())?))
+}
+
+/// The `T`s in `bytes`, copied one by one: a `Vec<u8>`'s allocation promises no alignment
+/// beyond 1, so casting the slice in place could fail. A trailing partial value is dropped.
+fn pod_values<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<T> {
+    bytes.chunks_exact(size_of::<T>()).map(bytemuck::pod_read_unaligned).collect()
 }
 
 /// Errors if `what` has more elements than the kernels' 32-bit indices reach.

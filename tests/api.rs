@@ -1,5 +1,5 @@
 //! The library's promises beyond accuracy: determinism, recording into the caller's encoder
-//! on the caller's device and buffers, NaN isolation, huge logits, fully masked rows, and
+//! on the caller's device and buffers, huge logits, fully masked rows, and
 //! pipelines built once per variant.
 
 mod common;
@@ -113,53 +113,6 @@ fn encode_records_into_the_callers_encoder_on_the_callers_buffers() {
 /// The rows of `[B, Hq, Nq]` whose query index satisfies `pick`.
 fn rows_with_query(s: &AttentionShape, pick: impl Fn(usize) -> bool) -> Vec<usize> {
     (0..s.batch * s.q_heads * s.n_q).filter(|r| pick(r % s.n_q)).collect()
-}
-
-/// Asserts that rows `rows` of an f32 flash output are finite and within 1e-5 of the reference.
-fn assert_rows_correct(
-    what: &str,
-    got: &(Vec<f32>, Vec<f32>),
-    x: &Inputs,
-    s: &AttentionShape,
-    o: &AttentionOptions,
-    rows: &[usize],
-) {
-    let want = wattn::reference::attention(&x.q, &x.k, &x.v, s, o);
-    for &r in rows {
-        let out = &got.0[r * s.d_v..][..s.d_v];
-        let want_out = &want.out[r * s.d_v..][..s.d_v];
-        assert!(out.iter().all(|y| y.is_finite()) && got.1[r].is_finite(), "{what}: row {r} is not finite: {out:?}");
-        let err = common::max_abs_err(out, want_out).max((got.1[r] as f64 - want.lse[r]).abs());
-        assert!(err < 1e-5, "{what}: row {r} is off by {err:.3e}");
-    }
-}
-
-#[test]
-fn nan_in_a_query_row_stays_in_that_row() {
-    let s = shape(1, (2, 1), (40, 40), (64, 64));
-    let o = AttentionOptions::default();
-    let mut x = Inputs::random(&s, DType::F32, 21);
-    let poisoned = 7;
-    x.q[poisoned * s.d_qk + 3] = f32::NAN;
-    let got = flash_on(ctx(), &x, &s, &o, DType::F32);
-    let others: Vec<usize> = (0..s.q_heads * s.n_q).filter(|&r| r != poisoned).collect();
-    assert_rows_correct("NaN in Q row 7", &got, &x, &s, &o, &others);
-}
-
-#[test]
-fn nan_in_a_key_reaches_only_rows_that_see_it() {
-    let s = shape(1, (2, 1), (40, 40), (64, 64));
-    let o = AttentionOptions::causal();
-    let key = 5;
-    for tensor in ["K", "V"] {
-        let mut x = Inputs::random(&s, DType::F32, 22);
-        let (data, d) = if tensor == "K" { (&mut x.k, s.d_qk) } else { (&mut x.v, s.d_v) };
-        data[key * d..][..d].fill(f32::NAN);
-        let got = flash_on(ctx(), &x, &s, &o, DType::F32);
-        // Causal with Nq = Nk: query i sees keys 0..=i, so rows before the key never see it.
-        let blind = rows_with_query(&s, |i| i < key);
-        assert_rows_correct(&format!("NaN in {tensor} row {key}"), &got, &x, &s, &o, &blind);
-    }
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{ctx, own_device};
+use common::{ctx, ctx_adapter, own_device};
 use wattn::attention::flash::{self, FlashConfig};
 use wattn::{AttentionBuffers, AttentionOptions, Context, DType, Error, Tensor, TensorView};
 
@@ -170,6 +170,16 @@ fn tensor_constructors_check_sizes() {
     let e = refused(TensorView::new(buffer.buffer(), &[3, 4], DType::F32), "a 40-byte buffer for 48 bytes");
     assert!(matches!(e, Error::Shape(_)), "{e:?}");
     assert_mentions(&e, &["40", "48"]);
+
+    // Sizes whose byte count does not fit in memory are refused, not overflowed.
+    let huge = [usize::MAX / 2, 3];
+    let e = refused(TensorView::new(buffer.buffer(), &huge, DType::F32), "a shape past usize");
+    assert!(matches!(e, Error::Shape(_)), "{e:?}");
+    assert_mentions(&e, &[&format!("{huge:?}")]);
+    let e = refused(Tensor::zeros(c, &huge, DType::F16), "zeros past usize");
+    assert!(matches!(e, Error::Shape(_)), "{e:?}");
+    let e = refused(Tensor::from_f32(c, &huge, &[0.0; 4], DType::F32), "data for a shape past usize");
+    assert!(matches!(e, Error::Shape(_)), "{e:?}");
 }
 
 #[test]
@@ -228,13 +238,63 @@ fn tensors_beyond_the_binding_limit_are_refused() {
     );
 }
 
+/// A device of the caller's opened without `SHADER_F16` on an adapter that may have it: the
+/// error says how to open the device, not that the adapter lacks the feature.
 #[test]
-fn f16_needs_the_shader_f16_feature() {
+fn f16_needs_a_device_opened_with_shader_f16() {
     let (device, queue) = own_device(wgpu::Features::empty(), wgpu::Limits::default());
     let c = Context::from_wgpu(device, queue);
     let s = [1, 1, 4, 16];
     let t = zeros(&c, &s, DType::F16);
     let e = refused(wattn::attention(&c, &t, &t, &t, &AttentionOptions::default()), "f16 without SHADER_F16");
-    assert!(matches!(&e, Error::F16Unsupported { adapter } if *adapter == c.adapter_info().name), "{e:?}");
-    assert_mentions(&e, &["shader-f16", &c.adapter_info().name]);
+    assert!(matches!(&e, Error::F16NotEnabled { adapter } if *adapter == c.adapter_info().name), "{e:?}");
+    assert_mentions(&e, &["SHADER_F16", "not opened with", "required_features", &c.adapter_info().name]);
+}
+
+/// wattn opens its own device with shader-f16 exactly when the adapter has it, so on its
+/// devices [`Error::F16Unsupported`] ("the adapter does not have it") tells the truth.
+#[test]
+fn f16_on_a_device_wattn_opened_is_missing_only_when_the_adapter_lacks_it() {
+    let c = ctx();
+    let name = &c.adapter_info().name;
+    let adapter_has = ctx_adapter().features().contains(wgpu::Features::SHADER_F16);
+    assert_eq!(c.capabilities().shader_f16, adapter_has, "shader-f16 on {name}");
+    let t = zeros(c, &[1, 1, 4, 16], DType::F16);
+    match wattn::attention(c, &t, &t, &t, &AttentionOptions::default()) {
+        Ok(_) => assert!(adapter_has, "f16 ran without shader-f16"),
+        Err(e) => {
+            assert!(!adapter_has, "f16 refused on an adapter with shader-f16: {e}");
+            assert!(matches!(&e, Error::F16Unsupported { adapter } if adapter == name), "{e:?}");
+            assert_mentions(&e, &["shader-f16", name, "does not have"]);
+        }
+    }
+}
+
+#[test]
+fn block_mask_accessors_refuse_indices_outside_the_mask() {
+    use wattn::mask::BlockClass;
+    use wattn::{BlockMask, BlockSize, Mask};
+    // 2 heads, broadcast over the batch; 40 x 50 elements in blocks of 16: 3 x 4 blocks.
+    let mask = BlockMask::per_head(&[Mask::causal(), Mask::full()], 40, 50, BlockSize::new(16, 16)).unwrap();
+    assert_eq!(mask.class(7, 1, 2, 3).unwrap(), BlockClass::Full, "any batch index broadcasts");
+    assert!(mask.visible(0, 0, 39, 49).unwrap() && !mask.visible(0, 0, 0, 49).unwrap());
+    for (what, e) in [
+        ("head 2", mask.runs(0, 2, 0).unwrap_err()),
+        ("query block 3", mask.runs(0, 0, 3).unwrap_err()),
+        ("key block 4", mask.class(0, 0, 0, 4).unwrap_err()),
+        ("head 5 of class", mask.class(0, 5, 0, 0).unwrap_err()),
+    ] {
+        assert!(matches!(e, Error::OutOfRange { .. }), "{what}: {e:?}");
+    }
+    let e = mask.runs(0, 2, 0).unwrap_err();
+    assert_mentions(&e, &["[0, 2, 0]", "[1, 2, 3]"]);
+    let e = mask.visible(0, 0, 40, 0).unwrap_err();
+    assert!(matches!(&e, Error::OutOfRange { index, bounds, .. } if *index == [40, 0] && *bounds == [40, 50]), "{e:?}");
+    assert_mentions(&e, &["[40, 0]", "[40, 50]"]);
+    assert!(mask.visible(0, 0, 0, 50).is_err() && mask.visible(0, 3, 0, 0).is_err());
+
+    // The mask predicate itself answers outside its extent, and for masks that do not fit, without panicking.
+    let dense = Mask::from_fn(4, 4, |_, _| true);
+    assert!(dense.visible(4, 4, 3, 3));
+    assert!(!dense.visible(4, 4, 4, 0) && !dense.visible(8, 8, 7, 7), "outside the extent, or a 4 x 4 mask on 8 x 8");
 }

@@ -225,6 +225,96 @@ fn bad_input_gives_typed_errors() {
     assert!(decode(&mut cache, &[2, 4, 2, 16], DType::F32).is_none());
 }
 
+/// Records an append of `count` zero tokens to layer 0 of `cache` into a new encoder:
+/// the append's result and the encoder.
+fn try_append(cache: &mut KvCache, count: usize) -> (wattn::Result<()>, wgpu::CommandEncoder) {
+    let ctx = ctx();
+    let KvCacheConfig { batch, kv_heads, head_dim, dtype, .. } = *cache.config();
+    let t = Tensor::zeros(ctx, &[batch, kv_heads, count, head_dim], dtype).unwrap();
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    (cache.append(ctx, &mut encoder, 0, &t.view(), &t.view()), encoder)
+}
+
+/// [`try_append`] that must succeed: the encoder holding the append.
+fn record_append(cache: &mut KvCache, count: usize) -> wgpu::CommandEncoder {
+    let (result, encoder) = try_append(cache, count);
+    result.unwrap();
+    encoder
+}
+
+/// An append whose encoder is dropped unsubmitted never reaches the GPU, so the cache undoes
+/// it: the next tokens get the positions the dropped ones would have had, and decode agrees
+/// with a model that never saw them.
+#[test]
+fn an_append_whose_encoder_is_dropped_is_undone() {
+    let ctx = ctx();
+    let policy = EvictionPolicy::Streaming { sinks: 2, window: 10 };
+    let mut h = Harness::new(ctx, config(DType::F32, 16, policy, PositionMode::Absolute), 4, 21);
+    h.step(ctx, 3, &DecodeOptions::default());
+    let encoder = record_append(&mut h.cache, 2);
+    assert_eq!(h.cache.seen(0), 5, "a recorded append counts at once");
+    drop(encoder);
+    assert_eq!(h.cache.seen(0), 3, "a dropped append is undone");
+    // The same, dropped after being finished into a command buffer.
+    drop(record_append(&mut h.cache, 4).finish());
+    assert_eq!(h.cache.seen(0), 3);
+    for (step, count) in [2, 1, 9, 1].into_iter().enumerate() {
+        let outcome = &h.step(ctx, count, &DecodeOptions::default())[0];
+        let what = format!("step {step} after the dropped appends ({} tokens)", h.cache.seen(0));
+        assert_matches(outcome, DType::F32, &what);
+        assert_eq!(h.cache.read_positions(ctx, 0).unwrap(), h.models[0].positions_buffer(), "{what}: positions");
+    }
+    assert_eq!(h.cache.seen(0), 16);
+}
+
+/// A dropped append with another recorded after it cannot be undone (that one places its
+/// tokens after the missing ones): the layer refuses appends and decodes with the numbers,
+/// and recovers only if the later append is dropped too.
+#[test]
+fn appends_recorded_after_a_dropped_one_are_refused() {
+    let ctx = ctx();
+    let base = config(DType::F32, 16, EvictionPolicy::None { capacity: 32 }, PositionMode::Absolute);
+    let q = Tensor::zeros(ctx, &[2, 4, 1, 16], DType::F32).unwrap();
+    let out_of_step = |cache: &mut KvCache| {
+        let refusals = [
+            try_append(cache, 1).0.err(),
+            cache.decode(ctx, 0, &q, &DecodeOptions::default()).err(),
+            cache.plan(ctx, 0, 4, 1, &DecodeOptions::default()).err(),
+        ];
+        for e in refusals {
+            match e {
+                Some(Error::KvOutOfStep { layer: 0, position: 3, count: 2 }) => {
+                    let e = e.unwrap();
+                    for n in ["layer 0", "2 tokens", "position 3", "dropped"] {
+                        assert!(e.to_string().contains(n), "'{e}' should mention {n}");
+                    }
+                }
+                other => panic!("expected the layer to be out of step, got {other:?}"),
+            }
+        }
+    };
+
+    for submit_later in [false, true] {
+        let mut cache = KvCache::new(ctx, base).unwrap();
+        ctx.queue().submit([record_append(&mut cache, 3).finish()]);
+        let dropped = record_append(&mut cache, 2);
+        let later = record_append(&mut cache, 1);
+        drop(dropped);
+        out_of_step(&mut cache);
+        if submit_later {
+            // Its tokens reached the GPU at positions 5..6: nothing can bring the layer back.
+            ctx.submit_and_wait(later).unwrap();
+            out_of_step(&mut cache);
+        } else {
+            drop(later);
+            assert_eq!(cache.seen(0), 3, "both dropped: both undone");
+            ctx.submit_and_wait(record_append(&mut cache, 1)).unwrap();
+            assert_eq!(cache.read_positions(ctx, 0).unwrap()[..5], [0, 1, 2, 3, EMPTY_SLOT]);
+            cache.decode(ctx, 0, &q, &DecodeOptions::default()).unwrap();
+        }
+    }
+}
+
 /// The model itself: StreamingLLM's victim is the oldest non-sink, so slots cycle like a ring.
 #[test]
 fn model_streaming_slots_form_a_ring() {

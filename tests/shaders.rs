@@ -209,3 +209,39 @@ fn uniform_structs_match_rust() {
         assert_eq!(wgsl_size, *rust_size, "{file}: struct {name} is {wgsl_size} bytes, Rust's is {rust_size}");
     }
 }
+
+/// Hosts bind by name through `Kernel::bindings`: every variant's group-0 globals must sit at
+/// the binding the table gives their name, and the table must name nothing the shader lacks.
+#[test]
+fn binding_tables_match_the_shaders() {
+    let mut failures = Vec::new();
+    let mut kernels_seen = Vec::new();
+    for key in all_keys() {
+        let (module, _) = parse_and_validate(&key).unwrap_or_else(|e| panic!("{}: {e}", key.label()));
+        let names = key.kernel.bindings();
+        let mut declared = Vec::new();
+        for (_, var) in module.global_variables.iter() {
+            let (Some(binding), Some(name)) = (&var.binding, &var.name) else { continue };
+            declared.push(name.clone());
+            let expected = names.iter().position(|n| n == name).map(|i| (0, i as u32));
+            if expected != Some((binding.group, binding.binding)) {
+                failures.push(format!(
+                    "{}: `{name}` is at group {} binding {}, the table says {expected:?}",
+                    key.label(),
+                    binding.group,
+                    binding.binding
+                ));
+            }
+        }
+        for name in names {
+            if !declared.iter().any(|d| d == name) {
+                failures.push(format!("{}: the table names `{name}`, the shader does not declare it", key.label()));
+            }
+        }
+        if !kernels_seen.contains(&key.kernel) {
+            kernels_seen.push(key.kernel);
+        }
+    }
+    assert_eq!(kernels_seen.len(), 6, "every kernel family has variants: {kernels_seen:?}");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

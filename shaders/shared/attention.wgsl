@@ -1,5 +1,5 @@
-// Shared by flash_fwd.wgsl and naive.wgsl (src/shader.rs prepends it): their parameters
-// and the one definition of which keys a query sees. Each kernel declares
+// Shared by flash_fwd.wgsl and naive.wgsl (src/shader.rs prepends it after softmax.wgsl):
+// their parameters and the one definition of which keys a query sees. Each kernel declares
 // `var<uniform> params: Params`.
 
 // Keep in sync with `FlashParams` in src/attention/flash.rs (a test compares the layouts).
@@ -26,9 +26,6 @@ struct Params {
 
 const FIRST_PASS: u32 = 1u;
 const LAST_PASS: u32 = 2u;
-
-// Masked scores. Finite, so that exp(MASKED - MASKED) is defined; no real logit gets near.
-const MASKED: f32 = -3.0e38;
 
 // Whether the query on diagonal `diag` (its row + n_k - n_q) sees key `key`.
 fn visible(diag: i32, key: i32) -> bool {

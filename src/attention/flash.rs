@@ -4,13 +4,12 @@
 
 use super::{AttentionBuffers, AttentionOptions, AttentionShape};
 use crate::context::Context;
+use crate::dispatch::{bind_buffers, check_grid, uniform_buffer};
 use crate::error::{Error, Result};
 use crate::mask::{BlockSize, GpuBlockMask};
-use crate::pipeline::{bind_buffers, check_grid};
-use crate::shader::{ConstValue, Kernel, ShaderKey};
+use crate::shader::{ConstValue, Kernel, ShaderKey, workgroup_array_bytes};
 use crate::tensor::DType;
 use crate::tensor::check_binding_size;
-use wgpu::util::DeviceExt;
 
 /// Uniform parameters of `flash_fwd.wgsl` and `naive.wgsl`.
 /// Keep in sync with `struct Params` in both shaders (a test compares the layouts).
@@ -61,15 +60,6 @@ impl FlashParams {
             pass_flags: FIRST_PASS | LAST_PASS,
             _pad: 0,
         }
-    }
-
-    /// The params as a uniform buffer.
-    pub(crate) fn upload(&self, ctx: &Context) -> wgpu::Buffer {
-        ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("wattn params"),
-            contents: bytemuck::bytes_of(self),
-            usage: wgpu::BufferUsages::UNIFORM,
-        })
     }
 }
 
@@ -130,7 +120,10 @@ impl FlashConfig {
     /// Q and K/V tiles of vec4, the K/V rows padded by one vec4, and two score tiles).
     fn workgroup_bytes(&self, q_resident: bool, dqk_pad: u32, d_chunk: u32) -> u32 {
         let q_stride = if q_resident { dqk_pad } else { d_chunk };
-        4 * (self.block_q * q_stride + self.block_k * (d_chunk + 4) + 2 * self.block_q * self.block_k)
+        let score_tile = workgroup_array_bytes(self.block_q * self.block_k, 4);
+        workgroup_array_bytes(self.block_q * q_stride / 4, 16)
+            + workgroup_array_bytes(self.block_k * (d_chunk / 4 + 1), 16)
+            + 2 * score_tile
     }
 
     /// Checks the configuration against the kernel's rules and the device's limits.
@@ -306,7 +299,7 @@ fn record(
     for (what, g) in ["query blocks", "query heads", "batch"].iter().zip(groups) {
         check_grid(ctx.limits(), &format!("flash grid: {g} {what}"), g)?;
     }
-    let key = variant_key(config, ctx.limits(), bufs.q.dtype, &shape, mask.is_some());
+    let key = variant_key(config, ctx.limits(), bufs.q.dtype(), &shape, mask.is_some());
     let pipeline = ctx.pipelines.get(ctx.device(), &key)?;
     let n_k = shape.n_k as u32;
     let keys_per_pass = config.keys_per_pass(ctx.limits(), &shape, ctx.loop_iteration_limit()).unwrap_or(n_k);
@@ -337,22 +330,23 @@ fn record(
             key_end: ((p + 1) * keys_per_pass).min(n_k),
             pass_flags: if p == 0 { FIRST_PASS } else { 0 } | if p + 1 == passes { LAST_PASS } else { 0 },
             ..base
-        }
-        .upload(ctx);
+        };
+        let params = uniform_buffer(ctx, &params);
         let bind_group = bind_buffers(
             ctx.device(),
             &pipeline,
+            Kernel::FlashForward,
             &[
-                (0, &params),
-                (1, bufs.q.buffer),
-                (2, bufs.k.buffer),
-                (3, bufs.v.buffer),
-                (4, bufs.out.buffer),
-                (5, bufs.lse.buffer),
-                (6, state),
-                (7, mask_buffer),
+                ("params", &params),
+                ("q", bufs.q.buffer()),
+                ("k", bufs.k.buffer()),
+                ("v", bufs.v.buffer()),
+                ("out", bufs.out.buffer()),
+                ("lse", bufs.lse.buffer()),
+                ("state", state),
+                ("block_mask", mask_buffer),
             ],
-        );
+        )?;
         // One compute pass per key pass, so each sees the state the previous one wrote.
         let mut pass = encoder
             .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn flash"), timestamp_writes: None });

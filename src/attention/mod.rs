@@ -2,7 +2,10 @@
 //! and the naive baseline.
 
 pub mod flash;
+mod masked;
 pub mod naive;
+
+pub use masked::attention_masked;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -155,30 +158,35 @@ pub struct AttentionBuffers<'a> {
 }
 
 impl AttentionBuffers<'_> {
-    /// Checks shapes, dtypes and sizes against each other and the adapter.
+    /// Checks shapes, dtypes and sizes against each other and the adapter. That each buffer
+    /// holds its view's shape is a [`TensorView`] invariant, checked where the view was made.
     pub fn validate(&self, ctx: &Context) -> Result<AttentionShape> {
-        let shape = AttentionShape::from_shapes(self.q.shape, self.k.shape, self.v.shape)?;
-        let dtype = self.q.dtype;
+        let shape = AttentionShape::from_shapes(self.q.shape(), self.k.shape(), self.v.shape())?;
+        let dtype = self.q.dtype();
         for (what, t) in [("K", &self.k), ("V", &self.v), ("O", &self.out)] {
-            if t.dtype != dtype {
-                return Err(Error::DType(format!("{what} is {} but Q is {dtype}", t.dtype)));
+            if t.dtype() != dtype {
+                return Err(Error::DType(format!("{what} is {} but Q is {dtype}", t.dtype())));
             }
         }
-        if self.lse.dtype != DType::F32 {
-            return Err(Error::DType(format!("LSE must be f32, got {}", self.lse.dtype)));
+        if self.lse.dtype() != DType::F32 {
+            return Err(Error::DType(format!("LSE must be f32, got {}", self.lse.dtype())));
         }
-        if self.out.shape != shape.out_shape() {
-            return Err(Error::Shape(format!("O has shape {:?}, expected {:?}", self.out.shape, shape.out_shape())));
+        if self.out.shape() != shape.out_shape() {
+            return Err(Error::Shape(format!("O has shape {:?}, expected {:?}", self.out.shape(), shape.out_shape())));
         }
-        if self.lse.shape != shape.lse_shape() {
-            return Err(Error::Shape(format!("LSE has shape {:?}, expected {:?}", self.lse.shape, shape.lse_shape())));
+        if self.lse.shape() != shape.lse_shape() {
+            return Err(Error::Shape(format!(
+                "LSE has shape {:?}, expected {:?}",
+                self.lse.shape(),
+                shape.lse_shape()
+            )));
         }
-        if dtype == DType::F16 && !ctx.capabilities().shader_f16 {
-            return Err(Error::F16Unsupported { adapter: ctx.adapter_info().name.clone() });
+        if dtype == DType::F16 {
+            ctx.require_f16()?;
         }
         for (what, t) in [("Q", &self.q), ("K", &self.k), ("V", &self.v), ("O", &self.out)] {
             check_u32_indexing(what, t.numel() as u64)?;
-            check_binding_size(ctx, what, byte_size(t.numel(), t.dtype))?;
+            check_binding_size(ctx, what, byte_size(t.numel(), t.dtype()))?;
         }
         Ok(shape)
     }

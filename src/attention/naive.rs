@@ -4,8 +4,8 @@
 use super::flash::FlashParams;
 use super::{AttentionBuffers, AttentionOptions, Output, alloc_output};
 use crate::context::Context;
+use crate::dispatch::{bind_buffers, check_grid, uniform_buffer};
 use crate::error::{Error, Result};
-use crate::pipeline::{bind_buffers, check_grid};
 use crate::shader::{ConstValue, Kernel, ShaderKey};
 use crate::tensor::{DType, Tensor};
 
@@ -40,7 +40,7 @@ pub fn encode(
 ) -> Result<()> {
     options.validate()?;
     let shape = bufs.validate(ctx)?;
-    let needed = scores_bytes(bufs.q.shape, bufs.k.shape);
+    let needed = scores_bytes(bufs.q.shape(), bufs.k.shape());
     if scores.size() < needed {
         return Err(Error::Shape(format!("score buffer has {} bytes, needs {needed}", scores.size())));
     }
@@ -69,17 +69,19 @@ pub fn encode(
             check_grid(limits, &format!("naive {name} grid {g:?}"), *n)?;
         }
     }
-    let params = FlashParams::new(&shape, options).upload(ctx);
+    let params = uniform_buffer(ctx, &FlashParams::new(&shape, options));
     let mut pass =
         encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn naive"), timestamp_writes: None });
     for (entry, g) in grids {
-        let pipeline = ctx.pipelines.get(ctx.device(), &key(entry, bufs.q.dtype))?;
-        let bindings: Vec<(u32, &wgpu::Buffer)> = match entry {
-            "scores_main" => vec![(0, &params), (1, bufs.q.buffer), (2, bufs.k.buffer), (6, scores)],
-            "softmax_main" => vec![(0, &params), (5, bufs.lse.buffer), (6, scores)],
-            _ => vec![(0, &params), (3, bufs.v.buffer), (4, bufs.out.buffer), (6, scores)],
+        let pipeline = ctx.pipelines.get(ctx.device(), &key(entry, bufs.q.dtype()))?;
+        let bindings: Vec<(&str, &wgpu::Buffer)> = match entry {
+            "scores_main" => {
+                vec![("params", &params), ("q", bufs.q.buffer()), ("k", bufs.k.buffer()), ("scores", scores)]
+            }
+            "softmax_main" => vec![("params", &params), ("lse", bufs.lse.buffer()), ("scores", scores)],
+            _ => vec![("params", &params), ("v", bufs.v.buffer()), ("out", bufs.out.buffer()), ("scores", scores)],
         };
-        let bind_group = bind_buffers(ctx.device(), &pipeline, &bindings);
+        let bind_group = bind_buffers(ctx.device(), &pipeline, Kernel::Naive, &bindings)?;
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(g[0], g[1], g[2]);

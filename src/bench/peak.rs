@@ -5,12 +5,11 @@
 use super::stats::Stats;
 use super::timing::Timer;
 use crate::context::Context;
+use crate::dispatch::{bind_buffers, uniform_buffer};
 use crate::error::Result;
-use crate::pipeline::bind_buffers;
 use crate::shader::{ConstValue, Kernel, ShaderKey};
 use crate::tensor::DType;
 use serde::Serialize;
-use wgpu::util::DeviceExt;
 
 /// Uniform parameters of `fma_main` in `peak.wgsl`.
 /// Keep in sync with `struct Params` there (a test compares the layouts).
@@ -90,12 +89,8 @@ fn fma(ctx: &Context, timer: &Timer, dtype: DType, warmup: usize, runs: usize) -
     });
     let time_with = |iterations: u32, warmup: usize, runs: usize| {
         let params = PeakParams { iterations, multiplier: 0.999, addend: 0.001, pad: 0 };
-        let uniform = ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("wattn peak params"),
-            contents: bytemuck::bytes_of(&params),
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
-        let bind_group = bind_buffers(ctx.device(), &pipeline, &[(0, &uniform), (1, &sink)]);
+        let uniform = uniform_buffer(ctx, &params);
+        let bind_group = bind_buffers(ctx.device(), &pipeline, Kernel::Peak, &[("params", &uniform), ("sink", &sink)])?;
         timer.measure(ctx, warmup, runs, &mut |encoder| {
             dispatch(encoder, &pipeline, &bind_group, FMA_WORKGROUPS);
             Ok(())
@@ -128,7 +123,7 @@ fn copy(ctx: &Context, timer: &Timer, warmup: usize, runs: usize) -> Result<Meas
     };
     let (src, dst) = (buffer("wattn peak copy source"), buffer("wattn peak copy destination"));
     let pipeline = ctx.pipelines.get(ctx.device(), &key("copy_main", DType::F32))?;
-    let bind_group = bind_buffers(ctx.device(), &pipeline, &[(2, &src), (3, &dst)]);
+    let bind_group = bind_buffers(ctx.device(), &pipeline, Kernel::Peak, &[("src", &src), ("dst", &dst)])?;
     let time = timer.measure(ctx, warmup, runs, &mut |encoder| {
         dispatch(encoder, &pipeline, &bind_group, COPY_WORKGROUPS);
         Ok(())

@@ -4,11 +4,12 @@
 use super::{EvictionPolicy, KvCacheConfig, PositionMode, Rope};
 use crate::attention::MAX_HEAD_DIM;
 use crate::context::Context;
+use crate::dispatch::{bind_buffers, check_grid, scratch, uniform_buffer, wrapped_grid};
 use crate::error::{Error, Result};
-use crate::pipeline::{bind_buffers, check_grid};
 use crate::shader::{ConstValue, Kernel, ShaderKey};
-use crate::tensor::{DType, TensorView, byte_size, check_binding_size, check_u32_indexing, read_buffer};
-use half::f16;
+use crate::tensor::{DType, TensorView, byte_size, check_binding_size, check_u32_indexing, read_f32, read_pod};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use wgpu::util::DeviceExt;
 
 /// Uniform parameters of `kv_cache.wgsl`.
@@ -67,8 +68,96 @@ pub(crate) struct Layer {
     pub(crate) v: wgpu::Buffer,
     pub(crate) positions: wgpu::Buffer,
     pub(crate) scores: wgpu::Buffer,
-    /// Tokens appended so far (recorded appends).
-    pub(crate) seen: u64,
+    /// Tokens appended by every append recorded so far, submitted or not.
+    recorded: u64,
+    /// The recorded appends whose work is not yet known to be done, oldest first.
+    unconfirmed: Vec<RecordedAppend>,
+}
+
+// Why the cache follows each append's encoder
+//
+// An append is recorded into the caller's encoder: the host must plan the next call (slots,
+// positions, the decode's length) before any of it runs, so it counts the tokens when it
+// records them. If that encoder is then dropped instead of submitted, the GPU never sees the
+// tokens and the host's count is ahead of it: every later position would be wrong, silently.
+// Keeping the count on the GPU would need a readback before every plan, against the point of
+// recording; a token the caller must commit after submitting would be one more thing to get
+// wrong. Instead each append asks its encoder for a callback (`on_submitted_work_done`):
+// wgpu runs it once the submitted work is done, and drops it unrun with an encoder that is
+// dropped unsubmitted, which `Watch` notices. The next call then undoes the dropped appends
+// when nothing was recorded after them (the usual case: an error path dropped the encoder),
+// and refuses with [`Error::KvOutOfStep`] when later appends were recorded on top of them.
+
+// What became of the encoder one append was recorded into.
+const PENDING: u8 = 0;
+const DONE: u8 = 1;
+const DROPPED: u8 = 2;
+
+/// One recorded append: where it started and what became of its encoder.
+struct RecordedAppend {
+    first: u64,
+    fate: Arc<AtomicU8>,
+}
+
+/// Lives in the encoder's callback: marks the append DONE when the callback runs, DROPPED
+/// when the callback is dropped unrun (its encoder was dropped without being submitted).
+struct Watch(Arc<AtomicU8>);
+
+impl Watch {
+    fn done(self) {
+        self.0.store(DONE, Ordering::Release);
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.0.compare_exchange(PENDING, DROPPED, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
+impl Layer {
+    fn new(k: wgpu::Buffer, v: wgpu::Buffer, positions: wgpu::Buffer, scores: wgpu::Buffer) -> Self {
+        Self { k, v, positions, scores, recorded: 0, unconfirmed: Vec::new() }
+    }
+
+    /// The unconfirmed appends to keep: all but those dropped after every live one. Errors
+    /// if a dropped append has a live one after it (layer `index`, for the message).
+    fn live_appends(&self, index: usize) -> Result<usize> {
+        let fate = |a: &RecordedAppend| a.fate.load(Ordering::Acquire);
+        let live = self.unconfirmed.iter().rposition(|a| fate(a) != DROPPED).map_or(0, |i| i + 1);
+        if let Some(i) = self.unconfirmed[..live].iter().position(|a| fate(a) == DROPPED) {
+            let (first, next) = (self.unconfirmed[i].first, self.unconfirmed[i + 1].first);
+            return Err(Error::KvOutOfStep { layer: index, position: first, count: next - first });
+        }
+        Ok(live)
+    }
+
+    /// Tokens the GPU holds once the work recorded so far, less dropped appends, is submitted.
+    fn seen(&self, index: usize) -> Result<u64> {
+        let live = self.live_appends(index)?;
+        Ok(self.unconfirmed.get(live).map_or(self.recorded, |dropped| dropped.first))
+    }
+
+    /// Forgets the appends that are done and undoes those dropped after every live one.
+    fn settle(&mut self, index: usize) -> Result<u64> {
+        let live = self.live_appends(index)?;
+        if let Some(dropped) = self.unconfirmed.get(live) {
+            self.recorded = dropped.first;
+        }
+        self.unconfirmed.truncate(live);
+        let done = self.unconfirmed.iter().take_while(|a| a.fate.load(Ordering::Acquire) == DONE).count();
+        self.unconfirmed.drain(..done);
+        Ok(self.recorded)
+    }
+
+    /// Counts `count` tokens appended by work just recorded into `encoder`.
+    fn record(&mut self, encoder: &wgpu::CommandEncoder, count: usize) {
+        let fate = Arc::new(AtomicU8::new(PENDING));
+        let watch = Watch(fate.clone());
+        encoder.on_submitted_work_done(move || watch.done());
+        self.unconfirmed.push(RecordedAppend { first: self.recorded, fate });
+        self.recorded += count as u64;
+    }
 }
 
 /// Buffers that depend on the call's shape (new tokens, queries, splits), grown on demand
@@ -79,36 +168,6 @@ pub(crate) struct Scratch {
     pub(crate) partial_out: Option<wgpu::Buffer>,
     pub(crate) partial_lse: Option<wgpu::Buffer>,
     pub(crate) logits: Option<wgpu::Buffer>,
-}
-
-/// The buffer in `slot`, replaced by a bigger one if it holds fewer than `bytes`.
-pub(crate) fn scratch<'a>(
-    ctx: &Context,
-    slot: &'a mut Option<wgpu::Buffer>,
-    what: &str,
-    bytes: u64,
-) -> Result<&'a wgpu::Buffer> {
-    let bytes = bytes.max(4);
-    if slot.as_ref().is_none_or(|b| b.size() < bytes) {
-        check_binding_size(ctx, what, bytes)?;
-        *slot = Some(ctx.device().create_buffer(&wgpu::BufferDescriptor {
-            label: Some(what),
-            size: bytes,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        }));
-    }
-    Ok(slot.as_ref().expect("just filled"))
-}
-
-/// A 1-D grid of `workgroups`, wrapped into y when it exceeds the per-dimension limit.
-/// Returns `[x, y]`; the kernels compute their index as `(y * x_count + x) * WORKGROUP + lid`.
-pub(crate) fn wrapped_grid(limits: &wgpu::Limits, what: &str, workgroups: u64) -> Result<[u32; 2]> {
-    let max = limits.max_compute_workgroups_per_dimension as u64;
-    let x = workgroups.clamp(1, max);
-    let y = workgroups.div_ceil(x);
-    check_grid(limits, what, y.min(u32::MAX as u64) as u32)?;
-    Ok([x as u32, y as u32])
 }
 
 /// A GPU-resident KV cache: per layer, K and V of fixed capacity for B sequences × Hkv heads,
@@ -141,16 +200,17 @@ impl KvCache {
             })
         };
         let layers = (0..layers)
-            .map(|_| Layer {
-                k: zeroed("wattn kv cache K", kv_bytes),
-                v: zeroed("wattn kv cache V", kv_bytes),
-                positions: device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("wattn kv cache positions"),
-                    contents: bytemuck::cast_slice(&vec![EMPTY_SLOT; slots]),
-                    usage: storage,
-                }),
-                scores: zeroed("wattn kv cache scores", 4 * slots as u64),
-                seen: 0,
+            .map(|_| {
+                Layer::new(
+                    zeroed("wattn kv cache K", kv_bytes),
+                    zeroed("wattn kv cache V", kv_bytes),
+                    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some("wattn kv cache positions"),
+                        contents: bytemuck::cast_slice(&vec![EMPTY_SLOT; slots]),
+                        usage: storage,
+                    }),
+                    zeroed("wattn kv cache scores", 4 * slots as u64),
+                )
             })
             .collect();
         let table = match positions {
@@ -174,14 +234,25 @@ impl KvCache {
         self.config.policy.capacity()
     }
 
-    /// Tokens appended to `layer` so far; the next one gets this position.
+    /// Tokens appended to `layer` so far; the next one gets this position. Appends recorded
+    /// into an encoder that was then dropped unsubmitted do not count (see [`Self::append`]).
     pub fn seen(&self, layer: usize) -> u64 {
-        self.layers.get(layer).map_or(0, |l| l.seen)
+        self.layers.get(layer).map_or(0, |l| l.seen(layer).unwrap_or(l.recorded))
     }
 
     /// Tokens `layer` holds (per sequence and KV head): slots `[0, len)` are filled.
     pub fn len(&self, layer: usize) -> usize {
-        self.seen(layer).min(self.capacity() as u64) as usize
+        self.len_at(self.seen(layer))
+    }
+
+    /// Tokens held after `seen` were appended.
+    pub(crate) fn len_at(&self, seen: u64) -> usize {
+        seen.min(self.capacity() as u64) as usize
+    }
+
+    /// [`Self::seen`], or the reason `layer` cannot be used ([`Error::KvOutOfStep`], or no such layer).
+    pub(crate) fn checked_seen(&self, layer: usize) -> Result<u64> {
+        self.layer(layer)?.seen(layer)
     }
 
     pub fn is_empty(&self, layer: usize) -> bool {
@@ -218,7 +289,10 @@ impl KvCache {
     /// Records the append of one step's new tokens to `layer`: K and V `[B, Hkv, T, D]` in
     /// the cache's dtype, copied into their slots by kernels (evicting per the policy) with no
     /// host round trip. The cache counts the tokens as appended when this returns; submit
-    /// encoders in the order they were recorded.
+    /// encoders in the order they were recorded. If `encoder` is dropped without being
+    /// submitted, the next call on this layer finds out and undoes the append, unless another
+    /// append was recorded after it: that one would place its tokens at the wrong positions,
+    /// so the layer then refuses every call with [`Error::KvOutOfStep`].
     ///
     /// Errors: shapes or dtype that differ from the cache's, T = 0, more than the policy's
     /// window (StreamingLLM) or recent tokens (heavy hitters) at once, or, under policy None,
@@ -231,11 +305,12 @@ impl KvCache {
         k: &TensorView<'_>,
         v: &TensorView<'_>,
     ) -> Result<()> {
-        let seen = self.layer(layer)?.seen;
+        self.layer(layer)?;
+        let seen = self.layers[layer].settle(layer)?;
         let count = self.check_append(k, v)?;
         let KvCacheConfig { batch, kv_heads, head_dim, dtype, policy, .. } = self.config;
         let capacity = policy.capacity();
-        let len = self.len(layer);
+        let len = self.len_at(seen);
         match policy {
             EvictionPolicy::None { .. } if len + count > capacity => {
                 return Err(Error::CacheFull { capacity, len, appended: count });
@@ -293,8 +368,8 @@ impl KvCache {
             window: window as u32,
             ..KvParams::default()
         };
-        let place_params = upload(ctx, &KvParams { groups_x: place_grid[0], ..params });
-        let copy_params = upload(ctx, &KvParams { groups_x: copy_grid[0], ..params });
+        let place_params = uniform_buffer(ctx, &KvParams { groups_x: place_grid[0], ..params });
+        let copy_params = uniform_buffer(ctx, &KvParams { groups_x: copy_grid[0], ..params });
         let dest = scratch(ctx, &mut self.scratch.dest, "wattn kv slots of new tokens", 4 * tokens)?;
         let l = &self.layers[layer];
         let (place_entry, place_groups) = match heavy_hitters {
@@ -303,16 +378,24 @@ impl KvCache {
         };
         let place = ctx.pipelines.get(ctx.device(), &shader_key(place_entry, dtype))?;
         let copy = ctx.pipelines.get(ctx.device(), &shader_key("append", dtype))?;
-        let mut place_bindings = vec![(0, &place_params), (5, &l.positions), (7, dest)];
+        let mut place_bindings = vec![("params", &place_params), ("pos", &l.positions), ("dest", dest)];
         if heavy_hitters {
-            place_bindings.push((6, &l.scores));
+            place_bindings.push(("score", &l.scores));
         }
-        let place_group = bind_buffers(ctx.device(), &place, &place_bindings);
+        let place_group = bind_buffers(ctx.device(), &place, Kernel::KvCache, &place_bindings)?;
         let copy_group = bind_buffers(
             ctx.device(),
             &copy,
-            &[(0, &copy_params), (1, k.buffer), (2, v.buffer), (3, &l.k), (4, &l.v), (7, dest)],
-        );
+            Kernel::KvCache,
+            &[
+                ("params", &copy_params),
+                ("src_k", k.buffer()),
+                ("src_v", v.buffer()),
+                ("k", &l.k),
+                ("v", &l.v),
+                ("dest", dest),
+            ],
+        )?;
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("wattn kv append"),
             timestamp_writes: None,
@@ -324,7 +407,7 @@ impl KvCache {
         pass.set_bind_group(0, &copy_group, &[]);
         pass.dispatch_workgroups(copy_grid[0], copy_grid[1], 1);
         drop(pass);
-        self.layers[layer].seen += count as u64;
+        self.layers[layer].record(encoder, count);
         Ok(())
     }
 
@@ -332,39 +415,37 @@ impl KvCache {
     fn check_append(&self, k: &TensorView<'_>, v: &TensorView<'_>) -> Result<usize> {
         let KvCacheConfig { batch, kv_heads, head_dim, dtype, .. } = self.config;
         for (what, t) in [("appended K", k), ("appended V", v)] {
-            if t.shape.len() != 4 {
-                return Err(Error::Rank { what, expected: "4 [B, Hkv, T, D]".into(), got: t.shape.to_vec() });
+            if t.shape().len() != 4 {
+                return Err(Error::Rank { what, expected: "4 [B, Hkv, T, D]".into(), got: t.shape().to_vec() });
             }
-            if t.shape.contains(&0) {
-                return Err(Error::Empty { what, shape: t.shape.to_vec() });
+            if t.shape().contains(&0) {
+                return Err(Error::Empty { what, shape: t.shape().to_vec() });
             }
-            let want = [batch, kv_heads, t.shape[2], head_dim];
-            if t.shape != want {
+            let want = [batch, kv_heads, t.shape()[2], head_dim];
+            if t.shape() != want {
                 return Err(Error::Shape(format!(
                     "{what} has shape {:?}, the cache takes [B, Hkv, T, D] = {want:?}",
-                    t.shape
+                    t.shape()
                 )));
             }
-            if t.dtype != dtype {
-                return Err(Error::DType(format!("{what} is {} but the cache stores {dtype}", t.dtype)));
+            if t.dtype() != dtype {
+                return Err(Error::DType(format!("{what} is {} but the cache stores {dtype}", t.dtype())));
             }
         }
-        if k.shape != v.shape {
-            return Err(Error::Shape(format!("appended K {:?} and V {:?} differ", k.shape, v.shape)));
+        if k.shape() != v.shape() {
+            return Err(Error::Shape(format!("appended K {:?} and V {:?} differ", k.shape(), v.shape())));
         }
-        Ok(k.shape[2])
+        Ok(k.shape()[2])
     }
 
     /// The positions buffer of `layer`, `[B, Hkv, capacity]` ([`EMPTY_SLOT`] = empty). Waits for the GPU.
     pub fn read_positions(&self, ctx: &Context, layer: usize) -> Result<Vec<u32>> {
-        let b = &self.layer(layer)?.positions;
-        Ok(bytemuck::cast_slice(&read_buffer(ctx, b, b.size())?).to_vec())
+        read_pod(ctx, &self.layer(layer)?.positions)
     }
 
     /// The heavy-hitter scores of `layer`, `[B, Hkv, capacity]`. Waits for the GPU.
     pub fn read_scores(&self, ctx: &Context, layer: usize) -> Result<Vec<f32>> {
-        let b = &self.layer(layer)?.scores;
-        Ok(bytemuck::cast_slice(&read_buffer(ctx, b, b.size())?).to_vec())
+        read_pod(ctx, &self.layer(layer)?.scores)
     }
 
     /// K and V of `layer` as f32, `[B, Hkv, capacity, D]` each. Waits for the GPU.
@@ -372,14 +453,8 @@ impl KvCache {
         let l = self.layer(layer)?;
         let KvCacheConfig { batch, kv_heads, head_dim, .. } = self.config;
         let n = batch * kv_heads * self.capacity() * head_dim;
-        let read = |b: &wgpu::Buffer| -> Result<Vec<f32>> {
-            let bytes = read_buffer(ctx, b, b.size())?;
-            Ok(match self.config.dtype {
-                DType::F32 => bytemuck::cast_slice::<u8, f32>(&bytes)[..n].to_vec(),
-                DType::F16 => bytemuck::cast_slice::<u8, f16>(&bytes)[..n].iter().map(|h| h.to_f32()).collect(),
-            })
-        };
-        Ok((read(&l.k)?, read(&l.v)?))
+        let dtype = self.config.dtype;
+        Ok((read_f32(ctx, &l.k, n, dtype)?, read_f32(ctx, &l.v, n, dtype)?))
     }
 }
 
@@ -390,14 +465,6 @@ fn evict_loop_iterations(capacity: usize) -> usize {
     let reduction_steps = WORKGROUP.ilog2() as usize;
     let barriers = 1 + reduction_steps + 2;
     1 + barriers + capacity.div_ceil(WORKGROUP as usize) + 2 * reduction_steps
-}
-
-pub(crate) fn upload<T: bytemuck::Pod>(ctx: &Context, params: &T) -> wgpu::Buffer {
-    ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some("wattn params"),
-        contents: bytemuck::bytes_of(params),
-        usage: wgpu::BufferUsages::UNIFORM,
-    })
 }
 
 fn validate_config(ctx: &Context, config: &KvCacheConfig) -> Result<()> {
@@ -411,8 +478,8 @@ fn validate_config(ctx: &Context, config: &KvCacheConfig) -> Result<()> {
     if head_dim == 0 || head_dim > MAX_HEAD_DIM {
         return Err(Error::HeadDim { what: "KV cache", got: head_dim, max: MAX_HEAD_DIM });
     }
-    if dtype == DType::F16 && !ctx.capabilities().shader_f16 {
-        return Err(Error::F16Unsupported { adapter: ctx.adapter_info().name.clone() });
+    if dtype == DType::F16 {
+        ctx.require_f16()?;
     }
     if let PositionMode::Reindexed(rope) = positions {
         if matches!(policy, EvictionPolicy::HeavyHitters { .. }) {

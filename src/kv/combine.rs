@@ -2,10 +2,9 @@
 //! second half of split-KV decode, and usable alone, e.g. to merge attention over a cache
 //! with attention over new tokens computed elsewhere.
 
-use super::cache::wrapped_grid;
 use crate::context::Context;
+use crate::dispatch::{bind_buffers, uniform_buffer, wrapped_grid};
 use crate::error::{Error, Result};
-use crate::pipeline::bind_buffers;
 use crate::shader::{ConstValue, Kernel, ShaderKey};
 use crate::tensor::{DType, TensorView, check_u32_indexing};
 
@@ -54,13 +53,20 @@ pub(crate) fn dispatch(ctx: &Context, pass: &mut wgpu::ComputePass<'_>, m: &Merg
     let elements = (m.rows * m.dim) as u64;
     let grid = wrapped_grid(ctx.limits(), "combine grid", elements.div_ceil(WORKGROUP as u64))?;
     let params = CombineParams { rows: m.rows as u32, dim: m.dim as u32, splits: m.splits as u32, groups_x: grid[0] };
-    let params = super::cache::upload(ctx, &params);
+    let params = uniform_buffer(ctx, &params);
     let pipeline = ctx.pipelines.get(ctx.device(), &shader_key(m.out_dtype))?;
     let group = bind_buffers(
         ctx.device(),
         &pipeline,
-        &[(0, &params), (1, m.partial_out), (2, m.partial_lse), (3, m.out), (4, m.lse)],
-    );
+        Kernel::Combine,
+        &[
+            ("params", &params),
+            ("partial_out", m.partial_out),
+            ("partial_lse", m.partial_lse),
+            ("out", m.out),
+            ("lse", m.lse),
+        ],
+    )?;
     pass.set_pipeline(&pipeline);
     pass.set_bind_group(0, &group, &[]);
     pass.dispatch_workgroups(grid[0], grid[1], 1);
@@ -79,7 +85,7 @@ pub fn encode(
     out: &TensorView<'_>,
     lse: &TensorView<'_>,
 ) -> Result<()> {
-    let ps = partial_out.shape;
+    let ps = partial_out.shape();
     if ps.len() < 2 || ps.contains(&0) {
         return Err(Error::Rank {
             what: "partial outputs",
@@ -96,23 +102,23 @@ pub fn encode(
             Err(Error::Shape(format!("{what} has shape {got:?}, expected {want:?}")))
         }
     };
-    expect("partial LSE", partial_lse.shape, [&[splits][..], row_shape].concat())?;
-    expect("combined output", out.shape, ps[1..].to_vec())?;
-    expect("combined LSE", lse.shape, row_shape.to_vec())?;
+    expect("partial LSE", partial_lse.shape(), [&[splits][..], row_shape].concat())?;
+    expect("combined output", out.shape(), ps[1..].to_vec())?;
+    expect("combined LSE", lse.shape(), row_shape.to_vec())?;
     for (what, t) in [("partial outputs", partial_out), ("partial LSE", partial_lse), ("combined LSE", lse)] {
-        if t.dtype != DType::F32 {
-            return Err(Error::DType(format!("{what} must be f32, got {}", t.dtype)));
+        if t.dtype() != DType::F32 {
+            return Err(Error::DType(format!("{what} must be f32, got {}", t.dtype())));
         }
     }
-    if out.dtype == DType::F16 && !ctx.capabilities().shader_f16 {
-        return Err(Error::F16Unsupported { adapter: ctx.adapter_info().name.clone() });
+    if out.dtype() == DType::F16 {
+        ctx.require_f16()?;
     }
     let merge = Merge {
-        partial_out: partial_out.buffer,
-        partial_lse: partial_lse.buffer,
-        out: out.buffer,
-        lse: lse.buffer,
-        out_dtype: out.dtype,
+        partial_out: partial_out.buffer(),
+        partial_lse: partial_lse.buffer(),
+        out: out.buffer(),
+        lse: lse.buffer(),
+        out_dtype: out.dtype(),
         rows: row_shape.iter().product(),
         dim,
         splits,

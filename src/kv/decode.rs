@@ -7,14 +7,14 @@
 //! workgroups, and the partial (output, LSE) pairs are merged. A workgroup serves all query
 //! heads of one KV head (GQA), so each K/V tile is read once for the whole group.
 
-use super::cache::{KvCache, KvParams, scratch, upload, wrapped_grid};
+use super::cache::{KvCache, KvParams};
 use super::combine::{self, Merge};
 use super::{EvictionPolicy, KvCacheConfig, PositionMode, RopeLayout};
 use crate::attention::Output;
 use crate::context::Context;
+use crate::dispatch::{bind_buffers, check_grid, scratch, uniform_buffer, wrapped_grid};
 use crate::error::{Error, Result};
-use crate::pipeline::{bind_buffers, check_grid};
-use crate::shader::{ConstValue, Kernel, ShaderKey};
+use crate::shader::{ConstValue, Kernel, ShaderKey, workgroup_array_bytes};
 use crate::tensor::{DType, Tensor, TensorView, check_u32_indexing};
 
 /// Uniform parameters of `decode.wgsl`.
@@ -113,8 +113,11 @@ impl Variant {
     /// Bytes of workgroup memory `decode.wgsl` declares.
     fn workgroup_bytes(&self) -> u32 {
         let Self { block_r, block_k, d_pad, d_chunk } = *self;
-        let vec4s = block_r * d_pad / 4 + block_k * (d_chunk / 4 + 1);
-        16 * vec4s + 4 * (block_k + block_r * block_k + 2 * block_r)
+        workgroup_array_bytes(block_r * d_pad / 4, 16)
+            + workgroup_array_bytes(block_k * (d_chunk / 4 + 1), 16)
+            + workgroup_array_bytes(block_k, 4)
+            + workgroup_array_bytes(block_r * block_k, 4)
+            + 2 * workgroup_array_bytes(block_r, 4)
     }
 
     /// The most slots one split may scan on an adapter that stops every shader after
@@ -203,7 +206,7 @@ impl KvCache {
         let KvCacheConfig { batch, kv_heads, head_dim, .. } = self.config;
         let rows = (q_heads / kv_heads).max(1) * n_q;
         let variant = Variant::choose(ctx.limits(), rows, head_dim)?;
-        let len = (self.len(layer) as u32).max(1);
+        let len = (self.len_at(self.checked_seen(layer)?) as u32).max(1);
         let tiles = len.div_ceil(variant.block_k);
         let requested = match options.splits {
             Some(0) => return Err(Error::Option("splits must be at least 1".into())),
@@ -244,8 +247,8 @@ impl KvCache {
         let plan = self.plan(ctx, layer, q_heads, n_q, options)?;
         let KvCacheConfig { batch, kv_heads, head_dim, dtype, policy, positions, .. } = self.config;
         let capacity = policy.capacity();
-        let seen = self.seen(layer);
-        let len = self.len(layer);
+        let seen = self.checked_seen(layer)?;
+        let len = self.len_at(seen);
         let rows = q_heads / kv_heads * n_q;
         let row_blocks = (rows as u32).div_ceil(plan.rows_per_block);
         let sequences = (batch * kv_heads) as u32;
@@ -296,22 +299,23 @@ impl KvCache {
 
         let variant = Variant::choose(ctx.limits(), rows, head_dim)?;
         let pipeline = ctx.pipelines.get(ctx.device(), &variant.key(dtype))?;
-        let params = upload(ctx, &params);
+        let params = uniform_buffer(ctx, &params);
         let group = bind_buffers(
             ctx.device(),
             &pipeline,
+            Kernel::Decode,
             &[
-                (0, &params),
-                (1, q.buffer),
-                (2, &l.k),
-                (3, &l.v),
-                (4, &l.positions),
-                (5, rope_table),
-                (6, partial_out),
-                (7, partial_lse),
-                (8, logits),
+                ("params", &params),
+                ("q", q.buffer()),
+                ("k", &l.k),
+                ("v", &l.v),
+                ("pos", &l.positions),
+                ("rope_table", rope_table),
+                ("partial_out", partial_out),
+                ("partial_lse", partial_lse),
+                ("logits", logits),
             ],
-        );
+        )?;
         let mut pass = encoder
             .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn decode"), timestamp_writes: None });
         pass.set_pipeline(&pipeline);
@@ -320,8 +324,8 @@ impl KvCache {
         let merge = Merge {
             partial_out,
             partial_lse,
-            out: out.buffer,
-            lse: lse.buffer,
+            out: out.buffer(),
+            lse: lse.buffer(),
             out_dtype: dtype,
             rows: query_rows as usize,
             dim: head_dim,
@@ -344,10 +348,14 @@ impl KvCache {
                 groups_x: grid[0],
                 ..KvParams::default()
             };
-            let params = upload(ctx, &params);
+            let params = uniform_buffer(ctx, &params);
             let pipeline = ctx.pipelines.get(ctx.device(), &super::cache::shader_key("accumulate", dtype))?;
-            let group =
-                bind_buffers(ctx.device(), &pipeline, &[(0, &params), (6, &l.scores), (8, logits), (9, lse.buffer)]);
+            let group = bind_buffers(
+                ctx.device(),
+                &pipeline,
+                Kernel::KvCache,
+                &[("params", &params), ("score", &l.scores), ("logits", logits), ("lse", lse.buffer())],
+            )?;
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &group, &[]);
             pass.dispatch_workgroups(grid[0], grid[1], 1);
@@ -371,36 +379,36 @@ impl KvCache {
     fn check_queries(&self, ctx: &Context, layer: usize, bufs: &DecodeBuffers<'_>) -> Result<(usize, usize)> {
         let DecodeBuffers { q, out, lse } = bufs;
         let KvCacheConfig { batch, kv_heads, head_dim, dtype, policy, .. } = self.config;
-        let seen = self.layer(layer)?.seen;
-        if q.shape.len() != 4 {
-            return Err(Error::Rank { what: "Q", expected: "4 [B, Hq, Nq, D]".into(), got: q.shape.to_vec() });
+        let seen = self.checked_seen(layer)?;
+        if q.shape().len() != 4 {
+            return Err(Error::Rank { what: "Q", expected: "4 [B, Hq, Nq, D]".into(), got: q.shape().to_vec() });
         }
-        if q.shape.contains(&0) {
-            return Err(Error::Empty { what: "Q", shape: q.shape.to_vec() });
+        if q.shape().contains(&0) {
+            return Err(Error::Empty { what: "Q", shape: q.shape().to_vec() });
         }
-        let (b, q_heads, n_q, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+        let (b, q_heads, n_q, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
         if b != batch || d != head_dim {
             return Err(Error::Shape(format!(
                 "Q {:?} must have the cache's batch {batch} and head dim {head_dim}",
-                q.shape
+                q.shape()
             )));
         }
         if q_heads % kv_heads != 0 {
             return Err(Error::Heads { what: "the KV cache", got: kv_heads, q_heads });
         }
         for (what, t) in [("Q", q), ("O", out)] {
-            if t.dtype != dtype {
-                return Err(Error::DType(format!("{what} is {} but the cache stores {dtype}", t.dtype)));
+            if t.dtype() != dtype {
+                return Err(Error::DType(format!("{what} is {} but the cache stores {dtype}", t.dtype())));
             }
         }
-        if lse.dtype != DType::F32 {
-            return Err(Error::DType(format!("LSE must be f32, got {}", lse.dtype)));
+        if lse.dtype() != DType::F32 {
+            return Err(Error::DType(format!("LSE must be f32, got {}", lse.dtype())));
         }
-        if out.shape != q.shape {
-            return Err(Error::Shape(format!("O has shape {:?}, expected {:?}", out.shape, q.shape)));
+        if out.shape() != q.shape() {
+            return Err(Error::Shape(format!("O has shape {:?}, expected {:?}", out.shape(), q.shape())));
         }
-        if lse.shape != &q.shape[..3] {
-            return Err(Error::Shape(format!("LSE has shape {:?}, expected {:?}", lse.shape, &q.shape[..3])));
+        if lse.shape() != &q.shape()[..3] {
+            return Err(Error::Shape(format!("LSE has shape {:?}, expected {:?}", lse.shape(), &q.shape()[..3])));
         }
         check_u32_indexing("Q", q.numel() as u64)?;
         if n_q as u64 > seen {
@@ -414,8 +422,8 @@ impl KvCache {
                 policy.name()
             )));
         }
-        if dtype == DType::F16 && !ctx.capabilities().shader_f16 {
-            return Err(Error::F16Unsupported { adapter: ctx.adapter_info().name.clone() });
+        if dtype == DType::F16 {
+            ctx.require_f16()?;
         }
         Ok((q_heads, n_q))
     }

@@ -5,8 +5,11 @@
 //! compiles masks, one per (batch, head) or broadcast, onto the kernel's tile grid: for
 //! each query block, the key blocks to visit, each *full* (every element visible, no
 //! per-element test) or *partial* (with a bit per element). [`GpuBlockMask`] is a
-//! `BlockMask` uploaded once and reusable across launches; [`attention_masked`] and
-//! [`crate::flash::encode_masked`] run the flash kernel on it.
+//! `BlockMask` uploaded once and reusable across launches.
+//!
+//! This module is data only: it knows nothing of the kernels. The attention module runs
+//! them on a mask ([`crate::attention_masked`], [`crate::flash::encode`] with a mask) and
+//! says which block size its tiles take ([`BlockSize::for_adapter`]).
 //!
 //! FlexAttention keeps `kv_num_blocks`/`kv_indices` (partial blocks) and
 //! `full_kv_num_blocks`/`full_kv_indices` per query block. Here a query block's visited
@@ -29,12 +32,10 @@
 mod gpu;
 mod predicate;
 
-pub use gpu::{BlockMaskHeader, GpuBlockMask, attention_masked};
+pub use gpu::{BlockMaskHeader, GpuBlockMask};
 pub use predicate::{BlockClass, Mask};
 
-use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::flash::FlashConfig;
 use predicate::{Grid, Runs};
 
 /// Queries and keys per block of a block mask: the flash kernel's tile sizes
@@ -48,12 +49,6 @@ pub struct BlockSize {
 impl BlockSize {
     pub const fn new(q: u32, k: u32) -> Self {
         Self { q, k }
-    }
-
-    /// The tiles of [`FlashConfig::for_adapter`]: what [`attention_masked`] launches
-    /// with unless the mask says otherwise.
-    pub fn for_adapter(ctx: &Context) -> Self {
-        FlashConfig::for_adapter(ctx).block_size()
     }
 
     /// 32-bit words of one partial block's element mask (one bit per element).
@@ -194,7 +189,8 @@ impl BlockMask {
             // This block's bits were just appended (and partial runs are appended in order).
             BlockClass::Partial => (self.bits.len() / self.block.mask_words() - (end - first)) as u32,
         };
-        let row_start = *self.row_starts.last().unwrap() as usize;
+        // `row_starts` begins with 0 and only grows.
+        let row_start = self.row_starts.last().copied().unwrap_or(0) as usize;
         if let Some(last) = self.runs[row_start..].last_mut() {
             if last.end as usize == first && last.class() == class {
                 last.end = end as u32;
@@ -257,44 +253,67 @@ impl BlockMask {
     }
 
     /// The mask row of (`b`, `h`, `qb`), broadcasting `b` and `h` where the mask does.
-    fn row(&self, b: usize, h: usize, qb: usize) -> usize {
-        let b = if self.batch == 1 { 0 } else { b };
-        let h = if self.heads == 1 { 0 } else { h };
-        assert!(
-            b < self.batch && h < self.heads && qb < self.grid.q_blocks,
-            "block ({b}, {h}, {qb}) is outside the mask"
-        );
-        (b * self.heads + h) * self.grid.q_blocks + qb
+    fn row(&self, b: usize, h: usize, qb: usize) -> Result<usize> {
+        let (mb, mh) = (if self.batch == 1 { 0 } else { b }, if self.heads == 1 { 0 } else { h });
+        if mb >= self.batch || mh >= self.heads || qb >= self.grid.q_blocks {
+            return Err(Error::OutOfRange {
+                what: "block mask (batch, head, query block)",
+                index: vec![b, h, qb],
+                bounds: vec![self.batch, self.heads, self.grid.q_blocks],
+            });
+        }
+        Ok((mb * self.heads + mh) * self.grid.q_blocks + qb)
     }
 
-    /// The key blocks query block `qb` of batch `b`, head `h` visits, in key order.
-    pub fn runs(&self, b: usize, h: usize, qb: usize) -> &[KvRun] {
-        let row = self.row(b, h, qb);
+    /// The runs of mask row `row` (in range).
+    fn row_runs(&self, row: usize) -> &[KvRun] {
         &self.runs[self.row_starts[row] as usize..self.row_starts[row + 1] as usize]
     }
 
+    /// The key blocks query block `qb` of batch `b`, head `h` visits, in key order.
+    /// An axis the mask broadcasts (1 mask) takes any index.
+    pub fn runs(&self, b: usize, h: usize, qb: usize) -> Result<&[KvRun]> {
+        Ok(self.row_runs(self.row(b, h, qb)?))
+    }
+
+    /// The run of `runs` holding key block `kb`, if any.
+    fn run_of(runs: &[KvRun], kb: usize) -> Option<&KvRun> {
+        runs.iter().find(|r| (r.first as usize..r.end as usize).contains(&kb))
+    }
+
     /// The class of key block `kb` for query block `qb` of batch `b`, head `h`.
-    pub fn class(&self, b: usize, h: usize, qb: usize, kb: usize) -> BlockClass {
-        self.runs(b, h, qb)
-            .iter()
-            .find(|r| (r.first as usize..r.end as usize).contains(&kb))
-            .map_or(BlockClass::Empty, KvRun::class)
+    pub fn class(&self, b: usize, h: usize, qb: usize, kb: usize) -> Result<BlockClass> {
+        let runs = self.runs(b, h, qb)?;
+        if kb >= self.grid.k_blocks {
+            return Err(Error::OutOfRange {
+                what: "block mask key block",
+                index: vec![kb],
+                bounds: vec![self.grid.k_blocks],
+            });
+        }
+        Ok(Self::run_of(runs, kb).map_or(BlockClass::Empty, KvRun::class))
     }
 
     /// Whether query `i` of batch `b`, head `h` sees key `j`, read back from the blocks.
-    pub fn visible(&self, b: usize, h: usize, i: usize, j: usize) -> bool {
+    pub fn visible(&self, b: usize, h: usize, i: usize, j: usize) -> Result<bool> {
         let g = &self.grid;
-        assert!(i < g.n_q && j < g.n_k, "element ({i}, {j}) is outside {} x {}", g.n_q, g.n_k);
+        if i >= g.n_q || j >= g.n_k {
+            return Err(Error::OutOfRange {
+                what: "block mask element (query, key)",
+                index: vec![i, j],
+                bounds: vec![g.n_q, g.n_k],
+            });
+        }
         let (qb, kb) = (i / g.block_q, j / g.block_k);
-        let Some(run) = self.runs(b, h, qb).iter().find(|r| (r.first as usize..r.end as usize).contains(&kb)) else {
-            return false;
+        let Some(run) = Self::run_of(self.runs(b, h, qb)?, kb) else {
+            return Ok(false);
         };
         if run.is_full() {
-            return true;
+            return Ok(true);
         }
         let block = run.mask_index as usize + kb - run.first as usize;
         let bit = (i % g.block_q) * g.block_k + j % g.block_k;
-        self.bits[block * self.block.mask_words() + bit / 32] >> (bit % 32) & 1 == 1
+        Ok(self.bits[block * self.block.mask_words() + bit / 32] >> (bit % 32) & 1 == 1)
     }
 
     /// Blocks of each class over every (batch, head) slice the mask stores.
@@ -368,7 +387,7 @@ impl std::fmt::Display for BlockMask {
                     let mut cells = vec![(false, false); cols];
                     for qb in line * per_row..((line + 1) * per_row).min(g.q_blocks) {
                         let mut kb = 0;
-                        for run in self.runs(b, h, qb) {
+                        for run in self.row_runs((b * self.heads + h) * g.q_blocks + qb) {
                             for k in kb..run.end as usize {
                                 let cell = &mut cells[k / per_col];
                                 let visited = k >= run.first as usize;

@@ -13,7 +13,6 @@
 //! so the final classes are exact.
 
 use super::BlockSize;
-use crate::attention::AttentionOptions;
 use crate::error::{Error, Result};
 use std::sync::Arc;
 
@@ -85,16 +84,6 @@ impl Mask {
     /// Prefix-LM: the first `prefix` keys are visible to every query, causal after.
     pub fn prefix_lm(prefix: usize) -> Self {
         Self::key_prefix(prefix) | Self::causal()
-    }
-
-    /// The dense options' mask (causal, window, sinks) as a predicate.
-    pub fn from_options(options: &AttentionOptions) -> Self {
-        let (left, right) = options.effective_window();
-        if options.sinks > 0 && left >= 0 {
-            Self::sinks_window(options.sinks as usize, left, right)
-        } else {
-            Self::window(left, right)
-        }
     }
 
     /// Packed sequences: `ids[p]` is the document of key position `p` (non-decreasing, one
@@ -186,9 +175,10 @@ impl Mask {
         Self(Node::Or(Box::new(self.0), Box::new(other.0)))
     }
 
-    /// Whether query `i` sees key `j` for `n_q` queries and `n_k` keys (after [`Mask::check`]).
+    /// Whether query `i` sees key `j` for `n_q` queries and `n_k` keys. Nothing is visible
+    /// outside `n_q` x `n_k`, nor under a mask that does not fit them ([`Mask::check`] says why).
     pub fn visible(&self, n_q: usize, n_k: usize, i: usize, j: usize) -> bool {
-        self.0.row_bits(&Extent { n_q, n_k }, i, j, 1) != 0
+        i < n_q && j < n_k && self.check(n_q, n_k).is_ok() && self.0.row_bits(&Extent { n_q, n_k }, i, j, 1) != 0
     }
 
     /// Errors if the mask does not fit `n_q` queries and `n_k` keys or has a bad window.

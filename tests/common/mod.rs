@@ -222,14 +222,19 @@ impl Verdict {
     }
 }
 
+/// The adapter [`ctx`] uses, found again by name.
+pub fn ctx_adapter() -> wgpu::Adapter {
+    let name = &ctx().adapter_info().name;
+    wattn::context::enumerate_adapters(&wattn::AdapterSelection::from_env())
+        .into_iter()
+        .find(|a| &a.get_info().name == name)
+        .unwrap_or_else(|| panic!("adapter '{name}' disappeared"))
+}
+
 /// A device of its own on the adapter [`ctx`] uses, with exactly `features` and `limits`,
 /// for tests that need a device the library did not open.
 pub fn own_device(features: wgpu::Features, limits: wgpu::Limits) -> (wgpu::Device, wgpu::Queue) {
-    let name = &ctx().adapter_info().name;
-    let adapter = wattn::context::enumerate_adapters(&wattn::AdapterSelection::from_env())
-        .into_iter()
-        .find(|a| &a.get_info().name == name)
-        .unwrap_or_else(|| panic!("adapter '{name}' disappeared"));
+    let adapter = ctx_adapter();
     let desc = wgpu::DeviceDescriptor { required_features: features, required_limits: limits, ..Default::default() };
     pollster::block_on(adapter.request_device(&desc)).expect("opening a second device")
 }
