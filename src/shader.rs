@@ -140,12 +140,14 @@ impl ShaderKey {
 }
 
 /// Every variant the crate can build, in a stable order: the flash forward, the naive
-/// baseline, the KV cache, decode and combine kernels, and the peak microbenchmarks. The
-/// shader tests validate each one; `wattn shaders --emit` writes them out.
+/// baseline, the KV cache, decode and combine kernels, and (with the `cli` feature, which
+/// has the benchmark runner) the peak microbenchmarks. The shader tests validate each one;
+/// `wattn shaders --emit` writes them out.
 pub fn every_variant() -> Vec<ShaderKey> {
     let mut keys = crate::flash::validation_keys();
     keys.extend(crate::naive::shader_keys());
     keys.extend(crate::kv::validation_keys());
+    #[cfg(feature = "cli")]
     keys.extend(crate::bench::peak::shader_keys());
     keys
 }
