@@ -45,7 +45,8 @@ install_missing() {
   [ ${#missing[@]} -eq 0 ] && return 0
   local sudo=""
   if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null && sudo -n true 2>/dev/null || fail "needs ${missing[*]}: install them (apt-get install -y ${missing[*]})"
+    command -v sudo >/dev/null && sudo -n true 2>/dev/null ||
+      fail "needs ${missing[*]}: install them (apt-get install -y ${missing[*]})"
     sudo="sudo -n"
   fi
   command -v apt-get >/dev/null || fail "needs ${missing[*]}, and this is not a Debian/Ubuntu machine: install them"
@@ -60,7 +61,7 @@ work=$(mktemp -d)
 server_pid="" browser_pid=""
 cleanup() {
   for pid in $browser_pid $server_pid; do
-    kill "$pid" 2>/dev/null || true
+    kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
   done
   rm -rf "$work"
 }
@@ -68,11 +69,17 @@ trap cleanup EXIT
 
 started=$SECONDS
 say "emitting the shader variants"
-cargo build --quiet --bin wattn
-target/debug/wattn shaders --emit "$work/shaders"
+# The wattn binary `cargo test` builds (for its CLI tests), so that CI compiles nothing twice.
+wattn=$(cargo test --no-run --quiet --test shaders_emit --message-format=json-render-diagnostics | python3 -c '
+import json, sys
+artifacts = [json.loads(line) for line in sys.stdin]
+print(next(a["executable"] for a in artifacts if a.get("reason") == "compiler-artifact" and a["target"]["kind"] == ["bin"]))
+') || fail "building the wattn binary failed"
+"$wattn" shaders --emit "$work/shaders"
 
 say "f16 variants on Dawn for Node (null backend)"
-(cd tools/webgpu && npm install --no-audit --no-fund --loglevel=error >/dev/null) || fail "npm install in tools/webgpu failed"
+(cd tools/webgpu && npm install --no-audit --no-fund --loglevel=error >/dev/null) ||
+  fail "npm install in tools/webgpu failed"
 node tools/webgpu/node-check.mjs "$work/shaders" "$work/dawn-node.json"
 
 say "f32 variants in headless Chromium ($(chromium --version 2>/dev/null | head -1))"
@@ -86,7 +93,7 @@ for _ in $(seq 100); do
 done
 [ -s "$work/port" ] || fail "the page server (tools/webgpu/serve.py) did not start"
 page="http://127.0.0.1:$(cat "$work/port")/index.html"
-[ "$all" = 1 ] && page+="?all"
+if [ "$all" = 1 ]; then page+="?all"; fi
 # SwiftShader's WebGPU adapter needs no flag beyond --enable-unsafe-webgpu; the rest keep a
 # headless browser quiet on the network and off any earlier profile.
 chromium --headless=new --no-sandbox --enable-unsafe-webgpu \
@@ -101,7 +108,6 @@ while kill -0 "$server_pid" 2>/dev/null; do
   sleep 0.5
 done
 wait "$server_pid" || fail "no results from the page within ${timeout_s} s (WEBGPU_CHECK_TIMEOUT); chromium was stopped"
-kill "$browser_pid" 2>/dev/null && wait "$browser_pid" 2>/dev/null || true
 
 python3 tools/webgpu/report.py "$work/shaders/manifest.json" "$work/dawn-node.json" "$work/chromium.json" || {
   say "FAILED after $((SECONDS - started)) s"

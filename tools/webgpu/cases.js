@@ -75,6 +75,12 @@ function buffer(device, data, usage = STORAGE) {
   return b;
 }
 
+/** The uniform buffer of `variant`'s `params` struct, filled by member name. */
+function uniformBuffer(device, variant, values) {
+  const bytes = packStruct(layoutOf(variant, 'params'), values, null, `${variant.kernel} params`);
+  return buffer(device, bytes, GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST);
+}
+
 /** A buffer of `n` f32 NaNs: an element the kernel does not write reads back as NaN. */
 function sentinel(device, n) {
   return buffer(device, new Float32Array(n).fill(NaN));
@@ -96,7 +102,9 @@ function bindByName(device, variant, pipeline, buffers) {
 
 /** Dispatches each [variant, pipeline, buffers, grid] in one pass and reads back `outputs`. */
 async function dispatch(device, steps, outputs) {
-  const groups = await Promise.all(steps.map(([variant, pipeline, buffers]) => bindByName(device, variant, pipeline, buffers)));
+  const groups = await Promise.all(
+    steps.map(([variant, pipeline, buffers]) => bindByName(device, variant, pipeline, buffers)),
+  );
   const encoder = device.createCommandEncoder();
   const pass = encoder.beginComputePass();
   for (const [i, [, pipeline, , grid]] of steps.entries()) {
@@ -158,8 +166,8 @@ function blockMaskWords(p, maskBatch, maskHeads, bq, bk) {
           if (seen === 0) continue;
           const full = seen === elements;
           const last = runs.length > rowStart ? runs[runs.length - 1] : null;
-          const extends_ = last && last[1] === kb && (last[2] === FULL_RUN) === full;
-          if (extends_) last[1] = kb + 1;
+          const continuesRun = last && last[1] === kb && (last[2] === FULL_RUN) === full;
+          if (continuesRun) last[1] = kb + 1;
           else runs.push([kb, kb + 1, full ? FULL_RUN : bits.length / maskWords]);
           if (!full) bits.push(...tile.map((w) => w >>> 0));
         }
@@ -169,7 +177,13 @@ function blockMaskWords(p, maskBatch, maskHeads, bq, bk) {
   }
   const runsAt = rowStarts.length;
   return {
-    header: { batch: maskBatch, heads: maskHeads, q_blocks: qBlocks, runs_at: runsAt, bits_at: runsAt + 3 * runs.length },
+    header: {
+      batch: maskBatch,
+      heads: maskHeads,
+      q_blocks: qBlocks,
+      runs_at: runsAt,
+      bits_at: runsAt + 3 * runs.length,
+    },
     words: Uint32Array.from([...rowStarts, ...runs.flat(), ...bits]),
   };
 }
@@ -203,7 +217,7 @@ async function runFlash(device, variant, pipeline, p) {
   const out = sentinel(device, rows * p.dV);
   const lse = sentinel(device, rows);
   const buffers = {
-    params: buffer(device, packStruct(layoutOf(variant, 'params'), params, null, 'params'), GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST),
+    params: uniformBuffer(device, variant, params),
     q: buffer(device, p.q),
     k: buffer(device, p.k),
     v: buffer(device, p.v),
@@ -224,11 +238,12 @@ function combineGrid(device, combine, rows, dim) {
   return [x, Math.ceil(workgroups / x), 1];
 }
 
-function combineBuffers(device, combine, m, partialOut, partialLse, out, lse) {
+/** The combine step [variant, pipeline, buffers, grid] merging `m.splits` partials of `m.rows` x `m.dim`. */
+function combineStep(device, combine, pipeline, m, partialOut, partialLse, out, lse) {
   const grid = combineGrid(device, combine, m.rows, m.dim);
   const params = { rows: m.rows, dim: m.dim, splits: m.splits, groups_x: grid[0] };
-  const uniform = buffer(device, packStruct(layoutOf(combine, 'params'), params, null, 'params'), GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST);
-  return [{ params: uniform, partial_out: partialOut, partial_lse: partialLse, out, lse }, grid];
+  const uniform = uniformBuffer(device, combine, params);
+  return [combine, pipeline, { params: uniform, partial_out: partialOut, partial_lse: partialLse, out, lse }, grid];
 }
 
 /**
@@ -261,7 +276,7 @@ async function runDecode(device, [decode, decodePipeline], [combine, combinePipe
   const out = sentinel(device, queryRows * p.dim);
   const lse = sentinel(device, queryRows);
   const decodeBuffers = {
-    params: buffer(device, packStruct(layoutOf(decode, 'params'), params, null, 'params'), GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST),
+    params: uniformBuffer(device, decode, params),
     q: buffer(device, p.q),
     k: buffer(device, p.cacheK),
     v: buffer(device, p.cacheV),
@@ -273,28 +288,29 @@ async function runDecode(device, [decode, decodePipeline], [combine, combinePipe
   };
   const decodeGrid = [splits, Math.ceil(rows / decode.constants.BLOCK_R), p.batch * p.kvHeads];
   const merge = { rows: queryRows, dim: p.dim, splits };
-  const [combineBufs, combineGrid_] = combineBuffers(device, combine, merge, partialOut, partialLse, out, lse);
   const [o, l] = await dispatch(
     device,
     [
       [decode, decodePipeline, decodeBuffers, decodeGrid],
-      [combine, combinePipeline, combineBufs, combineGrid_],
+      combineStep(device, combine, combinePipeline, merge, partialOut, partialLse, out, lse),
     ],
     [out, lse],
   );
   return { out: o.subarray(0, queryRows * p.dim), lse: l.subarray(0, queryRows) };
 }
 
-/** An attention problem with seeded random inputs. */
-function problem({ seed, batch = 1, qHeads = 2, kvHeads = qHeads, nQ, nK, dQk, dV = dQk, window = [-1, -1], sinks = 0, softcap = 0, ...rest }) {
+/** An attention problem: `spec` with its defaults filled in and seeded random inputs. */
+function problem(spec) {
+  const { seed, batch = 1, qHeads = 2, kvHeads = qHeads, nQ, nK, dQk, dV = dQk } = spec;
+  const { window = [-1, -1], sinks = 0, softcap = 0 } = spec;
   const rng = random(seed);
   return {
+    ...spec,
     batch, qHeads, kvHeads, nQ, nK, dQk, dV, window, sinks, softcap,
     scale: Math.fround(1 / Math.sqrt(dQk)),
     q: randomArray(batch * qHeads * nQ * dQk, rng, 2),
     k: randomArray(batch * kvHeads * nK * dQk, rng, 2),
     v: randomArray(batch * kvHeads * nK * dV, rng),
-    ...rest,
   };
 }
 
@@ -347,7 +363,9 @@ function decodeProblem({ seed, batch = 1, qHeads, kvHeads, nQ, dim, capacity, se
   // seen - nQ + i) sees the slots whose token is at or before it.
   const filled = (cache) => {
     const x = new Float32Array(batch * kvHeads * len * dim);
-    for (let s = 0; s < batch * kvHeads; s++) x.set(cache.subarray(s * capacity * dim, (s * capacity + len) * dim), s * len * dim);
+    for (let s = 0; s < batch * kvHeads; s++) {
+      x.set(cache.subarray(s * capacity * dim, (s * capacity + len) * dim), s * len * dim);
+    }
     return x;
   };
   p.attention = {
@@ -380,7 +398,10 @@ const DECODE_CASES = [
 
 function byConstants(variants, kernel, wanted) {
   return variants.filter(
-    (v) => v.kernel === kernel && v.dtype === 'f32' && Object.entries(wanted).every(([name, x]) => v.constants[name] === x),
+    (v) =>
+      v.kernel === kernel &&
+      v.dtype === 'f32' &&
+      Object.entries(wanted).every(([name, x]) => v.constants[name] === x),
   );
 }
 
@@ -403,9 +424,12 @@ export function caseList(device, variants) {
       DV_PAD: pad16(p.dV),
       BLOCK_SPARSE: !!spec.blockSparse,
     });
-    if (candidates.length === 0) runs.push(['flash_fwd', spec.name, [], async () => 'no admitted variant for these head dims']);
+    if (candidates.length === 0) {
+      runs.push(['flash_fwd', spec.name, [], async () => 'no admitted variant for these head dims']);
+    }
     for (const v of candidates) {
-      runs.push(['flash_fwd', `${spec.name} | preset ${presetOf(v)} ${constantsText(v)}`, [v], async ([pipeline]) => judge(p, await runFlash(device, v, pipeline, p))]);
+      const name = `${spec.name} | preset ${presetOf(v)} ${constantsText(v)}`;
+      runs.push(['flash_fwd', name, [v], async ([pipeline]) => judge(p, await runFlash(device, v, pipeline, p))]);
     }
   }
   const [combine] = byConstants(variants, 'combine', {});
@@ -418,7 +442,9 @@ export function caseList(device, variants) {
         (v.constants.BLOCK_R === Math.min(...rowsPerBlock) || v.constants.BLOCK_R === Math.max(...rowsPerBlock)) &&
         candidates.findIndex((w) => w.constants.BLOCK_R === v.constants.BLOCK_R) === i,
     );
-    if (chosen.length === 0 || !combine) runs.push(['decode', spec.name, [], async () => 'no admitted decode or combine variant']);
+    if (chosen.length === 0 || !combine) {
+      runs.push(['decode', spec.name, [], async () => 'no admitted decode or combine variant']);
+    }
     for (const v of chosen) {
       runs.push([
         'decode',
@@ -429,7 +455,10 @@ export function caseList(device, variants) {
       ]);
     }
   }
-  if (combine) runs.push(['combine', 'combine of 3 partials with -inf partials and a row with none, dim 20', [combine], (pipelines) => combineAlone(device, combine, pipelines)]);
+  if (combine) {
+    const name = 'combine of 3 partials with -inf partials and a row with none, dim 20';
+    runs.push(['combine', name, [combine], (pipelines) => combineAlone(device, combine, pipelines)]);
+  }
   return runs;
 }
 
@@ -443,8 +472,9 @@ async function combineAlone(device, combine, [pipeline]) {
   const out = sentinel(device, rows * dim);
   const lse = sentinel(device, rows);
   const m = { rows, dim, splits };
-  const [bufs, grid] = combineBuffers(device, combine, m, buffer(device, partialOut), buffer(device, partialLse), out, lse);
-  const [o, l] = await dispatch(device, [[combine, pipeline, bufs, grid]], [out, lse]);
+  const [partials, partialLses] = [buffer(device, partialOut), buffer(device, partialLse)];
+  const step = combineStep(device, combine, pipeline, m, partials, partialLses, out, lse);
+  const [o, l] = await dispatch(device, [step], [out, lse]);
   const got = { out: o.subarray(0, rows * dim), lse: l.subarray(0, rows) };
   return judgeMerge(merge(partialOut, partialLse, splits, rows, dim), got);
 }

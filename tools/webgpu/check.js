@@ -19,8 +19,10 @@ const LIMITS = [
   'maxStorageBuffersPerShaderStage',
   'maxBufferSize',
 ];
-// Pipelines compiled at once: Dawn compiles asynchronous pipelines on worker threads.
+// Work in flight at once: Dawn compiles asynchronous pipelines on worker threads, and
+// fetching the next modules overlaps compiling the last ones.
 const PIPELINES_IN_FLIGHT = 4;
+const MODULES_IN_FLIGHT = 8;
 
 async function log(line) {
   document.getElementById('log').textContent += line + '\n';
@@ -49,7 +51,9 @@ async function check(results) {
   const all = new URLSearchParams(location.search).has('all');
   results.all = all;
   const manifest = await (await fetchOk('/shaders/manifest.json')).json();
-  if (!navigator.gpu) throw new Error('navigator.gpu is missing: this browser has no WebGPU (flag --enable-unsafe-webgpu?)');
+  if (!navigator.gpu) {
+    throw new Error('navigator.gpu is missing: this browser has no WebGPU (flag --enable-unsafe-webgpu?)');
+  }
   const adapter = await navigator.gpu.requestAdapter();
   if (!adapter) throw new Error('navigator.gpu.requestAdapter() found no adapter');
   const info = adapter.info || {};
@@ -69,7 +73,7 @@ async function check(results) {
   // Validate.
   const started = performance.now();
   const modules = new Map();
-  await inParallel(manifest.variants, 8, async (v) => {
+  await inParallel(manifest.variants, MODULES_IN_FLIGHT, async (v) => {
     if (v.dtype === 'f16' && !device.features.has('shader-f16')) {
       skip('validate', v.kernel, v.label, 'the adapter has no shader-f16 (Dawn for Node validates f16)');
       return;
@@ -86,14 +90,19 @@ async function check(results) {
   for (const v of manifest.variants) {
     const why = notAdmitted(device.limits, v);
     if (why) skip('pipeline', v.kernel, v.label, why);
-    else if (v.dtype === 'f16' && !device.features.has('shader-f16')) skip('pipeline', v.kernel, v.label, 'no shader-f16');
+    else if (v.dtype === 'f16' && !device.features.has('shader-f16')) {
+      skip('pipeline', v.kernel, v.label, 'no shader-f16');
+    }
     else admitted.push(v);
   }
   const runs = caseList(device, admitted);
   const wanted = new Set([...(all ? admitted : pipelineSample(admitted)), ...runs.flatMap(([, , uses]) => uses)]);
   const buildable = admitted.filter((v) => wanted.has(v) && modules.has(v.file));
-  admitted.filter((v) => wanted.has(v) && !modules.has(v.file)).forEach((v) => skip('pipeline', v.kernel, v.label, 'did not compile'));
-  await log(`building ${buildable.length} pipelines (${all ? 'every one' : 'a sample'} of the ${admitted.length} the limits admit, and those the runs use)`);
+  for (const v of admitted.filter((v) => wanted.has(v) && !modules.has(v.file))) {
+    skip('pipeline', v.kernel, v.label, 'did not compile');
+  }
+  const which = all ? 'every one' : 'a sample';
+  await log(`building ${buildable.length} pipelines: ${which} of the ${admitted.length} admitted, and the runs'`);
   const pipelines = new Map();
   const t1 = performance.now();
   await inParallel(buildable, PIPELINES_IN_FLIGHT, async (v) => {
@@ -109,7 +118,8 @@ async function check(results) {
   const t2 = performance.now();
   for (const [kernel, name, uses, run] of runs) {
     const missing = uses.find((v) => !pipelines.get(v.file)?.pipeline);
-    let error = missing && `no pipeline for ${missing.label} (${pipelines.has(missing.file) ? 'it failed' : 'it did not compile'})`;
+    const why = pipelines.has(missing?.file) ? 'it failed' : 'it did not compile';
+    let error = missing && `no pipeline for ${missing.label} (${why})`;
     if (!error) {
       try {
         error = await run(uses.map((v) => pipelines.get(v.file).pipeline));

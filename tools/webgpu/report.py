@@ -17,6 +17,10 @@ RUNNERS = {"chromium": "Chromium", "dawn-node": "Dawn/Node"}
 FIRST_ERRORS = 8
 
 
+def runner_name(runner):
+    return RUNNERS.get(runner, runner)
+
+
 def adapter_text(results):
     a = results.get("adapter") or {}
     name = " ".join(x for x in [a.get("vendor"), a.get("architecture"), a.get("description")] if x)
@@ -31,28 +35,25 @@ def main(argv):
         return 2
     with open(argv[0]) as f:
         variants = json.load(f)["variants"]
-    runs = []
+    reports = []
     for path in argv[1:]:
         with open(path) as f:
-            runs.append(json.load(f))
+            reports.append(json.load(f))
 
     families = list(dict.fromkeys(v["kernel"] for v in variants))
-    columns = [(r["runner"], s) for r in runs for s in STAGES if any(c["stage"] == s for c in r["checks"])]
+    columns = [(r["runner"], s) for r in reports for s in STAGES if any(c["stage"] == s for c in r["checks"])]
     counts = {}  # (runner, stage, kernel) -> [passed, failed]
     failures = []
-    for r in runs:
+    for r in reports:
         for c in r["checks"]:
             n = counts.setdefault((r["runner"], c["stage"], c["kernel"]), [0, 0])
             n[0 if c["ok"] else 1] += 1
             if not c["ok"]:
                 failures.append((r["runner"], c))
-        for c in r["checks"]:
-            if c["kernel"] not in families:
-                families.append(c["kernel"])
 
-    for r in runs:
-        print(f"{RUNNERS.get(r['runner'], r['runner'])}: {adapter_text(r)}, {r.get('seconds', 0):.0f} s")
-    header = ["kernel"] + [f"{s} ({RUNNERS.get(runner, runner)})" for runner, s in columns]
+    for r in reports:
+        print(f"{runner_name(r['runner'])}: {adapter_text(r)}, {r.get('seconds', 0):.0f} s")
+    header = ["kernel"] + [f"{s} ({runner_name(runner)})" for runner, s in columns]
     rows = [header]
     for kernel in families:
         row = [kernel]
@@ -64,19 +65,19 @@ def main(argv):
     for row in rows:
         print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
 
-    for r in runs:
+    for r in reports:
         skipped = {}
         for s in r["skipped"]:
             why = "limits" if s["why"].startswith("needs ") else s["why"]
             skipped[(s["stage"], why)] = skipped.get((s["stage"], why), 0) + 1
         for (stage, why), n in sorted(skipped.items()):
-            print(f"  {RUNNERS.get(r['runner'], r['runner'])} skipped {n} {stage}: {why}")
+            print(f"  {runner_name(r['runner'])} skipped {n} {stage}: {why}")
 
     problems = []
-    for r in runs:
+    for r in reports:
         if r.get("fatal"):
-            problems.append(f"{RUNNERS.get(r['runner'], r['runner'])} stopped early: {r['fatal']}")
-    validated = {c["name"] for r in runs for c in r["checks"] if c["stage"] == "validate"}
+            problems.append(f"{runner_name(r['runner'])} stopped early: {r['fatal']}")
+    validated = {c["name"] for r in reports for c in r["checks"] if c["stage"] == "validate"}
     unchecked = [v["label"] for v in variants if v["label"] not in validated]
     if unchecked:
         problems.append(f"{len(unchecked)} variants were validated by no runner, e.g. {unchecked[0]}")
@@ -91,7 +92,7 @@ def main(argv):
         for (runner, stage, kernel, error), names in list(distinct.items())[:FIRST_ERRORS]:
             if len(error) > 400:
                 error = error[:400] + " ..."
-            print(f"  [{RUNNERS.get(runner, runner)} {stage}] {kernel}, {len(names)} like {names[0]}\n    {error}")
+            print(f"  [{runner_name(runner)} {stage}] {kernel}, {len(names)} like {names[0]}\n    {error}")
     for p in problems:
         print(f"error: {p}")
     passed = sum(n[0] for n in counts.values())
