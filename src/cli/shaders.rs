@@ -14,15 +14,15 @@ use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
 pub struct ShadersArgs {
-    /// Write every variant as DIR/NNN-<label>.wgsl plus DIR/manifest.json. DIR must not
-    /// exist, be empty, or hold an earlier emission (which is replaced).
+    /// Write every variant as DIR/NNN-<label>.wgsl plus DIR/manifest.json. DIR must be new,
+    /// empty, or hold an earlier emission (which is replaced whole).
     #[arg(long, value_name = "DIR")]
     pub emit: PathBuf,
 }
 
 pub fn run(args: ShadersArgs) -> Result<()> {
     let keys = every_variant();
-    let files: Vec<(String, String)> =
+    let mut files: Vec<(String, String)> =
         keys.iter().enumerate().map(|(i, key)| (format!("{i:03}-{}.wgsl", file_label(key)), key.source())).collect();
     // naga's validation of some 600 variants takes seconds: spread it over the cores.
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -40,7 +40,6 @@ pub fn run(args: ShadersArgs) -> Result<()> {
         workers.into_iter().flat_map(|w| w.join().expect("describing a variant does not panic")).collect()
     });
     let variants = variants.into_iter().collect::<Result<Vec<_>>>()?;
-    let mut files = files;
     let manifest = Manifest { wattn: env!("CARGO_PKG_VERSION"), variants };
     let json = serde_json::to_string_pretty(&manifest).expect("the manifest is plain data");
     files.push((MANIFEST.to_string(), json + "\n"));

@@ -90,9 +90,7 @@ async function check(results) {
   for (const v of manifest.variants) {
     const why = notAdmitted(device.limits, v);
     if (why) skip('pipeline', v.kernel, v.label, why);
-    else if (v.dtype === 'f16' && !device.features.has('shader-f16')) {
-      skip('pipeline', v.kernel, v.label, 'no shader-f16');
-    }
+    else if (v.dtype === 'f16' && !device.features.has('shader-f16')) skip('pipeline', v.kernel, v.label, 'no f16');
     else admitted.push(v);
   }
   const runs = caseList(device, admitted);
