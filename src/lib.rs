@@ -25,7 +25,6 @@ pub mod context;
 pub mod error;
 pub mod kv;
 pub mod mask;
-pub mod npy;
 pub mod pipeline;
 pub mod reference;
 pub mod shader;

@@ -15,6 +15,7 @@ pub mod progress;
 pub mod report;
 pub mod runner;
 pub mod stats;
+pub mod stream;
 pub mod timing;
 pub mod workload;
 

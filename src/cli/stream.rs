@@ -1,5 +1,5 @@
 //! `wattn stream`: a synthetic token-by-token generation on the KV cache
-//! ([`crate::kv::Stream`]), reporting per-token decode time against stream position and the
+//! ([`crate::bench::stream::Stream`]), reporting per-token decode time against stream position and the
 //! cache's memory, in buckets of positions so that long streams read (and plot) well.
 
 use super::AdapterArgs;
@@ -8,10 +8,11 @@ use super::run::parse_dtype;
 use crate::bench::plot::{self, Chart, Line, XAxis};
 use crate::bench::progress::Progress;
 use crate::bench::report::{Provenance, aligned, mib, sig3, write_file, write_json};
+use crate::bench::stream::{StepReport, Stream, StreamSpec};
 use crate::bench::{Clock, Stats};
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::kv::{DecodeOptions, EvictionPolicy, PositionMode, Rope, RopeLayout, StepReport, Stream, StreamSpec};
+use crate::kv::{DecodeOptions, EvictionPolicy, PositionMode, Rope, RopeLayout};
 use serde::Serialize;
 use std::fmt::Write;
 use std::path::PathBuf;

@@ -3,9 +3,9 @@
 //! layer's cache, then waits for the GPU. The token data is synthetic (a small pool of
 //! fixed pseudo-random tokens on the GPU, so no step uploads anything).
 
-use super::{DecodeBuffers, DecodeOptions, EvictionPolicy, KvCache, KvCacheConfig, PositionMode};
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::kv::{DecodeBuffers, DecodeOptions, EvictionPolicy, KvCache, KvCacheConfig, PositionMode};
 use crate::tensor::{DType, Tensor};
 use std::time::Instant;
 
