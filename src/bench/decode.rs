@@ -27,9 +27,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 /// One decode problem: `queries` new tokens per sequence against `cache_len` cached ones.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodeWorkload {
-    #[serde(skip)]
     pub dtype: DType,
     pub batch: usize,
     pub heads: usize,
@@ -220,10 +219,6 @@ impl DecodePoint {
     /// One row per split setting, or one saying why the point was not measured.
     pub fn rows(&self) -> Vec<Row> {
         let w = &self.workload;
-        let (estimated_s, left_s) = match self.outcome {
-            Outcome::Capped { estimated_s, left_s } => (Some(estimated_s), Some(left_s)),
-            _ => (None, None),
-        };
         let lead = Row::default()
             .with("series", self.series.as_str())
             .with("dtype", w.dtype.name())
@@ -234,10 +229,7 @@ impl DecodePoint {
             .with("queries", w.queries)
             .with("cache_len", w.cache_len)
             .with("kv_bytes", w.kv_bytes())
-            .with("status", self.outcome.status())
-            .with("reason", self.outcome.reason())
-            .with("estimated_s", estimated_s)
-            .with("left_s", left_s);
+            .with_all("", self.outcome.cells());
         let setting = |r: Option<&SplitResult>| {
             Row::default()
                 .with("setting", r.map(SplitResult::label))
@@ -258,7 +250,7 @@ impl DecodePoint {
     }
 }
 
-/// `wattn bench --decode`'s result; its JSON holds a row per point and split setting.
+/// `wattn bench --decode`'s result.
 #[derive(Clone, Debug, Serialize)]
 pub struct DecodeReport {
     #[serde(flatten)]
@@ -267,12 +259,9 @@ pub struct DecodeReport {
     pub runs: usize,
     pub budget_s: Option<f64>,
     pub peak: Option<super::peak::Peak>,
-    #[serde(serialize_with = "serialize_points")]
+    /// In the JSON as their rows, one per split setting (see [`Report::rows`]).
+    #[serde(skip)]
     pub points: Vec<DecodePoint>,
-}
-
-fn serialize_points<S: serde::Serializer>(points: &[DecodePoint], s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.collect_seq(points.iter().flat_map(DecodePoint::rows))
 }
 
 /// Cache tokens appended per call while filling: bounds the host-side staging.

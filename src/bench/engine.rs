@@ -1,11 +1,13 @@
-//! The one benchmark engine behind `wattn bench`, `wattn bench --decode` and the criterion
-//! benches: every point is checked before it is timed, timed as warm-up runs then repeated
-//! runs summarised by their median, and run cheapest first within a time budget that no
-//! point is started past. A point that cannot run says why, and the run goes on.
+//! The benchmark engine behind `wattn bench` and `wattn bench --decode`: every point is
+//! checked before it is timed, timed as warm-up runs then repeated runs summarised by their
+//! median, and run cheapest first within a time budget that no point is started past. A
+//! point that cannot run says why, and the run goes on. (`wattn stream` times one long
+//! sequence of steps instead, summarised per bucket with the same [`Stats`].)
 //!
 //! A benchmark says what one point's work is, how to learn its speed when nothing is known
 //! yet, and how to check and time the point ([`Benchmark`]); [`run`] does the rest.
 
+use super::report::Row;
 use super::stats::Stats;
 use super::timing::{Timer, Work};
 use crate::context::Context;
@@ -49,6 +51,20 @@ impl<M> Outcome<M> {
             }
             Outcome::Failed { reason } => Some(reason.clone()),
         }
+    }
+
+    /// The status, the reason and, for a capped point, its estimate and the budget left:
+    /// the cells every row of a point opens its figures with.
+    pub fn cells(&self) -> Row {
+        let (estimated_s, left_s) = match *self {
+            Outcome::Capped { estimated_s, left_s } => (Some(estimated_s), Some(left_s)),
+            _ => (None, None),
+        };
+        Row::default()
+            .with("status", self.status())
+            .with("reason", self.reason())
+            .with("estimated_s", estimated_s)
+            .with("left_s", left_s)
     }
 
     pub fn measured(&self) -> Option<&M> {

@@ -126,10 +126,6 @@ impl PointResult {
     pub fn row(&self) -> Row {
         let (w, s) = (&self.workload, &self.workload.shape);
         let m = self.measured();
-        let (estimated_s, left_s) = match self.outcome {
-            Outcome::Capped { estimated_s, left_s } => (Some(estimated_s), Some(left_s)),
-            _ => (None, None),
-        };
         let path = |r: Option<&PathResult>| {
             time_cells(r.map(|r| &r.time))
                 .with("flops_per_s", r.map(|r| r.flops_per_s))
@@ -148,10 +144,7 @@ impl PointResult {
             .with("kv_heads", s.kv_heads)
             .with("seq", s.n_q)
             .with("flops", w.flops())
-            .with("status", self.outcome.status())
-            .with("reason", self.outcome.reason())
-            .with("estimated_s", estimated_s)
-            .with("left_s", left_s)
+            .with_all("", self.outcome.cells())
             .with_all("flash", path(m.map(|m| &m.flash)))
             .with("fraction_of_peak", m.and_then(|m| m.fraction_of_peak))
             .with_all("naive", path(m.and_then(|m| m.naive.as_ref())))
@@ -394,7 +387,7 @@ impl std::fmt::Display for TileConfig {
     }
 }
 
-/// `wattn bench`'s result; its JSON holds the points as their rows.
+/// `wattn bench`'s result.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
     #[serde(flatten)]
@@ -408,12 +401,9 @@ pub struct BenchReport {
     pub peak: Option<Peak>,
     /// Whether the naive baseline was timed (`--no-naive` turns it off).
     pub naive_baseline: bool,
-    #[serde(serialize_with = "serialize_points")]
+    /// In the JSON as their rows (see [`Report::rows`]).
+    #[serde(skip)]
     pub points: Vec<PointResult>,
-}
-
-fn serialize_points<S: serde::Serializer>(points: &[PointResult], s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.collect_seq(points.iter().map(PointResult::row))
 }
 
 /// The unit for the flash throughputs of `points`.

@@ -223,7 +223,8 @@ pub fn csv(lead: &Row, rows: &[Row]) -> String {
     out
 }
 
-/// What a benchmark command hands back; its JSON holds the header figures and the rows.
+/// What a benchmark command hands back. Its JSON is what it serialises to (the provenance
+/// and the run's settings) with its rows as `points`; its CSV the same rows.
 pub trait Report: Serialize {
     /// The aligned table printed on stdout.
     fn table(&self) -> String;
@@ -236,11 +237,18 @@ pub trait Report: Serialize {
 
 /// Writes `report` to each of the files given: JSON, CSV (its rows) and SVG (its chart).
 pub fn write_outputs(report: &impl Report, json: Option<&Path>, csv: Option<&Path>, svg: Option<&Path>) -> Result<()> {
+    #[derive(Serialize)]
+    struct Json<'a, R> {
+        #[serde(flatten)]
+        report: &'a R,
+        points: &'a [Row],
+    }
+    let rows = report.rows();
     if let Some(path) = json {
-        write_json(path, report)?;
+        write_json(path, &Json { report, points: &rows })?;
     }
     if let Some(path) = csv {
-        write_file(path, &self::csv(&report.lead(), &report.rows()))?;
+        write_file(path, &self::csv(&report.lead(), &rows))?;
     }
     if let Some(path) = svg {
         write_file(path, &plot::draw(&report.chart()))?;

@@ -179,26 +179,17 @@ const REFERENCE_POSITION: u64 = 1024;
 
 /// `wattn stream`'s result. Its JSON holds a row per run (`runs`: the spec, how far it went
 /// and the headline figures) and a row per bucket of positions (`points`, also the CSV).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize)]
 pub struct StreamReport {
+    #[serde(flatten)]
     pub provenance: Provenance,
     pub report_every: u64,
+    #[serde(serialize_with = "serialize_runs")]
     pub runs: Vec<RunReport>,
 }
 
-impl Serialize for StreamReport {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        #[derive(Serialize)]
-        struct Json<'a> {
-            #[serde(flatten)]
-            provenance: &'a Provenance,
-            report_every: u64,
-            runs: Vec<Row>,
-            points: Vec<Row>,
-        }
-        let runs = self.runs.iter().map(RunReport::row).collect();
-        Json { provenance: &self.provenance, report_every: self.report_every, runs, points: self.rows() }.serialize(s)
-    }
+fn serialize_runs<S: serde::Serializer>(runs: &[RunReport], s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_seq(runs.iter().map(RunReport::row))
 }
 
 /// One stream: its configuration, how far it went, its headline figures and its buckets.
