@@ -28,8 +28,6 @@ mod dispatch;
 pub mod error;
 pub mod kv;
 pub mod mask;
-#[cfg(feature = "cli")]
-pub mod npy;
 pub mod pipeline;
 pub mod reference;
 pub mod shader;

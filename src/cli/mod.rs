@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod info;
+pub mod npy;
 pub mod peak;
 pub mod run;
 pub mod stream;

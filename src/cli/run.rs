@@ -3,10 +3,10 @@
 mod block_sparse;
 
 use super::AdapterArgs;
+use super::npy::{self, NpyArray};
 use crate::attention::{AttentionBuffers, AttentionOptions, AttentionShape};
 use crate::error::{Error, Result};
 use crate::flash::{self, FlashConfig};
-use crate::npy::{self, NpyArray};
 use crate::tensor::{DType, Tensor};
 use block_sparse::SparseInputs;
 use std::path::{Path, PathBuf};

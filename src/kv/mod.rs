@@ -33,11 +33,9 @@
 pub mod cache;
 pub mod combine;
 pub mod decode;
-pub mod stream;
 
 pub use cache::{KvCache, LayerBuffers};
 pub use decode::{DecodeBuffers, DecodeOptions, DecodePlan};
-pub use stream::{StepReport, Stream, StreamSpec};
 
 use crate::error::{Error, Result};
 use crate::shader::ShaderKey;
