@@ -180,6 +180,21 @@ impl Context {
         self.wait_for(Some(index))
     }
 
+    /// Runs `f`, turning the out-of-memory and validation errors wgpu raises meanwhile (which
+    /// would otherwise reach the device's uncaptured-error handler, a panic by default) into
+    /// [`Error::Gpu`]: for work whose size the limits do not fully predict.
+    pub fn catching_gpu_errors<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let out_of_memory = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let result = f();
+        let validation = pollster::block_on(validation.pop());
+        let out_of_memory = pollster::block_on(out_of_memory.pop());
+        match out_of_memory.or(validation) {
+            Some(e) => Err(Error::Gpu(e.to_string())),
+            None => result,
+        }
+    }
+
     pub(crate) fn wait_for(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
         self.device
             .poll(wgpu::PollType::Wait { submission_index: index, timeout: None })

@@ -25,6 +25,7 @@ pub mod bench;
 pub mod cli;
 pub mod context;
 mod dispatch;
+pub mod dtype;
 pub mod error;
 pub mod kv;
 pub mod mask;
@@ -39,7 +40,8 @@ pub use attention::{
     AttentionBuffers, AttentionOptions, AttentionShape, Output, attention, attention_masked, attention_with,
 };
 pub use context::{AdapterSelection, Capabilities, Context};
+pub use dtype::DType;
 pub use error::{Error, Result};
 pub use kv::{DecodeOptions, EvictionPolicy, KvCache, KvCacheConfig, PositionMode, Rope, RopeLayout};
 pub use mask::{BlockMask, BlockSize, GpuBlockMask, Mask};
-pub use tensor::{DType, Tensor, TensorView};
+pub use tensor::{Tensor, TensorView};

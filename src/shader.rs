@@ -8,7 +8,7 @@
 //! `const`s (rather than `override`s) let workgroup arrays and private arrays be sized by
 //! them on every backend, and let the compiler unroll the inner loops.
 
-use crate::tensor::DType;
+use crate::dtype::DType;
 use std::fmt::Write;
 
 /// The kernel families, one WGSL file each.

@@ -6,10 +6,10 @@ use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
 use std::mem::{offset_of, size_of};
 use wattn::attention::flash::{self, FlashParams};
+use wattn::dtype::DType;
 use wattn::kv::{cache::KvParams, combine::CombineParams, decode::DecodeParams};
 use wattn::naive;
 use wattn::shader::{Kernel, ShaderKey};
-use wattn::tensor::DType;
 
 fn all_keys() -> Vec<ShaderKey> {
     let mut keys = flash::validation_keys();

@@ -5,10 +5,10 @@
 use super::{AttentionBuffers, AttentionOptions, AttentionShape};
 use crate::context::Context;
 use crate::dispatch::{bind_buffers, check_grid, uniform_buffer};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::mask::{BlockSize, GpuBlockMask};
 use crate::shader::{ConstValue, Kernel, ShaderKey, workgroup_array_bytes};
-use crate::tensor::DType;
 use crate::tensor::check_binding_size;
 
 /// Uniform parameters of `flash_fwd.wgsl` and `naive.wgsl`.

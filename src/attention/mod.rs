@@ -8,8 +8,9 @@ pub mod naive;
 pub use masked::attention_masked;
 
 use crate::context::Context;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor, TensorView, byte_size, check_binding_size, check_u32_indexing};
+use crate::tensor::{Tensor, TensorView, byte_size, check_binding_size, check_u32_indexing};
 
 /// Largest head dim (of Q/K and of V) the kernels take.
 pub const MAX_HEAD_DIM: usize = 256;

@@ -5,9 +5,10 @@ use super::flash::FlashParams;
 use super::{AttentionBuffers, AttentionOptions, Output, alloc_output};
 use crate::context::Context;
 use crate::dispatch::{bind_buffers, check_grid, uniform_buffer};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::shader::{ConstValue, Kernel, ShaderKey};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 
 const WORKGROUP: u32 = 64;
 /// Softmax rows are spread over (x, y) so that any row count fits the grid.

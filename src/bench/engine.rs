@@ -11,8 +11,8 @@ use super::report::Row;
 use super::stats::Stats;
 use super::timing::{Timer, Work};
 use crate::context::Context;
-use crate::error::{Error, Result};
-use crate::tensor::DType;
+use crate::dtype::DType;
+use crate::error::Result;
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -169,7 +169,7 @@ pub fn run<B: Benchmark>(
         let (series, work) = (bench.series(w), bench.work(w));
         let started = Instant::now();
         let left = budget_s.map(|b| b - start.elapsed().as_secs_f64());
-        let outcome = catching_gpu_errors(ctx, || {
+        let outcome = ctx.catching_gpu_errors(|| {
             if let Some(left) = left {
                 if speeds.seconds(POINT, &series, work).is_none() {
                     if let Some(rate) = bench.probe(w) {
@@ -217,20 +217,6 @@ impl Validation {
                 self.max_error, self.tolerance
             ),
         }
-    }
-}
-
-/// Runs `f`, turning the out-of-memory and validation errors wgpu raises meanwhile (which
-/// would otherwise reach its uncaptured-error handler, a panic) into an error.
-pub(crate) fn catching_gpu_errors<T>(ctx: &Context, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    let out_of_memory = ctx.device().push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-    let validation = ctx.device().push_error_scope(wgpu::ErrorFilter::Validation);
-    let result = f();
-    let validation = pollster::block_on(validation.pop());
-    let out_of_memory = pollster::block_on(out_of_memory.pop());
-    match out_of_memory.or(validation) {
-        Some(e) => Err(Error::Gpu(e.to_string())),
-        None => result,
     }
 }
 

@@ -6,9 +6,9 @@ use super::stats::Stats;
 use super::timing::Timer;
 use crate::context::Context;
 use crate::dispatch::{bind_buffers, uniform_buffer};
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::shader::{ConstValue, Kernel, ShaderKey};
-use crate::tensor::DType;
 use serde::Serialize;
 
 /// Uniform parameters of `fma_main` in `peak.wgsl`.

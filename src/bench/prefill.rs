@@ -2,7 +2,7 @@
 //! paths, on the [`engine`](super::engine). Block-sparse points time the flash path only,
 //! and are compared afterwards with the dense point of their shape.
 
-use super::engine::{self, Benchmark, Outcome, Repeats, Speeds, Validation, catching_gpu_errors, max_error, tolerance};
+use super::engine::{self, Benchmark, Outcome, Repeats, Speeds, Validation, max_error, tolerance};
 use super::peak::Peak;
 use super::plot::{Chart, Families, Line, XAxis};
 use super::report::{Provenance, RateUnit, Report, Row, aligned, mib, ms_range, seq_label, sig3, time_cells};
@@ -290,11 +290,11 @@ impl Prefill<'_> {
         left: Option<f64>,
     ) -> std::result::Result<PathBuffers, String> {
         let (ctx, w) = (self.ctx, &problem.workload);
-        let bufs = catching_gpu_errors(ctx, || problem.alloc(ctx, Path::Naive)).map_err(|e| e.to_string())?;
+        let bufs = ctx.catching_gpu_errors(|| problem.alloc(ctx, Path::Naive)).map_err(|e| e.to_string())?;
         if let Some(left) = left {
             let series = w.series();
             if speeds.seconds(NAIVE, &series, 1.0).is_none() {
-                if let Some(rate) = catching_gpu_errors(ctx, || Ok(self.probe_path(w, Path::Naive))).ok().flatten() {
+                if let Some(rate) = ctx.catching_gpu_errors(|| Ok(self.probe_path(w, Path::Naive))).ok().flatten() {
                     speeds.record(NAIVE, &series, 1.0, rate);
                 }
             }
@@ -304,7 +304,7 @@ impl Prefill<'_> {
             }
         }
         let mut work = |e: &mut wgpu::CommandEncoder| problem.record(ctx, &bufs, &self.settings.config, e);
-        catching_gpu_errors(ctx, || self.timer.time(ctx, &mut work)).map_err(|e| e.to_string())?;
+        ctx.catching_gpu_errors(|| self.timer.time(ctx, &mut work)).map_err(|e| e.to_string())?;
         Ok(bufs)
     }
 }

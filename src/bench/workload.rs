@@ -5,9 +5,10 @@
 use crate::FlashConfig;
 use crate::attention::{AttentionBuffers, AttentionOptions, AttentionShape, flash, naive};
 use crate::context::Context;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::mask::{BlockMask, BlockSize, GpuBlockMask, Mask};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 
 /// One attention problem: self-attention sizes, storage dtype and mask.
 #[derive(Clone, Copy, Debug, PartialEq)]

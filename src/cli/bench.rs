@@ -12,9 +12,9 @@ use crate::bench::report::{Provenance, Report, seq_label, write_outputs};
 use crate::bench::workload::Pattern;
 use crate::bench::{Grid, Timer, peak};
 use crate::context::Context;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::flash::FlashConfig;
-use crate::tensor::DType;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]

@@ -5,8 +5,8 @@
 //! Outputs are written under a temporary name and renamed into place, so a failed run
 //! leaves no half-written file and never replaces a file that was there before.
 
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::tensor::DType;
 use half::f16;
 use npyz::WriterBuilder;
 use std::path::{Path, PathBuf};

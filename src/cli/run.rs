@@ -5,9 +5,10 @@ mod block_sparse;
 use super::AdapterArgs;
 use super::npy::{self, NpyArray};
 use crate::attention::{AttentionBuffers, AttentionOptions, AttentionShape};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::flash::{self, FlashConfig};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 use block_sparse::SparseInputs;
 use std::path::{Path, PathBuf};
 

@@ -4,9 +4,10 @@
 
 use crate::context::Context;
 use crate::dispatch::{bind_buffers, uniform_buffer, wrapped_grid};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::shader::{ConstValue, Kernel, ShaderKey};
-use crate::tensor::{DType, TensorView, check_u32_indexing};
+use crate::tensor::{TensorView, check_u32_indexing};
 
 /// Uniform parameters of `combine.wgsl`.
 /// Keep in sync with `struct Params` there (a test compares the layouts).

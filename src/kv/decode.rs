@@ -13,9 +13,10 @@ use super::{EvictionPolicy, KvCacheConfig, PositionMode, RopeLayout};
 use crate::attention::Output;
 use crate::context::Context;
 use crate::dispatch::{bind_buffers, check_grid, scratch, uniform_buffer, wrapped_grid};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::shader::{ConstValue, Kernel, ShaderKey, workgroup_array_bytes};
-use crate::tensor::{DType, Tensor, TensorView, check_u32_indexing};
+use crate::tensor::{Tensor, TensorView, check_u32_indexing};
 
 /// Uniform parameters of `decode.wgsl`.
 /// Keep in sync with `struct Params` there (a test compares the layouts).

@@ -139,7 +139,7 @@ pub struct KvCacheConfig {
     /// Head dim of K and V.
     pub head_dim: usize,
     /// Storage of K and V (and of the queries and outputs of decode).
-    pub dtype: crate::tensor::DType,
+    pub dtype: crate::dtype::DType,
     pub policy: EvictionPolicy,
     pub positions: PositionMode,
 }
