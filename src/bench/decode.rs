@@ -12,7 +12,8 @@
 
 use super::engine::{self, Benchmark, Outcome, Repeats, Speeds, Validation, max_error, tolerance};
 use super::plot::{Chart, Families, Line, XAxis};
-use super::report::{Provenance, Report, Row, aligned, mib, ms_range, seq_label, sig3, time_cells};
+use super::plot::seq_label;
+use super::report::{Provenance, Report, Row, aligned, mib, ms_range, sig3, time_cells};
 use super::stats::Stats;
 use super::timing::Timer;
 use super::workload::input_values;

@@ -2,7 +2,6 @@
 //! report builds its [`Chart`] (throughput against sequence length, speed-up against block
 //! density, bandwidth against cache length, per-token time against stream position).
 
-use super::report::seq_label;
 use std::fmt::Write;
 
 const WIDTH: f64 = 860.0;
@@ -203,4 +202,9 @@ mod tests {
         assert_eq!(format_tick(0.5, 0.1), "0.5");
         assert_eq!(format_tick(20.0, 10.0), "20");
     }
+}
+
+/// Sequence lengths as 512, 1K, 16K.
+pub fn seq_label(seq: usize) -> String {
+    if seq >= 1024 && seq.is_multiple_of(1024) { format!("{}K", seq / 1024) } else { seq.to_string() }
 }

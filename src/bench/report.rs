@@ -304,11 +304,6 @@ pub fn mib(bytes: u64) -> String {
     sig3(bytes as f64 / (1 << 20) as f64)
 }
 
-/// Sequence lengths as 512, 1K, 16K.
-pub fn seq_label(seq: usize) -> String {
-    if seq >= 1024 && seq.is_multiple_of(1024) { format!("{}K", seq / 1024) } else { seq.to_string() }
-}
-
 /// Columns padded to their widest cell; a row shorter than the header lets its last
 /// cell run on (used for reasons in place of figures).
 pub fn aligned(rows: &[Vec<String>], right: &[bool]) -> String {
@@ -423,8 +418,8 @@ mod tests {
     fn units_and_labels_read_well() {
         assert_eq!(RateUnit::for_max(3e11).name, "GFLOP/s");
         assert_eq!(RateUnit::for_max(3e12).name, "TFLOP/s");
-        assert_eq!(seq_label(16384), "16K");
-        assert_eq!(seq_label(1000), "1000");
+        assert_eq!(plot::seq_label(16384), "16K");
+        assert_eq!(plot::seq_label(1000), "1000");
         assert_eq!(sig3(0.01234), "0.012");
         assert_eq!(sig3(123.4), "123");
     }
