@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! # wattn: FlashAttention-class attention kernels in WGSL, on every GPU wgpu reaches
 //!
 //! ```no_run
@@ -37,7 +38,7 @@ pub mod tensor;
 pub use attention::flash::{self, FlashConfig};
 pub use attention::naive;
 pub use attention::{
-    AttentionBuffers, AttentionOptions, AttentionShape, Output, attention, attention_masked, attention_with,
+    AttentionBuffers, AttentionOptions, AttentionShape, AttentionOutput, attention, attention_masked, attention_with,
 };
 pub use context::{AdapterSelection, Capabilities, Context};
 pub use dtype::DType;

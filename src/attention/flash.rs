@@ -214,21 +214,6 @@ impl Variant {
     }
 }
 
-/// The pipeline key of the dense flash kernel for this configuration, dtype and shape.
-pub fn shader_key(config: &FlashConfig, limits: &wgpu::Limits, dtype: DType, shape: &AttentionShape) -> ShaderKey {
-    variant_key(config, limits, dtype, shape, false)
-}
-
-/// The pipeline key of the block-sparse flash kernel (see [`encode_masked`]).
-pub fn masked_shader_key(
-    config: &FlashConfig,
-    limits: &wgpu::Limits,
-    dtype: DType,
-    shape: &AttentionShape,
-) -> ShaderKey {
-    variant_key(config, limits, dtype, shape, true)
-}
-
 fn variant_key(
     config: &FlashConfig,
     limits: &wgpu::Limits,
@@ -256,32 +241,12 @@ fn variant_key(
 
 /// Records the flash forward into `encoder` on the caller's buffers. Nothing is
 /// submitted and nothing is read back.
+///
+/// With a `mask` ([`crate::BlockMask::upload`]) the kernel visits only the key blocks the
+/// mask lists, testing elements only in its partial blocks; the tiles of `config` must be
+/// the mask's blocks ([`FlashConfig::with_block_size`]). The dense options (causal, window,
+/// sinks) apply on top, element by element: express them in the mask to skip their tiles.
 pub fn encode(
-    ctx: &Context,
-    encoder: &mut wgpu::CommandEncoder,
-    bufs: &AttentionBuffers<'_>,
-    options: &AttentionOptions,
-    config: &FlashConfig,
-) -> Result<()> {
-    record(ctx, encoder, bufs, None, options, config)
-}
-
-/// [`encode`] visiting only the key blocks `mask` lists, testing elements only in its
-/// partial blocks. Dense options (causal, window, sinks) still apply on top, element by
-/// element; express them in the mask to skip their tiles. The tiles of `config` must be
-/// the mask's blocks ([`FlashConfig::with_block_size`]).
-pub fn encode_masked(
-    ctx: &Context,
-    encoder: &mut wgpu::CommandEncoder,
-    bufs: &AttentionBuffers<'_>,
-    mask: &GpuBlockMask,
-    options: &AttentionOptions,
-    config: &FlashConfig,
-) -> Result<()> {
-    record(ctx, encoder, bufs, Some(mask), options, config)
-}
-
-fn record(
     ctx: &Context,
     encoder: &mut wgpu::CommandEncoder,
     bufs: &AttentionBuffers<'_>,

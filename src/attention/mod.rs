@@ -195,15 +195,15 @@ impl AttentionBuffers<'_> {
 
 /// The result of [`attention`]: O `[B, Hq, Nq, Dv]` in Q's dtype, LSE `[B, Hq, Nq]` f32
 /// (natural log; -inf for rows that see no key).
-pub struct Output {
+pub struct AttentionOutput {
     pub out: Tensor,
     pub lse: Tensor,
 }
 
 /// Allocates O and LSE for inputs of `shape`.
-pub(crate) fn alloc_output(ctx: &Context, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Output> {
+pub(crate) fn alloc_output(ctx: &Context, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttentionOutput> {
     let shape = AttentionShape::from_shapes(q.shape(), k.shape(), v.shape())?;
-    Ok(Output {
+    Ok(AttentionOutput {
         out: Tensor::zeros(ctx, &shape.out_shape(), q.dtype())?,
         lse: Tensor::zeros(ctx, &shape.lse_shape(), DType::F32)?,
     })
@@ -211,7 +211,7 @@ pub(crate) fn alloc_output(ctx: &Context, q: &Tensor, k: &Tensor, v: &Tensor) ->
 
 /// Flash attention on tensors wattn owns: records, submits, and returns O and LSE.
 /// Uses the [`flash::FlashConfig`] chosen for this adapter.
-pub fn attention(ctx: &Context, q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> Result<Output> {
+pub fn attention(ctx: &Context, q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> Result<AttentionOutput> {
     let config = flash::FlashConfig::for_adapter(ctx);
     attention_with(ctx, q, k, v, options, &config)
 }
@@ -224,12 +224,12 @@ pub fn attention_with(
     v: &Tensor,
     options: &AttentionOptions,
     config: &flash::FlashConfig,
-) -> Result<Output> {
+) -> Result<AttentionOutput> {
     let output = alloc_output(ctx, q, k, v)?;
     let bufs =
         AttentionBuffers { q: q.view(), k: k.view(), v: v.view(), out: output.out.view(), lse: output.lse.view() };
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
-    flash::encode(ctx, &mut encoder, &bufs, options, config)?;
+    flash::encode(ctx, &mut encoder, &bufs, None, options, config)?;
     ctx.queue().submit([encoder.finish()]);
     Ok(output)
 }

@@ -2,7 +2,7 @@
 //! Benchmarks measure the flash kernel against it.
 
 use super::flash::FlashParams;
-use super::{AttentionBuffers, AttentionOptions, Output, alloc_output};
+use super::{AttentionBuffers, AttentionOptions, AttentionOutput, alloc_output};
 use crate::context::Context;
 use crate::dispatch::{bind_buffers, check_grid, uniform_buffer};
 use crate::dtype::DType;
@@ -103,7 +103,7 @@ pub fn alloc_scores(ctx: &Context, q: &[usize], k: &[usize]) -> Result<wgpu::Buf
 }
 
 /// Naive attention on owned tensors: records, submits, returns O and LSE.
-pub fn attention(ctx: &Context, q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> Result<Output> {
+pub fn attention(ctx: &Context, q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> Result<AttentionOutput> {
     let output = alloc_output(ctx, q, k, v)?;
     let scores = alloc_scores(ctx, q.shape(), k.shape())?;
     let bufs =

@@ -386,10 +386,9 @@ impl Problem {
             lse: bufs.lse.view(),
         };
         let options = &self.workload.options;
-        match (&bufs.scores, &self.mask) {
-            (None, None) => flash::encode(ctx, encoder, &views, options, config),
-            (None, Some(mask)) => flash::encode_masked(ctx, encoder, &views, &mask.blocks, options, config),
-            (Some(scores), _) => naive::encode(ctx, encoder, &views, scores, options),
+        match &bufs.scores {
+            None => flash::encode(ctx, encoder, &views, self.mask.as_ref().map(|m| &m.blocks), options, config),
+            Some(scores) => naive::encode(ctx, encoder, &views, scores, options),
         }
     }
 }

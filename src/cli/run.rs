@@ -143,10 +143,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     };
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
     // Recording builds the pipeline, so the timed part below is only the GPU's work.
-    match &gpu_mask {
-        Some(mask) => flash::encode_masked(&ctx, &mut encoder, &bufs, mask, &options, &config)?,
-        None => flash::encode(&ctx, &mut encoder, &bufs, &options, &config)?,
-    }
+    flash::encode(&ctx, &mut encoder, &bufs, gpu_mask.as_ref(), &options, &config)?;
     let start = std::time::Instant::now();
     ctx.submit_and_wait(encoder)?;
     let gpu_time = start.elapsed();

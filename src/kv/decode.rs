@@ -10,7 +10,7 @@
 use super::cache::{KvCache, KvParams};
 use super::combine::{self, Merge};
 use super::{EvictionPolicy, KvCacheConfig, PositionMode, RopeLayout};
-use crate::attention::Output;
+use crate::attention::AttentionOutput;
 use crate::context::Context;
 use crate::dispatch::{bind_buffers, check_grid, scratch, uniform_buffer, wrapped_grid};
 use crate::dtype::DType;
@@ -365,10 +365,10 @@ impl KvCache {
     }
 
     /// [`Self::attend`] on tensors wattn allocates: records, submits, returns O and LSE.
-    pub fn decode(&mut self, ctx: &Context, layer: usize, q: &Tensor, options: &DecodeOptions) -> Result<Output> {
+    pub fn decode(&mut self, ctx: &Context, layer: usize, q: &Tensor, options: &DecodeOptions) -> Result<AttentionOutput> {
         let lse_shape = &q.shape()[..q.shape().len().min(3)];
         let output =
-            Output { out: Tensor::zeros(ctx, q.shape(), q.dtype())?, lse: Tensor::zeros(ctx, lse_shape, DType::F32)? };
+            AttentionOutput { out: Tensor::zeros(ctx, q.shape(), q.dtype())?, lse: Tensor::zeros(ctx, lse_shape, DType::F32)? };
         let mut encoder = ctx.device().create_command_encoder(&Default::default());
         let bufs = DecodeBuffers { q: q.view(), out: output.out.view(), lse: output.lse.view() };
         self.attend(ctx, &mut encoder, layer, &bufs, options)?;
