@@ -35,6 +35,8 @@ pub mod reference;
 pub mod shader;
 pub mod tensor;
 
+pub use wgpu;
+
 pub use attention::flash::{self, FlashConfig};
 pub use attention::naive;
 pub use attention::{
@@ -46,3 +48,8 @@ pub use error::{Error, Result};
 pub use kv::{DecodeOptions, EvictionPolicy, KvCache, KvCacheConfig, PositionMode, Rope, RopeLayout};
 pub use mask::{BlockMask, BlockSize, GpuBlockMask, Mask};
 pub use tensor::{Tensor, TensorView};
+
+/// The README's examples, compiled and run as doctests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;
