@@ -215,7 +215,7 @@ impl Workload {
 
     /// The flash path's bytes plus the f32 score matrix.
     pub fn naive_bytes(&self) -> u64 {
-        self.flash_bytes() + naive::scores_bytes(&self.q_shape(), &self.k_shape())
+        self.flash_bytes() + naive::scores_bytes(&self.shape)
     }
 
     /// The same problem with the batch, then the heads, halved until it does at most
@@ -361,7 +361,7 @@ impl Problem {
             Path::Naive if self.mask.is_some() => {
                 return Err(Error::Option("the naive baseline takes no block mask".into()));
             }
-            Path::Naive => Some(naive::alloc_scores(ctx, self.q.shape(), self.k.shape())?),
+            Path::Naive => Some(naive::alloc_scores(ctx, shape)?),
         };
         Ok(PathBuffers {
             out: Tensor::zeros(ctx, &shape.out_shape(), self.workload.dtype)?,
