@@ -6,17 +6,21 @@ use crate::error::{Error, Result};
 /// Storage element type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// IEEE binary32.
     F32,
+    /// IEEE binary16; needs the device feature `shader-f16`.
     F16,
 }
 
 impl DType {
+    /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::F16 => 2,
         }
     }
+    /// `"f32"` or `"f16"`, as parsed by `str::parse` and shown by `Display`.
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",

@@ -53,15 +53,19 @@ impl<'a> TensorView<'a> {
         Ok(Self { buffer, shape, dtype })
     }
 
+    /// The caller's buffer; it may be longer than the view.
     pub fn buffer(&self) -> &'a wgpu::Buffer {
         self.buffer
     }
+    /// The shape, outermost dimension first (row-major).
     pub fn shape(&self) -> &'a [usize] {
         self.shape
     }
+    /// The element type the buffer is read as.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+    /// Elements in the view: the product of its shape.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -130,18 +134,23 @@ impl Tensor {
     const USAGE: wgpu::BufferUsages =
         wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_SRC).union(wgpu::BufferUsages::COPY_DST);
 
+    /// The shape, outermost dimension first (row-major).
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
+    /// The element type it is stored as.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+    /// The storage buffer (usages `STORAGE | COPY_SRC | COPY_DST`), padded to a multiple of 4 bytes.
     pub fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
     }
+    /// Elements in the tensor: the product of its shape.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+    /// A borrowed view of the whole tensor, for the `encode` functions.
     pub fn view(&self) -> TensorView<'_> {
         TensorView { buffer: &self.buffer, shape: &self.shape, dtype: self.dtype }
     }

@@ -2,7 +2,7 @@
 //! [`crate::mask`], which itself knows nothing of them.
 
 use super::flash::{self, FlashConfig};
-use super::{AttentionBuffers, AttentionOptions, AttentionShape, AttentionOutput, alloc_output};
+use super::{AttentionBuffers, AttentionOptions, AttentionOutput, AttentionShape, alloc_output};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::mask::{BlockMask, BlockSize, GpuBlockMask, Mask};

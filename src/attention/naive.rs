@@ -103,7 +103,13 @@ pub fn alloc_scores(ctx: &Context, shape: &AttentionShape) -> Result<wgpu::Buffe
 }
 
 /// Naive attention on owned tensors: records, submits, returns O and LSE.
-pub fn attention(ctx: &Context, q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> Result<AttentionOutput> {
+pub fn attention(
+    ctx: &Context,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    options: &AttentionOptions,
+) -> Result<AttentionOutput> {
     let output = alloc_output(ctx, q, k, v)?;
     let shape = AttentionShape::from_shapes(q.shape(), k.shape(), v.shape())?;
     let scores = alloc_scores(ctx, &shape)?;

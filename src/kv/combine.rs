@@ -14,9 +14,13 @@ use crate::tensor::{TensorView, check_u32_indexing};
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct CombineParams {
+    /// Rows to merge (one per query head and query).
     pub rows: u32,
+    /// Width of each output row (the head dim).
     pub dim: u32,
+    /// Partials per row.
     pub splits: u32,
+    /// Workgroups along x; the grid wraps into y.
     pub groups_x: u32,
 }
 
