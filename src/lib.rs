@@ -40,7 +40,7 @@ pub use wgpu;
 pub use attention::flash::{self, FlashConfig};
 pub use attention::naive;
 pub use attention::{
-    AttentionBuffers, AttentionOptions, AttentionShape, AttentionOutput, attention, attention_masked, attention_with,
+    AttentionBuffers, AttentionOptions, AttentionOutput, AttentionShape, attention, attention_masked, attention_with,
 };
 pub use context::{AdapterSelection, Capabilities, Context};
 pub use dtype::DType;

@@ -12,7 +12,13 @@ fn zeros(c: &Context, shape: &[usize], dtype: DType) -> Tensor {
 }
 
 /// Flash attention on zero tensors of the given shapes and dtype.
-fn attend(q: &[usize], k: &[usize], v: &[usize], dtype: DType, o: &AttentionOptions) -> wattn::Result<wattn::AttentionOutput> {
+fn attend(
+    q: &[usize],
+    k: &[usize],
+    v: &[usize],
+    dtype: DType,
+    o: &AttentionOptions,
+) -> wattn::Result<wattn::AttentionOutput> {
     let c = ctx();
     wattn::attention(c, &zeros(c, q, dtype), &zeros(c, k, dtype), &zeros(c, v, dtype), o)
 }

@@ -11,8 +11,8 @@
 //! on the same cache and queries.
 
 use super::engine::{self, Benchmark, Outcome, Repeats, Speeds, Validation, max_error, tolerance};
-use super::plot::{Chart, Families, Line, XAxis};
 use super::plot::seq_label;
+use super::plot::{Chart, Families, Line, XAxis};
 use super::report::{Provenance, Report, Row, aligned, mib, ms_range, sig3, time_cells};
 use super::stats::Stats;
 use super::timing::Timer;

@@ -4,8 +4,8 @@
 
 use super::engine::{self, Benchmark, Outcome, Repeats, Speeds, Validation, max_error, tolerance};
 use super::peak::Peak;
-use super::plot::{Chart, Families, Line, XAxis};
 use super::plot::seq_label;
+use super::plot::{Chart, Families, Line, XAxis};
 use super::report::{Provenance, RateUnit, Report, Row, aligned, mib, ms_range, sig3, time_cells};
 use super::stats::Stats;
 use super::timing::Timer;
