@@ -11,8 +11,7 @@
 //! on the same cache and queries.
 
 use super::engine::{self, Benchmark, Outcome, Repeats, Speeds, Validation, max_error, tolerance};
-use super::plot::seq_label;
-use super::plot::{Chart, Families, Line, XAxis};
+use super::plot::{Chart, Families, Line, XAxis, seq_label};
 use super::report::{Provenance, Report, Row, aligned, mib, ms_range, sig3, time_cells};
 use super::stats::Stats;
 use super::timing::Timer;
@@ -31,13 +30,19 @@ use std::fmt::Write;
 /// One decode problem: `queries` new tokens per sequence against `cache_len` cached ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodeWorkload {
+    /// Storage dtype of the queries, the cache and the output.
     pub dtype: DType,
+    /// Sequences decoded together.
     pub batch: usize,
+    /// Query heads.
     pub heads: usize,
+    /// K/V heads, dividing the query heads (grouped-query attention when fewer).
     pub kv_heads: usize,
+    /// Head dim of Q, K and V.
     pub head_dim: usize,
     /// Query tokens per sequence (1 for plain decoding, a few for speculative decoding).
     pub queries: usize,
+    /// Tokens in the cache per sequence, the queries' own included (they are its last tokens).
     pub cache_len: usize,
 }
 
@@ -67,7 +72,7 @@ impl DecodeWorkload {
 
 /// The points `wattn bench --decode` measures: the product of its lists.
 #[derive(Clone, Debug, PartialEq)]
-pub struct DecodeGrid {
+pub(crate) struct DecodeGrid {
     pub cache_lens: Vec<usize>,
     pub head_dims: Vec<usize>,
     pub dtypes: Vec<DType>,
@@ -133,7 +138,7 @@ impl DecodeGrid {
 
 /// How to run the points.
 #[derive(Clone, Debug)]
-pub struct DecodeSettings {
+pub(crate) struct DecodeSettings {
     pub repeats: Repeats,
     pub splits: Vec<Option<u32>>,
     /// Seconds after which no point is started that is estimated to run past them.
@@ -144,7 +149,7 @@ pub struct DecodeSettings {
 
 /// One split setting checked and timed at one point.
 #[derive(Clone, Debug)]
-pub struct SplitResult {
+pub(crate) struct SplitResult {
     /// The setting asked for; `None` = automatic.
     pub requested: Option<u32>,
     /// The layout it resolved to (the automatic choice, or the request capped at one split
@@ -200,7 +205,7 @@ fn compare_settings(results: &mut [SplitResult]) {
 
 /// One decode point and what became of it.
 #[derive(Clone, Debug)]
-pub struct DecodePoint {
+pub(crate) struct DecodePoint {
     pub workload: DecodeWorkload,
     /// [`DecodeWorkload::series`].
     pub series: String,
@@ -254,7 +259,7 @@ impl DecodePoint {
 
 /// `wattn bench --decode`'s result.
 #[derive(Clone, Debug, Serialize)]
-pub struct DecodeReport {
+pub(crate) struct DecodeReport {
     #[serde(flatten)]
     pub provenance: Provenance,
     pub warmup: usize,
@@ -271,7 +276,7 @@ const FILL_CHUNK: usize = 4096;
 
 /// Runs `workloads` on the engine and returns their results in the given order.
 /// `progress(done, total, next)` is called before each point.
-pub fn run(
+pub(crate) fn run(
     ctx: &Context,
     timer: &Timer,
     workloads: &[DecodeWorkload],
@@ -340,15 +345,19 @@ impl Benchmark for Decode<'_> {
 /// A decode workload on the GPU: a cache filled with `cache_len` tokens of seeded K and V,
 /// the queries, the outputs, and what the outputs should be.
 pub struct DecodeProblem {
-    pub workload: DecodeWorkload,
+    workload: DecodeWorkload,
     cache: KvCache,
     q: Tensor,
+    /// O `[batch, heads, queries, head_dim]` of the last step recorded, in the workload's dtype.
     pub out: Tensor,
-    pub lse: Tensor,
+    lse: Tensor,
     expected: Expected,
 }
 
 impl DecodeProblem {
+    /// Fills a cache with `w.cache_len` tokens of seeded K and V, uploads the queries,
+    /// allocates the outputs and computes the f64 reference of the heads
+    /// [`validate`](Self::validate) checks.
     pub fn upload(ctx: &Context, w: &DecodeWorkload) -> Result<Self> {
         let mut cache = KvCache::new(ctx, w.cache_config())?;
         for start in (0..w.cache_len).step_by(FILL_CHUNK) {

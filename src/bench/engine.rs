@@ -5,7 +5,7 @@
 //! sequence of steps instead, summarised per bucket with the same [`Stats`].)
 //!
 //! A benchmark says what one point's work is, how to learn its speed when nothing is known
-//! yet, and how to check and time the point ([`Benchmark`]); [`run`] does the rest.
+//! yet, and how to check and time the point (`Benchmark`); `run` does the rest.
 
 use super::report::Row;
 use super::stats::Stats;
@@ -18,7 +18,7 @@ use std::time::Instant;
 
 /// What became of one point.
 #[derive(Clone, Debug)]
-pub enum Outcome<M> {
+pub(crate) enum Outcome<M> {
     Measured(M),
     /// Not started: it was estimated to take `estimated_s`, and only `left_s` of the time
     /// budget were left.
@@ -67,7 +67,7 @@ impl<M> Outcome<M> {
             .with("left_s", left_s)
     }
 
-    pub fn measured(&self) -> Option<&M> {
+    pub(crate) fn measured(&self) -> Option<&M> {
         match self {
             Outcome::Measured(m) => Some(m),
             _ => None,
@@ -126,7 +126,7 @@ impl Speeds {
 const POINT: &str = "point";
 
 /// A family of points the engine can run.
-pub trait Benchmark {
+pub(crate) trait Benchmark {
     type Workload;
     type Measured;
 
@@ -151,7 +151,7 @@ pub trait Benchmark {
 /// Runs `workloads`, cheapest first so that a budget of `budget_s` seconds cuts the most
 /// expensive, and returns their outcomes in the given order. `progress(done, total, next)`
 /// is called before each point.
-pub fn run<B: Benchmark>(
+pub(crate) fn run<B: Benchmark>(
     ctx: &Context,
     bench: &B,
     workloads: &[B::Workload],
@@ -200,16 +200,18 @@ pub struct Validation {
     pub against: &'static str,
     /// Largest |got - expected| / max(1, |expected|) over O and LSE.
     pub max_error: f64,
+    /// The largest `max_error` that passes; it depends on the storage dtype.
     pub tolerance: f64,
 }
 
 impl Validation {
+    /// Whether `max_error` is within `tolerance`.
     pub fn passed(&self) -> bool {
         self.max_error <= self.tolerance
     }
 
     /// The outcome of a point whose `what` failed this check.
-    pub fn failure<M>(&self, what: &str) -> Outcome<M> {
+    pub(crate) fn failure<M>(&self, what: &str) -> Outcome<M> {
         let expected = if self.against == "naive" { "the naive baseline" } else { "the f64 reference" };
         Outcome::Failed {
             reason: format!(

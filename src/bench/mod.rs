@@ -9,15 +9,16 @@
 //! - [`stream`]: a token stream through the KV cache, per-token time against position.
 //! - [`timing`]: GPU timestamps (or the wall clock) around recorded work; [`stats`]: median, min, max.
 //! - [`peak`]: the adapter's FMA and copy-bandwidth ceilings.
-//! - [`report`]: provenance and the rows written to JSON and CSV; [`plot`]: SVG; [`progress`].
+//! - `report`: provenance and the rows written to JSON and CSV; `plot`: SVG; `progress`: the
+//!   progress bar (crate-private: only the `wattn` command uses them).
 
 pub mod decode;
 pub mod engine;
 pub mod peak;
-pub mod plot;
+pub(crate) mod plot;
 pub mod prefill;
-pub mod progress;
-pub mod report;
+pub(crate) mod progress;
+pub(crate) mod report;
 pub mod stats;
 pub mod stream;
 pub mod timing;
@@ -25,4 +26,4 @@ pub mod workload;
 
 pub use stats::Stats;
 pub use timing::{Clock, Timer};
-pub use workload::{Grid, Path, Problem, Workload};
+pub use workload::{Path, Problem, Workload};

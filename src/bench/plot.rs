@@ -188,6 +188,11 @@ fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
+/// Sequence lengths as 512, 1K, 16K.
+pub fn seq_label(seq: usize) -> String {
+    if seq >= 1024 && seq.is_multiple_of(1024) { format!("{}K", seq / 1024) } else { seq.to_string() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,9 +207,4 @@ mod tests {
         assert_eq!(format_tick(0.5, 0.1), "0.5");
         assert_eq!(format_tick(20.0, 10.0), "20");
     }
-}
-
-/// Sequence lengths as 512, 1K, 16K.
-pub fn seq_label(seq: usize) -> String {
-    if seq >= 1024 && seq.is_multiple_of(1024) { format!("{}K", seq / 1024) } else { seq.to_string() }
 }

@@ -1,11 +1,10 @@
 //! `wattn bench`: for each point, check the flash output, then time the flash and naive
-//! paths, on the [`engine`](super::engine). Block-sparse points time the flash path only,
+//! paths, on the [`engine`]. Block-sparse points time the flash path only,
 //! and are compared afterwards with the dense point of their shape.
 
 use super::engine::{self, Benchmark, Outcome, Repeats, Speeds, Validation, max_error, tolerance};
 use super::peak::Peak;
-use super::plot::seq_label;
-use super::plot::{Chart, Families, Line, XAxis};
+use super::plot::{Chart, Families, Line, XAxis, seq_label};
 use super::report::{Provenance, RateUnit, Report, Row, aligned, mib, ms_range, sig3, time_cells};
 use super::stats::Stats;
 use super::timing::Timer;
@@ -21,7 +20,7 @@ use std::fmt::Write;
 
 /// How to run the points.
 #[derive(Clone, Copy, Debug)]
-pub struct Settings {
+pub(crate) struct Settings {
     pub repeats: Repeats,
     pub config: FlashConfig,
     /// Seconds after which no point is started that is estimated to run past them;
@@ -35,7 +34,7 @@ pub struct Settings {
 
 /// One timed path at one point.
 #[derive(Clone, Debug)]
-pub struct PathResult {
+pub(crate) struct PathResult {
     pub time: Stats,
     /// Attention FLOPs (see [`Workload::flops`]) per second of the median run.
     pub flops_per_s: f64,
@@ -44,7 +43,7 @@ pub struct PathResult {
 }
 
 #[derive(Clone, Debug)]
-pub struct Measured {
+pub(crate) struct Measured {
     pub flash: PathResult,
     /// Flash throughput over the f32 FMA ceiling.
     pub fraction_of_peak: Option<f64>,
@@ -58,7 +57,7 @@ pub struct Measured {
 
 /// A block-sparse point's mask and its speed against the dense kernel.
 #[derive(Clone, Debug)]
-pub struct BlockSparse {
+pub(crate) struct BlockSparse {
     /// "random", "causal", "window" or "documents".
     pub pattern: &'static str,
     /// The density asked for, for random patterns.
@@ -100,7 +99,7 @@ impl BlockSparse {
 
 /// One point of the grid and what became of it.
 #[derive(Clone, Debug)]
-pub struct PointResult {
+pub(crate) struct PointResult {
     pub workload: Workload,
     /// [`Workload::series`].
     pub series: String,
@@ -168,7 +167,7 @@ impl PointResult {
 
 /// Runs `workloads` on the engine and returns their results in the given order.
 /// `progress(done, total, next)` is called before each point.
-pub fn run(
+pub(crate) fn run(
     ctx: &Context,
     timer: &Timer,
     workloads: &[Workload],
@@ -369,7 +368,7 @@ fn compare_reference_rows(ctx: &Context, problem: &Problem, flash: &PathBuffers)
 
 /// The tile sizes the flash kernel ran with, as `--config` takes them.
 #[derive(Clone, Copy, Debug, Serialize)]
-pub struct TileConfig {
+pub(crate) struct TileConfig {
     pub block_q: u32,
     pub block_k: u32,
     pub threads_per_row: u32,
@@ -390,7 +389,7 @@ impl std::fmt::Display for TileConfig {
 
 /// `wattn bench`'s result.
 #[derive(Clone, Debug, Serialize)]
-pub struct BenchReport {
+pub(crate) struct BenchReport {
     #[serde(flatten)]
     pub provenance: Provenance,
     pub flash_config: TileConfig,

@@ -21,14 +21,23 @@ use std::time::Instant;
 /// The model shape and cache of a stream.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StreamSpec {
+    /// Layers, each with its own cache; every step appends and decodes on all of them.
     pub layers: usize,
+    /// Sequences streamed together.
     pub batch: usize,
+    /// Query heads.
     pub q_heads: usize,
+    /// K/V heads, dividing the query heads.
     pub kv_heads: usize,
+    /// Head dim of Q, K and V.
     pub head_dim: usize,
+    /// Storage dtype of the cache, the queries and the output.
     pub dtype: DType,
+    /// Which tokens the cache keeps once it is full.
     pub policy: EvictionPolicy,
+    /// How keys and queries carry their positions: absolute, or re-indexed within the cache.
     pub positions: PositionMode,
+    /// The scale and splits of every decode.
     pub decode: DecodeOptions,
 }
 
@@ -64,6 +73,7 @@ pub struct Stream {
 }
 
 impl Stream {
+    /// An empty cache for `spec` and its pool of synthetic tokens, at position 0.
     pub fn new(ctx: &Context, spec: &StreamSpec) -> Result<Self> {
         let StreamSpec { layers, batch, q_heads, kv_heads, head_dim, dtype, policy, positions, decode } = *spec;
         let cache = KvCache::new(ctx, KvCacheConfig { layers, batch, kv_heads, head_dim, dtype, policy, positions })?;
@@ -90,6 +100,7 @@ impl Stream {
         })
     }
 
+    /// The KV cache the stream appends to.
     pub fn cache(&self) -> &KvCache {
         &self.cache
     }
@@ -132,14 +143,14 @@ fn synthetic(seed: u64, n: usize) -> Vec<f32> {
 }
 
 /// One timed step and the cache's memory after it.
-pub struct Sample {
+pub(crate) struct Sample {
     pub step: StepReport,
     pub memory_bytes: u64,
 }
 
 /// Why a stream ended before its last step.
 #[derive(Clone, Debug)]
-pub struct Stopped {
+pub(crate) struct Stopped {
     /// The position of the token that could not be appended.
     pub position: u64,
     pub reason: String,
@@ -147,7 +158,7 @@ pub struct Stopped {
 
 /// Runs `steps` steps of a fresh stream, calling `progress` now and then with the position.
 /// A full cache under policy None ends the stream early with the reason; other errors fail it.
-pub fn measure(
+pub(crate) fn measure(
     ctx: &Context,
     spec: &StreamSpec,
     steps: u64,
@@ -181,7 +192,7 @@ const REFERENCE_POSITION: u64 = 1024;
 /// `wattn stream`'s result. Its JSON holds a row per run (`runs`: the spec, how far it went
 /// and the headline figures) and a row per bucket of positions (`points`, also the CSV).
 #[derive(Clone, Debug, Serialize)]
-pub struct StreamReport {
+pub(crate) struct StreamReport {
     #[serde(flatten)]
     pub provenance: Provenance,
     pub report_every: u64,
@@ -195,7 +206,7 @@ fn serialize_runs<S: serde::Serializer>(runs: &[RunReport], s: S) -> std::result
 
 /// One stream: its configuration, how far it went, its headline figures and its buckets.
 #[derive(Clone, Debug)]
-pub struct RunReport {
+pub(crate) struct RunReport {
     pub label: String,
     pub spec: StreamSpec,
     pub steps_requested: u64,
@@ -208,7 +219,7 @@ pub struct RunReport {
 
 /// The figures of consecutive steps: positions `first_position..=last_position`.
 #[derive(Clone, Debug)]
-pub struct Bucket {
+pub(crate) struct Bucket {
     pub first_position: u64,
     pub last_position: u64,
     /// Seconds per token, from recording the step to the GPU finishing it.
@@ -221,7 +232,7 @@ pub struct Bucket {
 
 /// What the run says about the streaming targets: flat per-token time, constant memory.
 #[derive(Clone, Debug)]
-pub struct Headline {
+pub(crate) struct Headline {
     /// The bucket holding position 1024 (or, in shorter runs, the middle position).
     pub reference: BucketTime,
     /// The last bucket.
@@ -236,7 +247,7 @@ pub struct Headline {
 }
 
 #[derive(Clone, Copy, Debug)]
-pub struct BucketTime {
+pub(crate) struct BucketTime {
     pub first_position: u64,
     pub last_position: u64,
     pub median_s: f64,

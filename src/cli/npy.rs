@@ -140,11 +140,6 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Writes a float32 array to `path` atomically.
-pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
-    stage_f32(path, shape, data)?.commit()
-}
-
 /// Writes a float32 array beside `path` under a temporary name; [`StagedFile::commit`] moves
 /// it into place. Staging every output before committing any keeps a run that fails
 /// half-way from writing some of its outputs.
@@ -206,6 +201,11 @@ impl Drop for StagedFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writes a float32 array to `path` atomically.
+    fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
+        stage_f32(path, shape, data)?.commit()
+    }
 
     /// A fresh empty directory for one test.
     fn scratch(name: &str) -> PathBuf {
