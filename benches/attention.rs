@@ -7,7 +7,7 @@
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use std::time::Duration;
 use wattn::bench::decode::{DecodeProblem, DecodeWorkload};
-use wattn::bench::runner::validate;
+use wattn::bench::prefill::validate;
 use wattn::bench::workload::{PathBuffers, criterion_workloads};
 use wattn::bench::{Path, Problem, Timer};
 use wattn::{Context, DType, FlashConfig};

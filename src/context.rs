@@ -32,8 +32,11 @@ impl AdapterSelection {
 /// The optional features wattn uses, and whether the device has them enabled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Capabilities {
+    /// `SHADER_F16`: f16 storage kernels ([`DType::F16`](crate::DType::F16)).
     pub shader_f16: bool,
+    /// `SUBGROUP`: subgroup operations in shaders.
     pub subgroups: bool,
+    /// `TIMESTAMP_QUERY`: GPU timestamps, for timing kernels on the GPU's own clock.
     pub timestamps: bool,
 }
 
@@ -110,18 +113,23 @@ impl Context {
         }
     }
 
+    /// The device wattn's buffers and pipelines live on.
     pub fn device(&self) -> &wgpu::Device {
         &self.device
     }
+    /// The queue wattn submits to.
     pub fn queue(&self) -> &wgpu::Queue {
         &self.queue
     }
+    /// The adapter's name, backend, device type and driver.
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
         &self.info
     }
+    /// The limits the device was opened with, which wattn checks every launch against.
     pub fn limits(&self) -> &wgpu::Limits {
         &self.limits
     }
+    /// Which of wattn's optional features the device has enabled.
     pub fn capabilities(&self) -> Capabilities {
         self.caps
     }
@@ -180,6 +188,21 @@ impl Context {
         self.wait_for(Some(index))
     }
 
+    /// Runs `f`, turning the out-of-memory and validation errors wgpu raises meanwhile (which
+    /// would otherwise reach the device's uncaptured-error handler, a panic by default) into
+    /// [`Error::Gpu`]: for work whose size the limits do not fully predict.
+    pub fn catching_gpu_errors<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let out_of_memory = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let result = f();
+        let validation = pollster::block_on(validation.pop());
+        let out_of_memory = pollster::block_on(out_of_memory.pop());
+        match out_of_memory.or(validation) {
+            Some(e) => Err(Error::Gpu(e.to_string())),
+            None => result,
+        }
+    }
+
     pub(crate) fn wait_for(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
         self.device
             .poll(wgpu::PollType::Wait { submission_index: index, timeout: None })
@@ -196,6 +219,7 @@ fn loop_iteration_limit(info: &wgpu::AdapterInfo) -> Option<u32> {
     llvmpipe.then_some(65535)
 }
 
+/// A one-line description of an adapter: name, backend, type, driver.
 pub fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
     let driver = [info.driver.as_str(), info.driver_info.as_str()]
         .iter()

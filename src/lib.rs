@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! # wattn: FlashAttention-class attention kernels in WGSL, on every GPU wgpu reaches
 //!
 //! ```no_run
@@ -25,23 +26,30 @@ pub mod bench;
 pub mod cli;
 pub mod context;
 mod dispatch;
+pub mod dtype;
 pub mod error;
 pub mod kv;
 pub mod mask;
-#[cfg(feature = "cli")]
-pub mod npy;
 pub mod pipeline;
 pub mod reference;
 pub mod shader;
 pub mod tensor;
 
+pub use wgpu;
+
 pub use attention::flash::{self, FlashConfig};
 pub use attention::naive;
 pub use attention::{
-    AttentionBuffers, AttentionOptions, AttentionShape, Output, attention, attention_masked, attention_with,
+    AttentionBuffers, AttentionOptions, AttentionOutput, AttentionShape, attention, attention_masked, attention_with,
 };
 pub use context::{AdapterSelection, Capabilities, Context};
+pub use dtype::DType;
 pub use error::{Error, Result};
 pub use kv::{DecodeOptions, EvictionPolicy, KvCache, KvCacheConfig, PositionMode, Rope, RopeLayout};
 pub use mask::{BlockMask, BlockSize, GpuBlockMask, Mask};
-pub use tensor::{DType, Tensor, TensorView};
+pub use tensor::{Tensor, TensorView};
+
+/// The README's examples, compiled and run as doctests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;

@@ -1,11 +1,13 @@
 //! Pipelines are built once per [`ShaderKey`] and reused: per call, only bind groups,
-//! uniforms and the dispatch are made (see [`crate::dispatch`]).
+//! uniforms and the dispatch are made (see `src/dispatch.rs`).
 
 use crate::error::{Error, Result};
 use crate::shader::ShaderKey;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// The compute pipelines one device has built, by [`ShaderKey`]; each [`Context`](crate::Context)
+/// owns one.
 #[derive(Default)]
 pub struct PipelineCache {
     pipelines: Mutex<HashMap<ShaderKey, Arc<wgpu::ComputePipeline>>>,
@@ -45,6 +47,7 @@ impl PipelineCache {
         self.pipelines.lock().unwrap().len()
     }
 
+    /// Whether no pipeline has been built yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

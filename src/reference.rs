@@ -24,7 +24,9 @@ pub fn visible(options: &AttentionOptions, n_q: usize, n_k: usize, i: usize, j: 
 
 /// O `[B, Hq, Nq, Dv]` and LSE `[B, Hq, Nq]` in f64. Rows that see no key get zeros and -inf.
 pub struct ReferenceOutput {
+    /// O, `[B, Hq, Nq, Dv]` row-major.
     pub out: Vec<f64>,
+    /// LSE (natural log), `[B, Hq, Nq]`.
     pub lse: Vec<f64>,
 }
 
@@ -127,6 +129,7 @@ pub fn rope(x: &[f64], position: f64, base: f64, layout: RopeLayout) -> Vec<f64>
 
 /// One query's attention over an explicit list of keys, in f64.
 pub struct RowAttention {
+    /// The output row, of width `d_v`; zeros when there is no key.
     pub out: Vec<f64>,
     /// Natural log; -inf when there is no key.
     pub lse: f64,

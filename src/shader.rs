@@ -8,7 +8,7 @@
 //! `const`s (rather than `override`s) let workgroup arrays and private arrays be sized by
 //! them on every backend, and let the compiler unroll the inner loops.
 
-use crate::tensor::DType;
+use crate::dtype::DType;
 use std::fmt::Write;
 
 /// The kernel families, one WGSL file each.
@@ -29,6 +29,7 @@ pub enum Kernel {
 }
 
 impl Kernel {
+    /// The kernel's WGSL file in `shaders/`, as "flash_fwd.wgsl".
     pub fn file_name(self) -> &'static str {
         match self {
             Kernel::FlashForward => "flash_fwd.wgsl",
@@ -40,6 +41,7 @@ impl Kernel {
         }
     }
 
+    /// The WGSL of the kernel's own file, without the prelude or the shared files.
     pub fn body(self) -> &'static str {
         match self {
             Kernel::FlashForward => include_str!("../shaders/flash_fwd.wgsl"),
@@ -52,7 +54,7 @@ impl Kernel {
     }
 
     /// The kernel's group-0 bindings by name, in binding order: binding `i` is the WGSL
-    /// global named `bindings()[i]`. Hosts bind by name ([`crate::pipeline::bind_buffers`]);
+    /// global named `bindings()[i]`. Hosts bind by name (`dispatch::bind_buffers`);
     /// the shader tests check the table against naga's reflection of every variant.
     pub fn bindings(self) -> &'static [&'static str] {
         match self {
@@ -88,16 +90,22 @@ pub(crate) fn workgroup_array_bytes(elements: u32, element_bytes: u32) -> u32 {
 /// A compile-time constant of a shader variant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ConstValue {
+    /// Declared as `const NAME: u32`.
     U32(u32),
+    /// Declared as `const NAME: bool`.
     Bool(bool),
 }
 
 /// Everything that makes one compiled variant: also the key of the pipeline cache.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ShaderKey {
+    /// The kernel family, hence the WGSL file.
     pub kernel: Kernel,
+    /// The entry point the pipeline runs.
     pub entry_point: &'static str,
+    /// The storage type, declared as `Elem`.
     pub dtype: DType,
+    /// The prelude's constants, by WGSL name, in declaration order.
     pub constants: Vec<(&'static str, ConstValue)>,
 }
 

@@ -4,48 +4,10 @@
 //! `scaled_dot_product_attention`); the log-sum-exp is `[batch, heads, seq]` f32.
 
 use crate::context::Context;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use half::f16;
 use wgpu::util::DeviceExt;
-
-/// Storage element type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DType {
-    F32,
-    F16,
-}
-
-impl DType {
-    pub fn size(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::F16 => 2,
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-        }
-    }
-}
-
-impl std::str::FromStr for DType {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "f32" | "float32" => Ok(DType::F32),
-            "f16" | "float16" => Ok(DType::F16),
-            _ => Err(Error::DType(format!("unknown dtype '{s}': use f32 or f16"))),
-        }
-    }
-}
-
-impl std::fmt::Display for DType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// Bytes of `n` elements of `dtype`, rounded up to the 4 bytes buffers are made of.
 pub(crate) fn byte_size(n: usize, dtype: DType) -> u64 {
@@ -91,15 +53,19 @@ impl<'a> TensorView<'a> {
         Ok(Self { buffer, shape, dtype })
     }
 
+    /// The caller's buffer; it may be longer than the view.
     pub fn buffer(&self) -> &'a wgpu::Buffer {
         self.buffer
     }
+    /// The shape, outermost dimension first (row-major).
     pub fn shape(&self) -> &'a [usize] {
         self.shape
     }
+    /// The element type the buffer is read as.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+    /// Elements in the view: the product of its shape.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -168,18 +134,23 @@ impl Tensor {
     const USAGE: wgpu::BufferUsages =
         wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_SRC).union(wgpu::BufferUsages::COPY_DST);
 
+    /// The shape, outermost dimension first (row-major).
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
+    /// The element type it is stored as.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+    /// The storage buffer (usages `STORAGE | COPY_SRC | COPY_DST`), padded to a multiple of 4 bytes.
     pub fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
     }
+    /// Elements in the tensor: the product of its shape.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+    /// A borrowed view of the whole tensor, for the `encode` functions.
     pub fn view(&self) -> TensorView<'_> {
         TensorView { buffer: &self.buffer, shape: &self.shape, dtype: self.dtype }
     }

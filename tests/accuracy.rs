@@ -191,9 +191,9 @@ fn cases() -> Vec<Case> {
 }
 
 /// One GPU path (flash or naive) run on a case's tensors.
-type GpuRun = fn(&Case, &Tensor, &Tensor, &Tensor) -> wattn::Result<wattn::Output>;
+type GpuRun = fn(&Case, &Tensor, &Tensor, &Tensor) -> wattn::Result<wattn::AttentionOutput>;
 
-fn run_flash(case: &Case, q: &Tensor, k: &Tensor, v: &Tensor) -> wattn::Result<wattn::Output> {
+fn run_flash(case: &Case, q: &Tensor, k: &Tensor, v: &Tensor) -> wattn::Result<wattn::AttentionOutput> {
     let c = ctx();
     let mut config = case.config;
     if let Err(e) = config.check(c.limits(), &case.shape()) {
@@ -203,7 +203,7 @@ fn run_flash(case: &Case, q: &Tensor, k: &Tensor, v: &Tensor) -> wattn::Result<w
     wattn::attention_with(c, q, k, v, &case.options, &config)
 }
 
-fn run_naive(case: &Case, q: &Tensor, k: &Tensor, v: &Tensor) -> wattn::Result<wattn::Output> {
+fn run_naive(case: &Case, q: &Tensor, k: &Tensor, v: &Tensor) -> wattn::Result<wattn::AttentionOutput> {
     naive::attention(ctx(), q, k, v, &case.options)
 }
 

@@ -96,7 +96,7 @@ fn encode_records_into_the_callers_encoder_on_the_callers_buffers() {
         lse: view(&lse, &lse_shape),
     };
     let mut encoder = device.create_command_encoder(&Default::default());
-    flash::encode(&c, &mut encoder, &bufs, &o, &flash::FlashConfig::for_adapter(&c)).unwrap();
+    flash::encode(&c, &mut encoder, &bufs, None, &o, &flash::FlashConfig::for_adapter(&c)).unwrap();
 
     let untouched = read_f32(&device, &queue, &out);
     assert!(untouched.iter().all(|&y| y == SENTINEL), "O was written before the caller submitted");

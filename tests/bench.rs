@@ -1,4 +1,4 @@
-//! The benchmark runner: `wattn bench` and `wattn peak` end to end (their JSON, CSV and SVG),
+//! The benchmark engine: `wattn bench` and `wattn peak` end to end (their JSON, CSV and SVG),
 //! block-sparse sweeps against the dense kernel, split-KV decode against unsplit decode,
 //! the validation that guards every timed point, and the GPU timer.
 
@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 use wattn::bench::decode::{DecodeProblem, DecodeWorkload};
-use wattn::bench::runner::validate;
+use wattn::bench::prefill::validate;
 use wattn::bench::workload::{Pattern, criterion_workloads};
 use wattn::bench::{Clock, Path, Problem, Timer, Workload};
 use wattn::{AttentionOptions, DType, FlashConfig};
@@ -69,8 +69,51 @@ fn assert_positive(value: &Value, keys: &[&str], at: &str) -> usize {
     }
 }
 
-const FIGURES: &[&str] =
-    &["median_s", "min_s", "max_s", "flops_per_s", "bytes", "fraction_of_peak", "speedup", "flops", "rate", "work"];
+/// The figures of a measured prefill point with the naive baseline.
+const FIGURES: &[&str] = &[
+    "flash_median_s",
+    "flash_min_s",
+    "flash_max_s",
+    "flash_flops_per_s",
+    "flash_bytes",
+    "fraction_of_peak",
+    "naive_median_s",
+    "naive_min_s",
+    "naive_max_s",
+    "naive_flops_per_s",
+    "naive_bytes",
+    "speedup",
+    "flops",
+];
+
+/// The JSON and CSV hold the same rows: one CSV line per JSON point, the provenance and the
+/// run's settings first, then every key of the point with the same value.
+fn assert_csv_matches_json(csv: &str, points: &[Value]) {
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 1 + points.len());
+    assert!(lines[0].starts_with("wattn_version,date,adapter,backend,device_type,driver,clock,"), "{}", lines[0]);
+    let header = csv_cells(lines[0]);
+    for (line, point) in lines[1..].iter().zip(points) {
+        let cells = csv_cells(line);
+        assert_eq!(cells.len(), header.len(), "{line}");
+        let point = point.as_object().unwrap();
+        let lead = header.len() - point.len();
+        let mut columns: Vec<&String> = header[lead..].iter().collect();
+        columns.sort(); // as the parsed JSON keeps its keys
+        assert!(columns.into_iter().eq(point.keys()), "CSV columns and JSON keys: {header:?}");
+        for (key, cell) in header[lead..].iter().zip(&cells[lead..]) {
+            let want = match &point[key] {
+                Value::Null => String::new(),
+                Value::String(s) => s.clone(),
+                v => v.to_string(),
+            };
+            match (want.parse::<f64>(), cell.parse::<f64>()) {
+                (Ok(a), Ok(b)) => assert!(a == b || (a - b).abs() <= 1e-12 * a.abs(), "{key}: {want} vs {cell}"),
+                _ => assert_eq!(&want, cell, "{key}"),
+            }
+        }
+    }
+}
 
 fn assert_provenance(report: &Value) {
     assert_eq!(report["wattn_version"], env!("CARGO_PKG_VERSION"));
@@ -108,24 +151,22 @@ fn quick_bench_writes_json_csv_and_plot_with_positive_figures() {
     assert!(report["flash_config"]["block_q"].as_u64().unwrap() > 0);
     let points = report["points"].as_array().unwrap();
     let dtypes = if ctx().capabilities().shader_f16 { 2 } else { 1 };
-    let measured: Vec<&Value> = points.iter().filter(|p| p["status"] == "measured").collect();
+    let measured: Vec<Value> = points.iter().filter(|p| p["status"] == "measured").cloned().collect();
     assert_eq!(points.len(), 2 * 2 * 2, "2 seqs x 2 dtypes x causal or not");
     assert_eq!(measured.len(), 2 * 2 * dtypes, "{points:#?}");
     for p in &measured {
-        assert_eq!(p["validation"]["against"], "naive");
-        let v = &p["validation"];
-        assert!(v["max_error"].as_f64().unwrap() <= v["tolerance"].as_f64().unwrap());
-        assert!(p["naive"]["bytes"].as_u64() > p["flash"]["bytes"].as_u64(), "naive adds the score matrix");
-        assert!(p["speedup"].as_f64().is_some() && p["fraction_of_peak"].as_f64().is_some());
+        assert_eq!(p["validated_against"], "naive");
+        assert!(p["max_error"].as_f64().unwrap() <= p["tolerance"].as_f64().unwrap());
+        assert!(p["naive_bytes"].as_u64() > p["flash_bytes"].as_u64(), "naive adds the score matrix");
+        assert_eq!(p["flash_runs"], 2);
     }
-    // Every timing, rate, size and ratio, of the points and of the peak, is positive and finite.
-    let checked = assert_positive(&report, FIGURES, "report");
-    assert!(checked >= 13 * measured.len() + 15, "only {checked} figures found");
+    // Every timing, rate, size and ratio of the measured points and of the peak is positive and finite.
+    let checked = assert_positive(&Value::Array(measured.clone()), FIGURES, "points");
+    assert_eq!(checked, FIGURES.len() * measured.len(), "a figure is missing");
+    assert!(assert_positive(&report["peak"], &["rate", "work", "median_s", "min_s", "max_s"], "peak") >= 15);
 
     let csv = std::fs::read_to_string(&csv).unwrap();
-    let lines: Vec<&str> = csv.lines().collect();
-    assert_eq!(lines.len(), 1 + points.len());
-    assert!(lines[0].starts_with("wattn_version,date,adapter,"));
+    assert_csv_matches_json(&csv, points);
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert_eq!(svg.matches("<polyline").count(), 1 + 2 * dtypes, "axes + one line per series");
@@ -165,8 +206,8 @@ fn without_naive_points_are_checked_against_the_reference_and_budget_caps_are_re
     let report = read_json(&json);
     let p = &report["points"][0];
     assert_eq!(p["status"], "measured", "{p:#}");
-    assert_eq!(p["validation"]["against"], "reference");
-    assert!(p["naive"].is_null() && p["naive_skipped"].is_null() && p["speedup"].is_null());
+    assert_eq!(p["validated_against"], "reference");
+    assert!(p["naive_median_s"].is_null() && p["naive_skipped"].is_null() && p["speedup"].is_null());
     assert!(report["peak"].is_null() && p["fraction_of_peak"].is_null());
     let expected = Workload::new(
         2,
@@ -239,21 +280,20 @@ fn block_sparse_sweep_reports_speedups_against_the_dense_point() {
     let points = report["points"].as_array().unwrap();
     assert_eq!(points.len(), 1 + 5, "the dense point and five block-sparse ones: {points:#?}");
     let dense = &points[0];
-    assert!(dense["block_sparse"].is_null() && !dense["causal"].as_bool().unwrap(), "{dense:#}");
-    assert_eq!(dense["validation"]["against"], "naive", "the dense point keeps its naive baseline");
-    let dense_s = dense["flash"]["time"]["median_s"].as_f64().unwrap();
+    assert!(dense["block_pattern"].is_null() && !dense["causal"].as_bool().unwrap(), "{dense:#}");
+    assert_eq!(dense["validated_against"], "naive", "the dense point keeps its naive baseline");
+    let dense_s = dense["flash_median_s"].as_f64().unwrap();
     let block = [&report["flash_config"]["block_q"], &report["flash_config"]["block_k"]].map(|v| v.as_u64().unwrap());
     let q_blocks = 256u64.div_ceil(block[0]) as f64;
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
     let mut patterns = Vec::new();
     for p in &points[1..] {
         assert_eq!(p["status"], "measured", "{p:#}");
-        let b = &p["block_sparse"];
-        patterns.push(b["pattern"].as_str().unwrap().to_owned());
-        assert_eq!(b["block"], serde_json::json!(block), "{p:#}");
-        let density = b["density"].as_f64().unwrap();
+        patterns.push(p["block_pattern"].as_str().unwrap().to_owned());
+        assert_eq!([&p["block_q"], &p["block_k"]].map(|v| v.as_u64().unwrap()), block, "{p:#}");
+        let density = p["block_density"].as_f64().unwrap();
         assert!(density > 0.0 && density <= 1.0, "{p:#}");
-        match (b["pattern"].as_str().unwrap(), b["requested_density"].as_f64()) {
+        match (p["block_pattern"].as_str().unwrap(), p["block_requested_density"].as_f64()) {
             ("random", Some(1.0)) => assert_eq!(density, 1.0),
             ("random", Some(d)) => assert!((d / 2.0..d * 3.0).contains(&density), "{p:#}"),
             // Square causal: the blocks on and below the diagonal.
@@ -262,29 +302,27 @@ fn block_sparse_sweep_reports_speedups_against_the_dense_point() {
             other => panic!("unexpected pattern {other:?}"),
         }
         // Checked against the f64 reference with its mask (the naive path takes none), then timed.
-        assert_eq!(p["validation"]["against"], "reference");
-        assert!(p["validation"]["max_error"].as_f64().unwrap() <= p["validation"]["tolerance"].as_f64().unwrap());
-        assert!(p["naive"].is_null() && p["speedup"].is_null());
+        assert_eq!(p["validated_against"], "reference");
+        assert!(p["max_error"].as_f64().unwrap() <= p["tolerance"].as_f64().unwrap());
+        assert!(p["naive_median_s"].is_null() && p["speedup"].is_null());
         assert!(close(p["flops"].as_f64().unwrap(), dense["flops"].as_f64().unwrap() * density), "{p:#}");
-        let own_s = p["flash"]["time"]["median_s"].as_f64().unwrap();
-        let ideal = b["ideal_speedup"].as_f64().unwrap();
-        let speedup = b["speedup_vs_dense"].as_f64().unwrap();
-        assert!(close(ideal, 1.0 / density) && close(b["dense_median_s"].as_f64().unwrap(), dense_s), "{p:#}");
+        let own_s = p["flash_median_s"].as_f64().unwrap();
+        let ideal = p["ideal_speedup"].as_f64().unwrap();
+        let speedup = p["speedup_vs_dense"].as_f64().unwrap();
+        assert!(close(ideal, 1.0 / density) && close(p["dense_median_s"].as_f64().unwrap(), dense_s), "{p:#}");
         assert!(close(speedup, dense_s / own_s), "{p:#}");
-        assert!(close(b["fraction_of_ideal"].as_f64().unwrap(), speedup / ideal), "{p:#}");
+        assert!(close(p["fraction_of_ideal"].as_f64().unwrap(), speedup / ideal), "{p:#}");
     }
     patterns.sort();
     assert_eq!(patterns, ["causal", "documents", "random", "random", "window"]);
 
     let csv = std::fs::read_to_string(&csv).unwrap();
+    assert_csv_matches_json(&csv, points);
     let lines: Vec<&str> = csv.lines().collect();
-    assert_eq!(lines.len(), 1 + points.len());
-    let header: Vec<&str> = lines[0].split(',').collect();
-    let column = |name: &str| header.iter().position(|h| *h == name).unwrap_or_else(|| panic!("no column {name}"));
+    let header = csv_cells(lines[0]);
+    let column = |name: &str| header.iter().position(|h| h == name).unwrap_or_else(|| panic!("no column {name}"));
     for line in &lines[2..] {
-        let cells = csv_cells(line);
-        assert_eq!(cells.len(), header.len(), "{line}");
-        assert!(cells[column("speedup_vs_dense")].parse::<f64>().unwrap() > 0.0, "{line}");
+        assert!(csv_cells(line)[column("speedup_vs_dense")].parse::<f64>().unwrap() > 0.0, "{line}");
     }
     assert_eq!(csv_cells(lines[1])[column("block_pattern")], "", "the dense row has no pattern");
     let svg = std::fs::read_to_string(&svg).unwrap();
@@ -350,9 +388,10 @@ fn peak_reports_positive_ceilings() {
 fn decode_bench_times_split_settings_against_the_unsplit_kernel() {
     let dir = scratch("decode");
     let (json, csv, svg) = (dir.join("d.json"), dir.join("d.csv"), dir.join("d.svg"));
+    // 20 keys are one tile: 3 splits resolve to the unsplit plan there.
     #[rustfmt::skip]
     let table = wattn(&[
-        "bench", "--decode", "--quick", "--seq", "200,700", "--head-dim", "48", "--heads", "6", "--kv-heads", "2",
+        "bench", "--decode", "--quick", "--seq", "20,200,700", "--head-dim", "48", "--heads", "6", "--kv-heads", "2",
         "--queries", "2", "--splits", "1,3,auto", "--runs", "2",
         "--json", json.to_str().unwrap(), "--csv", csv.to_str().unwrap(), "--plot", svg.to_str().unwrap(),
     ]);
@@ -360,39 +399,49 @@ fn decode_bench_times_split_settings_against_the_unsplit_kernel() {
 
     let report = read_json(&json);
     assert_provenance(&report);
-    let points = report["points"].as_array().unwrap();
-    assert_eq!(points.len(), 2, "{points:#?}");
-    for (p, cache_len) in points.iter().zip([200, 700]) {
-        assert_eq!(p["status"], "measured", "{p:#}");
-        assert_eq!((p["cache_len"].as_u64(), p["queries"].as_u64()), (Some(cache_len), Some(2)));
-        assert_eq!(p["kv_bytes"].as_u64(), Some(2 * 2 * cache_len * 48 * 4), "K and V of 2 KV heads, f32");
-        let v = &p["validation"];
-        assert!(v["max_error"].as_f64().unwrap() <= v["tolerance"].as_f64().unwrap(), "{v}");
-        let settings = p["settings"].as_array().unwrap();
-        let requested: Vec<&Value> = settings.iter().map(|s| &s["requested"]).collect();
+    let rows = report["points"].as_array().unwrap();
+    assert_eq!(rows.len(), 3 * 3, "a row per point and split setting: {rows:#?}");
+    for (settings, cache_len) in rows.chunks(3).zip([20, 200, 700]) {
+        let requested: Vec<&Value> = settings.iter().map(|s| &s["requested_splits"]).collect();
         assert_eq!(requested, [&Value::from(1), &Value::from(3), &Value::Null]);
-        assert_eq!(settings[0]["splits"], 1);
-        assert_eq!(settings[1]["splits"], 3, "three tiles of keys or more: the request stands");
-        assert_eq!(settings[0]["speedup_vs_unsplit"].as_f64(), Some(1.0));
+        let unsplit = &settings[0];
+        assert_eq!((unsplit["splits"].as_u64(), unsplit["speedup_vs_unsplit"].as_f64()), (Some(1), Some(1.0)));
+        let expected_splits = if cache_len == 20 { 1 } else { 3 };
+        assert_eq!(settings[1]["splits"], expected_splits, "a request stands up to one split per tile of keys");
         for s in settings {
+            assert_eq!(s["status"], "measured", "{s:#}");
+            assert_eq!((s["cache_len"].as_u64(), s["queries"].as_u64()), (Some(cache_len), Some(2)));
+            assert_eq!(s["kv_bytes"].as_u64(), Some(2 * 2 * cache_len * 48 * 4), "K and V of 2 KV heads, f32");
+            assert!(s["max_error"].as_f64().unwrap() <= s["tolerance"].as_f64().unwrap(), "{s}");
             let bytes_per_s = s["bytes_per_s"].as_f64().unwrap();
-            let median = s["time"]["median_s"].as_f64().unwrap();
-            assert!((bytes_per_s * median / p["kv_bytes"].as_f64().unwrap() - 1.0).abs() < 1e-9, "{s}");
+            let median = s["median_s"].as_f64().unwrap();
+            assert!((bytes_per_s * median / s["kv_bytes"].as_f64().unwrap() - 1.0).abs() < 1e-9, "{s}");
+            let mut figures = vec!["median_s", "min_s", "max_s", "bytes_per_s", "fraction_of_copy", "kv_bytes"];
+            // One split is one plan: another setting that makes it is no speed-up, whatever its time.
+            if s == unsplit {
+                assert!(s["same_plan_as"].is_null(), "{s}");
+            } else if s["splits"] == 1 {
+                assert_eq!(s["same_plan_as"], "1", "{s}");
+                assert!(s["speedup_vs_unsplit"].is_null(), "a ratio of one plan's timings: {s}");
+            } else {
+                figures.push("speedup_vs_unsplit");
+            }
+            assert_eq!(assert_positive(s, &figures, "setting"), figures.len(), "{s}");
         }
     }
-    let figures = ["median_s", "min_s", "max_s", "bytes_per_s", "fraction_of_copy", "speedup_vs_unsplit", "kv_bytes"];
-    assert!(assert_positive(&report["points"], &figures, "points") >= 2 * 3 * 6 + 2);
+    let same_plan = |setting: &str| {
+        let line = table.lines().find(|l| l.contains(" 20 ") && l.contains(&format!(" {setting} "))).unwrap();
+        line.contains("same plan as 1") && !line.contains('x')
+    };
+    assert!(same_plan("3 (1)") && same_plan("auto (1)"), "{table}");
 
     let csv = std::fs::read_to_string(&csv).unwrap();
+    assert_csv_matches_json(&csv, rows);
     let lines: Vec<&str> = csv.lines().collect();
-    assert_eq!(lines.len(), 1 + 2 * 3, "a row per point and split setting");
     let header = csv_cells(lines[0]);
     let column = |name: &str| header.iter().position(|h| h == name).unwrap();
     for line in &lines[1..] {
-        let cells = csv_cells(line);
-        assert_eq!(cells.len(), header.len(), "{line}");
-        assert_eq!(cells[column("status")], "measured");
-        assert!(cells[column("peak_copy_bytes_per_s")].parse::<f64>().unwrap() > 0.0);
+        assert!(csv_cells(line)[column("peak_copy_bytes_per_s")].parse::<f64>().unwrap() > 0.0);
     }
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert_eq!(svg.matches("<polyline").count(), 1 + 3, "axes + one line per split setting");

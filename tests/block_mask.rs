@@ -295,7 +295,7 @@ fn shape(batch: usize, heads: (usize, usize), lens: (usize, usize), d: usize) ->
     AttentionShape { batch, q_heads: heads.0, kv_heads: heads.1, n_q: lens.0, n_k: lens.1, d_qk: d, d_v: d }
 }
 
-fn download(ctx: &Context, out: &wattn::Output) -> (Vec<f32>, Vec<f32>) {
+fn download(ctx: &Context, out: &wattn::AttentionOutput) -> (Vec<f32>, Vec<f32>) {
     (out.out.to_f32(ctx).unwrap(), out.lse.to_f32(ctx).unwrap())
 }
 
@@ -522,7 +522,7 @@ fn an_uploaded_mask_serves_many_launches() {
         let out = Tensor::zeros(c, &s.out_shape(), DType::F32).unwrap();
         let lse = Tensor::zeros(c, &s.lse_shape(), DType::F32).unwrap();
         let bufs = AttentionBuffers { q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view() };
-        flash::encode_masked(c, &mut encoder, &bufs, &gpu_mask, &AttentionOptions::default(), &config).unwrap();
+        flash::encode(c, &mut encoder, &bufs, Some(&gpu_mask), &AttentionOptions::default(), &config).unwrap();
         results.push((q, k, v, out, lse));
     }
     c.submit_and_wait(encoder).unwrap();
@@ -554,7 +554,7 @@ fn bad_launches_are_errors() {
         Err(Error::Limit { .. })
     ));
 
-    // encode_masked with tiles other than the mask's blocks.
+    // encode with a mask and tiles other than the mask's blocks.
     let other =
         BlockMask::new(&Mask::causal(), 40, 50, BlockSize::new(block.q, block.k * 2)).unwrap().upload(c).unwrap();
     let out = Tensor::zeros(c, &s.out_shape(), DType::F32).unwrap();
@@ -562,7 +562,7 @@ fn bad_launches_are_errors() {
     let bufs = AttentionBuffers { q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view() };
     let mut encoder = c.device().create_command_encoder(&Default::default());
     let config = FlashConfig::for_adapter(c);
-    let e = err(flash::encode_masked(c, &mut encoder, &bufs, &other, &AttentionOptions::default(), &config));
+    let e = err(flash::encode(c, &mut encoder, &bufs, Some(&other), &AttentionOptions::default(), &config));
     assert!(e.contains("with_block_size"), "{e}");
 }
 

@@ -1,5 +1,5 @@
 //! The `wattn` binary end to end: .npy files written here (with this file's own minimal
-//! .npy writer and reader, independent of `wattn::npy`), results compared with the f64
+//! .npy writer and reader, independent of `wattn::cli::npy`), results compared with the f64
 //! reference (block-sparse runs with their masks written out here as plain predicates),
 //! and every kind of bad input refused with one line and no output file.
 

@@ -12,7 +12,13 @@ fn zeros(c: &Context, shape: &[usize], dtype: DType) -> Tensor {
 }
 
 /// Flash attention on zero tensors of the given shapes and dtype.
-fn attend(q: &[usize], k: &[usize], v: &[usize], dtype: DType, o: &AttentionOptions) -> wattn::Result<wattn::Output> {
+fn attend(
+    q: &[usize],
+    k: &[usize],
+    v: &[usize],
+    dtype: DType,
+    o: &AttentionOptions,
+) -> wattn::Result<wattn::AttentionOutput> {
     let c = ctx();
     wattn::attention(c, &zeros(c, q, dtype), &zeros(c, k, dtype), &zeros(c, v, dtype), o)
 }
@@ -125,7 +131,7 @@ fn encode_with_outputs(out_shape: &[usize], lse_shape: &[usize], lse_dtype: DTyp
     let lse = zeros(c, lse_shape, lse_dtype);
     let bufs = AttentionBuffers { q: q.view(), k: q.view(), v: q.view(), out: out.view(), lse: lse.view() };
     let mut encoder = c.device().create_command_encoder(&Default::default());
-    let result = flash::encode(c, &mut encoder, &bufs, &AttentionOptions::default(), &FlashConfig::PORTABLE);
+    let result = flash::encode(c, &mut encoder, &bufs, None, &AttentionOptions::default(), &FlashConfig::PORTABLE);
     refused(result, &format!("O {out_shape:?}, LSE {lse_shape:?} {lse_dtype}"))
 }
 
@@ -230,7 +236,7 @@ fn tensors_beyond_the_binding_limit_are_refused() {
         (zeros(&c, &v_shape, DType::F32), zeros(&c, &v_shape, DType::F32), zeros(&c, &v_shape[..3], DType::F32));
     let bufs = AttentionBuffers { q: qk, k: qk, v: v.view(), out: out.view(), lse: lse.view() };
     let mut encoder = c.device().create_command_encoder(&Default::default());
-    let result = flash::encode(&c, &mut encoder, &bufs, &AttentionOptions::default(), &FlashConfig::PORTABLE);
+    let result = flash::encode(&c, &mut encoder, &bufs, None, &AttentionOptions::default(), &FlashConfig::PORTABLE);
     let e = refused(result, "a caller's buffer over the binding limit");
     assert!(
         matches!(e, Error::Limit { limit: "max_storage_buffer_binding_size", needed, .. } if needed == 4 * 32 * n as u64),

@@ -6,10 +6,9 @@ mod kv_model;
 
 use common::{Rng, ctx};
 use kv_model::{Harness, Model, assert_matches};
+use wattn::bench::stream::{Stream, StreamSpec};
 use wattn::kv::cache::EMPTY_SLOT;
-use wattn::kv::{
-    DecodeOptions, EvictionPolicy, KvCache, KvCacheConfig, PositionMode, Rope, RopeLayout, Stream, StreamSpec,
-};
+use wattn::kv::{DecodeOptions, EvictionPolicy, KvCache, KvCacheConfig, PositionMode, Rope, RopeLayout};
 use wattn::{DType, Error, Tensor};
 
 /// Tokens per step, cycled: single-token decode mostly, with chunks that attend causally to themselves.

@@ -87,7 +87,7 @@ fn check_kernel(
     }
 }
 
-fn download(c: &Context, out: &wattn::Output) -> Outputs {
+fn download(c: &Context, out: &wattn::AttentionOutput) -> Outputs {
     (out.out.to_f32(c).unwrap(), out.lse.to_f32(c).unwrap())
 }
 

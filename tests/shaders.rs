@@ -6,10 +6,10 @@ use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
 use std::mem::{offset_of, size_of};
 use wattn::attention::flash::{self, FlashParams};
+use wattn::dtype::DType;
 use wattn::kv::{cache::KvParams, combine::CombineParams, decode::DecodeParams};
 use wattn::naive;
 use wattn::shader::{Kernel, ShaderKey, every_variant};
-use wattn::tensor::DType;
 
 fn parse_and_validate(key: &ShaderKey) -> Result<(naga::Module, ModuleInfo), String> {
     let source = key.source();

@@ -54,15 +54,36 @@ fn number(value: &Value, at: &str) -> f64 {
     value.as_f64().unwrap_or_else(|| panic!("{at} is not a number: {value}"))
 }
 
-/// Checks one run of the JSON: buckets that tile positions 0..steps_run in order, positive
-/// finite figures, cache lengths as the capacity allows, and the headline; returns the
-/// memory of each bucket.
-fn check_run(run: &Value, report_every: u64) -> Vec<u64> {
-    let label = run["label"].as_str().unwrap();
-    let capacity = run["spec"]["capacity"].as_u64().unwrap();
+/// The spec columns every run row and every bucket row of a run carry.
+const SPEC: [&str; 13] = [
+    "policy",
+    "sinks",
+    "recent",
+    "capacity",
+    "layers",
+    "batch",
+    "q_heads",
+    "kv_heads",
+    "head_dim",
+    "dtype",
+    "positions",
+    "rope_base",
+    "requested_splits",
+];
+
+/// Checks run `index` of the JSON: its buckets (the points carrying its label and spec) tile
+/// positions 0..steps_run in order, with positive finite figures and cache lengths as the
+/// capacity allows, and its headline; returns the memory of each bucket.
+fn check_run(json: &Value, index: usize, report_every: u64) -> Vec<u64> {
+    let run = &json["runs"][index];
+    let label = run["run"].as_str().unwrap();
+    let capacity = run["capacity"].as_u64().unwrap();
     let steps_run = run["steps_run"].as_u64().unwrap();
-    let buckets = run["buckets"].as_array().unwrap();
+    let buckets: Vec<&Value> = json["points"].as_array().unwrap().iter().filter(|b| b["run"] == label).collect();
     assert_eq!(buckets.len() as u64, steps_run.div_ceil(report_every), "{label}: bucket count");
+    for b in &buckets {
+        assert!(SPEC.iter().all(|k| b[k] == run[k]), "{label}: a bucket's spec differs from its run's: {b}");
+    }
     let mut next = 0;
     let mut memory = Vec::new();
     for (i, b) in buckets.iter().enumerate() {
@@ -71,29 +92,30 @@ fn check_run(run: &Value, report_every: u64) -> Vec<u64> {
         assert_eq!(first, next, "{at}: buckets must follow each other");
         assert_eq!(last, (first + report_every).min(steps_run) - 1, "{at}: last position");
         next = last + 1;
-        let time = &b["time"];
-        let [median, min, max] = ["median_s", "min_s", "max_s"].map(|k| number(&time[k], &format!("{at} {k}")));
-        assert!(min.is_finite() && min > 0.0 && min <= median && median <= max && max.is_finite(), "{at}: {time}");
-        assert_eq!(time["runs"].as_u64().unwrap(), last - first + 1, "{at}: steps in the bucket");
+        let [median, min, max] = ["median_s", "min_s", "max_s"].map(|k| number(&b[k], &format!("{at} {k}")));
+        assert!(min.is_finite() && min > 0.0 && min <= median && median <= max && max.is_finite(), "{at}: {b}");
+        assert_eq!(b["runs"].as_u64().unwrap(), last - first + 1, "{at}: steps in the bucket");
         assert_eq!(b["cache_len"].as_u64().unwrap(), (last + 1).min(capacity), "{at}: cache length");
         assert!(b["splits"].as_u64().unwrap() >= 1, "{at}: splits");
         memory.push(b["memory_bytes"].as_u64().filter(|&m| m > 0).unwrap_or_else(|| panic!("{at}: memory")));
     }
     assert_eq!(next, steps_run, "{label}: buckets must cover every step");
-    let h = &run["headline"];
-    let ratio = number(&h["end_over_reference"], "end_over_reference");
+    let ratio = number(&run["end_over_reference"], "end_over_reference");
     assert!(ratio.is_finite() && ratio > 0.0, "{label}: ratio {ratio}");
-    assert_eq!(h["end"]["last_position"].as_u64().unwrap(), steps_run - 1, "{label}: headline end");
-    assert_eq!(h["memory_bytes_at_end"].as_u64().unwrap(), *memory.last().unwrap(), "{label}: memory at the end");
+    assert_eq!(run["end_last_position"].as_u64().unwrap(), steps_run - 1, "{label}: headline end");
+    assert_eq!(run["memory_bytes_at_end"].as_u64().unwrap(), *memory.last().unwrap(), "{label}: memory at the end");
     memory
 }
 
 #[test]
 fn streaming_reports_buckets_headline_and_constant_memory() {
     let dir = scratch("plot");
-    let svg = dir.join("s.svg");
-    let (stdout, json) =
-        run_ok("streaming", &["--steps", "300", "--report-every", "25", "--plot", svg.to_str().unwrap()]);
+    let (svg, csv) = (dir.join("s.svg"), dir.join("s.csv"));
+    #[rustfmt::skip]
+    let (stdout, json) = run_ok(
+        "streaming",
+        &["--steps", "300", "--report-every", "25", "--plot", svg.to_str().unwrap(), "--csv", csv.to_str().unwrap()],
+    );
     assert_eq!(json["wattn_version"], env!("CARGO_PKG_VERSION"));
     let date = json["date"].as_str().unwrap();
     assert!(date.len() == 20 && date.ends_with('Z') && date.as_bytes()[10] == b'T', "date {date}");
@@ -105,30 +127,45 @@ fn streaming_reports_buckets_headline_and_constant_memory() {
     let runs = json["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 1);
     let run = &runs[0];
-    let spec = &run["spec"];
     for (key, want) in
         [("sinks", 4), ("recent", 28), ("capacity", 32), ("q_heads", 4), ("kv_heads", 2), ("head_dim", 32)]
     {
-        assert_eq!(spec[key], want, "spec.{key}");
+        assert_eq!(run[key], want, "{key}");
     }
-    assert_eq!(spec["policy"], "streaming");
-    assert_eq!(spec["positions"], "absolute");
-    assert!(spec["splits"].is_null(), "splits are automatic by default");
+    assert_eq!(run["policy"], "streaming");
+    assert_eq!(run["positions"], "absolute");
+    assert!(run["requested_splits"].is_null(), "splits are automatic by default");
     assert_eq!((run["steps_requested"].as_u64(), run["steps_run"].as_u64()), (Some(300), Some(300)));
-    assert!(run["stopped"].is_null());
+    assert!(run["stopped_position"].is_null() && run["stopped_reason"].is_null());
 
-    let memory = check_run(run, 25);
+    let memory = check_run(&json, 0, 25);
     // The cache fills at position 31; from the next bucket on nothing may grow.
-    assert_eq!(run["headline"]["cache_full_at"], 31);
-    assert_eq!(run["headline"]["memory_constant"], true);
+    assert_eq!(run["cache_full_at"], 31);
+    assert_eq!(run["memory_constant"], true);
     assert!(memory[2..].iter().all(|&m| m == memory[1]), "memory changed while streaming: {memory:?}");
-    let reference = &run["headline"]["reference"];
     assert!(
-        reference["first_position"].as_u64().unwrap() <= 149 && reference["last_position"].as_u64().unwrap() >= 149
+        run["reference_first_position"].as_u64().unwrap() <= 149
+            && run["reference_last_position"].as_u64().unwrap() >= 149
     );
 
     assert!(stdout.contains("end / reference =") && stdout.contains("constant from position 31"), "{stdout}");
     assert_eq!(stdout.lines().filter(|l| l.starts_with("275-299 ")).count(), 1, "no last bucket row:\n{stdout}");
+    // The CSV holds the JSON's points, each line opened by the provenance.
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    let points = json["points"].as_array().unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 1 + points.len());
+    assert!(lines[0].starts_with("wattn_version,date,adapter,"), "{csv}");
+    // The last columns are the points' keys (which the parsed JSON keeps sorted).
+    let mut columns: Vec<&str> = lines[0].split(',').rev().take(points[0].as_object().unwrap().len()).collect();
+    columns.sort();
+    assert!(columns.iter().eq(points[0].as_object().unwrap().keys()), "{csv}");
+    // Counted from the end: the adapter's name may hold a comma (a quoted field).
+    let median = lines[0].split(',').rev().position(|c| c == "median_s").unwrap();
+    for (line, point) in lines[1..].iter().zip(points) {
+        let cell: f64 = line.split(',').rev().nth(median).unwrap().parse().unwrap();
+        assert_eq!(cell, point["median_s"].as_f64().unwrap(), "{line}");
+    }
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert_eq!(svg.matches("<polyline").count(), 2, "axes + one line");
@@ -145,32 +182,29 @@ fn compare_h2o_and_reindexed_runs_succeed() {
     assert_eq!(json["report_every"], 2, "default: steps / 50");
     let runs = json["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 2);
-    assert_eq!((&runs[1]["spec"]["policy"], &runs[1]["spec"]["capacity"]), (&"none".into(), &100.into()));
-    for run in runs {
-        check_run(run, 2);
+    assert_eq!((&runs[1]["policy"], &runs[1]["capacity"]), (&"none".into(), &100.into()));
+    for index in 0..runs.len() {
+        check_run(&json, index, 2);
     }
-    assert_eq!(runs[1]["headline"]["cache_full_at"], 99);
+    assert_eq!(runs[1]["cache_full_at"], 99);
     assert_eq!(std::fs::read_to_string(&svg).unwrap().matches("<polyline").count(), 3, "axes + two lines");
 
     let (_, json) = run_ok("h2o", &["--steps", "80", "--policy", "h2o", "--report-every", "10"]);
     let run = &json["runs"][0];
-    assert_eq!(
-        (&run["spec"]["policy"], &run["spec"]["recent"], &run["spec"]["capacity"]),
-        (&"h2o".into(), &14.into(), &32.into())
-    );
-    check_run(run, 10);
+    assert_eq!((&run["policy"], &run["recent"], &run["capacity"]), (&"h2o".into(), &14.into(), &32.into()));
+    check_run(&json, 0, 10);
 
     let (_, json) = run_ok(
         "reindexed",
         &["--steps", "80", "--positions", "reindexed", "--splits", "2", "--layers", "2", "--batch", "2"],
     );
-    let spec = &json["runs"][0]["spec"];
+    let spec = &json["runs"][0];
     assert_eq!(
-        (&spec["positions"], &spec["rope_base"], &spec["splits"]),
+        (&spec["positions"], &spec["rope_base"], &spec["requested_splits"]),
         (&"reindexed".into(), &10000.0.into(), &2.into())
     );
     assert_eq!(json["report_every"], 1, "at least one position per bucket");
-    check_run(&json["runs"][0], 1);
+    check_run(&json, 0, 1);
 }
 
 /// Policy none never evicts: the stream stops at the full cache, says where, and keeps its
@@ -180,11 +214,11 @@ fn policy_none_stops_cleanly_at_a_full_cache() {
     let (stdout, json) =
         run_ok("none", &["--policy", "none", "--window", "60", "--steps", "200", "--report-every", "50"]);
     let run = &json["runs"][0];
-    assert_eq!(run["spec"]["capacity"], 64);
+    assert_eq!(run["capacity"], 64);
     assert_eq!((run["steps_requested"].as_u64(), run["steps_run"].as_u64()), (Some(200), Some(64)));
-    assert_eq!(run["stopped"]["position"], 64);
-    assert!(run["stopped"]["reason"].as_str().unwrap().contains("KV cache full"), "{}", run["stopped"]);
-    check_run(run, 50);
+    assert_eq!(run["stopped_position"], 64);
+    assert!(run["stopped_reason"].as_str().unwrap().contains("KV cache full"), "{run}");
+    check_run(&json, 0, 50);
     assert!(stdout.contains("stopped at position 64: KV cache full"), "{stdout}");
 }
 

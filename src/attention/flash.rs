@@ -5,10 +5,10 @@
 use super::{AttentionBuffers, AttentionOptions, AttentionShape};
 use crate::context::Context;
 use crate::dispatch::{bind_buffers, check_grid, uniform_buffer};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::mask::{BlockSize, GpuBlockMask};
 use crate::shader::{ConstValue, Kernel, ShaderKey, workgroup_array_bytes};
-use crate::tensor::DType;
 use crate::tensor::check_binding_size;
 
 /// Uniform parameters of `flash_fwd.wgsl` and `naive.wgsl`.
@@ -16,30 +16,50 @@ use crate::tensor::check_binding_size;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct FlashParams {
+    /// B.
     pub batch: u32,
+    /// Hq.
     pub q_heads: u32,
+    /// Hkv.
     pub kv_heads: u32,
+    /// Nq.
     pub n_q: u32,
+    /// Nk.
     pub n_k: u32,
+    /// Dqk, the head dim of Q and K.
     pub d_qk: u32,
+    /// Dv, the head dim of V and O.
     pub d_v: u32,
+    /// Attention sinks: the first `sinks` keys are exempt from the window's left bound.
     pub sinks: u32,
+    /// Keys visible left of the diagonal (i + Nk - Nq); -1 = unbounded.
     pub window_left: i32,
+    /// Keys visible right of the diagonal, with causality folded in (0 when causal); -1 = unbounded.
     pub window_right: i32,
+    /// Softmax scale, resolved (1/sqrt(Dqk) by default).
     pub scale: f32,
+    /// Logit softcap; 0 = none.
     pub softcap: f32,
-    /// This pass's keys, `[key_begin, key_end)` (see [`FlashConfig::keys_per_pass`]).
+    /// This pass's keys, `[key_begin, key_end)` (see [`FlashConfig::keys_per_pass`]); `key_begin`
+    /// is a multiple of the key tile.
     pub key_begin: u32,
+    /// End (exclusive) of this pass's keys.
     pub key_end: u32,
     /// [`FIRST_PASS`] | [`LAST_PASS`].
     pub pass_flags: u32,
+    /// Pads the struct to a multiple of 16 bytes; always 0.
     pub _pad: u32,
 }
 
+/// [`FlashParams::pass_flags`] bit: the pass starts each row's softmax state afresh instead of
+/// loading the previous pass's.
 pub const FIRST_PASS: u32 = 1;
+/// [`FlashParams::pass_flags`] bit: the pass normalises and writes O and LSE instead of
+/// storing the state for the next pass.
 pub const LAST_PASS: u32 = 2;
 
 impl FlashParams {
+    /// The parameters of a single pass over all `shape.n_k` keys.
     pub fn new(shape: &AttentionShape, options: &AttentionOptions) -> Self {
         let (window_left, window_right) = options.effective_window();
         Self {
@@ -214,21 +234,6 @@ impl Variant {
     }
 }
 
-/// The pipeline key of the dense flash kernel for this configuration, dtype and shape.
-pub fn shader_key(config: &FlashConfig, limits: &wgpu::Limits, dtype: DType, shape: &AttentionShape) -> ShaderKey {
-    variant_key(config, limits, dtype, shape, false)
-}
-
-/// The pipeline key of the block-sparse flash kernel (see [`encode_masked`]).
-pub fn masked_shader_key(
-    config: &FlashConfig,
-    limits: &wgpu::Limits,
-    dtype: DType,
-    shape: &AttentionShape,
-) -> ShaderKey {
-    variant_key(config, limits, dtype, shape, true)
-}
-
 fn variant_key(
     config: &FlashConfig,
     limits: &wgpu::Limits,
@@ -256,32 +261,12 @@ fn variant_key(
 
 /// Records the flash forward into `encoder` on the caller's buffers. Nothing is
 /// submitted and nothing is read back.
+///
+/// With a `mask` ([`crate::BlockMask::upload`]) the kernel visits only the key blocks the
+/// mask lists, testing elements only in its partial blocks; the tiles of `config` must be
+/// the mask's blocks ([`FlashConfig::with_block_size`]). The dense options (causal, window,
+/// sinks) apply on top, element by element: express them in the mask to skip their tiles.
 pub fn encode(
-    ctx: &Context,
-    encoder: &mut wgpu::CommandEncoder,
-    bufs: &AttentionBuffers<'_>,
-    options: &AttentionOptions,
-    config: &FlashConfig,
-) -> Result<()> {
-    record(ctx, encoder, bufs, None, options, config)
-}
-
-/// [`encode`] visiting only the key blocks `mask` lists, testing elements only in its
-/// partial blocks. Dense options (causal, window, sinks) still apply on top, element by
-/// element; express them in the mask to skip their tiles. The tiles of `config` must be
-/// the mask's blocks ([`FlashConfig::with_block_size`]).
-pub fn encode_masked(
-    ctx: &Context,
-    encoder: &mut wgpu::CommandEncoder,
-    bufs: &AttentionBuffers<'_>,
-    mask: &GpuBlockMask,
-    options: &AttentionOptions,
-    config: &FlashConfig,
-) -> Result<()> {
-    record(ctx, encoder, bufs, Some(mask), options, config)
-}
-
-fn record(
     ctx: &Context,
     encoder: &mut wgpu::CommandEncoder,
     bufs: &AttentionBuffers<'_>,

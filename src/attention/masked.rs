@@ -2,7 +2,7 @@
 //! [`crate::mask`], which itself knows nothing of them.
 
 use super::flash::{self, FlashConfig};
-use super::{AttentionBuffers, AttentionOptions, AttentionShape, Output, alloc_output};
+use super::{AttentionBuffers, AttentionOptions, AttentionOutput, AttentionShape, alloc_output};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::mask::{BlockMask, BlockSize, GpuBlockMask, Mask};
@@ -69,14 +69,14 @@ pub fn attention_masked(
     v: &Tensor,
     mask: &BlockMask,
     options: &AttentionOptions,
-) -> Result<Output> {
+) -> Result<AttentionOutput> {
     let config = FlashConfig::for_adapter(ctx).with_block_size(mask.block_size());
     let output = alloc_output(ctx, q, k, v)?;
     let gpu_mask = mask.upload(ctx)?;
     let bufs =
         AttentionBuffers { q: q.view(), k: k.view(), v: v.view(), out: output.out.view(), lse: output.lse.view() };
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
-    flash::encode_masked(ctx, &mut encoder, &bufs, &gpu_mask, options, &config)?;
+    flash::encode(ctx, &mut encoder, &bufs, Some(&gpu_mask), options, &config)?;
     ctx.queue().submit([encoder.finish()]);
     Ok(output)
 }

@@ -8,8 +8,9 @@ pub mod naive;
 pub use masked::attention_masked;
 
 use crate::context::Context;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor, TensorView, byte_size, check_binding_size, check_u32_indexing};
+use crate::tensor::{Tensor, TensorView, byte_size, check_binding_size, check_u32_indexing};
 
 /// Largest head dim (of Q/K and of V) the kernels take.
 pub const MAX_HEAD_DIM: usize = 256;
@@ -39,6 +40,7 @@ impl Default for AttentionOptions {
 }
 
 impl AttentionOptions {
+    /// Causal attention with every other option at its default.
     pub fn causal() -> Self {
         Self { causal: true, ..Self::default() }
     }
@@ -50,6 +52,7 @@ impl AttentionOptions {
         (left, right)
     }
 
+    /// The softmax scale for Q/K head dim `d_qk`: [`Self::scale`], or 1/sqrt(`d_qk`).
     pub fn scale_for(&self, d_qk: usize) -> f32 {
         self.scale.unwrap_or(1.0 / (d_qk as f32).sqrt())
     }
@@ -76,6 +79,8 @@ impl AttentionOptions {
         s
     }
 
+    /// [`Error::Option`] for a window side below -1, a non-finite scale, or a softcap that is
+    /// negative or not finite.
     pub fn validate(&self) -> Result<()> {
         let (l, r) = self.window;
         if l < -1 || r < -1 {
@@ -96,12 +101,19 @@ impl AttentionOptions {
 /// The sizes of one attention problem, checked for consistency.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionShape {
+    /// B, shared by Q, K and V.
     pub batch: usize,
+    /// Hq, a multiple of `kv_heads`.
     pub q_heads: usize,
+    /// Hkv (of K and V).
     pub kv_heads: usize,
+    /// Nq, the query length.
     pub n_q: usize,
+    /// Nk, the key length (of K and V).
     pub n_k: usize,
+    /// Dqk, the head dim of Q and K.
     pub d_qk: usize,
+    /// Dv, the head dim of V and O.
     pub d_v: usize,
 }
 
@@ -136,12 +148,15 @@ impl AttentionShape {
         Ok(Self { batch: q[0], q_heads: q[1], kv_heads: k[1], n_q: q[2], n_k: k[2], d_qk: q[3], d_v: v[3] })
     }
 
+    /// Q's shape, `[B, Hq, Nq, Dqk]`.
     pub fn q_shape(&self) -> [usize; 4] {
         [self.batch, self.q_heads, self.n_q, self.d_qk]
     }
+    /// O's shape, `[B, Hq, Nq, Dv]`.
     pub fn out_shape(&self) -> [usize; 4] {
         [self.batch, self.q_heads, self.n_q, self.d_v]
     }
+    /// LSE's shape, `[B, Hq, Nq]`.
     pub fn lse_shape(&self) -> [usize; 3] {
         [self.batch, self.q_heads, self.n_q]
     }
@@ -150,10 +165,15 @@ impl AttentionShape {
 /// The buffers of one attention call: inputs Q, K, V and outputs O (Q's dtype) and LSE (f32).
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionBuffers<'a> {
+    /// Queries, `[B, Hq, Nq, Dqk]`.
     pub q: TensorView<'a>,
+    /// Keys, `[B, Hkv, Nk, Dqk]`.
     pub k: TensorView<'a>,
+    /// Values, `[B, Hkv, Nk, Dv]`.
     pub v: TensorView<'a>,
+    /// Output O, `[B, Hq, Nq, Dv]`, written by the kernel.
     pub out: TensorView<'a>,
+    /// Log-sum-exp (natural log), `[B, Hq, Nq]` f32, written by the kernel.
     pub lse: TensorView<'a>,
 }
 
@@ -194,15 +214,17 @@ impl AttentionBuffers<'_> {
 
 /// The result of [`attention`]: O `[B, Hq, Nq, Dv]` in Q's dtype, LSE `[B, Hq, Nq]` f32
 /// (natural log; -inf for rows that see no key).
-pub struct Output {
+pub struct AttentionOutput {
+    /// O, `[B, Hq, Nq, Dv]` in Q's dtype.
     pub out: Tensor,
+    /// LSE, `[B, Hq, Nq]` f32.
     pub lse: Tensor,
 }
 
 /// Allocates O and LSE for inputs of `shape`.
-pub(crate) fn alloc_output(ctx: &Context, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Output> {
+pub(crate) fn alloc_output(ctx: &Context, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttentionOutput> {
     let shape = AttentionShape::from_shapes(q.shape(), k.shape(), v.shape())?;
-    Ok(Output {
+    Ok(AttentionOutput {
         out: Tensor::zeros(ctx, &shape.out_shape(), q.dtype())?,
         lse: Tensor::zeros(ctx, &shape.lse_shape(), DType::F32)?,
     })
@@ -210,7 +232,13 @@ pub(crate) fn alloc_output(ctx: &Context, q: &Tensor, k: &Tensor, v: &Tensor) ->
 
 /// Flash attention on tensors wattn owns: records, submits, and returns O and LSE.
 /// Uses the [`flash::FlashConfig`] chosen for this adapter.
-pub fn attention(ctx: &Context, q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> Result<Output> {
+pub fn attention(
+    ctx: &Context,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    options: &AttentionOptions,
+) -> Result<AttentionOutput> {
     let config = flash::FlashConfig::for_adapter(ctx);
     attention_with(ctx, q, k, v, options, &config)
 }
@@ -223,12 +251,12 @@ pub fn attention_with(
     v: &Tensor,
     options: &AttentionOptions,
     config: &flash::FlashConfig,
-) -> Result<Output> {
+) -> Result<AttentionOutput> {
     let output = alloc_output(ctx, q, k, v)?;
     let bufs =
         AttentionBuffers { q: q.view(), k: k.view(), v: v.view(), out: output.out.view(), lse: output.lse.view() };
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
-    flash::encode(ctx, &mut encoder, &bufs, options, config)?;
+    flash::encode(ctx, &mut encoder, &bufs, None, options, config)?;
     ctx.queue().submit([encoder.finish()]);
     Ok(output)
 }

@@ -2,12 +2,13 @@
 //! Benchmarks measure the flash kernel against it.
 
 use super::flash::FlashParams;
-use super::{AttentionBuffers, AttentionOptions, Output, alloc_output};
+use super::{AttentionBuffers, AttentionOptions, AttentionOutput, AttentionShape, alloc_output};
 use crate::context::Context;
 use crate::dispatch::{bind_buffers, check_grid, uniform_buffer};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::shader::{ConstValue, Kernel, ShaderKey};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 
 const WORKGROUP: u32 = 64;
 /// Softmax rows are spread over (x, y) so that any row count fits the grid.
@@ -25,9 +26,9 @@ pub fn shader_keys() -> Vec<ShaderKey> {
     [DType::F32, DType::F16].iter().flat_map(|&d| ENTRY_POINTS.iter().map(move |e| key(e, d))).collect()
 }
 
-/// Bytes of the score matrix for `bufs`' shapes.
-pub fn scores_bytes(q: &[usize], k: &[usize]) -> u64 {
-    (q[0] * q[1] * q[2]) as u64 * k[2] as u64 * 4
+/// Bytes of the f32 score matrix `[B, Hq, Nq, Nk]` of `shape`.
+pub fn scores_bytes(shape: &AttentionShape) -> u64 {
+    (shape.batch * shape.q_heads * shape.n_q) as u64 * shape.n_k as u64 * 4
 }
 
 /// Records the three passes. `scores` must hold `B * Hq * Nq * Nk` f32.
@@ -40,7 +41,7 @@ pub fn encode(
 ) -> Result<()> {
     options.validate()?;
     let shape = bufs.validate(ctx)?;
-    let needed = scores_bytes(bufs.q.shape(), bufs.k.shape());
+    let needed = scores_bytes(&shape);
     if scores.size() < needed {
         return Err(Error::Shape(format!("score buffer has {} bytes, needs {needed}", scores.size())));
     }
@@ -90,8 +91,8 @@ pub fn encode(
 }
 
 /// Allocates the score matrix, checking it against the adapter's limits first.
-pub fn alloc_scores(ctx: &Context, q: &[usize], k: &[usize]) -> Result<wgpu::Buffer> {
-    let bytes = scores_bytes(q, k);
+pub fn alloc_scores(ctx: &Context, shape: &AttentionShape) -> Result<wgpu::Buffer> {
+    let bytes = scores_bytes(shape);
     crate::tensor::check_binding_size(ctx, "naive score matrix", bytes)?;
     Ok(ctx.device().create_buffer(&wgpu::BufferDescriptor {
         label: Some("wattn naive scores"),
@@ -102,9 +103,16 @@ pub fn alloc_scores(ctx: &Context, q: &[usize], k: &[usize]) -> Result<wgpu::Buf
 }
 
 /// Naive attention on owned tensors: records, submits, returns O and LSE.
-pub fn attention(ctx: &Context, q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> Result<Output> {
+pub fn attention(
+    ctx: &Context,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    options: &AttentionOptions,
+) -> Result<AttentionOutput> {
     let output = alloc_output(ctx, q, k, v)?;
-    let scores = alloc_scores(ctx, q.shape(), k.shape())?;
+    let shape = AttentionShape::from_shapes(q.shape(), k.shape(), v.shape())?;
+    let scores = alloc_scores(ctx, &shape)?;
     let bufs =
         AttentionBuffers { q: q.view(), k: k.view(), v: v.view(), out: output.out.view(), lse: output.lse.view() };
     let mut encoder = ctx.device().create_command_encoder(&Default::default());

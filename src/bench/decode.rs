@@ -10,34 +10,39 @@
 //! checks every split setting's output against the f64 reference, then times each setting
 //! on the same cache and queries.
 
-use super::plot::{Chart, Families, Line, XAxis};
-use super::report::{PROVENANCE_CSV_HEADER, Provenance, aligned, csv_field, mib, ms_range, seq_label, sig3};
-use super::runner::{Outcome, Validation, catching_gpu_errors, max_error, tolerance};
+use super::engine::{self, Benchmark, Outcome, Repeats, Speeds, Validation, max_error, tolerance};
+use super::plot::{Chart, Families, Line, XAxis, seq_label};
+use super::report::{Provenance, Report, Row, aligned, mib, ms_range, sig3, time_cells};
 use super::stats::Stats;
 use super::timing::Timer;
 use super::workload::input_values;
 use crate::attention::{AttentionOptions, AttentionShape};
 use crate::context::Context;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kv::{DecodeBuffers, DecodeOptions, DecodePlan, EvictionPolicy, KvCache, KvCacheConfig, PositionMode};
 use crate::reference;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::time::Instant;
 
 /// One decode problem: `queries` new tokens per sequence against `cache_len` cached ones.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodeWorkload {
-    #[serde(skip)]
+    /// Storage dtype of the queries, the cache and the output.
     pub dtype: DType,
+    /// Sequences decoded together.
     pub batch: usize,
+    /// Query heads.
     pub heads: usize,
+    /// K/V heads, dividing the query heads (grouped-query attention when fewer).
     pub kv_heads: usize,
+    /// Head dim of Q, K and V.
     pub head_dim: usize,
     /// Query tokens per sequence (1 for plain decoding, a few for speculative decoding).
     pub queries: usize,
+    /// Tokens in the cache per sequence, the queries' own included (they are its last tokens).
     pub cache_len: usize,
 }
 
@@ -67,7 +72,7 @@ impl DecodeWorkload {
 
 /// The points `wattn bench --decode` measures: the product of its lists.
 #[derive(Clone, Debug, PartialEq)]
-pub struct DecodeGrid {
+pub(crate) struct DecodeGrid {
     pub cache_lens: Vec<usize>,
     pub head_dims: Vec<usize>,
     pub dtypes: Vec<DType>,
@@ -133,9 +138,8 @@ impl DecodeGrid {
 
 /// How to run the points.
 #[derive(Clone, Debug)]
-pub struct DecodeSettings {
-    pub warmup: usize,
-    pub runs: usize,
+pub(crate) struct DecodeSettings {
+    pub repeats: Repeats,
     pub splits: Vec<Option<u32>>,
     /// Seconds after which no point is started that is estimated to run past them.
     pub budget_s: Option<f64>,
@@ -143,175 +147,217 @@ pub struct DecodeSettings {
     pub copy_peak: Option<f64>,
 }
 
-/// One split setting timed at one point.
-#[derive(Clone, Debug, Serialize)]
-pub struct SplitResult {
+/// One split setting checked and timed at one point.
+#[derive(Clone, Debug)]
+pub(crate) struct SplitResult {
     /// The setting asked for; `None` = automatic.
     pub requested: Option<u32>,
-    /// The splits the plan used (the automatic choice, or the request capped at one per key tile).
-    pub splits: u32,
+    /// The layout it resolved to (the automatic choice, or the request capped at one split
+    /// per key tile).
+    pub plan: DecodePlan,
+    pub validation: Validation,
     pub time: Stats,
     /// K and V bytes read per second of the median run.
     pub bytes_per_s: f64,
     pub fraction_of_copy: Option<f64>,
-    /// The unsplit median over this one, when one split was among the settings.
+    /// The first setting before this one that resolved to the same plan: the two time the
+    /// same dispatches, so their difference is the spread of repeated timings.
+    pub same_plan_as: Option<String>,
+    /// The unsplit median over this one, when one split was among the settings and this
+    /// setting's plan differs from its plan (the unsplit setting itself: 1).
     pub speedup_vs_unsplit: Option<f64>,
 }
 
 impl SplitResult {
-    /// "1", "8" or "auto (8)".
+    /// "1", "8", "1 (2)" or "auto (8)": the setting, and the splits of its plan where they differ.
     pub fn label(&self) -> String {
+        let splits = self.plan.splits;
         match self.requested {
-            Some(n) if n == self.splits => n.to_string(),
-            Some(n) => format!("{n} ({})", self.splits),
-            None => format!("auto ({})", self.splits),
+            Some(n) if n == splits => n.to_string(),
+            Some(n) => format!("{n} ({splits})"),
+            None => format!("auto ({splits})"),
+        }
+    }
+
+    /// The "vs 1 split" cell: the speed-up, or which setting made the same plan as the
+    /// unsplit one (a ratio of two timings of one plan is noise, not a speed-up).
+    fn versus_unsplit(&self, unsplit: Option<&SplitResult>) -> String {
+        match (self.speedup_vs_unsplit, unsplit) {
+            (Some(s), _) => format!("{}x", sig3(s)),
+            (None, Some(u)) if u.plan == self.plan => format!("same plan as {}", u.label()),
+            _ => "-".into(),
         }
     }
 }
 
-/// A measured decode point: every split setting passed the check before it was timed.
-#[derive(Clone, Debug, Serialize)]
-pub struct DecodeMeasured {
-    pub validation: Validation,
-    pub settings: Vec<SplitResult>,
+/// Fills in which settings repeat an earlier one's plan and the speed-ups over the unsplit
+/// setting (the first that asked for 1 split) where the plans differ.
+fn compare_settings(results: &mut [SplitResult]) {
+    for i in 0..results.len() {
+        results[i].same_plan_as = results[..i].iter().find(|r| r.plan == results[i].plan).map(SplitResult::label);
+    }
+    let Some(unsplit) = results.iter().position(|r| r.requested == Some(1)) else { return };
+    let (plan, median_s) = (results[unsplit].plan, results[unsplit].time.median_s);
+    for (i, r) in results.iter_mut().enumerate() {
+        r.speedup_vs_unsplit = (i == unsplit || r.plan != plan).then(|| median_s / r.time.median_s);
+    }
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct DecodePoint {
-    pub series: String,
-    pub dtype: &'static str,
-    #[serde(flatten)]
+/// One decode point and what became of it.
+#[derive(Clone, Debug)]
+pub(crate) struct DecodePoint {
     pub workload: DecodeWorkload,
-    pub kv_bytes: u64,
-    #[serde(flatten)]
-    pub outcome: Outcome<DecodeMeasured>,
+    /// [`DecodeWorkload::series`].
+    pub series: String,
+    /// Measured: every split setting, each checked before it was timed.
+    pub outcome: Outcome<Vec<SplitResult>>,
 }
 
 impl DecodePoint {
     pub fn settings(&self) -> &[SplitResult] {
-        match &self.outcome {
-            Outcome::Measured(m) => &m.settings,
-            _ => &[],
+        self.outcome.measured().map_or(&[], |s| s)
+    }
+
+    /// The setting that asked for one split, if any.
+    fn unsplit(&self) -> Option<&SplitResult> {
+        self.settings().iter().find(|r| r.requested == Some(1))
+    }
+
+    /// One row per split setting, or one saying why the point was not measured.
+    pub fn rows(&self) -> Vec<Row> {
+        let w = &self.workload;
+        let lead = Row::default()
+            .with("series", self.series.as_str())
+            .with("dtype", w.dtype.name())
+            .with("head_dim", w.head_dim)
+            .with("batch", w.batch)
+            .with("heads", w.heads)
+            .with("kv_heads", w.kv_heads)
+            .with("queries", w.queries)
+            .with("cache_len", w.cache_len)
+            .with("kv_bytes", w.kv_bytes())
+            .with_all("", self.outcome.cells());
+        let setting = |r: Option<&SplitResult>| {
+            Row::default()
+                .with("setting", r.map(SplitResult::label))
+                .with("requested_splits", r.and_then(|r| r.requested))
+                .with("splits", r.map(|r| r.plan.splits))
+                .with("same_plan_as", r.and_then(|r| r.same_plan_as.clone()))
+                .with_all("", time_cells(r.map(|r| &r.time)))
+                .with("bytes_per_s", r.map(|r| r.bytes_per_s))
+                .with("fraction_of_copy", r.and_then(|r| r.fraction_of_copy))
+                .with("speedup_vs_unsplit", r.and_then(|r| r.speedup_vs_unsplit))
+                .with("max_error", r.map(|r| r.validation.max_error))
+                .with("tolerance", r.map(|r| r.validation.tolerance))
+        };
+        match self.settings() {
+            [] => vec![lead.with_all("", setting(None))],
+            settings => settings.iter().map(|r| lead.clone().with_all("", setting(Some(r)))).collect(),
         }
     }
 }
 
 /// `wattn bench --decode`'s result.
 #[derive(Clone, Debug, Serialize)]
-pub struct DecodeReport {
+pub(crate) struct DecodeReport {
     #[serde(flatten)]
     pub provenance: Provenance,
     pub warmup: usize,
     pub runs: usize,
     pub budget_s: Option<f64>,
     pub peak: Option<super::peak::Peak>,
+    /// In the JSON as their rows, one per split setting (see [`Report::rows`]).
+    #[serde(skip)]
     pub points: Vec<DecodePoint>,
 }
 
 /// Cache tokens appended per call while filling: bounds the host-side staging.
 const FILL_CHUNK: usize = 4096;
 
-/// Runs `workloads`, smallest cache first so that a time budget cuts the largest, and
-/// returns their results in the given order. `progress(done, total, next)` is called
-/// before each point.
-pub fn run(
+/// Runs `workloads` on the engine and returns their results in the given order.
+/// `progress(done, total, next)` is called before each point.
+pub(crate) fn run(
     ctx: &Context,
     timer: &Timer,
     workloads: &[DecodeWorkload],
     settings: &DecodeSettings,
     progress: &mut dyn FnMut(usize, usize, &DecodeWorkload),
 ) -> Vec<DecodePoint> {
-    let start = Instant::now();
-    let mut order: Vec<usize> = (0..workloads.len()).collect();
-    order.sort_by_key(|&i| workloads[i].kv_bytes());
-    // Wall seconds per byte of K and V read at the last measured point, everything it did
-    // (filling, checking, warm-up and timed runs of every setting) counted: what the
-    // budget's estimates go by.
-    let mut seconds_per_byte: Option<f64> = None;
-    let mut results: Vec<Option<DecodePoint>> = vec![None; workloads.len()];
-    for (done, &i) in order.iter().enumerate() {
-        let w = &workloads[i];
-        progress(done, workloads.len(), w);
-        let runs = (settings.warmup.max(1) + settings.runs + 1) * settings.splits.len();
-        let estimated_s = seconds_per_byte.map(|s| s * (w.kv_bytes() * runs as u64) as f64);
-        let left_s = settings.budget_s.map(|b| b - start.elapsed().as_secs_f64());
-        let outcome = match (estimated_s, left_s) {
-            (Some(estimated_s), Some(left_s)) if estimated_s > left_s => {
-                Outcome::Capped { estimated_s, left_s: left_s.max(0.0) }
-            }
-            _ => {
-                let started = Instant::now();
-                let outcome = catching_gpu_errors(ctx, || measure(ctx, timer, w, settings))
-                    .unwrap_or_else(|e| Outcome::Failed { reason: e.to_string() });
-                if matches!(outcome, Outcome::Measured(_)) {
-                    seconds_per_byte = Some(started.elapsed().as_secs_f64() / (w.kv_bytes() * runs as u64) as f64);
-                }
-                outcome
-            }
-        };
-        let point =
-            DecodePoint { series: w.series(), dtype: w.dtype.name(), workload: *w, kv_bytes: w.kv_bytes(), outcome };
-        results[i] = Some(point);
-    }
-    results.into_iter().map(|r| r.expect("every point was run")).collect()
+    let outcomes = engine::run(ctx, &Decode { ctx, timer, settings }, workloads, settings.budget_s, progress);
+    workloads
+        .iter()
+        .zip(outcomes)
+        .map(|(w, outcome)| DecodePoint { workload: *w, series: w.series(), outcome })
+        .collect()
 }
 
-/// Checks and times every split setting on one filled cache.
-fn measure(
-    ctx: &Context,
-    timer: &Timer,
-    w: &DecodeWorkload,
-    settings: &DecodeSettings,
-) -> Result<Outcome<DecodeMeasured>> {
-    let mut problem = DecodeProblem::upload(ctx, w)?;
-    let mut validation = Validation { against: "reference", max_error: 0.0, tolerance: tolerance(w.dtype) };
-    let mut results: Vec<SplitResult> = Vec::new();
-    for &requested in &settings.splits {
-        let plan = problem.plan(ctx, requested)?;
-        let mut work = |e: &mut wgpu::CommandEncoder| problem.record(ctx, e, requested);
-        timer.time(ctx, &mut work)?;
-        let checked = problem.validate(ctx)?;
-        validation.max_error = validation.max_error.max(checked.max_error);
-        if !checked.passed() {
-            return Ok(Outcome::Failed {
-                reason: format!(
-                    "decode with {} splits differs from the f64 reference by {:.3e} (tolerance {:.1e}); not timed",
-                    plan.splits, checked.max_error, checked.tolerance
-                ),
+struct Decode<'a> {
+    ctx: &'a Context,
+    timer: &'a Timer,
+    settings: &'a DecodeSettings,
+}
+
+impl Benchmark for Decode<'_> {
+    type Workload = DecodeWorkload;
+    type Measured = Vec<SplitResult>;
+
+    /// Bytes of K and V read by every run of every setting, and once more for filling the cache.
+    fn work(&self, w: &DecodeWorkload) -> f64 {
+        (w.kv_bytes() * ((self.settings.repeats.per_setting() + 1) * self.settings.splits.len()) as u64) as f64
+    }
+
+    fn series(&self, w: &DecodeWorkload) -> String {
+        w.series()
+    }
+
+    /// Checks and times every split setting on one filled cache.
+    fn measure(&self, w: &DecodeWorkload, _: &mut Speeds, _: Option<f64>) -> Result<Outcome<Vec<SplitResult>>> {
+        let (ctx, timer) = (self.ctx, self.timer);
+        let mut problem = DecodeProblem::upload(ctx, w)?;
+        let mut results: Vec<SplitResult> = Vec::new();
+        for &requested in &self.settings.splits {
+            let plan = problem.plan(ctx, requested)?;
+            let mut work = |e: &mut wgpu::CommandEncoder| problem.record(ctx, e, requested);
+            timer.time(ctx, &mut work)?;
+            let validation = problem.validate(ctx)?;
+            if !validation.passed() {
+                return Ok(validation.failure(&format!("decode with {} splits", plan.splits)));
+            }
+            let mut work = |e: &mut wgpu::CommandEncoder| problem.record(ctx, e, requested);
+            let time = self.settings.repeats.time(ctx, timer, &mut work)?;
+            let bytes_per_s = w.kv_bytes() as f64 / time.median_s;
+            results.push(SplitResult {
+                requested,
+                plan,
+                validation,
+                time,
+                bytes_per_s,
+                fraction_of_copy: self.settings.copy_peak.map(|p| bytes_per_s / p),
+                same_plan_as: None,
+                speedup_vs_unsplit: None,
             });
         }
-        let mut work = |e: &mut wgpu::CommandEncoder| problem.record(ctx, e, requested);
-        let time = timer.measure(ctx, settings.warmup.saturating_sub(1), settings.runs, &mut work)?;
-        let bytes_per_s = w.kv_bytes() as f64 / time.median_s;
-        results.push(SplitResult {
-            requested,
-            splits: plan.splits,
-            time,
-            bytes_per_s,
-            fraction_of_copy: settings.copy_peak.map(|p| bytes_per_s / p),
-            speedup_vs_unsplit: None,
-        });
+        compare_settings(&mut results);
+        Ok(Outcome::Measured(results))
     }
-    if let Some(unsplit) = results.iter().find(|r| r.requested == Some(1)).map(|r| r.time.median_s) {
-        for r in &mut results {
-            r.speedup_vs_unsplit = Some(unsplit / r.time.median_s);
-        }
-    }
-    Ok(Outcome::Measured(DecodeMeasured { validation, settings: results }))
 }
 
 /// A decode workload on the GPU: a cache filled with `cache_len` tokens of seeded K and V,
 /// the queries, the outputs, and what the outputs should be.
 pub struct DecodeProblem {
-    pub workload: DecodeWorkload,
+    workload: DecodeWorkload,
     cache: KvCache,
     q: Tensor,
+    /// O `[batch, heads, queries, head_dim]` of the last step recorded, in the workload's dtype.
     pub out: Tensor,
-    pub lse: Tensor,
+    lse: Tensor,
     expected: Expected,
 }
 
 impl DecodeProblem {
+    /// Fills a cache with `w.cache_len` tokens of seeded K and V, uploads the queries,
+    /// allocates the outputs and computes the f64 reference of the heads
+    /// [`validate`](Self::validate) checks.
     pub fn upload(ctx: &Context, w: &DecodeWorkload) -> Result<Self> {
         let mut cache = KvCache::new(ctx, w.cache_config())?;
         for start in (0..w.cache_len).step_by(FILL_CHUNK) {
@@ -406,9 +452,9 @@ impl Expected {
     }
 }
 
-impl DecodeReport {
-    /// The aligned table `wattn bench --decode` prints: a row per point and split setting.
-    pub fn table(&self) -> String {
+impl Report for DecodeReport {
+    /// A row per point and split setting.
+    fn table(&self) -> String {
         let mut out = self.provenance.headline() + "\n";
         let first = self.points.first().map(|p| p.workload);
         if let Some(w) = first {
@@ -423,9 +469,9 @@ impl DecodeReport {
             ["series", "cache", "KV MiB", "splits", "ms (min-max)", "GB/s", "of copy", "vs 1 split", "checked"];
         let mut rows = vec![header.map(String::from).to_vec()];
         for p in &self.points {
-            let lead = vec![p.series.clone(), seq_label(p.workload.cache_len), mib(p.kv_bytes)];
+            let lead = vec![p.series.clone(), seq_label(p.workload.cache_len), mib(p.workload.kv_bytes())];
             match &p.outcome {
-                Outcome::Measured(DecodeMeasured { validation, settings }) => {
+                Outcome::Measured(settings) => {
                     for r in settings {
                         let mut row = lead.clone();
                         row.extend([
@@ -433,8 +479,8 @@ impl DecodeReport {
                             ms_range(&r.time),
                             sig3(r.bytes_per_s / 1e9),
                             r.fraction_of_copy.map_or("-".into(), |f| format!("{:.0}%", f * 100.0)),
-                            r.speedup_vs_unsplit.map_or("-".into(), |s| format!("{}x", sig3(s))),
-                            format!("{:.0e}", validation.max_error),
+                            r.versus_unsplit(p.unsplit()),
+                            format!("{:.0e}", r.validation.max_error),
                         ]);
                         rows.push(row);
                     }
@@ -449,67 +495,17 @@ impl DecodeReport {
         out + &aligned(&rows, &[false, true, true, true, true, true, true, true, true])
     }
 
-    /// One row per point and split setting, each with the provenance and the copy peak.
-    pub fn csv(&self) -> String {
-        #[rustfmt::skip]
-        let header = [
-            "series", "dtype", "head_dim", "batch", "heads", "kv_heads", "queries", "cache_len", "kv_bytes",
-            "status", "reason", "requested_splits", "splits", "median_s", "min_s", "max_s", "bytes_per_s",
-            "fraction_of_copy", "speedup_vs_unsplit", "max_error", "tolerance", "peak_copy_bytes_per_s",
-        ];
-        let num = |x: Option<f64>| x.map_or(String::new(), |v| v.to_string());
-        let peak = num(self.peak.as_ref().map(|p| p.copy.rate));
-        let columns = PROVENANCE_CSV_HEADER.len() + header.len();
-        let mut out = PROVENANCE_CSV_HEADER.join(",") + "," + &header.join(",") + "\n";
-        for p in &self.points {
-            let w = &p.workload;
-            let mut lead = self.provenance.csv_cells();
-            lead.extend([
-                p.series.clone(),
-                p.dtype.into(),
-                w.head_dim.to_string(),
-                w.batch.to_string(),
-                w.heads.to_string(),
-                w.kv_heads.to_string(),
-                w.queries.to_string(),
-                w.cache_len.to_string(),
-                p.kv_bytes.to_string(),
-            ]);
-            let mut rows: Vec<Vec<String>> = Vec::new();
-            match &p.outcome {
-                Outcome::Measured(DecodeMeasured { validation, settings }) => {
-                    for r in settings {
-                        let mut row = lead.clone();
-                        row.extend(["measured".into(), String::new()]);
-                        row.push(r.requested.map_or("auto".into(), |n| n.to_string()));
-                        row.push(r.splits.to_string());
-                        row.extend(
-                            [Some(r.time.median_s), Some(r.time.min_s), Some(r.time.max_s), Some(r.bytes_per_s)]
-                                .map(num),
-                        );
-                        row.extend([num(r.fraction_of_copy), num(r.speedup_vs_unsplit)]);
-                        row.extend([validation.max_error.to_string(), validation.tolerance.to_string()]);
-                        rows.push(row);
-                    }
-                }
-                other => {
-                    let (status, reason) = (other.status().into(), other.reason().unwrap_or_default());
-                    rows.push(lead.iter().cloned().chain([status, reason]).collect());
-                }
-            }
-            for mut row in rows {
-                row.resize(columns - 1, String::new());
-                row.push(peak.clone());
-                out += &row.iter().map(|c| csv_field(c)).collect::<Vec<_>>().join(",");
-                out.push('\n');
-            }
-        }
-        out
+    fn lead(&self) -> Row {
+        self.provenance.row().with("peak_copy_bytes_per_s", self.peak.as_ref().map(|p| p.copy.rate))
+    }
+
+    fn rows(&self) -> Vec<Row> {
+        self.points.iter().flat_map(DecodePoint::rows).collect()
     }
 
     /// K and V bandwidth against cache length: a colour per series, a line per split
     /// setting, the unsplit one dashed.
-    pub fn chart(&self) -> Chart {
+    fn chart(&self) -> Chart {
         let mut series: BTreeMap<(String, String), Vec<(f64, f64)>> = BTreeMap::new();
         for p in &self.points {
             for r in p.settings() {
@@ -529,14 +525,83 @@ impl DecodeReport {
             let color = families.color(&family);
             lines.push(Line { name: format!("{family} {setting}"), color, dashed: setting == "unsplit", points });
         }
-        let pv = &self.provenance;
         Chart {
-            title: format!("wattn {} split-KV decode on {} ({})", pv.wattn_version, pv.adapter.name, pv.date),
+            title: self.provenance.title("split-KV decode"),
             x_label: "cache length (tokens)".into(),
             y_label: "K and V read, GB/s".into(),
             x_axis: XAxis::Log2,
             lines,
             empty_note: "no point was measured".into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::report::{Adapter, Cell};
+    use crate::bench::timing::Clock;
+
+    /// A setting that asked for `requested` and resolved to `splits`, timed at `median_s`.
+    fn setting(requested: Option<u32>, splits: u32, median_s: f64) -> SplitResult {
+        SplitResult {
+            requested,
+            plan: DecodePlan { splits, keys_per_split: 4096 / splits, rows_per_block: 4, block_k: 64 },
+            validation: Validation { against: "reference", max_error: 1e-7, tolerance: 1e-4 },
+            time: Stats::of(&[median_s]).unwrap(),
+            bytes_per_s: 1.0 / median_s,
+            fraction_of_copy: None,
+            same_plan_as: None,
+            speedup_vs_unsplit: None,
+        }
+    }
+
+    #[test]
+    fn settings_of_one_plan_are_not_compared_as_speedups() {
+        // auto resolves to the unsplit plan; 8 is capped to the plan of 4.
+        let mut settings =
+            vec![setting(Some(1), 1, 2.0), setting(Some(4), 4, 1.0), setting(None, 1, 6.0), setting(Some(8), 4, 0.5)];
+        compare_settings(&mut settings);
+        let same: Vec<Option<&str>> = settings.iter().map(|s| s.same_plan_as.as_deref()).collect();
+        assert_eq!(same, [None, None, Some("1"), Some("4")]);
+        let speedups: Vec<Option<f64>> = settings.iter().map(|s| s.speedup_vs_unsplit).collect();
+        assert_eq!(speedups, [Some(1.0), Some(2.0), None, Some(4.0)], "no ratio between timings of one plan");
+
+        let workload = DecodeWorkload {
+            dtype: DType::F32,
+            batch: 1,
+            heads: 8,
+            kv_heads: 2,
+            head_dim: 128,
+            queries: 1,
+            cache_len: 4096,
+        };
+        let point = DecodePoint { workload, series: workload.series(), outcome: Outcome::Measured(settings) };
+        let rows = point.rows();
+        assert_eq!(rows[2].get("same_plan_as"), Some(&"1".into()));
+        assert_eq!(rows[2].get("speedup_vs_unsplit"), Some(&Cell::Empty));
+        assert_eq!(rows[3].get("setting"), Some(&"8 (4)".into()));
+
+        let adapter = Adapter {
+            name: "test".into(),
+            backend: "Vulkan".into(),
+            device_type: "Cpu".into(),
+            driver: String::new(),
+            driver_info: String::new(),
+        };
+        let provenance =
+            Provenance { wattn_version: "0", date: "1970-01-01T00:00:00Z".into(), adapter, clock: Clock::WallClock };
+        let report = DecodeReport { provenance, warmup: 1, runs: 1, budget_s: None, peak: None, points: vec![point] };
+        let table = report.table();
+        let cell = |setting: &str| {
+            let rows = table.lines().filter(|l| l.starts_with("f32"));
+            let line =
+                rows.into_iter().find(|l| l.contains(&format!(" {setting} "))).unwrap_or_else(|| panic!("{table}"));
+            line.split("  ").filter(|c| !c.trim().is_empty()).nth(7).unwrap().trim().to_string()
+        };
+        assert_eq!(cell("1"), "1.00x");
+        assert_eq!(cell("4"), "2.00x");
+        assert_eq!(cell("auto (1)"), "same plan as 1", "{table}");
+        assert_eq!(cell("8 (4)"), "4.00x");
     }
 }

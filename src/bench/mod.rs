@@ -1,23 +1,29 @@
-//! Benchmarks: the workloads, GPU timing and statistics shared by `wattn bench`,
-//! `wattn peak` and the criterion benches (`benches/attention.rs`).
+//! Benchmarks: one engine for `wattn bench` (prefill), `wattn bench --decode`, `wattn stream`
+//! and `wattn peak`, shared with the criterion benches (`benches/attention.rs`).
 //!
-//! - [`workload`]: the problems timed, their FLOP and memory accounting, the grids.
+//! - [`engine`]: the run loop (check, warm up, repeat, median), the time budget and its
+//!   estimator, the validation rule.
+//! - [`workload`]: the prefill problems, their FLOP and memory accounting, the grids.
+//! - [`prefill`]: the flash kernel against the naive baseline, block-sparse against dense.
+//! - [`decode`]: split-KV decode against the unsplit kernel over cache lengths.
+//! - [`stream`]: a token stream through the KV cache, per-token time against position.
 //! - [`timing`]: GPU timestamps (or the wall clock) around recorded work; [`stats`]: median, min, max.
 //! - [`peak`]: the adapter's FMA and copy-bandwidth ceilings.
-//! - [`runner`]: validate each point, then time the flash and naive paths within a time budget.
-//! - [`decode`]: split-KV decode against the unsplit kernel over cache lengths (`wattn bench --decode`).
-//! - [`report`], [`plot`], [`progress`]: tables, JSON, CSV, SVG and the progress bar.
+//! - `report`: provenance and the rows written to JSON and CSV; `plot`: SVG; `progress`: the
+//!   progress bar (crate-private: only the `wattn` command uses them).
 
 pub mod decode;
+pub mod engine;
 pub mod peak;
-pub mod plot;
-pub mod progress;
-pub mod report;
-pub mod runner;
+pub(crate) mod plot;
+pub mod prefill;
+pub(crate) mod progress;
+pub(crate) mod report;
 pub mod stats;
+pub mod stream;
 pub mod timing;
 pub mod workload;
 
 pub use stats::Stats;
 pub use timing::{Clock, Timer};
-pub use workload::{Grid, Path, Problem, Workload};
+pub use workload::{Path, Problem, Workload};

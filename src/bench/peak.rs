@@ -6,20 +6,20 @@ use super::stats::Stats;
 use super::timing::Timer;
 use crate::context::Context;
 use crate::dispatch::{bind_buffers, uniform_buffer};
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::shader::{ConstValue, Kernel, ShaderKey};
-use crate::tensor::DType;
 use serde::Serialize;
 
 /// Uniform parameters of `fma_main` in `peak.wgsl`.
 /// Keep in sync with `struct Params` there (a test compares the layouts).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct PeakParams {
-    pub iterations: u32,
-    pub multiplier: f32,
-    pub addend: f32,
-    pub pad: u32,
+struct PeakParams {
+    iterations: u32,
+    multiplier: f32,
+    addend: f32,
+    pad: u32,
 }
 
 /// Threads per workgroup of both kernels (WebGPU guarantees 256).
@@ -48,7 +48,7 @@ pub fn shader_keys() -> Vec<ShaderKey> {
 
 /// One measured ceiling.
 #[derive(Clone, Debug, Serialize)]
-pub struct Measurement {
+pub(crate) struct Measurement {
     /// FLOP/s for FMA (an FMA is 2 FLOPs), bytes/s for the copy (bytes read + written).
     pub rate: f64,
     /// FLOPs or bytes of one run.
@@ -64,7 +64,7 @@ impl Measurement {
 
 /// The adapter's ceilings.
 #[derive(Clone, Debug, Serialize)]
-pub struct Peak {
+pub(crate) struct Peak {
     pub fma_f32: Measurement,
     /// `None` when the device lacks `shader-f16`.
     pub fma_f16: Option<Measurement>,
@@ -72,7 +72,7 @@ pub struct Peak {
 }
 
 /// Measures every ceiling: `warmup` discarded runs, then the median of `runs`.
-pub fn measure(ctx: &Context, timer: &Timer, warmup: usize, runs: usize) -> Result<Peak> {
+pub(crate) fn measure(ctx: &Context, timer: &Timer, warmup: usize, runs: usize) -> Result<Peak> {
     let fma_f16 = if ctx.capabilities().shader_f16 { Some(fma(ctx, timer, DType::F16, warmup, runs)?) } else { None };
     Ok(Peak { fma_f32: fma(ctx, timer, DType::F32, warmup, runs)?, fma_f16, copy: copy(ctx, timer, warmup, runs)? })
 }

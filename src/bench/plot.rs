@@ -1,10 +1,7 @@
-//! Line charts as self-contained SVG (linear y axis from zero, legend on the right):
-//! `wattn bench --plot` draws flash throughput against sequence length (log-2 x axis), or,
-//! when it measured block-sparse points, their speed-up over the dense kernel against
-//! density (linear x axis); `wattn stream --plot` per-token time against stream position.
+//! Line charts as self-contained SVG (linear y axis from zero, legend on the right): each
+//! report builds its [`Chart`] (throughput against sequence length, speed-up against block
+//! density, bandwidth against cache length, per-token time against stream position).
 
-use super::report::{BenchReport, RateUnit, seq_label};
-use std::collections::BTreeMap;
 use std::fmt::Write;
 
 const WIDTH: f64 = 860.0;
@@ -58,77 +55,6 @@ impl Families {
             self.0.push(family.to_string());
             self.0.len() - 1
         })
-    }
-}
-
-/// `wattn bench --plot`: the SVG text of the report's measured points.
-pub fn svg(report: &BenchReport) -> String {
-    if report.points.iter().any(|p| p.block_sparse.is_some()) {
-        draw(&speedup_chart(report))
-    } else {
-        draw(&throughput_chart(report))
-    }
-}
-
-/// Flash throughput against sequence length, one line per series (one colour per series
-/// up to its mask, causal ones dashed).
-fn throughput_chart(report: &BenchReport) -> Chart {
-    let unit = RateUnit::for_points(&report.points);
-    let mut series: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
-    for p in &report.points {
-        if let Some(m) = p.measured() {
-            series.entry(&p.series).or_default().push((p.seq as f64, m.flash.flops_per_s / unit.per));
-        }
-    }
-    let mut families = Families::default();
-    let mut lines = Vec::new();
-    for (name, mut points) in series {
-        points.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let color = families.color(&name.replace(" causal", "").replace(" dense", ""));
-        lines.push(Line { name: name.to_string(), color, dashed: name.contains("causal"), points });
-    }
-    let pv = &report.provenance;
-    Chart {
-        title: format!("wattn {} flash attention forward on {} ({})", pv.wattn_version, pv.adapter.name, pv.date),
-        x_label: "sequence length (tokens)".into(),
-        y_label: unit.name.into(),
-        x_axis: XAxis::Log2,
-        lines,
-        empty_note: "no point was measured".into(),
-    }
-}
-
-/// Block-sparse speed-up over the dense kernel against density, per problem shape: the
-/// random masks as one line with the ideal 1 / density dashed beside it in the same colour,
-/// each structured pattern as a point of its own colour.
-fn speedup_chart(report: &BenchReport) -> Chart {
-    // (problem, pattern) -> (density, speed-up) points; random densities share one line.
-    let mut series: BTreeMap<(String, &str), Vec<(f64, f64)>> = BTreeMap::new();
-    for p in &report.points {
-        let Some(b) = &p.block_sparse else { continue };
-        if let Some(speedup) = b.speedup_vs_dense {
-            let problem = format!("{} d{} {} {}x{}", p.dtype, p.head_dim, seq_label(p.seq), p.batch, p.heads);
-            series.entry((problem, b.pattern)).or_default().push((b.density, speedup));
-        }
-    }
-    let mut lines: Vec<Line> = Vec::new();
-    for ((problem, pattern), mut points) in series {
-        points.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let color = lines.iter().filter(|l| !l.dashed).count();
-        let ideal = (pattern == "random").then(|| points.iter().map(|&(d, _)| (d, 1.0 / d)).collect());
-        lines.push(Line { name: format!("{problem} {pattern}"), color, dashed: false, points });
-        if let Some(points) = ideal {
-            lines.push(Line { name: format!("{problem} ideal"), color, dashed: true, points });
-        }
-    }
-    let pv = &report.provenance;
-    Chart {
-        title: format!("wattn {} block-sparse attention on {} ({})", pv.wattn_version, pv.adapter.name, pv.date),
-        x_label: "block density (fraction of blocks visited)".into(),
-        y_label: "speed-up over the dense kernel".into(),
-        x_axis: XAxis::Linear,
-        lines,
-        empty_note: "no block-sparse point was measured against a dense one".into(),
     }
 }
 
@@ -260,6 +186,11 @@ fn format_tick(value: f64, step: f64) -> String {
 
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// Sequence lengths as 512, 1K, 16K.
+pub fn seq_label(seq: usize) -> String {
+    if seq >= 1024 && seq.is_multiple_of(1024) { format!("{}K", seq / 1024) } else { seq.to_string() }
 }
 
 #[cfg(test)]

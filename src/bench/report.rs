@@ -1,14 +1,15 @@
-//! What `wattn bench` and `wattn peak` hand back: the reports (serialised to JSON as they
-//! are), the aligned tables on stdout, and the CSV rows.
+//! What every benchmark command hands back: the provenance that heads each report, the
+//! [`Row`] that carries each point to both JSON and CSV, the aligned tables on stdout, and
+//! `wattn peak`'s report.
 
 use super::peak::{Measurement, Peak};
-use super::runner::{BlockSparse, Outcome, PathResult, PointResult};
+use super::plot::{self, Chart};
+use super::stats::Stats;
 use super::timing::Clock;
-use crate::FlashConfig;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use serde::Serialize;
-use std::fmt::Write;
+use serde::ser::SerializeMap;
 use std::path::Path;
 
 /// Who measured, on what, when: heads every report.
@@ -47,18 +48,23 @@ impl Provenance {
         }
     }
 
-    /// The CSV columns that open every row, named by [`PROVENANCE_CSV_HEADER`].
-    pub fn csv_cells(&self) -> Vec<String> {
+    /// The columns that open every CSV line, so that files from several machines can be
+    /// concatenated.
+    pub fn row(&self) -> Row {
         let a = &self.adapter;
-        vec![
-            self.wattn_version.into(),
-            self.date.clone(),
-            a.name.clone(),
-            a.backend.clone(),
-            a.device_type.clone(),
-            format!("{} {}", a.driver, a.driver_info).trim().into(),
-            self.clock.name().into(),
-        ]
+        Row::default()
+            .with("wattn_version", self.wattn_version)
+            .with("date", self.date.as_str())
+            .with("adapter", a.name.as_str())
+            .with("backend", a.backend.as_str())
+            .with("device_type", a.device_type.as_str())
+            .with("driver", format!("{} {}", a.driver, a.driver_info).trim())
+            .with("clock", self.clock.name())
+    }
+
+    /// A chart's title: "wattn 0.1.0 WHAT on ADAPTER (DATE)".
+    pub fn title(&self, what: &str) -> String {
+        format!("wattn {} {what} on {} ({})", self.wattn_version, self.adapter.name, self.date)
     }
 
     /// "wattn 0.1.0 on NAME (Vulkan, Cpu, DRIVER), 2025-01-01T00:00:00Z; GPU timestamps".
@@ -83,9 +89,172 @@ impl Provenance {
     }
 }
 
-/// The names of [`Provenance::csv_cells`].
-pub const PROVENANCE_CSV_HEADER: [&str; 7] =
-    ["wattn_version", "date", "adapter", "backend", "device_type", "driver", "clock"];
+/// One cell of a [`Row`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Cell {
+    /// Not applicable, or not measured: `null` in JSON, an empty CSV field.
+    Empty,
+    Bool(bool),
+    Int(i64),
+    Num(f64),
+    Text(String),
+}
+
+impl Cell {
+    fn csv(&self) -> String {
+        match self {
+            Cell::Empty => String::new(),
+            Cell::Bool(b) => b.to_string(),
+            Cell::Int(i) => i.to_string(),
+            Cell::Num(x) => x.to_string(),
+            Cell::Text(s) => csv_field(s),
+        }
+    }
+}
+
+impl From<bool> for Cell {
+    fn from(b: bool) -> Self {
+        Cell::Bool(b)
+    }
+}
+impl From<f64> for Cell {
+    fn from(x: f64) -> Self {
+        Cell::Num(x)
+    }
+}
+impl From<&str> for Cell {
+    fn from(s: &str) -> Self {
+        Cell::Text(s.into())
+    }
+}
+impl From<String> for Cell {
+    fn from(s: String) -> Self {
+        Cell::Text(s)
+    }
+}
+macro_rules! integer_cells {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Cell {
+            fn from(i: $t) -> Self {
+                // Counts, sizes and positions: far below i64::MAX.
+                Cell::Int(i as i64)
+            }
+        }
+    )*};
+}
+integer_cells!(i32, u32, u64, usize);
+impl<T: Into<Cell>> From<Option<T>> for Cell {
+    fn from(x: Option<T>) -> Self {
+        x.map_or(Cell::Empty, Into::into)
+    }
+}
+
+/// The figures of one point (or one setting of a point, or one bucket of a stream) as named
+/// cells in column order: one JSON object in the report's `points`, one CSV line. Every row
+/// of a report has the same columns, empty where a figure does not apply, so that the CSV
+/// header holds whatever the outcomes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Row(Vec<(String, Cell)>);
+
+impl Row {
+    /// This row and one more cell.
+    pub fn with(mut self, name: &str, value: impl Into<Cell>) -> Self {
+        debug_assert!(self.get(name).is_none(), "column {name} twice");
+        self.0.push((name.to_string(), value.into()));
+        self
+    }
+
+    /// This row and the cells of `other`, their names prefixed with `prefix` and `_`
+    /// (unchanged when `prefix` is empty).
+    pub fn with_all(mut self, prefix: &str, other: Row) -> Self {
+        for (name, cell) in other.0 {
+            let name = if prefix.is_empty() { name } else { format!("{prefix}_{name}") };
+            self = self.with(&name, cell);
+        }
+        self
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Cell> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, c)| c)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(n, _)| n.as_str())
+    }
+}
+
+impl Serialize for Row {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (name, cell) in &self.0 {
+            match cell {
+                Cell::Empty => map.serialize_entry(name, &())?,
+                Cell::Bool(b) => map.serialize_entry(name, b)?,
+                Cell::Int(i) => map.serialize_entry(name, i)?,
+                Cell::Num(x) => map.serialize_entry(name, x)?,
+                Cell::Text(s) => map.serialize_entry(name, s)?,
+            }
+        }
+        map.end()
+    }
+}
+
+/// The median, min and max seconds and the number of runs of `time`; empty cells without one.
+pub fn time_cells(time: Option<&Stats>) -> Row {
+    Row::default()
+        .with("median_s", time.map(|t| t.median_s))
+        .with("min_s", time.map(|t| t.min_s))
+        .with("max_s", time.map(|t| t.max_s))
+        .with("runs", time.map(|t| t.runs))
+}
+
+/// `rows` as CSV, each line opened by the cells of `lead` (the provenance and the run's
+/// settings); empty without rows.
+pub fn csv(lead: &Row, rows: &[Row]) -> String {
+    let Some(first) = rows.first() else { return String::new() };
+    let names: Vec<&str> = lead.names().chain(first.names()).collect();
+    let mut out = names.join(",") + "\n";
+    for row in rows {
+        debug_assert!(row.names().eq(first.names()), "rows of one report have the same columns");
+        let cells: Vec<String> = lead.0.iter().chain(&row.0).map(|(_, c)| c.csv()).collect();
+        out += &cells.join(",");
+        out.push('\n');
+    }
+    out
+}
+
+/// What a benchmark command hands back. Its JSON is what it serialises to (the provenance
+/// and the run's settings) with its rows as `points`; its CSV the same rows.
+pub trait Report: Serialize {
+    /// The aligned table printed on stdout.
+    fn table(&self) -> String;
+    /// The cells that open every CSV line: the provenance and the run's settings.
+    fn lead(&self) -> Row;
+    /// The points, as in the JSON.
+    fn rows(&self) -> Vec<Row>;
+    fn chart(&self) -> Chart;
+}
+
+/// Writes `report` to each of the files given: JSON, CSV (its rows) and SVG (its chart).
+pub fn write_outputs(report: &impl Report, json: Option<&Path>, csv: Option<&Path>, svg: Option<&Path>) -> Result<()> {
+    #[derive(Serialize)]
+    struct Json<'a, R> {
+        #[serde(flatten)]
+        report: &'a R,
+        points: &'a [Row],
+    }
+    let rows = report.rows();
+    if let Some(path) = json {
+        write_json(path, &Json { report, points: &rows })?;
+    }
+    if let Some(path) = csv {
+        write_file(path, &self::csv(&report.lead(), &rows))?;
+    }
+    if let Some(path) = svg {
+        write_file(path, &plot::draw(&report.chart()))?;
+    }
+    Ok(())
+}
 
 /// `wattn peak`'s result.
 #[derive(Clone, Debug, Serialize)]
@@ -95,44 +264,6 @@ pub struct PeakReport {
     pub warmup: usize,
     pub runs: usize,
     pub peak: Peak,
-}
-
-/// The tile sizes the flash kernel ran with, as `--config` takes them.
-#[derive(Clone, Copy, Debug, Serialize)]
-pub struct TileConfig {
-    pub block_q: u32,
-    pub block_k: u32,
-    pub threads_per_row: u32,
-    pub d_chunk: u32,
-}
-
-impl From<FlashConfig> for TileConfig {
-    fn from(c: FlashConfig) -> Self {
-        Self { block_q: c.block_q, block_k: c.block_k, threads_per_row: c.threads_per_row, d_chunk: c.d_chunk }
-    }
-}
-
-impl std::fmt::Display for TileConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{},{},{},{}", self.block_q, self.block_k, self.threads_per_row, self.d_chunk)
-    }
-}
-
-/// `wattn bench`'s result.
-#[derive(Clone, Debug, Serialize)]
-pub struct BenchReport {
-    #[serde(flatten)]
-    pub provenance: Provenance,
-    pub flash_config: TileConfig,
-    pub warmup: usize,
-    pub runs: usize,
-    /// The time budget in seconds; `None` when unlimited.
-    pub budget_s: Option<f64>,
-    /// `None` with `--no-peak`.
-    pub peak: Option<Peak>,
-    /// Whether the naive baseline was timed (`--no-naive` turns it off).
-    pub naive_baseline: bool,
-    pub points: Vec<PointResult>,
 }
 
 /// Writes `value` as pretty JSON.
@@ -157,11 +288,6 @@ impl RateUnit {
     pub fn for_max(max: f64) -> Self {
         if max >= 1e12 { Self { name: "TFLOP/s", per: 1e12 } } else { Self { name: "GFLOP/s", per: 1e9 } }
     }
-
-    /// The unit for the flash throughputs of `points`.
-    pub fn for_points(points: &[PointResult]) -> Self {
-        Self::for_max(points.iter().filter_map(|p| p.measured()).map(|m| m.flash.flops_per_s).fold(0.0, f64::max))
-    }
 }
 
 /// Three significant figures, without exponent.
@@ -176,11 +302,6 @@ pub fn sig3(x: f64) -> String {
 
 pub fn mib(bytes: u64) -> String {
     sig3(bytes as f64 / (1 << 20) as f64)
-}
-
-/// Sequence lengths as 512, 1K, 16K.
-pub fn seq_label(seq: usize) -> String {
-    if seq >= 1024 && seq.is_multiple_of(1024) { format!("{}K", seq / 1024) } else { seq.to_string() }
 }
 
 /// Columns padded to their widest cell; a row shorter than the header lets its last
@@ -222,7 +343,7 @@ pub fn aligned(rows: &[Vec<String>], right: &[bool]) -> String {
     out
 }
 
-pub(crate) fn ms_range(time: &super::stats::Stats) -> String {
+pub(crate) fn ms_range(time: &Stats) -> String {
     format!("{} ({}-{})", sig3(time.median_s * 1e3), sig3(time.min_s * 1e3), sig3(time.max_s * 1e3))
 }
 
@@ -250,238 +371,6 @@ impl PeakReport {
             ms_range(&c.time),
         ]);
         out + &aligned(&rows, &[false, true, true, true])
-    }
-}
-
-impl BenchReport {
-    pub fn table(&self) -> String {
-        let mut out = self.provenance.headline() + "\n";
-        let naive = if self.naive_baseline { "" } else { "; naive baseline off" };
-        writeln!(
-            out,
-            "flash config {} (--config BQ,BK,TPR,DC); median of {} runs after {} warm-up{naive}",
-            self.flash_config, self.runs, self.warmup
-        )
-        .unwrap();
-        if let Some(p) = &self.peak {
-            let flops = |rate: f64| {
-                let unit = RateUnit::for_max(rate);
-                format!("{} {}", sig3(rate / unit.per), unit.name)
-            };
-            let f16 = p.fma_f16.as_ref().map_or(String::new(), |m| format!(", f16 {}", flops(m.rate)));
-            writeln!(out, "peak: f32 FMA {}{f16}, copy {} GB/s", flops(p.fma_f32.rate), sig3(p.copy.rate / 1e9))
-                .unwrap();
-        }
-        let unit = RateUnit::for_points(&self.points);
-        let mut rows = vec![
-            [
-                "series",
-                "seq",
-                "batch x heads",
-                "flash ms (min-max)",
-                unit.name,
-                "of peak",
-                "naive ms",
-                "speed-up",
-                "flash MiB",
-                "naive MiB",
-                "checked against",
-            ]
-            .map(String::from)
-            .to_vec(),
-        ];
-        let mut notes = Vec::new();
-        // The series, first sequence length and estimate of the capped points in the last row.
-        let mut capped_run: Option<(&str, usize, f64)> = None;
-        for p in self.points.iter().filter(|p| p.block_sparse.is_none()) {
-            let mut row = vec![p.series.clone(), seq_label(p.seq), format!("{} x {}", p.batch, p.heads)];
-            let mut capped = None;
-            match &p.outcome {
-                Outcome::Measured(m) => {
-                    let naive = |f: &dyn Fn(&PathResult) -> String| m.naive.as_ref().map_or("-".into(), f);
-                    row.extend([
-                        ms_range(&m.flash.time),
-                        sig3(m.flash.flops_per_s / unit.per),
-                        m.fraction_of_peak.map_or("-".into(), |f| format!("{:.1}%", f * 100.0)),
-                        naive(&|n| sig3(n.time.median_s * 1e3)),
-                        m.speedup.map_or("-".into(), |s| format!("{}x", sig3(s))),
-                        mib(m.flash.bytes),
-                        naive(&|n| mib(n.bytes)),
-                        format!("{} ({:.0e})", m.validation.against, m.validation.max_error),
-                    ]);
-                    if let Some(why) = &m.naive_skipped {
-                        notes.push(format!("{} {}: naive skipped: {why}", p.series, seq_label(p.seq)));
-                    }
-                }
-                // A run of capped points of one series shares a row: "512-16K  capped: ...".
-                Outcome::Capped { estimated_s, left_s } => {
-                    let (first, least) = match capped_run {
-                        Some((series, first, least)) if series == p.series => {
-                            rows.pop();
-                            (first, least)
-                        }
-                        _ => (p.seq, *estimated_s),
-                    };
-                    let or_more = if first == p.seq { "" } else { " or more" };
-                    row[1] = if first == p.seq {
-                        seq_label(p.seq)
-                    } else {
-                        format!("{}-{}", seq_label(first), seq_label(p.seq))
-                    };
-                    row[2] = String::new();
-                    row.push(format!("capped: estimated {least:.0} s{or_more}, {left_s:.0} s of the time budget left"));
-                    capped = Some((p.series.as_str(), first, least));
-                }
-                Outcome::Failed { reason } => row.push(format!("failed: {reason}")),
-            }
-            capped_run = capped;
-            rows.push(row);
-        }
-        out.push('\n');
-        out += &aligned(&rows, &[false, true, true, true, true, true, true, true, true, true, false]);
-        if !notes.is_empty() {
-            out.push('\n');
-            out += &notes.join("\n");
-            out.push('\n');
-        }
-        out + &self.block_sparse_table()
-    }
-
-    /// The block-sparse points against the dense kernel; empty when there are none.
-    fn block_sparse_table(&self) -> String {
-        let sparse: Vec<(&PointResult, &BlockSparse)> =
-            self.points.iter().filter_map(|p| Some((p, p.block_sparse.as_ref()?))).collect();
-        let Some((_, first)) = sparse.first() else { return String::new() };
-        let mut rows = vec![
-            [
-                "series",
-                "seq",
-                "batch x heads",
-                "density",
-                "flash ms (min-max)",
-                "dense ms",
-                "speed-up",
-                "ideal",
-                "of ideal",
-                "checked against",
-            ]
-            .map(String::from)
-            .to_vec(),
-        ];
-        let or_dash = |x: Option<f64>, f: &dyn Fn(f64) -> String| x.map_or("-".into(), f);
-        for (p, b) in &sparse {
-            let mut row = vec![p.series.clone(), seq_label(p.seq), format!("{} x {}", p.batch, p.heads)];
-            row.push(format!("{:.3}", b.density));
-            match &p.outcome {
-                Outcome::Measured(m) => row.extend([
-                    ms_range(&m.flash.time),
-                    or_dash(b.dense_median_s, &|s| sig3(s * 1e3)),
-                    or_dash(b.speedup_vs_dense, &|s| format!("{}x", sig3(s))),
-                    format!("{}x", sig3(b.ideal_speedup)),
-                    or_dash(b.fraction_of_ideal, &|f| format!("{:.0}%", f * 100.0)),
-                    format!("{} ({:.0e})", m.validation.against, m.validation.max_error),
-                ]),
-                other => row.push(format!("{}: {}", other.status(), other.reason().unwrap_or_default())),
-            }
-            rows.push(row);
-        }
-        let right = [false, true, true, true, true, true, true, true, true, false];
-        format!(
-            "\nblock-sparse, blocks of {}x{}, against the dense kernel on the same shape in this run \
-             (ideal = 1 / density)\n{}",
-            first.block[0],
-            first.block[1],
-            aligned(&rows, &right)
-        )
-    }
-
-    /// One row per point, each carrying the provenance and the peak figures so that files
-    /// from several machines can be concatenated.
-    pub fn csv(&self) -> String {
-        #[rustfmt::skip]
-        let header = [
-            "flash_config",
-            "series", "dtype", "head_dim", "causal", "window_left", "window_right", "batch", "heads", "kv_heads", "seq",
-            "flops", "status", "reason",
-            "flash_median_s", "flash_min_s", "flash_max_s", "flash_flops_per_s", "flash_bytes", "fraction_of_peak",
-            "naive_median_s", "naive_min_s", "naive_max_s", "naive_flops_per_s", "naive_bytes", "speedup",
-            "validated_against", "max_error", "tolerance",
-            "block_pattern", "block_requested_density", "block_q", "block_k", "block_density", "ideal_speedup",
-            "dense_median_s", "speedup_vs_dense", "fraction_of_ideal",
-            "peak_fma_f32_flops_per_s", "peak_fma_f16_flops_per_s", "peak_copy_bytes_per_s",
-        ];
-        let num = |x: Option<f64>| x.map_or(String::new(), |v| v.to_string());
-        let peak = [
-            num(self.peak.as_ref().map(|p| p.fma_f32.rate)),
-            num(self.peak.as_ref().and_then(|p| p.fma_f16.as_ref()).map(|m| m.rate)),
-            num(self.peak.as_ref().map(|p| p.copy.rate)),
-        ];
-        let mut out = PROVENANCE_CSV_HEADER.join(",") + "," + &header.join(",") + "\n";
-        for p in &self.points {
-            let mut row = self.provenance.csv_cells();
-            row.extend([
-                self.flash_config.to_string(),
-                p.series.clone(),
-                p.dtype.into(),
-                p.head_dim.to_string(),
-                p.causal.to_string(),
-                p.window[0].to_string(),
-                p.window[1].to_string(),
-                p.batch.to_string(),
-                p.heads.to_string(),
-                p.kv_heads.to_string(),
-                p.seq.to_string(),
-                p.flops.to_string(),
-            ]);
-            let path = |r: Option<&PathResult>| {
-                [
-                    r.map(|r| r.time.median_s),
-                    r.map(|r| r.time.min_s),
-                    r.map(|r| r.time.max_s),
-                    r.map(|r| r.flops_per_s),
-                    r.map(|r| r.bytes as f64),
-                ]
-                .map(num)
-            };
-            match &p.outcome {
-                Outcome::Measured(m) => {
-                    row.extend(["measured".into(), m.naive_skipped.clone().unwrap_or_default()]);
-                    row.extend(path(Some(&m.flash)));
-                    row.push(num(m.fraction_of_peak));
-                    row.extend(path(m.naive.as_ref()));
-                    row.push(num(m.speedup));
-                    row.extend([
-                        m.validation.against.into(),
-                        m.validation.max_error.to_string(),
-                        m.validation.tolerance.to_string(),
-                    ]);
-                }
-                Outcome::Capped { .. } | Outcome::Failed { .. } => {
-                    row.extend([p.outcome.status().into(), p.outcome.reason().unwrap_or_default()]);
-                    row.extend(std::iter::repeat_n(String::new(), 15));
-                }
-            }
-            let b = p.block_sparse.as_ref();
-            row.push(b.map_or("", |b| b.pattern).into());
-            row.extend(
-                [
-                    b.and_then(|b| b.requested_density),
-                    b.map(|b| b.block[0] as f64),
-                    b.map(|b| b.block[1] as f64),
-                    b.map(|b| b.density),
-                    b.map(|b| b.ideal_speedup),
-                    b.and_then(|b| b.dense_median_s),
-                    b.and_then(|b| b.speedup_vs_dense),
-                    b.and_then(|b| b.fraction_of_ideal),
-                ]
-                .map(num),
-            );
-            row.extend(peak.iter().cloned());
-            debug_assert_eq!(row.len(), PROVENANCE_CSV_HEADER.len() + header.len());
-            out += &row.iter().map(|c| csv_field(c)).collect::<Vec<_>>().join(",");
-            out.push('\n');
-        }
-        out
     }
 }
 
@@ -529,8 +418,8 @@ mod tests {
     fn units_and_labels_read_well() {
         assert_eq!(RateUnit::for_max(3e11).name, "GFLOP/s");
         assert_eq!(RateUnit::for_max(3e12).name, "TFLOP/s");
-        assert_eq!(seq_label(16384), "16K");
-        assert_eq!(seq_label(1000), "1000");
+        assert_eq!(plot::seq_label(16384), "16K");
+        assert_eq!(plot::seq_label(1000), "1000");
         assert_eq!(sig3(0.01234), "0.012");
         assert_eq!(sig3(123.4), "123");
     }

@@ -5,9 +5,13 @@ use serde::Serialize;
 /// Seconds per run over the timed runs.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Stats {
+    /// Median seconds per run.
     pub median_s: f64,
+    /// Seconds of the fastest run.
     pub min_s: f64,
+    /// Seconds of the slowest run.
     pub max_s: f64,
+    /// Number of timed runs.
     pub runs: usize,
 }
 

@@ -35,6 +35,7 @@ impl Clock {
         }
     }
 
+    /// In words, for headlines: "GPU timestamps" or "wall clock around submit-and-wait".
     pub fn describe(self) -> &'static str {
         match self {
             Clock::GpuTimestamps => "GPU timestamps",
@@ -87,6 +88,7 @@ impl Timer {
         Self { timestamps: None }
     }
 
+    /// The clock this timer measures with.
     pub fn clock(&self) -> Clock {
         if self.timestamps.is_some() { Clock::GpuTimestamps } else { Clock::WallClock }
     }

@@ -5,15 +5,19 @@
 use crate::FlashConfig;
 use crate::attention::{AttentionBuffers, AttentionOptions, AttentionShape, flash, naive};
 use crate::context::Context;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::mask::{BlockMask, BlockSize, GpuBlockMask, Mask};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 
 /// One attention problem: self-attention sizes, storage dtype and mask.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Workload {
+    /// Batch, query and K/V heads, sequence lengths and head dims.
     pub shape: AttentionShape,
+    /// Storage dtype of Q, K, V and O (LSE is always f32).
     pub dtype: DType,
+    /// Scale, softcap and the dense mask (causal, window, sinks); default for block-sparse problems.
     pub options: AttentionOptions,
     /// The block mask of a block-sparse problem; `None` runs the dense kernel.
     pub sparsity: Option<Sparsity>,
@@ -90,7 +94,9 @@ impl Pattern {
 /// A workload's block mask: a pattern compiled onto the flash kernel's tiles.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sparsity {
+    /// The mask the blocks are built from.
     pub pattern: Pattern,
+    /// The mask's blocks: the flash kernel's tiles it runs with.
     pub block: BlockSize,
     /// The fraction of blocks the kernel visits ([`BlockMask::density`]).
     pub density: f64,
@@ -149,14 +155,14 @@ impl Workload {
         Self { options: AttentionOptions::default(), sparsity: None, ..*self }
     }
 
-    pub fn q_shape(&self) -> [usize; 4] {
+    fn q_shape(&self) -> [usize; 4] {
         self.shape.q_shape()
     }
-    pub fn k_shape(&self) -> [usize; 4] {
+    fn k_shape(&self) -> [usize; 4] {
         let s = &self.shape;
         [s.batch, s.kv_heads, s.n_k, s.d_qk]
     }
-    pub fn v_shape(&self) -> [usize; 4] {
+    fn v_shape(&self) -> [usize; 4] {
         let s = &self.shape;
         [s.batch, s.kv_heads, s.n_k, s.d_v]
     }
@@ -214,7 +220,7 @@ impl Workload {
 
     /// The flash path's bytes plus the f32 score matrix.
     pub fn naive_bytes(&self) -> u64 {
-        self.flash_bytes() + naive::scores_bytes(&self.q_shape(), &self.k_shape())
+        self.flash_bytes() + naive::scores_bytes(&self.shape)
     }
 
     /// The same problem with the batch, then the heads, halved until it does at most
@@ -282,6 +288,7 @@ pub fn input_values(which: u64, range: std::ops::Range<usize>, dtype: DType) -> 
 
 /// A workload's inputs on the GPU, shared by both paths, and its block mask.
 pub struct Problem {
+    /// The workload uploaded.
     pub workload: Workload,
     q: Tensor,
     k: Tensor,
@@ -297,13 +304,15 @@ struct UploadedMask {
 
 /// The buffers one path writes: O, LSE and, for the naive path, the score matrix.
 pub struct PathBuffers {
+    /// O `[batch, q_heads, n_q, d_v]`, in the workload's dtype.
     pub out: Tensor,
-    pub lse: Tensor,
+    pub(crate) lse: Tensor,
     /// Present exactly for the naive path.
     scores: Option<wgpu::Buffer>,
 }
 
 impl PathBuffers {
+    /// The path these buffers were allocated for.
     pub fn path(&self) -> Path {
         if self.scores.is_some() { Path::Naive } else { Path::Flash }
     }
@@ -360,7 +369,7 @@ impl Problem {
             Path::Naive if self.mask.is_some() => {
                 return Err(Error::Option("the naive baseline takes no block mask".into()));
             }
-            Path::Naive => Some(naive::alloc_scores(ctx, self.q.shape(), self.k.shape())?),
+            Path::Naive => Some(naive::alloc_scores(ctx, shape)?),
         };
         Ok(PathBuffers {
             out: Tensor::zeros(ctx, &shape.out_shape(), self.workload.dtype)?,
@@ -385,10 +394,9 @@ impl Problem {
             lse: bufs.lse.view(),
         };
         let options = &self.workload.options;
-        match (&bufs.scores, &self.mask) {
-            (None, None) => flash::encode(ctx, encoder, &views, options, config),
-            (None, Some(mask)) => flash::encode_masked(ctx, encoder, &views, &mask.blocks, options, config),
-            (Some(scores), _) => naive::encode(ctx, encoder, &views, scores, options),
+        match &bufs.scores {
+            None => flash::encode(ctx, encoder, &views, self.mask.as_ref().map(|m| &m.blocks), options, config),
+            Some(scores) => naive::encode(ctx, encoder, &views, scores, options),
         }
     }
 }
@@ -402,7 +410,7 @@ pub const MODEL_WIDTH: usize = 2048;
 
 /// The points `wattn bench` measures: the product of its lists.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Grid {
+pub(crate) struct Grid {
     pub seqs: Vec<usize>,
     pub head_dims: Vec<usize>,
     pub dtypes: Vec<DType>,

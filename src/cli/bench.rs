@@ -4,16 +4,18 @@
 
 use super::{AdapterArgs, SplitChoice, parse_splits};
 use crate::bench::decode::{self, DecodeGrid, DecodeReport, DecodeSettings};
+use crate::bench::engine::Repeats;
 use crate::bench::peak::Peak;
+use crate::bench::plot::seq_label;
+use crate::bench::prefill::{self, BenchReport, Settings};
 use crate::bench::progress::Progress;
-use crate::bench::report::{BenchReport, Provenance, seq_label, write_file, write_json};
-use crate::bench::runner::{self, Settings};
-use crate::bench::workload::Pattern;
-use crate::bench::{Grid, Timer, peak, plot};
+use crate::bench::report::{Provenance, Report, write_outputs};
+use crate::bench::workload::{Grid, Pattern};
+use crate::bench::{Timer, peak};
 use crate::context::Context;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::flash::FlashConfig;
-use crate::tensor::DType;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
@@ -182,23 +184,15 @@ impl BenchArgs {
         Ok(Some(peak::measure(ctx, timer, self.warmup as usize, self.runs as usize)?))
     }
 
-    /// Writes the report to the --json, --csv and --plot files asked for.
-    fn write_outputs(
-        &self,
-        report: &impl serde::Serialize,
-        csv: impl FnOnce() -> String,
-        svg: impl FnOnce() -> String,
-    ) -> Result<()> {
-        if let Some(path) = &self.json {
-            write_json(path, report)?;
-        }
-        if let Some(path) = &self.csv {
-            write_file(path, &csv())?;
-        }
-        if let Some(path) = &self.plot {
-            write_file(path, &svg())?;
-        }
-        Ok(())
+    /// Prints the report's table and writes the --json, --csv and --plot files asked for.
+    fn report(&self, report: &impl Report) -> Result<()> {
+        print!("{}", report.table());
+        write_outputs(report, self.json.as_deref(), self.csv.as_deref(), self.plot.as_deref())
+    }
+
+    /// --warmup and --runs.
+    fn repeats(&self) -> Repeats {
+        Repeats { warmup: self.warmup as usize, runs: self.runs as usize }
     }
 
     /// The decode grid the flags describe: `--quick` or the full grid, then each flag given.
@@ -242,19 +236,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
         return Err(e);
     }
     let timer = args.timer(&ctx);
-    let (warmup, runs) = (args.warmup as usize, args.runs as usize);
     let progress = Progress::new();
     let peak = args.peak(&ctx, &timer, &progress, workloads.len())?;
     let budget_s = (args.budget > 0.0).then_some(args.budget);
     let settings = Settings {
-        warmup,
-        runs,
+        repeats: args.repeats(),
         config,
         budget_s,
         peak_flops: peak.as_ref().map(|p| p.fma_f32.rate),
         naive: !args.no_naive,
     };
-    let points = runner::run(&ctx, &timer, &workloads, &settings, &mut |done, total, w| {
+    let points = prefill::run(&ctx, &timer, &workloads, &settings, &mut |done, total, w| {
         progress.show(done, total, &format!("{} seq {}", w.series(), seq_label(w.shape.n_q)));
     });
     progress.finish();
@@ -262,15 +254,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let report = BenchReport {
         provenance,
         flash_config: config.into(),
-        warmup,
-        runs,
+        warmup: settings.repeats.warmup,
+        runs: settings.repeats.runs,
         budget_s,
         peak,
         naive_baseline: settings.naive,
         points,
     };
-    print!("{}", report.table());
-    args.write_outputs(&report, || report.csv(), || plot::svg(&report))
+    args.report(&report)
 }
 
 /// `wattn bench --decode`.
@@ -279,12 +270,10 @@ fn run_decode(args: &BenchArgs) -> Result<()> {
     let workloads = grid.workloads()?;
     let ctx = args.adapter.context()?;
     let timer = args.timer(&ctx);
-    let (warmup, runs) = (args.warmup as usize, args.runs as usize);
     let progress = Progress::new();
     let peak = args.peak(&ctx, &timer, &progress, workloads.len())?;
     let settings = DecodeSettings {
-        warmup,
-        runs,
+        repeats: args.repeats(),
         splits: grid.splits.clone(),
         budget_s: (args.budget > 0.0).then_some(args.budget),
         copy_peak: peak.as_ref().map(|p| p.copy.rate),
@@ -294,9 +283,9 @@ fn run_decode(args: &BenchArgs) -> Result<()> {
     });
     progress.finish();
     let provenance = Provenance::new(&ctx, timer.clock());
+    let Repeats { warmup, runs } = settings.repeats;
     let report = DecodeReport { provenance, warmup, runs, budget_s: settings.budget_s, peak, points };
-    print!("{}", report.table());
-    args.write_outputs(&report, || report.csv(), || plot::draw(&report.chart()))
+    args.report(&report)
 }
 
 /// Refuses, before any work, output files whose directory does not exist.

@@ -1,24 +1,26 @@
 //! The `wattn` command line: one module per subcommand, each a thin layer over the library.
 
-pub mod bench;
-pub mod info;
-pub mod peak;
-pub mod run;
-pub mod shaders;
-pub mod stream;
+mod bench;
+mod info;
+mod npy;
+mod peak;
+mod run;
+mod shaders;
+mod stream;
 
 use crate::context::{AdapterSelection, Context};
 use crate::error::{Error, Result};
 
+/// The parsed command line: `Cli::parse()` (from [`clap::Parser`]), then [`dispatch`].
 #[derive(clap::Parser, Debug)]
 #[command(name = "wattn", version, about = "FlashAttention-class attention kernels on any GPU (WGSL + wgpu)")]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    command: Command,
 }
 
 #[derive(clap::Subcommand, Debug)]
-pub enum Command {
+enum Command {
     /// The adapters wgpu sees, the features and limits wattn uses, and which adapter it picks.
     Info(info::InfoArgs),
     /// Attention on .npy files: O (and LSE) written as float32 .npy.
@@ -33,6 +35,7 @@ pub enum Command {
     Shaders(shaders::ShadersArgs),
 }
 
+/// Runs the subcommand `cli` names; its error is what `wattn` prints before exiting with failure.
 pub fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Info(a) => info::run(a),
@@ -46,7 +49,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
 
 /// `--adapter NAME` and `--backend vulkan|metal|dx12|gl`, shared by the subcommands.
 #[derive(clap::Args, Debug, Clone, Default)]
-pub struct AdapterArgs {
+pub(crate) struct AdapterArgs {
     /// Use the first adapter whose name contains NAME (case-insensitive); default: $WGPU_ADAPTER_NAME or wgpu's choice.
     #[arg(long, value_name = "NAME")]
     pub adapter: Option<String>,
@@ -82,7 +85,7 @@ impl AdapterArgs {
 
 /// `--splits N|auto` of the decode commands; `None` is the automatic choice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SplitChoice(pub Option<u32>);
+pub(crate) struct SplitChoice(pub Option<u32>);
 
 pub(crate) fn parse_splits(text: &str) -> std::result::Result<SplitChoice, String> {
     match text.trim() {

@@ -3,11 +3,12 @@
 mod block_sparse;
 
 use super::AdapterArgs;
+use super::npy::{self, NpyArray};
 use crate::attention::{AttentionBuffers, AttentionOptions, AttentionShape};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::flash::{self, FlashConfig};
-use crate::npy::{self, NpyArray};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 use block_sparse::SparseInputs;
 use std::path::{Path, PathBuf};
 
@@ -142,10 +143,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     };
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
     // Recording builds the pipeline, so the timed part below is only the GPU's work.
-    match &gpu_mask {
-        Some(mask) => flash::encode_masked(&ctx, &mut encoder, &bufs, mask, &options, &config)?,
-        None => flash::encode(&ctx, &mut encoder, &bufs, &options, &config)?,
-    }
+    flash::encode(&ctx, &mut encoder, &bufs, gpu_mask.as_ref(), &options, &config)?;
     let start = std::time::Instant::now();
     ctx.submit_and_wait(encoder)?;
     let gpu_time = start.elapsed();

@@ -5,9 +5,10 @@ use super::{EvictionPolicy, KvCacheConfig, PositionMode, Rope};
 use crate::attention::MAX_HEAD_DIM;
 use crate::context::Context;
 use crate::dispatch::{bind_buffers, check_grid, scratch, uniform_buffer, wrapped_grid};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::shader::{ConstValue, Kernel, ShaderKey};
-use crate::tensor::{DType, TensorView, byte_size, check_binding_size, check_u32_indexing, read_f32, read_pod};
+use crate::tensor::{TensorView, byte_size, check_binding_size, check_u32_indexing, read_f32, read_pod};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use wgpu::util::DeviceExt;
@@ -17,16 +18,27 @@ use wgpu::util::DeviceExt;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct KvParams {
+    /// B.
     pub batch: u32,
+    /// Hkv.
     pub kv_heads: u32,
+    /// Hq (accumulate only).
     pub q_heads: u32,
+    /// D, of K and V.
     pub head_dim: u32,
+    /// Slots per (sequence, KV head).
     pub capacity: u32,
+    /// Tokens appended before this call: token t of the call has position `seen + t`.
     pub seen: u32,
+    /// New tokens per sequence (place, evict, append) or queries (accumulate).
     pub count: u32,
+    /// Slots holding tokens (accumulate only).
     pub len: u32,
+    /// Tokens kept from the start of the stream.
     pub sinks: u32,
+    /// StreamingLLM: the ring's size; heavy hitters: recent tokens never evicted.
     pub window: u32,
+    /// Workgroups along x; the grid wraps into y.
     pub groups_x: u32,
 }
 
@@ -56,6 +68,7 @@ pub fn shader_keys() -> Vec<ShaderKey> {
 pub struct LayerBuffers<'a> {
     /// `[B, Hkv, capacity, D]` in the cache's dtype.
     pub k: &'a wgpu::Buffer,
+    /// `[B, Hkv, capacity, D]` in the cache's dtype.
     pub v: &'a wgpu::Buffer,
     /// `[B, Hkv, capacity]` u32: the stream position of each slot's token, [`EMPTY_SLOT`] if none.
     pub positions: &'a wgpu::Buffer,
@@ -225,6 +238,7 @@ impl KvCache {
         Ok(Self { config, layers, rope_table, scratch: Scratch::default() })
     }
 
+    /// The configuration the cache was made with.
     pub fn config(&self) -> &KvCacheConfig {
         &self.config
     }
@@ -255,10 +269,12 @@ impl KvCache {
         self.layer(layer)?.seen(layer)
     }
 
+    /// Whether `layer` holds no token yet ([`Self::seen`] is 0).
     pub fn is_empty(&self, layer: usize) -> bool {
         self.seen(layer) == 0
     }
 
+    /// The GPU buffers of `layer`, or [`Error::Option`] if there is no such layer.
     pub fn buffers(&self, layer: usize) -> Result<LayerBuffers<'_>> {
         let l = self.layer(layer)?;
         Ok(LayerBuffers { k: &l.k, v: &l.v, positions: &l.positions, scores: &l.scores })

@@ -4,18 +4,23 @@
 
 use crate::context::Context;
 use crate::dispatch::{bind_buffers, uniform_buffer, wrapped_grid};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::shader::{ConstValue, Kernel, ShaderKey};
-use crate::tensor::{DType, TensorView, check_u32_indexing};
+use crate::tensor::{TensorView, check_u32_indexing};
 
 /// Uniform parameters of `combine.wgsl`.
 /// Keep in sync with `struct Params` there (a test compares the layouts).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct CombineParams {
+    /// Rows to merge (one per query head and query).
     pub rows: u32,
+    /// Width of each output row (the head dim).
     pub dim: u32,
+    /// Partials per row.
     pub splits: u32,
+    /// Workgroups along x; the grid wraps into y.
     pub groups_x: u32,
 }
 

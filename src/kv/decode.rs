@@ -10,31 +10,46 @@
 use super::cache::{KvCache, KvParams};
 use super::combine::{self, Merge};
 use super::{EvictionPolicy, KvCacheConfig, PositionMode, RopeLayout};
-use crate::attention::Output;
+use crate::attention::AttentionOutput;
 use crate::context::Context;
 use crate::dispatch::{bind_buffers, check_grid, scratch, uniform_buffer, wrapped_grid};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::shader::{ConstValue, Kernel, ShaderKey, workgroup_array_bytes};
-use crate::tensor::{DType, Tensor, TensorView, check_u32_indexing};
+use crate::tensor::{Tensor, TensorView, check_u32_indexing};
 
 /// Uniform parameters of `decode.wgsl`.
 /// Keep in sync with `struct Params` there (a test compares the layouts).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct DecodeParams {
+    /// B.
     pub batch: u32,
+    /// Hq.
     pub q_heads: u32,
+    /// Hkv.
     pub kv_heads: u32,
+    /// Nq: the queries are the last `n_q` tokens appended.
     pub n_q: u32,
+    /// D, of Q, K, V and O.
     pub head_dim: u32,
+    /// Slots per (sequence, KV head).
     pub capacity: u32,
+    /// Slots `[0, len)` hold tokens.
     pub len: u32,
+    /// Tokens appended so far; query i has position `seen - n_q + i`.
     pub seen: u32,
+    /// Slots per split ([`DecodePlan::keys_per_split`]).
     pub keys_per_split: u32,
+    /// RoPE inside the kernel: 0 none, 1 [`RopeLayout::NeoX`], 2 [`RopeLayout::Interleaved`].
     pub rope: u32,
+    /// Re-indexing: positions below this (the sinks) are rotated at themselves.
     pub rope_sinks: u32,
+    /// Re-indexing: any other position p is rotated at `p - rope_shift`.
     pub rope_shift: u32,
+    /// Nonzero: store each row's logits per slot, for heavy-hitter scores.
     pub write_logits: u32,
+    /// Softmax scale, resolved (1/sqrt(D) by default).
     pub scale: f32,
 }
 
@@ -53,14 +68,18 @@ pub struct DecodeOptions {
 /// `[B, Hq, Nq, D]` in the cache's dtype, `lse` `[B, Hq, Nq]` f32.
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeBuffers<'a> {
+    /// Queries, `[B, Hq, Nq, D]`: the last Nq tokens appended (before RoPE when re-indexed).
     pub q: TensorView<'a>,
+    /// Output O, `[B, Hq, Nq, D]`, written by the call.
     pub out: TensorView<'a>,
+    /// Log-sum-exp (natural log), `[B, Hq, Nq]` f32, written by the call.
     pub lse: TensorView<'a>,
 }
 
 /// How a decode call is laid out on the GPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodePlan {
+    /// Ranges of slots scanned by their own workgroups, then merged.
     pub splits: u32,
     /// Slots per split (the last may have fewer).
     pub keys_per_split: u32,
@@ -364,10 +383,18 @@ impl KvCache {
     }
 
     /// [`Self::attend`] on tensors wattn allocates: records, submits, returns O and LSE.
-    pub fn decode(&mut self, ctx: &Context, layer: usize, q: &Tensor, options: &DecodeOptions) -> Result<Output> {
+    pub fn decode(
+        &mut self,
+        ctx: &Context,
+        layer: usize,
+        q: &Tensor,
+        options: &DecodeOptions,
+    ) -> Result<AttentionOutput> {
         let lse_shape = &q.shape()[..q.shape().len().min(3)];
-        let output =
-            Output { out: Tensor::zeros(ctx, q.shape(), q.dtype())?, lse: Tensor::zeros(ctx, lse_shape, DType::F32)? };
+        let output = AttentionOutput {
+            out: Tensor::zeros(ctx, q.shape(), q.dtype())?,
+            lse: Tensor::zeros(ctx, lse_shape, DType::F32)?,
+        };
         let mut encoder = ctx.device().create_command_encoder(&Default::default());
         let bufs = DecodeBuffers { q: q.view(), out: output.out.view(), lse: output.lse.view() };
         self.attend(ctx, &mut encoder, layer, &bufs, options)?;

@@ -33,11 +33,9 @@
 pub mod cache;
 pub mod combine;
 pub mod decode;
-pub mod stream;
 
 pub use cache::{KvCache, LayerBuffers};
 pub use decode::{DecodeBuffers, DecodeOptions, DecodePlan};
-pub use stream::{StepReport, Stream, StreamSpec};
 
 use crate::error::{Error, Result};
 use crate::shader::ShaderKey;
@@ -46,14 +44,29 @@ use crate::shader::ShaderKey;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EvictionPolicy {
     /// Keep every token up to `capacity`; appending beyond it is an [`Error::CacheFull`].
-    None { capacity: usize },
+    None {
+        /// Slots per (sequence, KV head).
+        capacity: usize,
+    },
     /// StreamingLLM: the first `sinks` tokens stay, plus the `window` most recent ones in a
     /// ring buffer (eviction is O(1), nothing moves). Capacity `sinks + window`.
-    Streaming { sinks: usize, window: usize },
+    Streaming {
+        /// Tokens kept from the start of the stream.
+        sinks: usize,
+        /// Most recent tokens kept; at least 1.
+        window: usize,
+    },
     /// H2O: when the cache is full, each KV head evicts its token with the lowest accumulated
     /// attention (summed over the group's query heads and over steps), never one of the
     /// first `sinks` tokens nor of the `recent` most recent ones.
-    HeavyHitters { sinks: usize, recent: usize, capacity: usize },
+    HeavyHitters {
+        /// Tokens kept from the start of the stream.
+        sinks: usize,
+        /// Most recent tokens never evicted; at least 1.
+        recent: usize,
+        /// Slots per (sequence, KV head); at least `sinks + recent`.
+        capacity: usize,
+    },
 }
 
 impl EvictionPolicy {
@@ -82,6 +95,7 @@ impl EvictionPolicy {
         }
     }
 
+    /// `"none"`, `"streaming"` or `"h2o"`, for reports and labels.
     pub fn name(&self) -> &'static str {
         match self {
             EvictionPolicy::None { .. } => "none",
@@ -108,6 +122,7 @@ impl EvictionPolicy {
 pub struct Rope {
     /// The base of the frequencies (10000 in the original, 500000 in Llama 3).
     pub base: f64,
+    /// Which columns are rotated together.
     pub layout: RopeLayout,
 }
 
@@ -135,14 +150,19 @@ pub enum PositionMode {
 /// Shape, storage and policies of a [`KvCache`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct KvCacheConfig {
+    /// Layers, each with its own K, V and positions, indexed `0..layers` by every call.
     pub layers: usize,
+    /// Sequences B, which advance together.
     pub batch: usize,
+    /// KV heads Hkv; decode's query heads must be a multiple of them.
     pub kv_heads: usize,
     /// Head dim of K and V.
     pub head_dim: usize,
     /// Storage of K and V (and of the queries and outputs of decode).
-    pub dtype: crate::tensor::DType,
+    pub dtype: crate::dtype::DType,
+    /// Which tokens a full cache keeps; it sets the capacity.
     pub policy: EvictionPolicy,
+    /// Whether the caller or the kernel applies RoPE.
     pub positions: PositionMode,
 }
 

@@ -13,10 +13,15 @@ use wgpu::util::DeviceExt;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct BlockMaskHeader {
+    /// Distinct masks along the batch axis (1 = broadcast).
     pub batch: u32,
+    /// Distinct masks along the head axis (1 = broadcast).
     pub heads: u32,
+    /// Query blocks per mask.
     pub q_blocks: u32,
+    /// Word offset of the first run, counted from the end of the header.
     pub runs_at: u32,
+    /// Word offset of the first element mask, counted from the end of the header.
     pub bits_at: u32,
 }
 
@@ -68,9 +73,11 @@ impl BlockMask {
 }
 
 impl GpuBlockMask {
+    /// The storage buffer: a [`BlockMaskHeader`] and the words it indexes.
     pub fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
     }
+    /// The block size the mask was built for: the flash tiles of launches that use it.
     pub fn block_size(&self) -> BlockSize {
         self.block
     }

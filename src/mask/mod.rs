@@ -42,11 +42,14 @@ use predicate::{Grid, Runs};
 /// (`block_q`, `block_k`) of the launches that use it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BlockSize {
+    /// Queries per block (`block_q`).
     pub q: u32,
+    /// Keys per block (`block_k`).
     pub k: u32,
 }
 
 impl BlockSize {
+    /// Blocks of `q` queries by `k` keys.
     pub const fn new(q: u32, k: u32) -> Self {
         Self { q, k }
     }
@@ -68,7 +71,9 @@ impl std::fmt::Display for BlockSize {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct KvRun {
+    /// The first key block of the run.
     pub first: u32,
+    /// The key block after the run's last (exclusive end).
     pub end: u32,
     /// [`KvRun::FULL`], or the index of block `first`'s element mask among the partial
     /// blocks (the next blocks' masks follow it).
@@ -79,6 +84,7 @@ impl KvRun {
     /// `mask_index` of a run of full blocks.
     pub const FULL: u32 = u32::MAX;
 
+    /// Whether the run's blocks are full (no element test).
     pub fn is_full(&self) -> bool {
         self.mask_index == Self::FULL
     }
@@ -91,8 +97,11 @@ impl KvRun {
 /// How many blocks of each class a [`BlockMask`] has, over all its (batch, head) slices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockCounts {
+    /// Blocks whose every element is visible.
     pub full: usize,
+    /// Blocks with some visible elements, tested one by one.
     pub partial: usize,
+    /// All blocks, empty ones included: `batch * heads * q_blocks * k_blocks`.
     pub total: usize,
 }
 
@@ -228,12 +237,15 @@ impl BlockMask {
         (class, words)
     }
 
+    /// Queries the mask was built for, Nq.
     pub fn n_q(&self) -> usize {
         self.grid.n_q
     }
+    /// Keys the mask was built for, Nk.
     pub fn n_k(&self) -> usize {
         self.grid.n_k
     }
+    /// The block size it was compiled onto.
     pub fn block_size(&self) -> BlockSize {
         self.block
     }
@@ -245,9 +257,11 @@ impl BlockMask {
     pub fn heads(&self) -> usize {
         self.heads
     }
+    /// Query blocks per mask: Nq / `block.q`, rounded up.
     pub fn q_blocks(&self) -> usize {
         self.grid.q_blocks
     }
+    /// Key blocks per mask: Nk / `block.k`, rounded up.
     pub fn k_blocks(&self) -> usize {
         self.grid.k_blocks
     }

@@ -29,7 +29,7 @@ pub enum BlockClass {
 }
 
 /// "Query `i` sees key `j`" for one (batch, head) of Nq queries and Nk keys. Offsets
-/// between queries and keys are bottom-right aligned like [`AttentionOptions`]: query `i`
+/// between queries and keys are bottom-right aligned like [`AttentionOptions`](crate::AttentionOptions): query `i`
 /// sits at key position `i + Nk - Nq`.
 ///
 /// Combine masks with `&` and `|` (or [`Mask::and`], [`Mask::or`]).
@@ -58,7 +58,7 @@ impl Mask {
         Self::window(-1, -1)
     }
 
-    /// Query `i` sees keys `j <= i + Nk - Nq`, like [`AttentionOptions::causal`].
+    /// Query `i` sees keys `j <= i + Nk - Nq`, like [`AttentionOptions::causal`](crate::AttentionOptions::causal).
     pub fn causal() -> Self {
         Self::window(-1, 0)
     }
@@ -76,7 +76,7 @@ impl Mask {
 
     /// StreamingLLM: the window `(left, right)` plus the first `sinks` keys, which are
     /// exempt from the window's left bound but not from its right bound (so a causal
-    /// window keeps causal sinks), as [`AttentionOptions::sinks`].
+    /// window keeps causal sinks), as [`AttentionOptions::sinks`](crate::AttentionOptions::sinks).
     pub fn sinks_window(sinks: usize, left: i32, right: i32) -> Self {
         Self::window(left, right) | (Self::key_prefix(sinks) & Self::window(-1, right))
     }

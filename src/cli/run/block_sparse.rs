@@ -3,9 +3,9 @@
 //! [`Mask`] per (batch, head), so that the kernel skips every tile none of them needs.
 
 use crate::attention::{AttentionOptions, AttentionShape};
+use crate::cli::npy;
 use crate::error::{Error, Result};
 use crate::mask::{BlockMask, BlockSize, Mask};
-use crate::npy;
 use std::path::{Path, PathBuf};
 
 /// The block-sparse flags of one run, read and checked.

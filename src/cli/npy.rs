@@ -5,8 +5,8 @@
 //! Outputs are written under a temporary name and renamed into place, so a failed run
 //! leaves no half-written file and never replaces a file that was there before.
 
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::tensor::DType;
 use half::f16;
 use npyz::WriterBuilder;
 use std::path::{Path, PathBuf};
@@ -140,11 +140,6 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Writes a float32 array to `path` atomically.
-pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
-    stage_f32(path, shape, data)?.commit()
-}
-
 /// Writes a float32 array beside `path` under a temporary name; [`StagedFile::commit`] moves
 /// it into place. Staging every output before committing any keeps a run that fails
 /// half-way from writing some of its outputs.
@@ -206,6 +201,11 @@ impl Drop for StagedFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writes a float32 array to `path` atomically.
+    fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
+        stage_f32(path, shape, data)?.commit()
+    }
 
     /// A fresh empty directory for one test.
     fn scratch(name: &str) -> PathBuf {
