@@ -30,12 +30,19 @@ pub mod dtype;
 pub mod error;
 pub mod kv;
 pub mod mask;
-pub mod pipeline;
+mod pipeline;
 pub mod reference;
-pub mod shader;
+mod shader;
 pub mod tensor;
 
 pub use wgpu;
+
+/// The shader variants (every kernel, dtype, tile preset and head-dim bucket the crate
+/// builds), for wattn's own shader tests and `wattn shaders`: not part of the API.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::shader::{ConstValue, Kernel, ShaderKey, every_variant};
+}
 
 pub use attention::flash::{self, FlashConfig};
 pub use attention::naive;

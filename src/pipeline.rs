@@ -46,9 +46,4 @@ impl PipelineCache {
     pub fn len(&self) -> usize {
         self.pipelines.lock().unwrap().len()
     }
-
-    /// Whether no pipeline has been built yet.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }

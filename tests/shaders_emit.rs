@@ -7,9 +7,9 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use wattn::attention::flash::FlashParams;
+use wattn::internals::{ConstValue, every_variant};
 use wattn::kv::{cache::KvParams, combine::CombineParams, decode::DecodeParams};
 use wattn::mask::BlockMaskHeader;
-use wattn::shader::{ConstValue, every_variant};
 
 fn wattn(args: &[&std::ffi::OsStr]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_wattn")).args(args).output().expect("running the wattn binary")
