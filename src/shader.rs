@@ -159,3 +159,22 @@ pub fn every_variant() -> Vec<ShaderKey> {
     keys.extend(crate::bench::peak::shader_keys());
     keys
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::ShaderKey;
+
+    /// The workgroup memory `key`'s WGSL declares, each variable rounded up to 16 bytes as
+    /// Dawn counts it: what the hosts' estimates must match.
+    pub(crate) fn declared_workgroup_bytes(key: &ShaderKey) -> u32 {
+        let source = key.source();
+        let module = naga::front::wgsl::parse_str(&source).unwrap_or_else(|e| panic!("{}: {e}", key.label()));
+        let ctx = module.to_ctx();
+        module
+            .global_variables
+            .iter()
+            .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+            .map(|(_, g)| module.types[g.ty].inner.size(ctx).next_multiple_of(16))
+            .sum()
+    }
+}

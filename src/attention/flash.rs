@@ -371,3 +371,32 @@ pub fn validation_keys() -> Vec<ShaderKey> {
     }
     keys
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shader::tests::declared_workgroup_bytes;
+
+    /// The estimate [`FlashConfig::check`] holds against the device's limit is what the
+    /// shader declares, as Dawn counts it.
+    #[test]
+    fn workgroup_estimate_matches_the_shader() {
+        for storage in [16 << 10, 32 << 10, 64 << 10] {
+            let limits = wgpu::Limits { max_compute_workgroup_storage_size: storage, ..wgpu::Limits::default() };
+            for config in [
+                FlashConfig::PORTABLE,
+                FlashConfig::CPU,
+                FlashConfig::GPU,
+                FlashConfig { block_q: 1, block_k: 2, threads_per_row: 2, d_chunk: 16 },
+            ] {
+                for (d_qk, d_v) in [(16, 16), (64, 64), (128, 128), (80, 48), (256, 256)] {
+                    let shape = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk, d_v };
+                    let v = Variant::new(&config, &limits, &shape);
+                    let key = variant_key(&config, &limits, DType::F32, &shape, false);
+                    let estimate = config.workgroup_bytes(v.q_resident, v.dqk_pad, v.d_chunk);
+                    assert_eq!(estimate, declared_workgroup_bytes(&key), "{}", key.label());
+                }
+            }
+        }
+    }
+}

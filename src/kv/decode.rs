@@ -455,3 +455,25 @@ impl KvCache {
         Ok((q_heads, n_q))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shader::tests::declared_workgroup_bytes;
+
+    /// The estimate that picks decode tiles is what the shader declares, as Dawn counts it.
+    #[test]
+    fn workgroup_estimate_matches_the_shader() {
+        for storage in [16 << 10, 32 << 10, 64 << 10] {
+            let limits = wgpu::Limits { max_compute_workgroup_storage_size: storage, ..wgpu::Limits::default() };
+            for (rows, head_dim) in [(1, 64), (4, 128), (8, 80), (32, 256), (3, 17)] {
+                let v = Variant::choose(&limits, rows, head_dim).unwrap();
+                assert_eq!(
+                    v.workgroup_bytes(),
+                    declared_workgroup_bytes(&v.key(DType::F32)),
+                    "{rows} rows, d{head_dim}"
+                );
+            }
+        }
+    }
+}
