@@ -221,12 +221,7 @@ fn combine_merges_partials_and_empty_rows_give_zeros() {
             ctx.submit_and_wait(encoder).unwrap();
             let (got_out, got_lse) = (out.to_f32(ctx).unwrap(), lse.to_f32(ctx).unwrap());
             for r in 0..rows {
-                let parts: Vec<(Vec<f64>, f64)> = (0..splits)
-                    .map(|s| {
-                        let i = s * rows + r;
-                        (outs[i * dim..(i + 1) * dim].iter().map(|&x| x as f64).collect(), lses[i] as f64)
-                    })
-                    .collect();
+                let parts = common::row_partials(&outs, &lses, splits, rows, dim, r);
                 let (want_out, want_lse) = reference::merge_partials(&parts);
                 let tol = if dtype == DType::F16 { 2e-3 } else { 1e-6 };
                 let err = max_abs_err(&got_out[r * dim..(r + 1) * dim], &want_out);

@@ -216,13 +216,7 @@ fn combine_of_nan_partials() {
     let got = run(&outs, &lses);
     let mut want = reference::ReferenceOutput { out: Vec::new(), lse: Vec::new() };
     for r in 0..rows {
-        let parts: Vec<(Vec<f64>, f64)> = (0..splits)
-            .map(|s| {
-                let i = s * rows + r;
-                (outs[i * dim..(i + 1) * dim].iter().map(|&x| x as f64).collect(), lses[i] as f64)
-            })
-            .collect();
-        let (o, l) = reference::merge_partials(&parts);
+        let (o, l) = reference::merge_partials(&common::row_partials(&outs, &lses, splits, rows, dim, r));
         want.out.extend(o);
         want.lse.push(l);
     }

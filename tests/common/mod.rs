@@ -238,3 +238,21 @@ pub fn own_device(features: wgpu::Features, limits: wgpu::Limits) -> (wgpu::Devi
     let desc = wgpu::DeviceDescriptor { required_features: features, required_limits: limits, ..Default::default() };
     pollster::block_on(adapter.request_device(&desc)).expect("opening a second device")
 }
+
+/// Row `r`'s partial results, as `reference::merge_partials` takes them, from split-KV
+/// partials laid out as outputs `[splits, rows, dim]` and LSEs `[splits, rows]`.
+pub fn row_partials(
+    outs: &[f32],
+    lses: &[f32],
+    splits: usize,
+    rows: usize,
+    dim: usize,
+    r: usize,
+) -> Vec<(Vec<f64>, f64)> {
+    (0..splits)
+        .map(|s| {
+            let i = s * rows + r;
+            (outs[i * dim..(i + 1) * dim].iter().map(|&x| x as f64).collect(), lses[i] as f64)
+        })
+        .collect()
+}
