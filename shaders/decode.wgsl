@@ -208,7 +208,8 @@ fn main(
                 let j = e % BLOCK_K;
                 let seen_by_row = r < rows && key_pos[j] <= query_position(r % params.n_q);
                 let x = select(MASKED, s[i] * params.scale, seen_by_row);
-                score_tile[e] = x;
+                // Base-2 units for the softmax steps; natural ones for the heavy-hitter scores.
+                score_tile[e] = select(MASKED, x * LOG2E, seen_by_row);
                 if params.write_logits != 0u && r < rows && key0 + j < hi {
                     logits[(bh * rows + r) * params.capacity + key0 + j] = x;
                 }

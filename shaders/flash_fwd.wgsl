@@ -266,6 +266,7 @@ fn main(
             if params.softcap > 0.0 {
                 x = params.softcap * tanh(x / params.softcap);
             }
+            x *= LOG2E;
             if !whole && !(visible(diag, i32(key0 + j)) && (!partial || mask_bit(run_mask + t - run_first, r, j))) {
                 x = MASKED;
             }

@@ -35,7 +35,8 @@ fn scores_main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let diag = i32(i) + i32(params.n_k) - i32(params.n_q);
     let ok = visible(diag, i32(j));
-    scores[(bh * params.n_q + i) * params.n_k + j] = select(MASKED, x, ok);
+    // Base-2 units for the shared softmax steps.
+    scores[(bh * params.n_q + i) * params.n_k + j] = select(MASKED, x * LOG2E, ok);
 }
 
 // One thread per row: max, exp and sum in place, LSE.
