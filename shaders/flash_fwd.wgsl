@@ -1,36 +1,53 @@
-// Tiled flash-attention forward with online softmax (FlashAttention-2's loop order).
+// Register-tiled flash-attention forward with online softmax (FlashAttention-2's loop order).
 //
-// One workgroup owns BLOCK_Q query rows of one (batch, head); each row is shared by
-// THREADS_PER_ROW threads. The workgroup walks the key/value tiles of BLOCK_K keys that
-// some row of the block can see, staging them through workgroup memory D_CHUNK columns
-// at a time so that head dims up to 256 fit in WebGPU's default 16 KiB.
+// One workgroup owns BLOCK_Q query rows of one (batch, head) and walks the key/value tiles
+// of BLOCK_K keys that some row of the block can see. Each thread owns ROWS = 4 ROW_GROUPS
+// query rows in registers, as groups of four: a 4 x 4 tile of scores is a mat4x4, so
+// S = Q K^T for four keys is `transpose(Kc) * Qc` and O += P V is `Vc * P^T` for each vec4
+// column c of the head dims, matrix expressions that compilers turn into straight-line FMAs
+// (16 per vec4 loaded). Each thread keeps its rows' Q (pre-scaled) and O in registers for the
+// whole key loop.
 //
-// Tiles are held as vec4 (four head-dim columns): every workgroup-memory read feeds four
-// FMAs. Thread (row, lane) scores keys lane, lane + THREADS_PER_ROW, ... of each tile and
-// owns the vec4 output columns lane, lane + THREADS_PER_ROW, ... of each chunk; the row's
-// running max and sum are kept (identically) by every thread of the row.
+// SPLIT threads may share a row group, each owning the vec4 columns c = lane, lane + SPLIT,
+// ... of Q and O: each computes a partial S over its columns, and the partials are summed
+// through workgroup memory in a fixed order, so every thread of the group holds the same S
+// and the same softmax state. SPLIT = 1 keeps whole rows per thread (CPU adapters: registers
+// are plentiful); GPUs split the head dims to bound registers per thread.
+//
+// K/V tiles are either staged through workgroup memory by the whole workgroup (STAGE_KV:
+// coalesced vec4 loads, shared by all row groups; two barriers per tile) or read by each
+// thread straight from memory (a workgroup of one subgroup on a CPU adapter, where the
+// threads' reads of the same key are one load and there are no barriers at all).
+//
+// Loads are vec4 words of the tensors (array<vec4<Elem>>): rows whose head dim is not a
+// multiple of 4 (ALIGNED false) start inside a word and are read from two words. The hot
+// loop reads them unmasked where that is safe (see k_columns): a select per load halved the
+// kernel's speed on llvmpipe.
+//
+// Tiles every row of a thread sees whole take the fast path. Other tiles test each element
+// (window, causal diagonal, block-mask bits) and accumulate P V element by element, skipping
+// zero weights: a masked key's V may hold a NaN, and 0 * NaN in a matrix product would leak
+// it into rows that cannot see it.
 //
 // Software adapters may cap the loop iterations one invocation runs (llvmpipe stops every
 // loop after 65535 in total), so the host can split the keys into passes: each dispatch
-// walks keys [key_begin, key_end) and carries the row's unnormalised (o, m, l) to the next
+// walks keys [key_begin, key_end) and carries the rows' unnormalised (o, m, l) to the next
 // through `state`. On GPUs there is one pass and `state` is never touched.
 //
 // Block-sparse variants (BLOCK_SPARSE) visit only the tiles a block mask lists for the
 // workgroup's (batch, head, query block): runs of consecutive tiles in key order, each
 // full (no element test) or partial (one mask bit per element). The mask's blocks are the
-// tiles. Walking them in key order, as the dense variant does, makes equivalent masks give
-// the same bits. The dense options (window, sinks) still apply on top.
+// tiles. The dense options (window, sinks) still apply on top.
 //
 // Constants come from the prelude made by src/shader.rs: Elem (f32 or f16), BLOCK_Q,
-// BLOCK_K, THREADS_PER_ROW, D_CHUNK, DQK_PAD, DV_PAD (head dims rounded up to 16),
-// Q_RESIDENT (whole Q rows stay in workgroup memory instead of one chunk) and BLOCK_SPARSE.
-// Params and visible() come from shared/attention.wgsl, MASKED and the softmax steps from
-// shared/softmax.wgsl.
+// BLOCK_K (a multiple of 4), ROW_GROUPS, SPLIT, STAGE_KV, DQK_PAD, DV_PAD (head dims rounded
+// up to 16), ALIGNED, QK_TAIL (Dqk is not a multiple of 16) and BLOCK_SPARSE. Params and visible4() come from shared/attention.wgsl,
+// MASKED and the softmax steps (base 2) from shared/softmax.wgsl.
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> q: array<Elem>;
-@group(0) @binding(2) var<storage, read> k: array<Elem>;
-@group(0) @binding(3) var<storage, read> v: array<Elem>;
+@group(0) @binding(1) var<storage, read> q: array<vec4<Elem>>;
+@group(0) @binding(2) var<storage, read> k: array<vec4<Elem>>;
+@group(0) @binding(3) var<storage, read> v: array<vec4<Elem>>;
 @group(0) @binding(4) var<storage, read_write> out: array<Elem>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
 // Per row: m, l, then DV_PAD columns of o.
@@ -51,69 +68,73 @@ struct BlockMask {
 }
 @group(0) @binding(7) var<storage, read> block_mask: BlockMask;
 
-const WORKGROUP: u32 = BLOCK_Q * THREADS_PER_ROW;
-const KEYS_PER_THREAD: u32 = BLOCK_K / THREADS_PER_ROW;
-const CHUNK4: u32 = D_CHUNK / 4u;
+const ROWS: u32 = 4u * ROW_GROUPS;
+const WORKGROUP: u32 = BLOCK_Q / ROWS * SPLIT;
+const STEPS: u32 = BLOCK_K / 4u;
 const QK4: u32 = DQK_PAD / 4u;
 const DV4: u32 = DV_PAD / 4u;
-// vec4 columns of o per thread: all chunks, and one chunk.
-const O4_PER_THREAD: u32 = DV4 / THREADS_PER_ROW;
-const CHUNK_O4_PER_THREAD: u32 = CHUNK4 / THREADS_PER_ROW;
-// Odd row stride: the lanes of a row read different keys at the same column, and an
-// even stride would put them all in one memory bank.
-const KV_STRIDE: u32 = CHUNK4 + 1u;
-const Q_STRIDE: u32 = select(CHUNK4, QK4, Q_RESIDENT);
+// vec4 columns of Q and O per thread (SPLIT divides both: it is at most 4, and the padded
+// head dims are multiples of 16).
+const QK4_T: u32 = QK4 / SPLIT;
+const DV4_T: u32 = DV4 / SPLIT;
 const FULL_RUN: u32 = 0xffffffffu;
 const MASK_WORDS: u32 = (BLOCK_Q * BLOCK_K + 31u) / 32u;
+// Workgroup arrays cannot be empty: a variant that does not use one declares one element.
+const KV_TILE_QK: u32 = select(1u, BLOCK_K * QK4, STAGE_KV);
+const KV_TILE_V: u32 = select(1u, BLOCK_K * DV4, STAGE_KV);
+const PARTIALS: u32 = select(1u, WORKGROUP * ROW_GROUPS * STEPS, SPLIT > 1u);
 
-var<workgroup> q_tile: array<vec4<f32>, BLOCK_Q * Q_STRIDE>;
-var<workgroup> kv_tile: array<vec4<f32>, BLOCK_K * KV_STRIDE>;
-var<workgroup> score_tile: array<f32, BLOCK_Q * BLOCK_K>;
-var<workgroup> prob_tile: array<f32, BLOCK_Q * BLOCK_K>;
+var<workgroup> k_tile: array<vec4<f32>, KV_TILE_QK>;
+var<workgroup> v_tile: array<vec4<f32>, KV_TILE_V>;
+var<workgroup> partial_s: array<mat4x4<f32>, PARTIALS>;
 
-// Four consecutive elements of `row`'s columns [c, c + 4) of Q, K or V, zero past `dim`.
-fn load4(which: u32, base: u32, dim: u32, c: u32) -> vec4<f32> {
-    var x = vec4(0.0);
-    for (var e = 0u; e < 4u; e++) {
-        if c + e < dim {
-            switch which {
-                case 0u: { x[e] = f32(q[base + c + e]); }
-                case 1u: { x[e] = f32(k[base + c + e]); }
-                default: { x[e] = f32(v[base + c + e]); }
-            }
-        }
+// Vec4 column c (elements [4c, 4c + 4)) of the row of Q, K or V that starts at element
+// `row_start`: a word, or for unaligned rows (ALIGNED false) parts of two. Past the row's
+// end it holds the next row's elements: the callers mask what they must.
+fn q_word(row_start: u32, c: u32) -> vec4<f32> {
+    let w = (row_start + 4u * c) / 4u;
+    var hi = vec4(0.0);
+    if !ALIGNED {
+        hi = vec4<f32>(q[w + 1u]);
+    }
+    return assemble(vec4<f32>(q[w]), hi, row_start);
+}
+
+fn k_word(row_start: u32, c: u32) -> vec4<f32> {
+    let w = (row_start + 4u * c) / 4u;
+    var hi = vec4(0.0);
+    if !ALIGNED {
+        hi = vec4<f32>(k[w + 1u]);
+    }
+    return assemble(vec4<f32>(k[w]), hi, row_start);
+}
+
+fn v_word(row_start: u32, c: u32) -> vec4<f32> {
+    let w = (row_start + 4u * c) / 4u;
+    var hi = vec4(0.0);
+    if !ALIGNED {
+        hi = vec4<f32>(v[w + 1u]);
+    }
+    return assemble(vec4<f32>(v[w]), hi, row_start);
+}
+
+// The four elements from `row_start % 4` on of the eight in lo, hi.
+fn assemble(lo: vec4<f32>, hi: vec4<f32>, row_start: u32) -> vec4<f32> {
+    var x = lo;
+    if !ALIGNED {
+        let shift = row_start % 4u;
+        x = select(x, vec4(lo.yzw, hi.x), shift == 1u);
+        x = select(x, vec4(lo.zw, hi.xy), shift == 2u);
+        x = select(x, vec4(lo.w, hi.xyz), shift == 3u);
     }
     return x;
 }
 
-// Loads head-dim columns [d0, d0 + 4 Q_STRIDE) of rows [row0, row0 + BLOCK_Q) of Q; zeros outside.
-fn stage_q(q_base: u32, row0: u32, d0: u32, tid: u32) {
-    for (var e = tid; e < BLOCK_Q * Q_STRIDE; e += WORKGROUP) {
-        let r = e / Q_STRIDE;
-        var x = vec4(0.0);
-        if row0 + r < params.n_q {
-            x = load4(0u, q_base + (row0 + r) * params.d_qk, params.d_qk, d0 + 4u * (e % Q_STRIDE));
-        }
-        q_tile[e] = x;
-    }
-}
-
-// Loads columns [d0, d0 + D_CHUNK) of keys [key0, key0 + BLOCK_K) of K (which = 1) or
-// V (which = 2); zeros outside.
-fn stage_kv(which: u32, base: u32, key0: u32, d0: u32, dim: u32, tid: u32) {
-    for (var e = tid; e < BLOCK_K * CHUNK4; e += WORKGROUP) {
-        let j = e / CHUNK4;
-        var x = vec4(0.0);
-        if key0 + j < params.n_k {
-            x = load4(which, base + (key0 + j) * dim, dim, d0 + 4u * (e % CHUNK4));
-        }
-        kv_tile[j * KV_STRIDE + e % CHUNK4] = x;
-    }
-}
-
-// The first output column of o[i] of thread `lane` of a row.
-fn column(i: u32, lane: u32) -> u32 {
-    return (i / CHUNK_O4_PER_THREAD) * D_CHUNK + 4u * (lane + (i % CHUNK_O4_PER_THREAD) * THREADS_PER_ROW);
+// x with zeros in the elements of vec4 column c past a head dim of `dim`, or everywhere
+// when !valid.
+fn inside(x: vec4<f32>, c: u32, dim: u32, valid: bool) -> vec4<f32> {
+    let columns = vec4(4u * c) + vec4(0u, 1u, 2u, 3u) < vec4(dim);
+    return select(vec4(0.0), x, columns & vec4(valid));
 }
 
 // Field `field` (0 first tile, 1 end tile, 2 element mask) of block-mask run `run`.
@@ -144,6 +165,78 @@ fn mask_bit(tile_mask: u32, r: u32, j: u32) -> bool {
     return ((word >> (bit % 32u)) & 1u) != 0u;
 }
 
+// Column c of keys [key0 + j0, key0 + j0 + 4) of K, one key per matrix column: from the
+// staged tile, or from memory, where keys past n_k are left as they are (their scores are
+// masked) and so are V's columns past Dv (never written), but K's columns past Dqk must be
+// zeros (QK_TAIL): Q's are, and 0 * NaN is not.
+fn k_columns(k_base: u32, key0: u32, j0: u32, c: u32) -> mat4x4<f32> {
+    var keys = mat4x4<f32>();
+    for (var j = 0u; j < 4u; j++) {
+        if STAGE_KV {
+            keys[j] = k_tile[min((j0 + j) * QK4 + c, KV_TILE_QK - 1u)];
+        } else {
+            keys[j] = k_word(k_base + (key0 + j0 + j) * params.d_qk, c);
+            if QK_TAIL {
+                keys[j] = inside(keys[j], c, params.d_qk, true);
+            }
+        }
+    }
+    return keys;
+}
+
+// The same for V.
+fn v_columns(v_base: u32, key0: u32, j0: u32, c: u32) -> mat4x4<f32> {
+    var values = mat4x4<f32>();
+    for (var j = 0u; j < 4u; j++) {
+        if STAGE_KV {
+            values[j] = v_tile[min((j0 + j) * DV4 + c, KV_TILE_V - 1u)];
+        } else {
+            values[j] = v_word(v_base + (key0 + j0 + j) * params.d_v, c);
+        }
+    }
+    return values;
+}
+
+// Softcapped scores, in base-2 units (the scale is already in Q).
+fn capped(x: vec4<f32>) -> vec4<f32> {
+    return params.softcap * tanh(x / params.softcap) * LOG2E;
+}
+
+// Scores x (column j: key key0 + j0 + j for rows row..row + 3, `local`.. within the block)
+// with MASKED where a row does not see the key: window, causal, n_k, and the element mask
+// number `bits` of a partial block-mask tile (FULL_RUN for none).
+fn masked_scores(x: mat4x4<f32>, row: u32, local: u32, key0: u32, j0: u32, bits: u32) -> mat4x4<f32> {
+    let diag = vec4(i32(row) + i32(params.n_k) - i32(params.n_q)) + vec4(0, 1, 2, 3);
+    var masked = x;
+    for (var j = 0u; j < 4u; j++) {
+        let kj = j0 + j;
+        var seen = visible4(diag, i32(key0 + kj));
+        if bits != FULL_RUN {
+            seen = seen & vec4(mask_bit(bits, local, kj), mask_bit(bits, local + 1u, kj),
+                mask_bit(bits, local + 2u, kj), mask_bit(bits, local + 3u, kj));
+        }
+        masked[j] = select(vec4(MASKED), x[j], seen);
+    }
+    return masked;
+}
+
+// a + vc * p, leaving out the products of zero weights p[r][j].
+fn add_nonzero_products(a: mat4x4<f32>, vc: mat4x4<f32>, p: mat4x4<f32>) -> mat4x4<f32> {
+    var sum = a;
+    for (var r = 0u; r < 4u; r++) {
+        for (var j = 0u; j < 4u; j++) {
+            let w = p[r][j];
+            sum[r] += select(vec4(0.0), vc[j] * w, !is_zero(w));
+        }
+    }
+    return sum;
+}
+
+// The first head-dim column of vec4 column i of a thread's slice.
+fn slice_column(i: u32, lane: u32) -> u32 {
+    return 4u * (lane + i * SPLIT);
+}
+
 @compute @workgroup_size(WORKGROUP)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -153,14 +246,17 @@ fn main(
     let head = wg.y;
     let batch = wg.z;
     let kv_head = kv_head_of(head, params.q_heads, params.kv_heads);
-    let q_base = (batch * params.q_heads + head) * params.n_q * params.d_qk;
+    let bh = batch * params.q_heads + head;
+    let q_base = bh * params.n_q * params.d_qk;
     let k_base = (batch * params.kv_heads + kv_head) * params.n_k * params.d_qk;
     let v_base = (batch * params.kv_heads + kv_head) * params.n_k * params.d_v;
-
-    let r = tid / THREADS_PER_ROW;
-    let lane = tid % THREADS_PER_ROW;
     let offset = i32(params.n_k) - i32(params.n_q);
-    let diag = i32(row0 + r) + offset;
+
+    // This thread: rows [my_row0, my_row0 + ROWS) of the block, vec4 columns lane + SPLIT i.
+    let group = tid / SPLIT;
+    let lane = tid % SPLIT;
+    let my_local0 = group * ROWS;
+    let my_row0 = row0 + my_local0;
 
     // The keys any row of this block may see in this pass: [key_lo, key_hi), plus the sinks.
     let last_row = min(row0 + BLOCK_Q, params.n_q) - 1u;
@@ -179,22 +275,41 @@ fn main(
     let tiles_end = u32(key_hi + i32(BLOCK_K) - 1) / BLOCK_K;
     let sink_tiles = u32(sink_end + i32(BLOCK_K) - 1) / BLOCK_K;
     let window_first_tile = u32(key_lo) / BLOCK_K;
+    // This thread's first and last diagonals, for its own whole-tile test.
+    let my_diag_first = i32(my_row0) + offset;
+    let my_diag_last = i32(min(my_row0 + ROWS, params.n_q) - 1u) + offset;
 
-    if Q_RESIDENT {
-        stage_q(q_base, row0, 0u, tid);
+    // Q, pre-scaled: with a softcap the scale goes inside the tanh and log2(e) after it.
+    let q_scale = params.scale * select(LOG2E, 1.0, params.softcap > 0.0);
+    var qm = array<mat4x4<f32>, ROW_GROUPS * QK4_T>();
+    for (var g = 0u; g < ROW_GROUPS; g++) {
+        for (var i = 0u; i < QK4_T; i++) {
+            let c = lane + i * SPLIT;
+            var cols = mat4x4<f32>();
+            for (var r = 0u; r < 4u; r++) {
+                let row = my_row0 + 4u * g + r;
+                cols[r] = inside(q_word(q_base + row * params.d_qk, c), c, params.d_qk, row < params.n_q);
+            }
+            qm[g * QK4_T + i] = cols * q_scale;
+        }
     }
 
-    let row = row0 + r;
-    let state_base = ((batch * params.q_heads + head) * params.n_q + min(row, params.n_q - 1u)) * (DV_PAD + 2u);
-    var m = MASKED;
-    var l = 0.0;
-    var o = array<vec4<f32>, O4_PER_THREAD>();
-    if (params.pass_flags & FIRST_PASS) == 0u {
-        m = state[state_base];
-        l = state[state_base + 1u];
-        for (var i = 0u; i < O4_PER_THREAD; i++) {
-            let at = state_base + 2u + column(i, lane);
-            o[i] = vec4(state[at], state[at + 1u], state[at + 2u], state[at + 3u]);
+    var m = array<vec4<f32>, ROW_GROUPS>();
+    var l = array<vec4<f32>, ROW_GROUPS>();
+    var o = array<mat4x4<f32>, ROW_GROUPS * DV4_T>();
+    let state_stride = DV_PAD + 2u;
+    for (var g = 0u; g < ROW_GROUPS; g++) {
+        m[g] = vec4(MASKED);
+        if (params.pass_flags & FIRST_PASS) == 0u {
+            for (var r = 0u; r < 4u; r++) {
+                let at = (bh * params.n_q + min(my_row0 + 4u * g + r, params.n_q - 1u)) * state_stride;
+                m[g][r] = state[at];
+                l[g][r] = state[at + 1u];
+                for (var i = 0u; i < DV4_T; i++) {
+                    let c = at + 2u + slice_column(i, lane);
+                    o[g * DV4_T + i][r] = vec4(state[c], state[c + 1u], state[c + 2u], state[c + 3u]);
+                }
+            }
         }
     }
 
@@ -233,117 +348,154 @@ fn main(
         }
         let key0 = t * BLOCK_K;
 
-        // S = Q K^T for this tile, D_CHUNK columns at a time.
-        var s = array<f32, KEYS_PER_THREAD>();
-        for (var d0 = 0u; d0 < DQK_PAD; d0 += D_CHUNK) {
-            if !Q_RESIDENT {
-                stage_q(q_base, row0, d0, tid);
-            }
-            stage_kv(1u, k_base, key0, d0, params.d_qk, tid);
+        if STAGE_KV {
+            // The previous tile's readers are done; stage this tile's K and V rows.
             workgroupBarrier();
-            let q_col0 = select(0u, d0 / 4u, Q_RESIDENT);
-            let width = min(CHUNK4, QK4 - d0 / 4u);
-            for (var c = 0u; c < width; c++) {
-                let qc = q_tile[r * Q_STRIDE + q_col0 + c];
-                for (var i = 0u; i < KEYS_PER_THREAD; i++) {
-                    s[i] += dot(qc, kv_tile[(lane + i * THREADS_PER_ROW) * KV_STRIDE + c]);
-                }
+            for (var e = tid; e < BLOCK_K * QK4; e += WORKGROUP) {
+                let key = key0 + e / QK4;
+                k_tile[e] = inside(k_word(k_base + key * params.d_qk, e % QK4), e % QK4, params.d_qk, key < params.n_k);
+            }
+            for (var e = tid; e < BLOCK_K * DV4; e += WORKGROUP) {
+                let key = key0 + e / DV4;
+                v_tile[e] = inside(v_word(v_base + key * params.d_v, e % DV4), e % DV4, params.d_v, key < params.n_k);
             }
             workgroupBarrier();
         }
 
-        // Scale, cap, mask. A tile every row sees whole needs no per-element test; a partial
-        // tile of a block mask also tests its element bits.
+        // S = Q K^T for this tile: s[g * STEPS + step] holds rows 4g.. x keys 4 step.., one
+        // column per row (this thread's columns only when SPLIT > 1). The inner loops touch
+        // the register arrays only by their own counters, so compilers can unroll them.
+        var s = array<mat4x4<f32>, ROW_GROUPS * STEPS>();
+        for (var step = 0u; step < STEPS; step++) {
+            var acc = array<mat4x4<f32>, ROW_GROUPS>();
+            for (var i = 0u; i < QK4_T; i++) {
+                let kc = transpose(k_columns(k_base, key0, 4u * step, lane + i * SPLIT));
+                for (var g = 0u; g < ROW_GROUPS; g++) {
+                    acc[g] += kc * qm[g * QK4_T + i];
+                }
+            }
+            for (var g = 0u; g < ROW_GROUPS; g++) {
+                s[g * STEPS + step] = acc[g];
+            }
+        }
+        if SPLIT > 1u {
+            // Sum the group's partial scores, in lane order for every thread of the group.
+            for (var i = 0u; i < ROW_GROUPS * STEPS; i++) {
+                partial_s[min(tid * ROW_GROUPS * STEPS + i, PARTIALS - 1u)] = s[i];
+            }
+            workgroupBarrier();
+            for (var i = 0u; i < ROW_GROUPS * STEPS; i++) {
+                var total = mat4x4<f32>();
+                for (var p = 0u; p < SPLIT; p++) {
+                    total += partial_s[min((group * SPLIT + p) * ROW_GROUPS * STEPS + i, PARTIALS - 1u)];
+                }
+                s[i] = total;
+            }
+        }
+
+        // Which keys of the tile this thread's rows see: all of them (whole), or by element.
         let partial = BLOCK_SPARSE && run_mask != FULL_RUN;
         let tile_last = i32(key0 + BLOCK_K) - 1;
         let whole = !partial && tile_last < i32(params.n_k)
-            && (params.window_right < 0 || tile_last <= diag_first + params.window_right)
-            && (params.window_left < 0 || i32(key0) >= diag_last - params.window_left
+            && (params.window_right < 0 || tile_last <= my_diag_first + params.window_right)
+            && (params.window_left < 0 || i32(key0) >= my_diag_last - params.window_left
                 || tile_last < i32(params.sinks));
-        for (var i = 0u; i < KEYS_PER_THREAD; i++) {
-            let j = lane + i * THREADS_PER_ROW;
-            var x = s[i] * params.scale;
-            if params.softcap > 0.0 {
-                x = params.softcap * tanh(x / params.softcap);
-            }
-            x *= LOG2E;
-            if !whole && !(visible(diag, i32(key0 + j)) && (!partial || mask_bit(run_mask + t - run_first, r, j))) {
-                x = MASKED;
-            }
-            score_tile[r * BLOCK_K + j] = x;
-        }
-        workgroupBarrier();
 
-        // Online softmax: new running max, rescale factor, this tile's probabilities.
-        var m_tile = MASKED;
-        for (var j = 0u; j < BLOCK_K; j++) {
-            m_tile = max(m_tile, score_tile[r * BLOCK_K + j]);
-        }
-        let m_new = max(m, m_tile);
-        let alpha = rescale_factor(m, m_new);
-        for (var i = 0u; i < KEYS_PER_THREAD; i++) {
-            let j = lane + i * THREADS_PER_ROW;
-            let x = score_tile[r * BLOCK_K + j];
-            prob_tile[r * BLOCK_K + j] = softmax_weight(x, m_new);
-        }
-        m = m_new;
-        for (var i = 0u; i < O4_PER_THREAD; i++) {
-            o[i] *= alpha;
-        }
-        l *= alpha;
-
-        // O += P V, D_CHUNK columns at a time. The first barrier also publishes prob_tile.
-        for (var d0 = 0u; d0 < DV_PAD; d0 += D_CHUNK) {
-            stage_kv(2u, v_base, key0, d0, params.d_v, tid);
-            workgroupBarrier();
-            let o0 = d0 / 4u / THREADS_PER_ROW;
-            let cols = min(CHUNK4, DV4 - d0 / 4u) / THREADS_PER_ROW;
-            for (var j = 0u; j < BLOCK_K; j++) {
-                let p = prob_tile[r * BLOCK_K + j];
-                if d0 == 0u {
-                    l += p;
+        // Online softmax per row group: cap, mask, new running max, rescale, weights.
+        for (var g = 0u; g < ROW_GROUPS; g++) {
+            var m_new = m[g];
+            for (var step = 0u; step < STEPS; step++) {
+                // x[j]: key 4 step + j's scores for the group's four rows.
+                var x = transpose(s[g * STEPS + step]);
+                if params.softcap > 0.0 {
+                    x = mat4x4(capped(x[0]), capped(x[1]), capped(x[2]), capped(x[3]));
                 }
-                // Skipping p == 0 keeps a NaN in a masked key's V out of rows that cannot see
-                // it (0 * NaN would be NaN); a NaN weight is not 0 and reaches o.
-                if !is_zero(p) {
-                    for (var i = 0u; i < cols; i++) {
-                        o[o0 + i] += p * kv_tile[j * KV_STRIDE + lane + i * THREADS_PER_ROW];
+                if !whole {
+                    let bits = select(FULL_RUN, run_mask + t - run_first, partial);
+                    x = masked_scores(x, my_row0 + 4u * g, my_local0 + 4u * g, key0, 4u * step, bits);
+                }
+                m_new = max(m_new, max(max(x[0], x[1]), max(x[2], x[3])));
+                s[g * STEPS + step] = x;
+            }
+            let alpha = rescale_factor4(m[g], m_new);
+            m[g] = m_new;
+            var sum = vec4(0.0);
+            for (var step = 0u; step < STEPS; step++) {
+                let x = s[g * STEPS + step];
+                let p = mat4x4(softmax_weight4(x[0], m_new), softmax_weight4(x[1], m_new),
+                    softmax_weight4(x[2], m_new), softmax_weight4(x[3], m_new));
+                sum += p[0] + p[1] + p[2] + p[3];
+                // Back to one column per row: p[r][j] is row r's weight of key 4 step + j.
+                s[g * STEPS + step] = transpose(p);
+            }
+            l[g] = l[g] * alpha + sum;
+            for (var i = 0u; i < DV4_T; i++) {
+                let a = o[g * DV4_T + i];
+                o[g * DV4_T + i] = mat4x4(a[0] * alpha.x, a[1] * alpha.y, a[2] * alpha.z, a[3] * alpha.w);
+            }
+        }
+
+        // O += P V, four keys at a time: as a matrix product on whole tiles, else element by
+        // element skipping zero weights (see the top; a NaN weight is not zero and reaches o).
+        for (var step = 0u; step < STEPS; step++) {
+            var p = array<mat4x4<f32>, ROW_GROUPS>();
+            for (var g = 0u; g < ROW_GROUPS; g++) {
+                p[g] = s[g * STEPS + step];
+            }
+            if whole {
+                for (var i = 0u; i < DV4_T; i++) {
+                    let vc = v_columns(v_base, key0, 4u * step, lane + i * SPLIT);
+                    for (var g = 0u; g < ROW_GROUPS; g++) {
+                        o[g * DV4_T + i] += vc * p[g];
+                    }
+                }
+            } else {
+                for (var i = 0u; i < DV4_T; i++) {
+                    let vc = v_columns(v_base, key0, 4u * step, lane + i * SPLIT);
+                    for (var g = 0u; g < ROW_GROUPS; g++) {
+                        o[g * DV4_T + i] = add_nonzero_products(o[g * DV4_T + i], vc, p[g]);
                     }
                 }
             }
-            workgroupBarrier();
         }
         t += 1u;
     }
 
-    if row >= params.n_q {
-        return;
-    }
-    if (params.pass_flags & LAST_PASS) == 0u {
-        if lane == 0u {
-            state[state_base] = m;
-            state[state_base + 1u] = l;
-        }
-        for (var i = 0u; i < O4_PER_THREAD; i++) {
-            let at = state_base + 2u + column(i, lane);
-            for (var e = 0u; e < 4u; e++) {
-                state[at + e] = o[i][e];
+    for (var g = 0u; g < ROW_GROUPS; g++) {
+        let inv_l = inverse_sum4(l[g]);
+        let row_lse = finish_lse4(m[g], l[g]);
+        for (var r = 0u; r < 4u; r++) {
+            let row = my_row0 + 4u * g + r;
+            if row >= params.n_q {
+                continue;
+            }
+            let at = (bh * params.n_q + row) * state_stride;
+            let o_base = (bh * params.n_q + row) * params.d_v;
+            if (params.pass_flags & LAST_PASS) == 0u {
+                if lane == 0u {
+                    state[at] = m[g][r];
+                    state[at + 1u] = l[g][r];
+                }
+                for (var i = 0u; i < DV4_T; i++) {
+                    let c = slice_column(i, lane);
+                    for (var e = 0u; e < 4u; e++) {
+                        state[at + 2u + c + e] = o[g * DV4_T + i][r][e];
+                    }
+                }
+                continue;
+            }
+            // A row that saw no key gets zeros and LSE = -inf; one that saw a NaN, NaN.
+            for (var i = 0u; i < DV4_T; i++) {
+                let c = slice_column(i, lane);
+                for (var e = 0u; e < 4u; e++) {
+                    if c + e < params.d_v {
+                        out[o_base + c + e] = Elem(o[g * DV4_T + i][r][e] * inv_l[r]);
+                    }
+                }
+            }
+            if lane == 0u {
+                lse[bh * params.n_q + row] = row_lse[r];
             }
         }
-        return;
-    }
-    let o_base = ((batch * params.q_heads + head) * params.n_q + row) * params.d_v;
-    // A row that saw no key gets zeros and LSE = -inf; one that saw a NaN, NaN.
-    let inv_l = inverse_sum(l);
-    for (var i = 0u; i < O4_PER_THREAD; i++) {
-        let c = column(i, lane);
-        for (var e = 0u; e < 4u; e++) {
-            if c + e < params.d_v {
-                out[o_base + c + e] = Elem(o[i][e] * inv_l);
-            }
-        }
-    }
-    if lane == 0u {
-        lse[(batch * params.q_heads + head) * params.n_q + row] = finish_lse(m, l);
     }
 }

@@ -71,6 +71,10 @@ impl<'a> TensorView<'a> {
     }
 }
 
+/// Tensors wattn allocates are rounded up to whole 16-byte words, so that kernels may read
+/// any tensor as vec4 words (the flash kernel does) whatever its last dimension.
+const WORD_BYTES: usize = 16;
+
 /// A GPU tensor owning its buffer.
 pub struct Tensor {
     buffer: wgpu::Buffer,
@@ -106,7 +110,7 @@ impl Tensor {
 
     fn from_bytes(ctx: &Context, shape: &[usize], bytes: &mut Vec<u8>, dtype: DType) -> Result<Self> {
         check_binding_size(ctx, "tensor", bytes.len() as u64)?;
-        bytes.resize(bytes.len().next_multiple_of(4).max(4), 0);
+        bytes.resize(bytes.len().next_multiple_of(WORD_BYTES), 0);
         let buffer = ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("wattn tensor"),
             contents: bytes,
@@ -119,7 +123,7 @@ impl Tensor {
     pub fn zeros(ctx: &Context, shape: &[usize], dtype: DType) -> Result<Self> {
         let n = element_count(shape)?;
         let size = (n.checked_mul(dtype.size()))
-            .map(|bytes| (bytes as u64).next_multiple_of(4).max(4))
+            .map(|bytes| (bytes as u64).next_multiple_of(WORD_BYTES as u64))
             .ok_or_else(|| Error::Shape(format!("shape {shape:?} of {dtype} has more bytes than fit in memory")))?;
         check_binding_size(ctx, "tensor", size)?;
         let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {

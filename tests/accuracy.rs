@@ -195,7 +195,7 @@ type GpuRun = fn(&Case, &Tensor, &Tensor, &Tensor) -> wattn::Result<wattn::Atten
 
 fn run_flash(case: &Case, q: &Tensor, k: &Tensor, v: &Tensor) -> wattn::Result<wattn::AttentionOutput> {
     let c = ctx();
-    let mut config = case.config;
+    let mut config = case.config.fitted(c.limits(), &case.shape());
     if let Err(e) = config.check(c.limits(), &case.shape()) {
         config = FlashConfig::for_adapter(c);
         eprintln!("{}: preset does not fit this adapter ({e}), running {config:?}", case.label());

@@ -187,8 +187,7 @@ fn key_passes_carry_the_softmax_state_exactly() {
         (DType::F32, AttentionOptions::default()),
     ] {
         let config = wattn::FlashConfig::for_adapter(&capped);
-        let passes =
-            s.n_k.div_ceil(config.keys_per_pass(capped.limits(), &s, capped.loop_iteration_limit()).unwrap() as usize);
+        let passes = s.n_k.div_ceil(config.keys_per_pass(&s, capped.loop_iteration_limit()).unwrap() as usize);
         assert!(passes >= 3, "the cap should force several passes, got {passes}");
         let x = Inputs::random(&s, dtype, 77);
         let got = flash_on(&capped, &x, &s, &options, dtype);

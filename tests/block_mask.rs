@@ -489,8 +489,7 @@ fn key_passes_walk_the_runs() {
     let s = shape(1, (2, 1), (70, 900), 32);
     let block = BlockSize::for_adapter(&capped);
     let config = FlashConfig::for_adapter(&capped);
-    let passes =
-        s.n_k.div_ceil(config.keys_per_pass(capped.limits(), &s, capped.loop_iteration_limit()).unwrap() as usize);
+    let passes = s.n_k.div_ceil(config.keys_per_pass(&s, capped.loop_iteration_limit()).unwrap() as usize);
     assert!(passes >= 3, "the cap should force several passes, got {passes}");
     let mut rng = Rng::new(8);
     let k_blocks = s.n_k.div_ceil(block.k as usize);

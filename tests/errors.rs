@@ -191,7 +191,7 @@ fn tensor_constructors_check_sizes() {
 #[test]
 fn tiles_too_big_for_workgroup_memory_name_the_limit() {
     let s = [1, 1, 64, 256];
-    let config = FlashConfig { block_q: 64, block_k: 64, threads_per_row: 4, d_chunk: 256 };
+    let config = FlashConfig { block_q: 64, block_k: 64, rows_per_thread: 4, threads_per_row: 4, stage_kv: true };
     let c = ctx();
     let t = zeros(c, &s, DType::F32);
     let e = refused(wattn::attention_with(c, &t, &t, &t, &AttentionOptions::default(), &config), "huge tiles");
@@ -303,4 +303,26 @@ fn block_mask_accessors_refuse_indices_outside_the_mask() {
     let dense = Mask::from_fn(4, 4, |_, _| true);
     assert!(dense.visible(4, 4, 3, 3));
     assert!(!dense.visible(4, 4, 4, 0) && !dense.visible(8, 8, 7, 7), "outside the extent, or a 4 x 4 mask on 8 x 8");
+}
+
+/// The flash kernel reads whole 16-byte words, so a caller's buffer that ends inside one
+/// (head dim 3, 5 rows: 60 bytes) is refused with the size it needs.
+#[test]
+fn caller_buffers_must_hold_whole_words() {
+    let c = ctx();
+    let s = [1, 1, 5, 3];
+    let exact = c.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 60,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let view = wattn::TensorView::new(&exact, &s, DType::F32).unwrap();
+    let (out, lse) = (zeros(c, &s, DType::F32), zeros(c, &[1, 1, 5], DType::F32));
+    let bufs = AttentionBuffers { q: view, k: view, v: view, out: out.view(), lse: lse.view() };
+    let mut encoder = c.device().create_command_encoder(&Default::default());
+    let result = flash::encode(c, &mut encoder, &bufs, None, &AttentionOptions::default(), &FlashConfig::PORTABLE);
+    let e = refused(result, "a 60-byte Q");
+    assert!(matches!(e, Error::Shape(_)), "{e:?}");
+    assert_mentions(&e, &["Q", "60", "64"]);
 }

@@ -120,7 +120,7 @@ fn flash_key_passes() {
     // A cap this low walks the keys in several dispatches carrying (m, l, o).
     let capped = Context::from_wgpu(device, queue).with_loop_iteration_limit(600);
     let config = wattn::FlashConfig::for_adapter(&capped);
-    let per_pass = config.keys_per_pass(capped.limits(), &SHAPE, capped.loop_iteration_limit()).unwrap() as usize;
+    let per_pass = config.keys_per_pass(&SHAPE, capped.loop_iteration_limit()).unwrap() as usize;
     assert!(SHAPE.n_k.div_ceil(per_pass) >= 2, "the cap should force passes, got {per_pass} keys per pass");
     let options = AttentionOptions::causal();
     check_kernel("flash key passes", DType::F32, &options, causal, |x| flash(&capped, x, &options, DType::F32));

@@ -104,13 +104,16 @@ fn variant_list_covers_every_axis() {
     for dtype in [DType::F32, DType::F16] {
         assert!(keys.iter().any(|k| k.dtype == dtype), "no {dtype} variant");
     }
-    for resident in ["true", "false"] {
-        assert!(has("Q_RESIDENT", resident), "no variant with Q_RESIDENT={resident}");
+    for (name, value) in [("STAGE_KV", "true"), ("STAGE_KV", "false"), ("ALIGNED", "false"), ("ROW_GROUPS", "2")] {
+        assert!(has(name, value), "no variant with {name}={value}");
+    }
+    for split in ["1", "4"] {
+        assert!(has("SPLIT", split), "no variant with SPLIT={split}");
     }
     for pad in ["16", "256"] {
         assert!(has("DQK_PAD", pad) && has("DV_PAD", pad), "no variant with head dim {pad}");
     }
-    assert!(has("BLOCK_Q", "32") && has("BLOCK_K", "16"), "a preset is missing");
+    assert!(has("BLOCK_Q", "64") && has("BLOCK_Q", "32") && has("BLOCK_K", "4"), "a preset is missing");
 }
 
 /// A Rust struct's field names with offsets, and its size, written as

@@ -1,5 +1,6 @@
 // Shared by flash_fwd.wgsl and naive.wgsl (src/shader.rs prepends it after softmax.wgsl):
-// their parameters and the one definition of which keys a query sees. Each kernel declares
+// their parameters and the one definition of which keys a query sees (four queries at a
+// time for the register-tiled kernel). Each kernel declares
 // `var<uniform> params: Params`.
 
 // Keep in sync with `FlashParams` in src/attention/flash.rs (a test compares the layouts).
@@ -27,11 +28,16 @@ struct Params {
 const FIRST_PASS: u32 = 1u;
 const LAST_PASS: u32 = 2u;
 
-// Whether the query on diagonal `diag` (its row + n_k - n_q) sees key `key`.
-fn visible(diag: i32, key: i32) -> bool {
+// Which of the queries on diagonals `diag` (their rows + n_k - n_q) see key `key`.
+fn visible4(diag: vec4<i32>, key: i32) -> vec4<bool> {
     let left = params.window_left;
     let right = params.window_right;
-    let below_right = right < 0 || key <= diag + right;
-    let above_left = left < 0 || key >= diag - left || key < i32(params.sinks);
-    return key < i32(params.n_k) && below_right && above_left;
+    let below_right = vec4(right < 0) | vec4(key) <= diag + right;
+    let above_left = vec4(left < 0 || key < i32(params.sinks)) | vec4(key) >= diag - left;
+    return vec4(key < i32(params.n_k)) & below_right & above_left;
+}
+
+// Whether the query on diagonal `diag` sees key `key`.
+fn visible(diag: i32, key: i32) -> bool {
+    return visible4(vec4(diag), key).x;
 }

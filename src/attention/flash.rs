@@ -9,7 +9,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::mask::{BlockSize, GpuBlockMask};
 use crate::shader::{ConstValue, Kernel, ShaderKey, workgroup_array_bytes};
-use crate::tensor::check_binding_size;
+use crate::tensor::{TensorView, check_binding_size};
 
 /// Uniform parameters of `flash_fwd.wgsl` and `naive.wgsl`.
 /// Keep in sync with `struct Params` in both shaders (a test compares the layouts).
@@ -87,39 +87,71 @@ impl FlashParams {
 /// 16 head dims and the loops over the head dim have compile-time bounds.
 pub const HEAD_DIM_GRANULE: u32 = 16;
 
-/// Tile sizes of the flash kernel. Chosen per adapter class by
-/// [`FlashConfig::for_adapter`] from measurements (see README), or set by the caller.
+/// Q (and O) elements per thread above which only 4 rows per thread are allowed.
+const MAX_THREAD_COLUMNS: u32 = 512;
+
+/// Tile sizes of the flash kernel. Chosen per adapter class and head dim by
+/// [`FlashConfig::for_shape`] from measurements (see docs/tuning.md), or set by the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlashConfig {
-    /// Query rows per workgroup.
+    /// Query rows per workgroup: a multiple of `rows_per_thread`.
     pub block_q: u32,
-    /// Keys per K/V tile.
+    /// Keys per K/V tile: a multiple of 4.
     pub block_k: u32,
-    /// Threads sharing one query row: 1, 2 or 4.
+    /// Query rows each thread keeps in registers: 4 or 8.
+    pub rows_per_thread: u32,
+    /// Threads sharing those rows, each owning a slice of the head dims: 1, 2 or 4.
     pub threads_per_row: u32,
-    /// Head-dim columns staged at a time (a multiple of 16).
-    pub d_chunk: u32,
+    /// Whether the workgroup stages each K/V tile through workgroup memory (GPUs: coalesced
+    /// loads shared by every thread) or each thread reads K/V from memory (a workgroup of one
+    /// subgroup on a CPU adapter: no barriers).
+    pub stage_kv: bool,
 }
 
 impl FlashConfig {
-    /// Fits WebGPU's default 16 KiB of workgroup memory for every head dim.
-    pub const PORTABLE: Self = Self { block_q: 16, block_k: 16, threads_per_row: 4, d_chunk: 64 };
-    /// Software rasterisers (llvmpipe, SwiftShader, WARP): the fastest of those measured on
-    /// llvmpipe (see docs/tuning.md).
-    pub const CPU: Self = Self { block_q: 32, block_k: 32, threads_per_row: 2, d_chunk: 64 };
-    /// Discrete and integrated GPUs with at least 32 KiB of workgroup memory.
-    pub const GPU: Self = Self { block_q: 32, block_k: 32, threads_per_row: 4, d_chunk: 64 };
+    /// Fits WebGPU's default 16 KiB of workgroup memory and 256 invocations for every head dim.
+    pub const PORTABLE: Self = Self { block_q: 32, block_k: 4, rows_per_thread: 4, threads_per_row: 4, stage_kv: true };
+    /// Software rasterisers (llvmpipe, SwiftShader, WARP): a workgroup of 8 threads, 8 rows
+    /// each, reading K/V directly; the fastest of those measured on llvmpipe (see
+    /// docs/tuning.md). [`Self::for_shape`] keeps 4 rows per thread above head dim 64.
+    pub const CPU: Self = Self { block_q: 64, block_k: 16, rows_per_thread: 8, threads_per_row: 1, stage_kv: false };
+    /// Discrete and integrated GPUs with at least 32 KiB of workgroup memory: 32 threads of
+    /// 4 rows sharing K/V tiles, the head dims split over 4 threads to bound registers.
+    pub const GPU: Self = Self { block_q: 32, block_k: 8, rows_per_thread: 4, threads_per_row: 4, stage_kv: true };
 
-    /// The configuration for `ctx`'s adapter class, falling back to [`Self::PORTABLE`]
-    /// when the preferred one does not fit the device's limits.
+    /// The preset for `ctx`'s adapter class, falling back to [`Self::PORTABLE`] when the
+    /// preferred one does not fit the device's limits. Its block size is what block masks
+    /// use ([`crate::BlockSize::for_adapter`]).
     pub fn for_adapter(ctx: &Context) -> Self {
-        let preferred = match ctx.adapter_info().device_type {
+        let preferred = Self::class_preset(ctx.adapter_info().device_type);
+        let widest = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk: 256, d_v: 256 };
+        if preferred.fitted(ctx.limits(), &widest).check(ctx.limits(), &widest).is_ok() {
+            preferred
+        } else {
+            Self::PORTABLE
+        }
+    }
+
+    /// The configuration for `shape` on `ctx`'s adapter: [`Self::for_adapter`]'s,
+    /// [`fitted`](Self::fitted) to the shape.
+    pub fn for_shape(ctx: &Context, shape: &AttentionShape) -> Self {
+        Self::for_adapter(ctx).fitted(ctx.limits(), shape)
+    }
+
+    /// This configuration with the registers per thread fitted to `shape`'s head dims (the
+    /// block size stays the same): 4 rows per thread where 8 would hold more than
+    /// [`MAX_THREAD_COLUMNS`] elements of Q.
+    pub fn fitted(self, limits: &wgpu::Limits, shape: &AttentionShape) -> Self {
+        let four = Self { rows_per_thread: 4, ..self };
+        if self.check(limits, shape).is_err() && four.check(limits, shape).is_ok() { four } else { self }
+    }
+
+    fn class_preset(device_type: wgpu::DeviceType) -> Self {
+        match device_type {
             wgpu::DeviceType::Cpu => Self::CPU,
             wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu => Self::GPU,
             _ => Self::PORTABLE,
-        };
-        let widest = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk: 256, d_v: 256 };
-        if preferred.check(ctx.limits(), &widest).is_ok() { preferred } else { Self::PORTABLE }
+        }
     }
 
     /// The tiles as a block mask's block size.
@@ -127,39 +159,56 @@ impl FlashConfig {
         BlockSize::new(self.block_q, self.block_k)
     }
 
-    /// This configuration with tiles of `block` (a block mask's), other settings kept.
+    /// This configuration with tiles of `block` (a block mask's), other settings kept
+    /// except rows per thread, which drop to 4 when `block.q` is not a multiple of 8.
     pub fn with_block_size(self, block: BlockSize) -> Self {
-        Self { block_q: block.q, block_k: block.k, ..self }
+        let rows_per_thread = if block.q.is_multiple_of(self.rows_per_thread) { self.rows_per_thread } else { 4 };
+        Self { block_q: block.q, block_k: block.k, rows_per_thread, ..self }
     }
 
     fn workgroup_size(&self) -> u32 {
-        self.block_q * self.threads_per_row
+        self.block_q / self.rows_per_thread * self.threads_per_row
     }
 
-    /// Bytes of workgroup memory the kernel declares for this shape (see the shader:
-    /// Q and K/V tiles of vec4, the K/V rows padded by one vec4, and two score tiles).
-    fn workgroup_bytes(&self, q_resident: bool, dqk_pad: u32, d_chunk: u32) -> u32 {
-        let q_stride = if q_resident { dqk_pad } else { d_chunk };
-        let score_tile = workgroup_array_bytes(self.block_q * self.block_k, 4);
-        workgroup_array_bytes(self.block_q * q_stride / 4, 16)
-            + workgroup_array_bytes(self.block_k * (d_chunk / 4 + 1), 16)
-            + 2 * score_tile
+    /// Bytes of workgroup memory the kernel declares (see the shader: the staged K and V
+    /// tiles, and the partial score tiles when threads share rows; one element each when
+    /// unused).
+    fn workgroup_bytes(&self, dqk_pad: u32, dv_pad: u32) -> u32 {
+        let staged = |dim: u32| if self.stage_kv { self.block_k * dim / 4 } else { 1 };
+        let partials = if self.threads_per_row > 1 {
+            self.workgroup_size() * self.rows_per_thread / 4 * self.block_k / 4
+        } else {
+            1
+        };
+        workgroup_array_bytes(staged(dqk_pad), 16)
+            + workgroup_array_bytes(staged(dv_pad), 16)
+            + workgroup_array_bytes(partials, 64)
     }
 
     /// Checks the configuration against the kernel's rules and the device's limits.
     pub fn check(&self, limits: &wgpu::Limits, shape: &AttentionShape) -> Result<()> {
-        let tpr = self.threads_per_row;
-        let bad = |why: String| Err(Error::Option(format!("flash config {self:?}: {why}")));
-        // A row's threads split each chunk's vec4 columns, and the last chunk may hold only
-        // HEAD_DIM_GRANULE / 4 of them.
-        if !(tpr.is_power_of_two() && tpr <= HEAD_DIM_GRANULE / 4) {
-            return bad("threads_per_row must be 1, 2 or 4".into());
+        let bad = |why: &str| Err(Error::Option(format!("flash config {self} ({self:?}): {why}")));
+        if !matches!(self.rows_per_thread, 4 | 8) {
+            return bad("rows_per_thread must be 4 or 8");
         }
-        if self.block_q == 0 || self.block_k == 0 || !self.block_k.is_multiple_of(tpr) {
-            return bad("block_q and block_k must be positive, block_k a multiple of threads_per_row".into());
+        // A thread's slice of the head dims is whole vec4 columns of every padded head dim.
+        if !matches!(self.threads_per_row, 1 | 2 | 4) {
+            return bad("threads_per_row must be 1, 2 or 4");
         }
-        if self.d_chunk == 0 || !self.d_chunk.is_multiple_of(HEAD_DIM_GRANULE) {
-            return bad("d_chunk must be a positive multiple of 16".into());
+        if self.block_q == 0 || !self.block_q.is_multiple_of(self.rows_per_thread) {
+            return bad("block_q must be a positive multiple of rows_per_thread");
+        }
+        if self.block_k == 0 || !self.block_k.is_multiple_of(4) {
+            return bad("block_k must be a positive multiple of 4");
+        }
+        // Measured on llvmpipe: 8 rows of d128 per thread took minutes to compile, and spill
+        // on GPUs. A thread keeps at most 512 columns of Q (and of O) in registers.
+        let head_dim = shape.d_qk.max(shape.d_v).next_multiple_of(HEAD_DIM_GRANULE as usize) as u32;
+        if self.rows_per_thread * head_dim / self.threads_per_row > MAX_THREAD_COLUMNS.max(4 * head_dim) {
+            return bad(&format!(
+                "{} rows of head dim {head_dim} per thread are more than {MAX_THREAD_COLUMNS} registers' worth; use 4 rows",
+                self.rows_per_thread
+            ));
         }
         let wg = self.workgroup_size();
         if wg > limits.max_compute_invocations_per_workgroup || wg > limits.max_compute_workgroup_size_x {
@@ -170,11 +219,11 @@ impl FlashConfig {
                 limit: "max_compute_invocations_per_workgroup",
             });
         }
-        let v = Variant::new(self, limits, shape);
-        let bytes = self.workgroup_bytes(v.q_resident, v.dqk_pad, v.d_chunk);
+        let v = Variant::new(shape);
+        let bytes = self.workgroup_bytes(v.dqk_pad, v.dv_pad);
         if bytes > limits.max_compute_workgroup_storage_size {
             return Err(Error::Limit {
-                what: format!("flash tiles {self:?} at head dim {}", shape.d_qk.max(shape.d_v)),
+                what: format!("flash tiles {self} at head dim {}", shape.d_qk.max(shape.d_v)),
                 needed: bytes as u64,
                 allowed: limits.max_compute_workgroup_storage_size as u64,
                 limit: "max_compute_workgroup_storage_size",
@@ -182,66 +231,88 @@ impl FlashConfig {
         }
         Ok(())
     }
-}
 
-impl FlashConfig {
     /// How many keys one dispatch may walk on an adapter that stops loops after
     /// `loop_limit` iterations per invocation (llvmpipe), or `None` for no limit.
     /// The count is an upper bound on the iterations of the shader's loops per K/V tile,
-    /// assuming the compiler unrolls none of them: keep it in sync with flash_fwd.wgsl.
-    pub fn keys_per_pass(&self, limits: &wgpu::Limits, shape: &AttentionShape, loop_limit: Option<u32>) -> Option<u32> {
+    /// assuming the compiler unrolls none of them and every tile takes the element-wise
+    /// path: keep it in sync with flash_fwd.wgsl.
+    pub fn keys_per_pass(&self, shape: &AttentionShape, loop_limit: Option<u32>) -> Option<u32> {
         let loop_limit = loop_limit?;
-        let v = Variant::new(self, limits, shape);
+        let v = Variant::new(shape);
         let wg = self.workgroup_size();
-        let (bq, bk, tpr, dc) = (self.block_q, self.block_k, self.threads_per_row, v.d_chunk);
-        let keys_per_thread = bk / tpr;
-        let (chunk4, q_stride4) = (dc / 4, if v.q_resident { v.dqk_pad / 4 } else { dc / 4 });
-        // Staging loops, each with load4's loop of 4.
-        let stage_kv = (bk * chunk4).div_ceil(wg) * 5;
-        let stage_q = (bq * q_stride4).div_ceil(wg) * 5;
-        let qk_chunks = v.dqk_pad.div_ceil(dc);
-        let v_chunks = v.dv_pad.div_ceil(dc);
-        let o4 = v.dv_pad / 4 / tpr;
-        let per_qk_chunk = if v.q_resident { 0 } else { stage_q } + stage_kv + chunk4 * (1 + keys_per_thread);
-        let per_v_chunk = stage_kv + bk * (1 + chunk4 / tpr);
-        let per_tile = 1 + qk_chunks * per_qk_chunk + 2 * keys_per_thread + bk + o4 + v_chunks * per_v_chunk;
-        // Once per pass: staging resident Q, loading and storing the state, writing O, and
-        // (block-sparse variants) the binary search for the pass's first run, at most 32 steps.
-        let per_pass = stage_q + 3 * o4 * 5 + 32;
+        let (rg, tpr, steps) = (self.rows_per_thread / 4, self.threads_per_row, self.block_k / 4);
+        let (qk4, dv4) = (v.dqk_pad / 4, v.dv_pad / 4);
+        let (qk4_t, dv4_t) = (qk4 / tpr, dv4 / tpr);
+        let staging =
+            if self.stage_kv { (self.block_k * qk4).div_ceil(wg) + (self.block_k * dv4).div_ceil(wg) } else { 0 };
+        let scores = steps * (1 + qk4_t * (1 + 4 + rg));
+        let partials = if tpr > 1 { rg * steps * (2 + tpr) } else { 0 };
+        let softmax = rg * (1 + 2 * steps * (1 + 4) + dv4_t);
+        let pv = steps * (1 + dv4_t * (1 + 4 + rg * (1 + 4 * (1 + 4))));
+        let per_tile = 1 + staging + scores + partials + softmax + pv;
+        // Once per pass: loading Q and the state, storing the state or O, and (block-sparse
+        // variants) the binary search for the pass's first run, at most 32 steps.
+        let per_pass = rg * (qk4_t * 5 + 2 * 4 * (1 + dv4_t * 5)) + 32;
         let budget = (loop_limit as f64 * 0.9) as u32;
         let tiles = (budget.saturating_sub(per_pass) / per_tile).max(1);
-        Some(tiles * bk)
+        Some(tiles * self.block_k)
     }
 }
 
-/// The compile-time shape of one flash pipeline.
+/// `BQ,BK,R,T,S`: block_q, block_k, rows_per_thread, threads_per_row and stage_kv (0 or 1),
+/// the form `wattn bench --config` takes.
+impl std::fmt::Display for FlashConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self { block_q, block_k, rows_per_thread, threads_per_row, stage_kv } = self;
+        write!(f, "{block_q},{block_k},{rows_per_thread},{threads_per_row},{}", u8::from(*stage_kv))
+    }
+}
+
+impl std::str::FromStr for FlashConfig {
+    type Err = Error;
+
+    /// Parses [`FlashConfig`]'s `Display` form; the configuration is checked when used.
+    fn from_str(text: &str) -> Result<Self> {
+        let bad = || Error::Option(format!("flash config '{text}': expected BQ,BK,R,T,S (e.g. 64,16,8,1,0)"));
+        let numbers: Vec<u32> = text
+            .split(',')
+            .map(|s| s.trim().parse::<u32>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| bad())?;
+        let [block_q, block_k, rows_per_thread, threads_per_row, stage] = numbers[..] else {
+            return Err(bad());
+        };
+        let stage_kv = match stage {
+            0 => false,
+            1 => true,
+            _ => return Err(bad()),
+        };
+        Ok(Self { block_q, block_k, rows_per_thread, threads_per_row, stage_kv })
+    }
+}
+
+/// The compile-time shape of one flash pipeline, besides its configuration.
 struct Variant {
     dqk_pad: u32,
     dv_pad: u32,
-    d_chunk: u32,
-    q_resident: bool,
+    /// Whether every row starts on a vec4 word: both head dims are multiples of 4.
+    aligned: bool,
+    /// Whether Dqk has columns short of its padded width, which K's loads must zero.
+    qk_tail: bool,
 }
 
 impl Variant {
-    fn new(config: &FlashConfig, limits: &wgpu::Limits, shape: &AttentionShape) -> Self {
+    fn new(shape: &AttentionShape) -> Self {
         let dqk_pad = (shape.d_qk as u32).next_multiple_of(HEAD_DIM_GRANULE);
         let dv_pad = (shape.d_v as u32).next_multiple_of(HEAD_DIM_GRANULE);
-        let d_chunk = config.d_chunk.min(dqk_pad.max(dv_pad));
-        // Keep whole Q rows in workgroup memory when they fit: Q is then read once, not once per tile.
-        let q_resident = dqk_pad <= d_chunk
-            || config.workgroup_bytes(true, dqk_pad, d_chunk) <= limits.max_compute_workgroup_storage_size;
-        Self { dqk_pad, dv_pad, d_chunk, q_resident }
+        let aligned = shape.d_qk.is_multiple_of(4) && shape.d_v.is_multiple_of(4);
+        Self { dqk_pad, dv_pad, aligned, qk_tail: dqk_pad != shape.d_qk as u32 }
     }
 }
 
-fn variant_key(
-    config: &FlashConfig,
-    limits: &wgpu::Limits,
-    dtype: DType,
-    shape: &AttentionShape,
-    block_sparse: bool,
-) -> ShaderKey {
-    let v = Variant::new(config, limits, shape);
+fn variant_key(config: &FlashConfig, dtype: DType, shape: &AttentionShape, block_sparse: bool) -> ShaderKey {
+    let v = Variant::new(shape);
     ShaderKey {
         kernel: Kernel::FlashForward,
         entry_point: "main",
@@ -249,11 +320,13 @@ fn variant_key(
         constants: vec![
             ("BLOCK_Q", ConstValue::U32(config.block_q)),
             ("BLOCK_K", ConstValue::U32(config.block_k)),
-            ("THREADS_PER_ROW", ConstValue::U32(config.threads_per_row)),
-            ("D_CHUNK", ConstValue::U32(v.d_chunk)),
+            ("ROW_GROUPS", ConstValue::U32(config.rows_per_thread / 4)),
+            ("SPLIT", ConstValue::U32(config.threads_per_row)),
+            ("STAGE_KV", ConstValue::Bool(config.stage_kv)),
             ("DQK_PAD", ConstValue::U32(v.dqk_pad)),
             ("DV_PAD", ConstValue::U32(v.dv_pad)),
-            ("Q_RESIDENT", ConstValue::Bool(v.q_resident)),
+            ("ALIGNED", ConstValue::Bool(v.aligned)),
+            ("QK_TAIL", ConstValue::Bool(v.qk_tail)),
             ("BLOCK_SPARSE", ConstValue::Bool(block_sparse)),
         ],
     }
@@ -284,16 +357,18 @@ pub fn encode(
     for (what, g) in ["query blocks", "query heads", "batch"].iter().zip(groups) {
         check_grid(ctx.limits(), &format!("flash grid: {g} {what}"), g)?;
     }
-    let key = variant_key(config, ctx.limits(), bufs.q.dtype(), &shape, mask.is_some());
+    for (what, view) in [("Q", &bufs.q), ("K", &bufs.k), ("V", &bufs.v)] {
+        check_whole_words(what, view)?;
+    }
+    let key = variant_key(config, bufs.q.dtype(), &shape, mask.is_some());
     let pipeline = ctx.pipelines.get(ctx.device(), &key)?;
     let n_k = shape.n_k as u32;
-    let keys_per_pass = config.keys_per_pass(ctx.limits(), &shape, ctx.loop_iteration_limit()).unwrap_or(n_k);
+    let keys_per_pass = config.keys_per_pass(&shape, ctx.loop_iteration_limit()).unwrap_or(n_k);
     let passes = n_k.div_ceil(keys_per_pass);
     // The carried (m, l, o) of every row, only when there is more than one pass.
     let own_state;
     let state = if passes > 1 {
-        let floats =
-            shape.batch * shape.q_heads * shape.n_q * (Variant::new(config, ctx.limits(), &shape).dv_pad as usize + 2);
+        let floats = shape.batch * shape.q_heads * shape.n_q * (Variant::new(&shape).dv_pad as usize + 2);
         let bytes = 4 * floats as u64;
         check_binding_size(ctx, "flash pass state", bytes)?;
         own_state = ctx.device().create_buffer(&wgpu::BufferDescriptor {
@@ -342,25 +417,27 @@ pub fn encode(
     Ok(())
 }
 
-/// The flash variants a build should compile: each preset × dtype × head-dim bucket
-/// (every equal pair up to 256 and a few asymmetric ones, as in MLA) on WebGPU's default
-/// 16 KiB of workgroup memory and on 32 and 64 KiB devices, which moves Q in or out of
-/// workgroup memory, each dense and block-sparse. Variants whose tiles a limit does not
-/// admit are left out, as [`encode`] would refuse them. The shader tests validate and
-/// translate every one.
+/// The flash variants a build should compile: each preset (and [`FlashConfig::for_shape`]'s
+/// CPU refinement) × dtype × head-dim bucket (every equal pair up to 256, a few asymmetric
+/// ones as in MLA, and a few not multiples of 4) on WebGPU's default 16 KiB of workgroup
+/// memory and on 32 KiB devices, each dense and block-sparse. Variants whose tiles a limit
+/// does not admit are left out, as [`encode`] would refuse them. The shader tests validate
+/// and translate every one.
 pub fn validation_keys() -> Vec<ShaderKey> {
     let equal = (1..=16).map(|i| (16 * i, 16 * i));
     let asymmetric = [(192, 128), (64, 256), (256, 16), (128, 64), (16, 256), (96, 32)];
-    let head_dims: Vec<(usize, usize)> = equal.chain(asymmetric).collect();
+    let unaligned = [(3, 3), (37, 21), (255, 255)];
+    let head_dims: Vec<(usize, usize)> = equal.chain(asymmetric).chain(unaligned).collect();
+    let cpu_4_rows = FlashConfig { rows_per_thread: 4, ..FlashConfig::CPU };
     let mut keys: Vec<ShaderKey> = Vec::new();
-    for storage in [16 << 10, 32 << 10, 64 << 10] {
+    for storage in [16 << 10, 32 << 10] {
         let limits = wgpu::Limits { max_compute_workgroup_storage_size: storage, ..wgpu::Limits::default() };
-        for config in [FlashConfig::PORTABLE, FlashConfig::CPU, FlashConfig::GPU] {
+        for config in [FlashConfig::PORTABLE, FlashConfig::CPU, cpu_4_rows, FlashConfig::GPU] {
             for dtype in [DType::F32, DType::F16] {
                 for &(d_qk, d_v) in &head_dims {
                     let shape = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk, d_v };
                     for block_sparse in [false, true] {
-                        let key = variant_key(&config, &limits, dtype, &shape, block_sparse);
+                        let key = variant_key(&config, dtype, &shape, block_sparse);
                         if config.check(&limits, &shape).is_ok() && !keys.contains(&key) {
                             keys.push(key);
                         }
@@ -372,6 +449,20 @@ pub fn validation_keys() -> Vec<ShaderKey> {
     keys
 }
 
+/// Checks that `view`'s buffer holds its elements rounded up to whole vec4 words, which the
+/// kernel reads; always true when the head dim is a multiple of 4, and for [`Tensor`]s.
+fn check_whole_words(what: &str, view: &TensorView<'_>) -> Result<()> {
+    let word = 4 * view.dtype().size() as u64;
+    let needed = (view.numel() as u64 * view.dtype().size() as u64).next_multiple_of(word);
+    if view.buffer().size() < needed {
+        return Err(Error::Shape(format!(
+            "{what}: buffer of {} bytes; the flash kernel reads whole {word}-byte words, so it needs {needed}",
+            view.buffer().size()
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,22 +472,27 @@ mod tests {
     /// shader declares, as Dawn counts it.
     #[test]
     fn workgroup_estimate_matches_the_shader() {
-        for storage in [16 << 10, 32 << 10, 64 << 10] {
-            let limits = wgpu::Limits { max_compute_workgroup_storage_size: storage, ..wgpu::Limits::default() };
-            for config in [
-                FlashConfig::PORTABLE,
-                FlashConfig::CPU,
-                FlashConfig::GPU,
-                FlashConfig { block_q: 1, block_k: 2, threads_per_row: 2, d_chunk: 16 },
-            ] {
-                for (d_qk, d_v) in [(16, 16), (64, 64), (128, 128), (80, 48), (256, 256)] {
-                    let shape = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk, d_v };
-                    let v = Variant::new(&config, &limits, &shape);
-                    let key = variant_key(&config, &limits, DType::F32, &shape, false);
-                    let estimate = config.workgroup_bytes(v.q_resident, v.dqk_pad, v.d_chunk);
-                    assert_eq!(estimate, declared_workgroup_bytes(&key), "{}", key.label());
-                }
+        let small = FlashConfig { block_q: 8, block_k: 8, rows_per_thread: 8, threads_per_row: 2, stage_kv: true };
+        for config in [FlashConfig::PORTABLE, FlashConfig::CPU, FlashConfig::GPU, small] {
+            for (d_qk, d_v) in [(16, 16), (64, 64), (128, 128), (80, 48), (256, 256)] {
+                let shape = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk, d_v };
+                let v = Variant::new(&shape);
+                let key = variant_key(&config, DType::F32, &shape, false);
+                let estimate = config.workgroup_bytes(v.dqk_pad, v.dv_pad);
+                assert_eq!(estimate, declared_workgroup_bytes(&key), "{}", key.label());
             }
         }
+    }
+
+    /// The presets fit WebGPU's defaults, or the devices they are for.
+    #[test]
+    fn presets_fit_their_devices() {
+        let widest = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk: 256, d_v: 256 };
+        let webgpu = wgpu::Limits::default();
+        FlashConfig::PORTABLE.check(&webgpu, &widest).unwrap();
+        FlashConfig::CPU.fitted(&webgpu, &widest).check(&webgpu, &widest).unwrap();
+        assert!(FlashConfig::CPU.check(&webgpu, &widest).is_err(), "8 rows of d256 per thread");
+        let gpu = wgpu::Limits { max_compute_workgroup_storage_size: 32 << 10, ..webgpu };
+        FlashConfig::GPU.check(&gpu, &widest).unwrap();
     }
 }

@@ -231,7 +231,7 @@ pub(crate) fn alloc_output(ctx: &Context, q: &Tensor, k: &Tensor, v: &Tensor) ->
 }
 
 /// Flash attention on tensors wattn owns: records, submits, and returns O and LSE.
-/// Uses the [`flash::FlashConfig`] chosen for this adapter.
+/// Uses the [`flash::FlashConfig`] chosen for this adapter and shape.
 pub fn attention(
     ctx: &Context,
     q: &Tensor,
@@ -239,7 +239,8 @@ pub fn attention(
     v: &Tensor,
     options: &AttentionOptions,
 ) -> Result<AttentionOutput> {
-    let config = flash::FlashConfig::for_adapter(ctx);
+    let shape = AttentionShape::from_shapes(q.shape(), k.shape(), v.shape())?;
+    let config = flash::FlashConfig::for_shape(ctx, &shape);
     attention_with(ctx, q, k, v, options, &config)
 }
 

@@ -23,6 +23,9 @@ use std::fmt::Write;
 pub(crate) struct Settings {
     pub repeats: Repeats,
     pub config: FlashConfig,
+    /// Fit `config` to each point's head dims ([`FlashConfig::fitted`]); false for a
+    /// configuration the caller chose.
+    pub fit_config: bool,
     /// Seconds after which no point is started that is estimated to run past them;
     /// `None` runs every point.
     pub budget_s: Option<f64>,
@@ -222,7 +225,7 @@ impl Benchmark for Prefill<'_> {
     }
 
     fn measure(&self, w: &Workload, speeds: &mut Speeds, left: Option<f64>) -> Result<Outcome<Measured>> {
-        let (ctx, config, repeats) = (self.ctx, &self.settings.config, &self.settings.repeats);
+        let (ctx, config, repeats) = (self.ctx, &self.config_for(w), &self.settings.repeats);
         let problem = Problem::upload(ctx, w)?;
         let flash = problem.alloc(ctx, Path::Flash)?;
         let mut flash_work = |e: &mut wgpu::CommandEncoder| problem.record(ctx, &flash, config, e);
@@ -265,6 +268,12 @@ impl Benchmark for Prefill<'_> {
 }
 
 impl Prefill<'_> {
+    /// The flash configuration of point `w`.
+    fn config_for(&self, w: &Workload) -> FlashConfig {
+        let s = &self.settings;
+        if s.fit_config { s.config.fitted(self.ctx.limits(), &w.shape) } else { s.config }
+    }
+
     /// Whether to time the naive path: when asked, and for dense points (it takes no block mask).
     fn naive(&self, w: &Workload) -> bool {
         self.settings.naive && w.sparsity.is_none()
@@ -276,7 +285,8 @@ impl Prefill<'_> {
         let small = w.shrunk_to(PROBE_FLOPS);
         let problem = Problem::upload(self.ctx, &small).ok()?;
         let bufs = problem.alloc(self.ctx, path).ok()?;
-        let mut work = |e: &mut wgpu::CommandEncoder| problem.record(self.ctx, &bufs, &self.settings.config, e);
+        let config = self.config_for(w);
+        let mut work = |e: &mut wgpu::CommandEncoder| problem.record(self.ctx, &bufs, &config, e);
         let seconds = self.timer.time(self.ctx, &mut work).ok()?;
         Some(seconds / small.flops())
     }
@@ -303,7 +313,8 @@ impl Prefill<'_> {
                 return Err(format!("estimated {t:.0} s, past the time budget"));
             }
         }
-        let mut work = |e: &mut wgpu::CommandEncoder| problem.record(ctx, &bufs, &self.settings.config, e);
+        let config = self.config_for(w);
+        let mut work = |e: &mut wgpu::CommandEncoder| problem.record(ctx, &bufs, &config, e);
         ctx.catching_gpu_errors(|| self.timer.time(ctx, &mut work)).map_err(|e| e.to_string())?;
         Ok(bufs)
     }
@@ -371,19 +382,22 @@ fn compare_reference_rows(ctx: &Context, problem: &Problem, flash: &PathBuffers)
 pub(crate) struct TileConfig {
     pub block_q: u32,
     pub block_k: u32,
+    pub rows_per_thread: u32,
     pub threads_per_row: u32,
-    pub d_chunk: u32,
+    pub stage_kv: bool,
 }
 
 impl From<FlashConfig> for TileConfig {
     fn from(c: FlashConfig) -> Self {
-        Self { block_q: c.block_q, block_k: c.block_k, threads_per_row: c.threads_per_row, d_chunk: c.d_chunk }
+        let FlashConfig { block_q, block_k, rows_per_thread, threads_per_row, stage_kv } = c;
+        Self { block_q, block_k, rows_per_thread, threads_per_row, stage_kv }
     }
 }
 
 impl std::fmt::Display for TileConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{},{},{},{}", self.block_q, self.block_k, self.threads_per_row, self.d_chunk)
+        let TileConfig { block_q, block_k, rows_per_thread, threads_per_row, stage_kv } = *self;
+        FlashConfig { block_q, block_k, rows_per_thread, threads_per_row, stage_kv }.fmt(f)
     }
 }
 
@@ -417,7 +431,7 @@ impl Report for BenchReport {
         let naive = if self.naive_baseline { "" } else { "; naive baseline off" };
         writeln!(
             out,
-            "flash config {} (--config BQ,BK,TPR,DC); median of {} runs after {} warm-up{naive}",
+            "flash config {} (--config BQ,BK,R,T,S); median of {} runs after {} warm-up{naive}",
             self.flash_config, self.runs, self.warmup
         )
         .unwrap();

@@ -78,7 +78,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub warmup: u32,
     /// Flash tile sizes block_q,block_k,threads_per_row,d_chunk [default: the adapter's preset].
-    #[arg(long, value_name = "BQ,BK,TPR,DC", value_parser = parse_config)]
+    #[arg(long, value_name = "BQ,BK,R,T,S", value_parser = parse_config)]
     pub config: Option<FlashConfig>,
     /// Do not measure the adapter's peak (no fraction-of-peak column).
     #[arg(long)]
@@ -242,6 +242,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let settings = Settings {
         repeats: args.repeats(),
         config,
+        fit_config: args.config.is_none(),
         budget_s,
         peak_flops: peak.as_ref().map(|p| p.fma_f32.rate),
         naive: !args.no_naive,
@@ -321,17 +322,9 @@ fn parse_density(text: &str) -> std::result::Result<f64, String> {
     }
 }
 
-/// `BQ,BK,TPR,DC` as a flash configuration (checked when used).
+/// A flash configuration in [`FlashConfig`]'s text form (checked when used).
 fn parse_config(text: &str) -> std::result::Result<FlashConfig, String> {
-    let numbers: Vec<u32> = text
-        .split(',')
-        .map(|s| s.trim().parse::<u32>())
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| format!("'{text}': {e}"))?;
-    let [block_q, block_k, threads_per_row, d_chunk] = numbers[..] else {
-        return Err(format!("'{text}': expected four numbers BQ,BK,TPR,DC, e.g. 16,32,4,64"));
-    };
-    Ok(FlashConfig { block_q, block_k, threads_per_row, d_chunk })
+    text.parse().map_err(|e: Error| e.to_string())
 }
 
 #[cfg(test)]
@@ -347,11 +340,13 @@ mod tests {
     }
 
     #[test]
-    fn configs_take_four_numbers() {
+    fn configs_take_five_numbers() {
+        assert_eq!(parse_config(&FlashConfig::GPU.to_string()), Ok(FlashConfig::GPU));
         assert_eq!(
-            parse_config("16,32,4,64"),
-            Ok(FlashConfig { block_q: 16, block_k: 32, threads_per_row: 4, d_chunk: 64 })
+            parse_config("64,16,8,1,0"),
+            Ok(FlashConfig { block_q: 64, block_k: 16, rows_per_thread: 8, threads_per_row: 1, stage_kv: false })
         );
-        assert!(parse_config("16,32,4").is_err() && parse_config("a,b,c,d").is_err());
+        assert!(parse_config("16,32,4,64").is_err() && parse_config("a,b,c,d,e").is_err());
+        assert!(parse_config("64,16,8,1,2").is_err());
     }
 }

@@ -24,8 +24,8 @@ pub fn run(args: InfoArgs) -> Result<()> {
     println!("chosen: {}", ctx.describe());
     let c = FlashConfig::for_adapter(&ctx);
     println!(
-        "    flash config: block_q {}, block_k {}, threads_per_row {}, d_chunk {}",
-        c.block_q, c.block_k, c.threads_per_row, c.d_chunk
+        "    flash config {c}: block_q {}, block_k {}, rows_per_thread {}, threads_per_row {}, stage_kv {}",
+        c.block_q, c.block_k, c.rows_per_thread, c.threads_per_row, c.stage_kv
     );
     Ok(())
 }

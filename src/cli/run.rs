@@ -119,7 +119,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let (q_data, k_data, v_data) = (in_storage(q.data, dtype), in_storage(k.data, dtype), in_storage(v.data, dtype));
 
     let ctx = args.adapter.context()?;
-    let adapter_config = FlashConfig::for_adapter(&ctx);
+    let adapter_config = FlashConfig::for_shape(&ctx, &shape);
     // The masks hold the dense options too, so that the kernel skips the tiles they hide.
     let masks = sparse.as_ref().map(|s| s.masks(&options));
     let config = match &sparse {
