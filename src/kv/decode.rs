@@ -83,7 +83,8 @@ pub struct DecodePlan {
     pub keys_per_split: u32,
     /// Query rows (query head of the group × query) per workgroup.
     pub rows_per_block: u32,
-    /// Slots per tile.
+    /// Slots per tile: what one group of threads takes at a time (a workgroup takes
+    /// several tiles side by side); no split is smaller.
     pub block_k: u32,
 }
 
