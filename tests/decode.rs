@@ -83,14 +83,15 @@ fn split_kv_decode_matches_unsplit_and_reference() {
             n_q: 1,
             positions: PositionMode::Absolute,
         },
-        // MHA, one sequence-head: the automatic choice splits. A head dim off the 16 grid.
+        // MHA, one sequence-head: the automatic choice splits (on 2 cores or more: the
+        // cache has keys for 2 splits of 4 tiles). A head dim off the 16 grid.
         Case {
             dtype: DType::F32,
             batch: 1,
             q_heads: 1,
             kv_heads: 1,
             head_dim: 40,
-            prefix: 300,
+            prefix: 700,
             n_q: 1,
             positions: PositionMode::Absolute,
         },

@@ -90,6 +90,9 @@ pub struct DecodePlan {
 
 /// The most splits the automatic choice makes: beyond it the combine costs more than it gains.
 pub const MAX_AUTO_SPLITS: u32 = 256;
+/// The fewest workgroup tiles of keys an automatic split gets: a split pays for loading its
+/// Q tile, merging its key groups and writing a partial, about what a tile of keys costs.
+const MIN_AUTO_TILES_PER_SPLIT: u32 = 4;
 /// The most 4-row register tiles one thread holds.
 const MAX_ROW_TILES: u32 = 4;
 
@@ -320,9 +323,15 @@ impl KvCache {
     }
 
     /// The layout a decode of `n_q` queries of `q_heads` heads on `layer` would use now.
-    /// Automatic splits: enough workgroups to fill the adapter ([`parallel_workgroups`]),
-    /// at most [`MAX_AUTO_SPLITS`]. Any choice is capped at one split per tile of keys, and
-    /// raised where the adapter caps loop iterations (llvmpipe) so no invocation exceeds it.
+    ///
+    /// Automatic splits: enough workgroups to fill the adapter ([`parallel_workgroups`]: one
+    /// per core on a CPU, 512 on a discrete GPU), but no split under 4 workgroup tiles of
+    /// keys, and at most [`MAX_AUTO_SPLITS`]. On llvmpipe (2 cores) a Llama-3-8B layer's 8
+    /// KV heads already keep every core busy, and more splits only add per-split work
+    /// (8 splits of a 1K cache run at 0.63x of one, docs/decode-llvmpipe.md), so it gets one;
+    /// on a GPU with a hundred compute units the same layer needs tens of splits per head.
+    /// Any choice is capped at one split per tile of keys, and raised where the adapter
+    /// caps loop iterations (llvmpipe) so no invocation exceeds it.
     pub fn plan(
         &self,
         ctx: &Context,
@@ -356,7 +365,8 @@ impl KvCache {
             None => {
                 let row_blocks = (rows as u32).div_ceil(variant.block_r());
                 let base = (batch * kv_heads) as u32 * row_blocks;
-                parallel_workgroups(ctx.adapter_info()).div_ceil(base).min(MAX_AUTO_SPLITS)
+                let worth_splitting = len / (MIN_AUTO_TILES_PER_SPLIT * variant.block_k());
+                parallel_workgroups(ctx.adapter_info()).div_ceil(base).min(worth_splitting).clamp(1, MAX_AUTO_SPLITS)
             }
         };
         let fewest = ctx.loop_iteration_limit().map_or(1, |limit| len.div_ceil(variant.max_keys_per_split(limit)));
