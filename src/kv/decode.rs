@@ -145,40 +145,38 @@ impl Variant {
     /// consecutive threads read consecutive 16-byte words; 64 threads, 8 keys per group
     /// and tile, or 32 threads and 4 keys where that does not fit.
     fn choose(preset: Preset, limits: &wgpu::Limits, rows: usize, head_dim: usize, features: Features) -> Result<Self> {
-        let aligned_rows = head_dim.is_multiple_of(4);
-        let head_dim = head_dim as u32;
-        let wanted = (rows as u32).div_ceil(4).next_power_of_two().min(MAX_ROW_TILES);
-        // (lanes, workgroup, steps) in order of preference, for `row_tiles` tiles.
-        let shapes = |row_tiles: u32| -> Vec<(u32, u32, u32)> {
+        let head = head_dim as u32;
+        // The shapes of `row_tiles` tiles in order of preference.
+        let shapes = |row_tiles: u32| -> Vec<Self> {
+            let shape = |lanes: u32, workgroup: u32, steps: u32| Self {
+                workgroup,
+                lanes,
+                row_tiles,
+                steps,
+                d_pad: head.next_power_of_two().max(4 * lanes).max(16),
+                aligned_rows: head_dim.is_multiple_of(4),
+                features,
+            };
             if preset == Preset::Cpu {
                 let steps = (2 / row_tiles).max(1);
-                [1, 2, 4, 8].map(|lanes| (lanes, 8, steps)).to_vec()
+                [1, 2, 4, 8].map(|lanes| shape(lanes, 8, steps)).to_vec()
             } else {
-                let lanes = if head_dim <= 128 { 8 } else { 16 };
-                [(lanes, 64, 2), (lanes, 64, 1), (lanes, 32, 2), (lanes, 32, 1), (2 * lanes, 32, 1)].to_vec()
+                let lanes = if head <= 128 { 8 } else { 16 };
+                [(lanes, 64, 2), (lanes, 64, 1), (lanes, 32, 2), (lanes, 32, 1), (2 * lanes, 32, 1)]
+                    .map(|(lanes, workgroup, steps)| shape(lanes, workgroup, steps))
+                    .to_vec()
             }
         };
         let allowed = limits.max_compute_workgroup_storage_size;
-        let mut row_tiles = wanted;
+        let mut row_tiles = (rows as u32).div_ceil(4).next_power_of_two().min(MAX_ROW_TILES);
         loop {
-            for (lanes, workgroup, steps) in shapes(row_tiles) {
-                let d_pad = head_dim.next_power_of_two().max(4 * lanes).max(16);
-                let v = Self { workgroup, lanes, row_tiles, steps, d_pad, aligned_rows, features };
-                if v.workgroup_bytes() <= allowed {
-                    return Ok(v);
-                }
+            if let Some(v) = shapes(row_tiles).into_iter().find(|v| v.workgroup_bytes() <= allowed) {
+                return Ok(v);
             }
             if row_tiles == 1 {
                 return Err(Error::Limit {
                     what: format!("decode tiles at head dim {head_dim}"),
-                    needed: shapes(1)
-                        .iter()
-                        .map(|&(lanes, workgroup, steps)| {
-                            let d_pad = head_dim.next_power_of_two().max(4 * lanes).max(16);
-                            Self { workgroup, lanes, row_tiles, steps, d_pad, aligned_rows, features }.workgroup_bytes()
-                        })
-                        .min()
-                        .unwrap_or(0) as u64,
+                    needed: shapes(1).iter().map(Self::workgroup_bytes).min().unwrap_or(0) as u64,
                     allowed: allowed as u64,
                     limit: "max_compute_workgroup_storage_size",
                 });
@@ -232,7 +230,7 @@ impl Variant {
         let scores = 1 + words * (1 + rt + steps * (1 + rt));
         let reduce = if lanes > 1 { 1 + 2 * (1 + rt * steps) + rt * steps * lanes } else { 0 };
         let logit_writes = if self.features.logits { 4 * 5 } else { 0 };
-        let softmax = 1 + rt * (2 + steps * (1 + logit_writes));
+        let softmax = 1 + rt * (1 + steps * (2 + logit_writes));
         let values = 1 + words * (1 + 2 * rt + steps * (1 + rt));
         let per_tile = 1 + slots + scores + reduce + softmax + values;
         let per_thread = (rt * row_words).div_ceil(workgroup);
