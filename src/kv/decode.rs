@@ -326,8 +326,9 @@ impl KvCache {
     /// per core on a CPU, 512 on a discrete GPU), but no split under 4 workgroup tiles of
     /// keys, and at most [`MAX_AUTO_SPLITS`]. On llvmpipe (2 cores) a Llama-3-8B layer's 8
     /// KV heads already keep every core busy, and more splits only add per-split work
-    /// (8 splits of a 1K cache run at 0.63x of one, docs/decode-llvmpipe.md), so it gets one;
-    /// on a GPU with a hundred compute units the same layer needs tens of splits per head.
+    /// (8 and 16 splits of a 1K cache run at 0.82x and 0.70x of one, docs/decode-llvmpipe.md),
+    /// so it gets one; on a GPU with a hundred compute units the same layer needs tens of
+    /// splits per head.
     /// Any choice is capped at one split per tile of keys, and raised where the adapter
     /// caps loop iterations (llvmpipe) so no invocation exceeds it.
     pub fn plan(
