@@ -388,10 +388,10 @@ fn peak_reports_positive_ceilings() {
 fn decode_bench_times_split_settings_against_the_unsplit_kernel() {
     let dir = scratch("decode");
     let (json, csv, svg) = (dir.join("d.json"), dir.join("d.csv"), dir.join("d.svg"));
-    // 20 keys are one tile: 3 splits resolve to the unsplit plan there.
+    // 3 keys are less than a tile (at least one step of 4 keys): 3 splits resolve to the unsplit plan there.
     #[rustfmt::skip]
     let table = wattn(&[
-        "bench", "--decode", "--quick", "--seq", "20,200,700", "--head-dim", "48", "--heads", "6", "--kv-heads", "2",
+        "bench", "--decode", "--quick", "--seq", "3,200,700", "--head-dim", "48", "--heads", "6", "--kv-heads", "2",
         "--queries", "2", "--splits", "1,3,auto", "--runs", "2",
         "--json", json.to_str().unwrap(), "--csv", csv.to_str().unwrap(), "--plot", svg.to_str().unwrap(),
     ]);
@@ -401,12 +401,12 @@ fn decode_bench_times_split_settings_against_the_unsplit_kernel() {
     assert_provenance(&report);
     let rows = report["points"].as_array().unwrap();
     assert_eq!(rows.len(), 3 * 3, "a row per point and split setting: {rows:#?}");
-    for (settings, cache_len) in rows.chunks(3).zip([20, 200, 700]) {
+    for (settings, cache_len) in rows.chunks(3).zip([3, 200, 700]) {
         let requested: Vec<&Value> = settings.iter().map(|s| &s["requested_splits"]).collect();
         assert_eq!(requested, [&Value::from(1), &Value::from(3), &Value::Null]);
         let unsplit = &settings[0];
         assert_eq!((unsplit["splits"].as_u64(), unsplit["speedup_vs_unsplit"].as_f64()), (Some(1), Some(1.0)));
-        let expected_splits = if cache_len == 20 { 1 } else { 3 };
+        let expected_splits = if cache_len == 3 { 1 } else { 3 };
         assert_eq!(settings[1]["splits"], expected_splits, "a request stands up to one split per tile of keys");
         for s in settings {
             assert_eq!(s["status"], "measured", "{s:#}");
@@ -430,7 +430,7 @@ fn decode_bench_times_split_settings_against_the_unsplit_kernel() {
         }
     }
     let same_plan = |setting: &str| {
-        let line = table.lines().find(|l| l.contains(" 20 ") && l.contains(&format!(" {setting} "))).unwrap();
+        let line = table.lines().find(|l| l.contains(" 3 ") && l.contains(&format!(" {setting} "))).unwrap();
         line.contains("same plan as 1") && !line.contains('x')
     };
     assert!(same_plan("3 (1)") && same_plan("auto (1)"), "{table}");

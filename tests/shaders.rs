@@ -179,7 +179,6 @@ fn uniform_structs_match_rust() {
         rope,
         rope_sinks,
         rope_shift,
-        write_logits,
         scale
     });
     let combine_params = rust_layout!(CombineParams { rows, dim, splits, groups_x });

@@ -217,7 +217,6 @@ fn uniform_layouts_filled_by_name_give_the_rust_bytes() {
         rope,
         rope_sinks,
         rope_shift,
-        write_logits,
         scale
     });
     let combine = distinct!(CombineParams { rows, dim, splits, groups_x });

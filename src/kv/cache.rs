@@ -200,7 +200,8 @@ impl KvCache {
         let KvCacheConfig { layers, batch, kv_heads, head_dim, dtype, policy, positions } = config;
         let capacity = policy.capacity();
         let slots = batch * kv_heads * capacity;
-        let kv_bytes = byte_size(slots * head_dim, dtype);
+        // Whole 16-byte words: decode.wgsl reads K and V as arrays of 4-element words.
+        let kv_bytes = byte_size(slots * head_dim, dtype).next_multiple_of(16);
         check_binding_size(ctx, "KV cache K", kv_bytes)?;
         let device = ctx.device();
         let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;

@@ -47,8 +47,6 @@ pub struct DecodeParams {
     pub rope_sinks: u32,
     /// Re-indexing: any other position p is rotated at `p - rope_shift`.
     pub rope_shift: u32,
-    /// Nonzero: store each row's logits per slot, for heavy-hitter scores.
-    pub write_logits: u32,
     /// Softmax scale, resolved (1/sqrt(D) by default).
     pub scale: f32,
 }
@@ -85,79 +83,161 @@ pub struct DecodePlan {
     pub keys_per_split: u32,
     /// Query rows (query head of the group × query) per workgroup.
     pub rows_per_block: u32,
-    /// Slots per tile.
+    /// Slots per tile: what one group of threads takes at a time (a workgroup takes
+    /// several tiles side by side); no split is smaller.
     pub block_k: u32,
 }
 
-const WORKGROUP: u32 = 64;
-const MAX_ROWS_PER_BLOCK: u32 = 16;
 /// The most splits the automatic choice makes: beyond it the combine costs more than it gains.
 pub const MAX_AUTO_SPLITS: u32 = 256;
+/// The fewest workgroup tiles of keys an automatic split gets: a split pays for loading its
+/// Q tile, merging its key groups and writing a partial, about what a tile of keys costs.
+const MIN_AUTO_TILES_PER_SPLIT: u32 = 4;
+/// The most 4-row register tiles one thread holds.
+const MAX_ROW_TILES: u32 = 4;
 
-/// The compile-time shape of one decode pipeline.
+/// The features of a cache that change the decode kernel (compile-time constants: a branch
+/// left in the key loop, even never taken, keeps llvmpipe from unrolling it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Features {
+    /// RoPE inside the kernel (re-indexed positions).
+    rope: bool,
+    /// Store each row's logits per slot, for heavy-hitter scores.
+    logits: bool,
+}
+
+impl Features {
+    /// Every combination a cache can have (heavy hitters need absolute positions).
+    const ALL: [Features; 3] = [
+        Features { rope: false, logits: false },
+        Features { rope: true, logits: false },
+        Features { rope: false, logits: true },
+    ];
+}
+
+/// The compile-time shape of one decode pipeline (see the header of `shaders/decode.wgsl`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Variant {
-    block_r: u32,
-    block_k: u32,
+    workgroup: u32,
+    /// Threads splitting each key's head dim; the workgroup has `workgroup / lanes` key groups.
+    lanes: u32,
+    /// 4-row register tiles per thread: `4 * row_tiles` rows per workgroup.
+    row_tiles: u32,
+    /// 4-key steps per key group and tile.
+    steps: u32,
+    /// The head dim rounded up to a power of two (few variants; threads skip the words
+    /// past the head dim).
     d_pad: u32,
-    d_chunk: u32,
+    /// The head dim is a multiple of 4, so every K/V row starts on a word.
+    aligned_rows: bool,
+    features: Features,
 }
 
 impl Variant {
-    /// As many rows per workgroup as there are (up to 16), then the larger key tile, then
-    /// the wider head-dim chunk, within the device's workgroup memory.
-    fn choose(limits: &wgpu::Limits, rows: usize, head_dim: usize) -> Result<Self> {
-        let d_pad = (head_dim as u32).next_multiple_of(16);
-        let allowed = limits.max_compute_workgroup_storage_size;
-        let mut block_r = (rows as u32).next_power_of_two().min(MAX_ROWS_PER_BLOCK);
-        loop {
-            for (block_k, d_chunk) in [(64, 64), (64, 32), (64, 16), (32, 32), (32, 16)] {
-                let v = Self { block_r, block_k, d_pad, d_chunk };
-                if d_pad.is_multiple_of(d_chunk) && v.workgroup_bytes() <= allowed {
-                    return Ok(v);
-                }
+    /// The first shape of the adapter class's preset that the device's workgroup memory
+    /// admits, with as many row tiles as `rows` need (fewer if none fits).
+    ///
+    /// CPU adapters (llvmpipe runs 8 threads as one SIMD vector and loads memory lane by
+    /// lane, so each K/V element should be loaded by one thread only): 8 threads, each
+    /// owning whole keys (`lanes` 1), 8 keys per thread and tile with one row tile (the
+    /// step loop must stay small enough for the compiler to unroll); more lanes where the
+    /// key groups' outputs do not fit. GPUs: 8 threads per key (16 past D = 128), so that
+    /// consecutive threads read consecutive 16-byte words; 64 threads, 8 keys per group
+    /// and tile, or 32 threads and 4 keys where that does not fit.
+    fn choose(preset: Preset, limits: &wgpu::Limits, rows: usize, head_dim: usize, features: Features) -> Result<Self> {
+        let head = head_dim as u32;
+        // The shapes of `row_tiles` tiles in order of preference.
+        let shapes = |row_tiles: u32| -> Vec<Self> {
+            let shape = |lanes: u32, workgroup: u32, steps: u32| Self {
+                workgroup,
+                lanes,
+                row_tiles,
+                steps,
+                d_pad: head.next_power_of_two().max(4 * lanes).max(16),
+                aligned_rows: head_dim.is_multiple_of(4),
+                features,
+            };
+            if preset == Preset::Cpu {
+                let steps = (2 / row_tiles).max(1);
+                [1, 2, 4, 8].map(|lanes| shape(lanes, 8, steps)).to_vec()
+            } else {
+                let lanes = if head <= 128 { 8 } else { 16 };
+                [(lanes, 64, 2), (lanes, 64, 1), (lanes, 32, 2), (lanes, 32, 1), (2 * lanes, 32, 1)]
+                    .map(|(lanes, workgroup, steps)| shape(lanes, workgroup, steps))
+                    .to_vec()
             }
-            if block_r == 1 {
+        };
+        let allowed = limits.max_compute_workgroup_storage_size;
+        let mut row_tiles = (rows as u32).div_ceil(4).next_power_of_two().min(MAX_ROW_TILES);
+        loop {
+            if let Some(v) = shapes(row_tiles).into_iter().find(|v| v.workgroup_bytes() <= allowed) {
+                return Ok(v);
+            }
+            if row_tiles == 1 {
                 return Err(Error::Limit {
                     what: format!("decode tiles at head dim {head_dim}"),
-                    needed: Self { block_r, block_k: 32, d_pad, d_chunk: 16 }.workgroup_bytes() as u64,
+                    needed: shapes(1).iter().map(Self::workgroup_bytes).min().unwrap_or(0) as u64,
                     allowed: allowed as u64,
                     limit: "max_compute_workgroup_storage_size",
                 });
             }
-            block_r /= 2;
+            row_tiles /= 2;
         }
+    }
+
+    fn key_groups(&self) -> u32 {
+        self.workgroup / self.lanes
+    }
+
+    /// Rows per workgroup.
+    fn block_r(&self) -> u32 {
+        4 * self.row_tiles
+    }
+
+    /// Slots one key group takes at a time.
+    fn group_keys(&self) -> u32 {
+        4 * self.steps
+    }
+
+    /// Slots the workgroup takes at a time.
+    fn block_k(&self) -> u32 {
+        self.key_groups() * self.group_keys()
+    }
+
+    /// mat4x4s of the lanes' partial logits of two tiles (one, unused, with a single lane).
+    fn parts(&self) -> u32 {
+        if self.lanes > 1 { 2 * self.workgroup * self.row_tiles * self.steps } else { 1 }
     }
 
     /// Bytes of workgroup memory `decode.wgsl` declares.
     fn workgroup_bytes(&self) -> u32 {
-        let Self { block_r, block_k, d_pad, d_chunk } = *self;
-        workgroup_array_bytes(block_r * d_pad / 4, 16)
-            + workgroup_array_bytes(block_k * (d_chunk / 4 + 1), 16)
-            + workgroup_array_bytes(block_k, 4)
-            + workgroup_array_bytes(block_r * block_k, 4)
-            + 2 * workgroup_array_bytes(block_r, 4)
+        let tile_words = self.row_tiles * self.d_pad / 4;
+        workgroup_array_bytes(tile_words, 64)
+            + workgroup_array_bytes(self.key_groups() * tile_words, 64)
+            + workgroup_array_bytes(self.parts(), 64)
+            + 2 * workgroup_array_bytes(self.key_groups() * self.row_tiles, 16)
     }
 
     /// The most slots one split may scan on an adapter that stops every shader after
-    /// `loop_limit` loop iterations in total (see [`Context::loop_iteration_limit`]): all
-    /// loops of `decode.wgsl` counted per invocation, with a 10 % margin.
+    /// `loop_limit` loop iterations in total (see [`Context::loop_iteration_limit`]): the
+    /// iterations of every loop of `decode.wgsl` and its barriers, counted per invocation,
+    /// with a 10 % margin.
     fn max_keys_per_split(&self, loop_limit: u32) -> u32 {
-        let Self { block_r, block_k, d_pad, d_chunk } = *self;
-        let (chunks, chunk4) = (d_pad / d_chunk, d_chunk / 4);
-        let scores = (block_r * block_k).div_ceil(WORKGROUP);
-        let outs = (block_r * chunk4).div_ceil(WORKGROUP);
-        // Each staged vec4 runs load4's loop of 4.
-        let stage = (block_k * chunk4).div_ceil(WORKGROUP) * 5;
-        let per_tile = 1
-            + chunks * (1 + stage + scores * (1 + chunk4))
-            + 2 * scores
-            + 2 * block_k
-            + chunks * outs
-            + chunks * (1 + stage + outs * (1 + block_k));
-        let fixed = (block_r * d_pad / 4).div_ceil(WORKGROUP) * 5 + chunks * outs * 5;
+        let Self { lanes, row_tiles: rt, steps, workgroup, .. } = *self;
+        let (groups, row_words) = (self.key_groups(), self.d_pad / 4);
+        let words = row_words.div_ceil(lanes);
+        let slots = 1 + steps;
+        let scores = 1 + words * (1 + rt + steps * (1 + rt));
+        let reduce = if lanes > 1 { 1 + 2 * (1 + rt * steps) + rt * steps * lanes } else { 0 };
+        let logit_writes = if self.features.logits { 4 * 5 } else { 0 };
+        let softmax = 1 + rt * (1 + steps * (2 + logit_writes));
+        let values = 1 + words * (1 + 2 * rt + steps * (1 + rt));
+        let per_tile = 1 + slots + scores + reduce + softmax + values;
+        let per_thread = (rt * row_words).div_ceil(workgroup);
+        let queries = rt * 5 + 1 + per_thread * (1 + 4) + 1;
+        let merge = 1 + rt + 1 + rt * (2 + 2 * groups) + 1 + per_thread * (1 + groups + 4 * 5) + rt * 5;
         let budget = (loop_limit as f64 * 0.9) as u32;
-        (budget.saturating_sub(fixed) / per_tile).max(1) * block_k
+        (budget.saturating_sub(queries + merge) / per_tile).max(1) * self.block_k()
     }
 
     fn key(&self, dtype: DType) -> ShaderKey {
@@ -166,28 +246,50 @@ impl Variant {
             entry_point: "main",
             dtype,
             constants: vec![
-                ("WORKGROUP", ConstValue::U32(WORKGROUP)),
-                ("BLOCK_R", ConstValue::U32(self.block_r)),
-                ("BLOCK_K", ConstValue::U32(self.block_k)),
+                ("WORKGROUP", ConstValue::U32(self.workgroup)),
+                ("LANES", ConstValue::U32(self.lanes)),
+                ("ROW_TILES", ConstValue::U32(self.row_tiles)),
+                ("BLOCK_R", ConstValue::U32(self.block_r())),
+                ("STEPS", ConstValue::U32(self.steps)),
                 ("D_PAD", ConstValue::U32(self.d_pad)),
-                ("D_CHUNK", ConstValue::U32(self.d_chunk)),
+                ("ALIGNED_ROWS", ConstValue::Bool(self.aligned_rows)),
+                ("ROPE", ConstValue::Bool(self.features.rope)),
+                ("LOGITS", ConstValue::Bool(self.features.logits)),
+                ("PARTS", ConstValue::U32(self.parts())),
             ],
         }
     }
 }
 
-/// Every decode variant [`KvCache::attend`] can build on devices with 16, 32 or 64 KiB of
-/// workgroup memory, for validation.
+/// The adapter classes decode has a preset for (see [`Variant::choose`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Preset {
+    Cpu,
+    Gpu,
+}
+
+impl Preset {
+    fn for_adapter(info: &wgpu::AdapterInfo) -> Self {
+        if info.device_type == wgpu::DeviceType::Cpu { Preset::Cpu } else { Preset::Gpu }
+    }
+}
+
+/// Every decode variant [`KvCache::attend`] can build on CPU adapters and GPUs with 16, 32
+/// or 64 KiB of workgroup memory, for validation.
 pub fn validation_keys() -> Vec<ShaderKey> {
     let mut keys: Vec<ShaderKey> = Vec::new();
-    for storage in [16 << 10, 32 << 10, 64 << 10] {
-        let limits = wgpu::Limits { max_compute_workgroup_storage_size: storage, ..wgpu::Limits::default() };
-        for rows in [1, 2, 4, 8, 16] {
-            for head_dim in (16..=256).step_by(16) {
-                for dtype in [DType::F32, DType::F16] {
-                    let key = Variant::choose(&limits, rows, head_dim).expect("fits 16 KiB").key(dtype);
-                    if !keys.contains(&key) {
-                        keys.push(key);
+    for preset in [Preset::Cpu, Preset::Gpu] {
+        for storage in [16 << 10, 32 << 10, 64 << 10] {
+            let limits = wgpu::Limits { max_compute_workgroup_storage_size: storage, ..wgpu::Limits::default() };
+            for rows in [1, 2, 4, 8, 16] {
+                // Every padded head dim, with rows on whole words and not, with each feature set.
+                for head_dim in (16..=256).step_by(16).flat_map(|d| [d, d - 2]) {
+                    for (features, dtype) in Features::ALL.iter().flat_map(|&f| [(f, DType::F32), (f, DType::F16)]) {
+                        let variant = Variant::choose(preset, &limits, rows, head_dim, features).expect("fits 16 KiB");
+                        let key = variant.key(dtype);
+                        if !keys.contains(&key) {
+                            keys.push(key);
+                        }
                     }
                 }
             }
@@ -209,10 +311,26 @@ pub fn parallel_workgroups(info: &wgpu::AdapterInfo) -> u32 {
 }
 
 impl KvCache {
+    /// The decode variant for `rows` rows per KV head.
+    fn variant(&self, ctx: &Context, preset: Preset, rows: usize) -> Result<Variant> {
+        let features = Features {
+            rope: matches!(self.config.positions, PositionMode::Reindexed(_)),
+            logits: matches!(self.config.policy, EvictionPolicy::HeavyHitters { .. }),
+        };
+        Variant::choose(preset, ctx.limits(), rows, self.config.head_dim, features)
+    }
+
     /// The layout a decode of `n_q` queries of `q_heads` heads on `layer` would use now.
-    /// Automatic splits: enough workgroups to fill the adapter ([`parallel_workgroups`]),
-    /// at most [`MAX_AUTO_SPLITS`]. Any choice is capped at one split per tile of keys, and
-    /// raised where the adapter caps loop iterations (llvmpipe) so no invocation exceeds it.
+    ///
+    /// Automatic splits: enough workgroups to fill the adapter ([`parallel_workgroups`]: one
+    /// per core on a CPU, 512 on a discrete GPU), but no split under 4 workgroup tiles of
+    /// keys, and at most [`MAX_AUTO_SPLITS`]. On llvmpipe (2 cores) a Llama-3-8B layer's 8
+    /// KV heads already keep every core busy, and more splits only add per-split work
+    /// (8 and 16 splits of a 1K cache run at 0.82x and 0.70x of one, docs/decode-llvmpipe.md),
+    /// so it gets one; on a GPU with a hundred compute units the same layer needs tens of
+    /// splits per head.
+    /// Any choice is capped at one split per tile of keys, and raised where the adapter
+    /// caps loop iterations (llvmpipe) so no invocation exceeds it.
     pub fn plan(
         &self,
         ctx: &Context,
@@ -221,19 +339,33 @@ impl KvCache {
         n_q: usize,
         options: &DecodeOptions,
     ) -> Result<DecodePlan> {
+        self.plan_for(ctx, Preset::for_adapter(ctx.adapter_info()), layer, q_heads, n_q, options)
+    }
+
+    /// [`Self::plan`] with `preset`'s kernel.
+    fn plan_for(
+        &self,
+        ctx: &Context,
+        preset: Preset,
+        layer: usize,
+        q_heads: usize,
+        n_q: usize,
+        options: &DecodeOptions,
+    ) -> Result<DecodePlan> {
         self.layer(layer)?;
-        let KvCacheConfig { batch, kv_heads, head_dim, .. } = self.config;
+        let KvCacheConfig { batch, kv_heads, .. } = self.config;
         let rows = (q_heads / kv_heads).max(1) * n_q;
-        let variant = Variant::choose(ctx.limits(), rows, head_dim)?;
+        let variant = self.variant(ctx, preset, rows)?;
         let len = (self.len_at(self.checked_seen(layer)?) as u32).max(1);
-        let tiles = len.div_ceil(variant.block_k);
+        let tiles = len.div_ceil(variant.group_keys());
         let requested = match options.splits {
             Some(0) => return Err(Error::Option("splits must be at least 1".into())),
             Some(n) => n,
             None => {
-                let row_blocks = (rows as u32).div_ceil(variant.block_r);
+                let row_blocks = (rows as u32).div_ceil(variant.block_r());
                 let base = (batch * kv_heads) as u32 * row_blocks;
-                parallel_workgroups(ctx.adapter_info()).div_ceil(base).min(MAX_AUTO_SPLITS)
+                let worth_splitting = len / (MIN_AUTO_TILES_PER_SPLIT * variant.block_k());
+                parallel_workgroups(ctx.adapter_info()).div_ceil(base).min(worth_splitting).clamp(1, MAX_AUTO_SPLITS)
             }
         };
         let fewest = ctx.loop_iteration_limit().map_or(1, |limit| len.div_ceil(variant.max_keys_per_split(limit)));
@@ -241,8 +373,8 @@ impl KvCache {
         Ok(DecodePlan {
             splits: len.div_ceil(keys_per_split),
             keys_per_split,
-            rows_per_block: variant.block_r,
-            block_k: variant.block_k,
+            rows_per_block: variant.block_r(),
+            block_k: variant.group_keys(),
         })
     }
 
@@ -257,13 +389,26 @@ impl KvCache {
         bufs: &DecodeBuffers<'_>,
         options: &DecodeOptions,
     ) -> Result<DecodePlan> {
+        self.attend_with(ctx, Preset::for_adapter(ctx.adapter_info()), encoder, layer, bufs, options)
+    }
+
+    /// [`Self::attend`] with `preset`'s kernel.
+    fn attend_with(
+        &mut self,
+        ctx: &Context,
+        preset: Preset,
+        encoder: &mut wgpu::CommandEncoder,
+        layer: usize,
+        bufs: &DecodeBuffers<'_>,
+        options: &DecodeOptions,
+    ) -> Result<DecodePlan> {
         let DecodeBuffers { q, out, lse } = bufs;
         let (q_heads, n_q) = self.check_queries(ctx, layer, bufs)?;
         let scale = options.scale.unwrap_or(1.0 / (self.config.head_dim as f32).sqrt());
         if !scale.is_finite() {
             return Err(Error::Option(format!("scale {scale} is not finite")));
         }
-        let plan = self.plan(ctx, layer, q_heads, n_q, options)?;
+        let plan = self.plan_for(ctx, preset, layer, q_heads, n_q, options)?;
         let KvCacheConfig { batch, kv_heads, head_dim, dtype, policy, positions, .. } = self.config;
         let capacity = policy.capacity();
         let seen = self.checked_seen(layer)?;
@@ -298,12 +443,12 @@ impl KvCache {
             rope,
             rope_sinks,
             rope_shift,
-            write_logits: heavy_hitters as u32,
             scale,
         };
 
         let query_rows = (batch * q_heads * n_q) as u64;
         let splits = plan.splits as u64;
+        let pipeline = ctx.pipelines.get(ctx.device(), &self.variant(ctx, preset, rows)?.key(dtype))?;
         let logits_bytes = if heavy_hitters { 4 * (sequences as u64) * rows as u64 * capacity as u64 } else { 4 };
         let Self { layers, scratch: s, rope_table, .. } = self;
         let l = &layers[layer];
@@ -315,9 +460,6 @@ impl KvCache {
         )?;
         let partial_lse = scratch(ctx, &mut s.partial_lse, "wattn decode partial LSE", 4 * splits * query_rows)?;
         let logits = scratch(ctx, &mut s.logits, "wattn decode logits", logits_bytes)?;
-
-        let variant = Variant::choose(ctx.limits(), rows, head_dim)?;
-        let pipeline = ctx.pipelines.get(ctx.device(), &variant.key(dtype))?;
         let params = uniform_buffer(ctx, &params);
         let group = bind_buffers(
             ctx.device(),
@@ -466,13 +608,102 @@ mod tests {
     fn workgroup_estimate_matches_the_shader() {
         for storage in [16 << 10, 32 << 10, 64 << 10] {
             let limits = wgpu::Limits { max_compute_workgroup_storage_size: storage, ..wgpu::Limits::default() };
-            for (rows, head_dim) in [(1, 64), (4, 128), (8, 80), (32, 256), (3, 17)] {
-                let v = Variant::choose(&limits, rows, head_dim).unwrap();
+            let shapes = [(1, 64), (4, 128), (8, 80), (32, 256), (3, 17)];
+            for (preset, (rows, head_dim)) in
+                [Preset::Cpu, Preset::Gpu].into_iter().flat_map(|p| shapes.map(|s| (p, s)))
+            {
+                let v = Variant::choose(preset, &limits, rows, head_dim, Features::ALL[0]).unwrap();
                 assert_eq!(
                     v.workgroup_bytes(),
                     declared_workgroup_bytes(&v.key(DType::F32)),
-                    "{rows} rows, d{head_dim}"
+                    "{preset:?}, {rows} rows, d{head_dim}"
                 );
+            }
+        }
+    }
+
+    /// Both presets on this adapter, whatever its class (so the GPU preset's lanes, which
+    /// sum their partial logits through workgroup memory, run on llvmpipe too), against the
+    /// f64 reference: a GQA chunk of 3 queries (causal among themselves), head dims on and
+    /// off the word grid and past 128 (16 lanes), RoPE, several splits.
+    #[test]
+    fn both_presets_match_the_reference() {
+        use super::super::{Rope, RopeLayout};
+        use crate::reference;
+        let ctx = Context::new().expect("the decode tests need an adapter: run tools/ensure-adapter.sh");
+        let (q_heads, kv_heads, n_q, n) = (8, 2, 3, 203);
+        let neox = PositionMode::Reindexed(Rope { base: 10000.0, layout: RopeLayout::NeoX });
+        for (head_dim, positions, splits) in [
+            (128, PositionMode::Absolute, 1),
+            (40, PositionMode::Absolute, 3),
+            (34, neox, 2),
+            (200, PositionMode::Absolute, 1),
+        ] {
+            let config = KvCacheConfig {
+                layers: 1,
+                batch: 1,
+                kv_heads,
+                head_dim,
+                dtype: DType::F32,
+                policy: EvictionPolicy::None { capacity: n },
+                positions,
+            };
+            // Deterministic values in [-1, 1).
+            let data = |count: usize, seed: usize| -> Vec<f32> {
+                (0..count).map(|i| ((i * 7919 + seed * 104729) % 2003) as f32 / 1001.5 - 1.0).collect()
+            };
+            let (k, v) = (data(kv_heads * n * head_dim, 1), data(kv_heads * n * head_dim, 2));
+            let q = data(q_heads * n_q * head_dim, 3);
+            let kv_shape = [1, kv_heads, n, head_dim];
+            let q_shape = [1, q_heads, n_q, head_dim];
+            for preset in [Preset::Cpu, Preset::Gpu] {
+                let mut cache = KvCache::new(&ctx, config).unwrap();
+                let mut encoder = ctx.device().create_command_encoder(&Default::default());
+                let (k_gpu, v_gpu) = (
+                    Tensor::from_f32(&ctx, &kv_shape, &k, DType::F32).unwrap(),
+                    Tensor::from_f32(&ctx, &kv_shape, &v, DType::F32).unwrap(),
+                );
+                cache.append(&ctx, &mut encoder, 0, &k_gpu.view(), &v_gpu.view()).unwrap();
+                let q_gpu = Tensor::from_f32(&ctx, &q_shape, &q, DType::F32).unwrap();
+                let (out, lse) = (
+                    Tensor::zeros(&ctx, &q_shape, DType::F32).unwrap(),
+                    Tensor::zeros(&ctx, &q_shape[..3], DType::F32).unwrap(),
+                );
+                let bufs = DecodeBuffers { q: q_gpu.view(), out: out.view(), lse: lse.view() };
+                let options = DecodeOptions { splits: Some(splits), ..Default::default() };
+                let plan = cache.attend_with(&ctx, preset, &mut encoder, 0, &bufs, &options).unwrap();
+                ctx.submit_and_wait(encoder).unwrap();
+                let (out, lse) = (out.to_f32(&ctx).unwrap(), lse.to_f32(&ctx).unwrap());
+                let what = format!("{preset:?} d{head_dim} {positions:?} {plan:?}");
+                assert_eq!(plan.splits, splits, "{what}");
+                let rotated = |x: &[f32], p: usize| -> Vec<f64> {
+                    let x: Vec<f64> = x.iter().map(|&e| e as f64).collect();
+                    match positions {
+                        PositionMode::Reindexed(r) => reference::rope(&x, p as f64, r.base, r.layout),
+                        PositionMode::Absolute => x,
+                    }
+                };
+                let scale = 1.0 / (head_dim as f64).sqrt();
+                for head in 0..q_heads {
+                    let kv = head / (q_heads / kv_heads);
+                    let key = |j: usize| &k[(kv * n + j) * head_dim..][..head_dim];
+                    let value = |j: usize| v[(kv * n + j) * head_dim..][..head_dim].iter().map(|&e| e as f64).collect();
+                    for i in 0..n_q {
+                        let position = n - n_q + i;
+                        let keys: Vec<Vec<f64>> = (0..=position).map(|j| rotated(key(j), j)).collect();
+                        let values: Vec<Vec<f64>> = (0..=position).map(value).collect();
+                        let row = head * n_q + i;
+                        let query = rotated(&q[row * head_dim..][..head_dim], position);
+                        let want = reference::attend_rows(&query, &keys, &values, head_dim, scale);
+                        let got = &out[row * head_dim..][..head_dim];
+                        let err = got.iter().zip(&want.out).map(|(&g, w)| (g as f64 - w).abs()).fold(0.0, f64::max);
+                        let lse_err = (lse[row] as f64 - want.lse).abs();
+                        assert!(
+                            err < 2e-5 && lse_err < 2e-5,
+                            "{what}, row {row}: O err {err:.1e}, LSE err {lse_err:.1e}"
+                        );
+                    }
+                }
             }
         }
     }

@@ -268,7 +268,6 @@ async function runDecode(device, [decode, decodePipeline], [combine, combinePipe
     rope: 0,
     rope_sinks: 0,
     rope_shift: 0,
-    write_logits: 0,
     scale: p.scale,
   };
   const partialOut = sentinel(device, splits * queryRows * p.dim);
@@ -284,7 +283,7 @@ async function runDecode(device, [decode, decodePipeline], [combine, combinePipe
     rope_table: buffer(device, new Float32Array(4)), // RoPE off
     partial_out: partialOut,
     partial_lse: partialLse,
-    logits: buffer(device, new Float32Array(4)), // write_logits off
+    logits: buffer(device, new Float32Array(4)), // LOGITS off
   };
   const decodeGrid = [splits, Math.ceil(rows / decode.constants.BLOCK_R), p.batch * p.kvHeads];
   const merge = { rows: queryRows, dim: p.dim, splits };
@@ -394,6 +393,11 @@ const DECODE_CASES = [
     batch: 2, qHeads: 4, kvHeads: 2, nQ: 5, dim: 40, capacity: 40, seen: 90, keysPerSplit: 8,
     slotPositions: ring(4, 36, 90),
   },
+  {
+    name: 'decode GQA 4/2, chunk of 2 queries, 20 of 24 slots, 3 splits of up to 7, d38 (rows off the 4-element words)',
+    qHeads: 4, kvHeads: 2, nQ: 2, dim: 38, capacity: 24, seen: 20, keysPerSplit: 7,
+    slotPositions: ring(0, 24, 20),
+  },
 ];
 
 function byConstants(variants, kernel, wanted) {
@@ -406,14 +410,17 @@ function byConstants(variants, kernel, wanted) {
 }
 
 const pad16 = (d) => Math.ceil(d / 16) * 16;
+// decode.wgsl's D_PAD (src/kv/decode.rs): a power of two, at least 16 and 4 words per lane.
+const decodePad = (d, lanes) => Math.max(16, 4 * lanes, 2 ** Math.ceil(Math.log2(d)));
 const presetOf = (v) => `${v.constants.BLOCK_Q}x${v.constants.BLOCK_K}x${v.constants.THREADS_PER_ROW}`;
 const constantsText = (v) => Object.entries(v.constants).map(([n, x]) => `${n}=${x}`).join(' ');
 
 /**
  * Every run: [kernel, name, variants it uses, run() -> error or null]. The flash cases run
  * on every admitted f32 variant of their head dims (each tile preset, Q resident or not);
- * the decode cases on the decode variants of their head dim with the fewest and the most
- * rows per workgroup.
+ * the decode cases on the decode variants of their head dim (without RoPE or logits) with
+ * the fewest and the most rows per workgroup, for each number of lanes per key (the CPU
+ * and the GPU presets).
  */
 export function caseList(device, variants) {
   const runs = [];
@@ -435,13 +442,18 @@ export function caseList(device, variants) {
   const [combine] = byConstants(variants, 'combine', {});
   for (const spec of DECODE_CASES) {
     const p = decodeProblem({ seed: 100 + runs.length, ...spec });
-    const candidates = byConstants(variants, 'decode', { D_PAD: pad16(p.dim) });
-    const rowsPerBlock = candidates.map((v) => v.constants.BLOCK_R);
-    const chosen = candidates.filter(
-      (v, i) =>
-        (v.constants.BLOCK_R === Math.min(...rowsPerBlock) || v.constants.BLOCK_R === Math.max(...rowsPerBlock)) &&
-        candidates.findIndex((w) => w.constants.BLOCK_R === v.constants.BLOCK_R) === i,
-    );
+    const candidates = byConstants(variants, 'decode', {
+      ALIGNED_ROWS: p.dim % 4 === 0,
+      ROPE: false,
+      LOGITS: false,
+    }).filter((v) => v.constants.D_PAD === decodePad(p.dim, v.constants.LANES));
+    const chosen = candidates.filter((v, i) => {
+      const same = candidates.filter((w) => w.constants.LANES === v.constants.LANES);
+      const rowsPerBlock = same.map((w) => w.constants.BLOCK_R);
+      const extreme = v.constants.BLOCK_R === Math.min(...rowsPerBlock) || v.constants.BLOCK_R === Math.max(...rowsPerBlock);
+      const first = candidates.findIndex((w) => w.constants.LANES === v.constants.LANES && w.constants.BLOCK_R === v.constants.BLOCK_R);
+      return extreme && first === i;
+    });
     if (chosen.length === 0 || !combine) {
       runs.push(['decode', spec.name, [], async () => 'no admitted decode or combine variant']);
     }
