@@ -34,6 +34,7 @@ mod pipeline;
 pub mod reference;
 mod shader;
 pub mod tensor;
+pub mod timing;
 
 pub use wgpu;
 

@@ -6,14 +6,13 @@ use super::engine::{self, Benchmark, Outcome, Repeats, Speeds, Validation, max_e
 use super::peak::Peak;
 use super::plot::{Chart, Families, Line, XAxis, seq_label};
 use super::report::{Provenance, RateUnit, Report, Row, aligned, mib, ms_range, sig3, time_cells};
-use super::stats::Stats;
-use super::timing::Timer;
 use super::workload::{Path, PathBuffers, Pattern, Problem, Sparsity, Workload, input_values};
 use crate::FlashConfig;
 use crate::attention::{AttentionOptions, AttentionShape};
 use crate::context::Context;
 use crate::error::Result;
 use crate::reference;
+use crate::timing::{Stats, Timer};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write;
