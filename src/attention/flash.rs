@@ -109,6 +109,9 @@ impl FlashConfig {
     pub const CPU: Self = Self { block_q: 32, block_k: 32, threads_per_row: 2, d_chunk: 64 };
     /// Discrete and integrated GPUs with at least 32 KiB of workgroup memory.
     pub const GPU: Self = Self { block_q: 32, block_k: 32, threads_per_row: 4, d_chunk: 64 };
+    /// Every preset with its name, as `wattn info` and the tuner name them.
+    pub const PRESETS: [(&'static str, Self); 3] =
+        [("PORTABLE", Self::PORTABLE), ("CPU", Self::CPU), ("GPU", Self::GPU)];
 
     /// The configuration for `ctx`'s adapter class, falling back to [`Self::PORTABLE`]
     /// when the preferred one does not fit the device's limits.
@@ -181,6 +184,35 @@ impl FlashConfig {
             });
         }
         Ok(())
+    }
+}
+
+// The text form of a configuration, "BQ,BK,TPR,DC" (block_q, block_k, threads_per_row,
+// d_chunk): what `wattn bench --config` takes and the tuning cache stores. Keep both in step
+// with the fields.
+
+impl std::fmt::Display for FlashConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{},{},{},{}", self.block_q, self.block_k, self.threads_per_row, self.d_chunk)
+    }
+}
+
+impl std::str::FromStr for FlashConfig {
+    type Err = Error;
+
+    /// Parses the form [`Display`](std::fmt::Display) writes; the numbers are checked when the
+    /// configuration is used ([`FlashConfig::check`]).
+    fn from_str(text: &str) -> Result<Self> {
+        let bad = |why: &str| Error::Option(format!("flash config '{text}': {why}"));
+        let numbers: Vec<u32> = text
+            .split(',')
+            .map(|s| s.trim().parse::<u32>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| bad(&e.to_string()))?;
+        let [block_q, block_k, threads_per_row, d_chunk] = numbers[..] else {
+            return Err(bad("expected four numbers BQ,BK,TPR,DC, e.g. 16,32,4,64"));
+        };
+        Ok(Self { block_q, block_k, threads_per_row, d_chunk })
     }
 }
 
@@ -376,6 +408,21 @@ pub fn validation_keys() -> Vec<ShaderKey> {
 mod tests {
     use super::*;
     use crate::shader::tests::declared_workgroup_bytes;
+
+    #[test]
+    fn text_form_round_trips_and_refuses_other_text() {
+        for (_, preset) in FlashConfig::PRESETS {
+            assert_eq!(preset.to_string().parse::<FlashConfig>().unwrap(), preset);
+        }
+        assert_eq!(
+            " 16, 32,4 ,64".parse::<FlashConfig>().unwrap(),
+            FlashConfig { block_q: 16, block_k: 32, threads_per_row: 4, d_chunk: 64 }
+        );
+        for bad in ["16,32,4", "16,32,4,64,1", "a,b,c,d", "", "16,32,-4,64"] {
+            let e = bad.parse::<FlashConfig>().unwrap_err();
+            assert!(matches!(e, Error::Option(_)) && e.to_string().contains(&format!("'{bad}'")), "{bad}: {e}");
+        }
+    }
 
     /// The estimate [`FlashConfig::check`] holds against the device's limit is what the
     /// shader declares, as Dawn counts it.

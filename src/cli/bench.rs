@@ -78,7 +78,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub warmup: u32,
     /// Flash tile sizes block_q,block_k,threads_per_row,d_chunk [default: the adapter's preset].
-    #[arg(long, value_name = "BQ,BK,TPR,DC", value_parser = parse_config)]
+    #[arg(long, value_name = "BQ,BK,TPR,DC")]
     pub config: Option<FlashConfig>,
     /// Do not measure the adapter's peak (no fraction-of-peak column).
     #[arg(long)]
@@ -321,19 +321,6 @@ fn parse_density(text: &str) -> std::result::Result<f64, String> {
     }
 }
 
-/// `BQ,BK,TPR,DC` as a flash configuration (checked when used).
-fn parse_config(text: &str) -> std::result::Result<FlashConfig, String> {
-    let numbers: Vec<u32> = text
-        .split(',')
-        .map(|s| s.trim().parse::<u32>())
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| format!("'{text}': {e}"))?;
-    let [block_q, block_k, threads_per_row, d_chunk] = numbers[..] else {
-        return Err(format!("'{text}': expected four numbers BQ,BK,TPR,DC, e.g. 16,32,4,64"));
-    };
-    Ok(FlashConfig { block_q, block_k, threads_per_row, d_chunk })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,14 +331,5 @@ mod tests {
         assert_eq!(parse_tokens("2k"), Ok(2048));
         assert_eq!(parse_tokens("16K"), Ok(16384));
         assert!(parse_tokens("0").is_err() && parse_tokens("k").is_err() && parse_tokens("1.5k").is_err());
-    }
-
-    #[test]
-    fn configs_take_four_numbers() {
-        assert_eq!(
-            parse_config("16,32,4,64"),
-            Ok(FlashConfig { block_q: 16, block_k: 32, threads_per_row: 4, d_chunk: 64 })
-        );
-        assert!(parse_config("16,32,4").is_err() && parse_config("a,b,c,d").is_err());
     }
 }

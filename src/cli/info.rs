@@ -22,11 +22,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
     // Opening the device is what `wattn run` does, so a failure here is the error a run would give.
     let ctx = args.adapter.context()?;
     println!("chosen: {}", ctx.describe());
-    let c = FlashConfig::for_adapter(&ctx);
-    println!(
-        "    flash config: block_q {}, block_k {}, threads_per_row {}, d_chunk {}",
-        c.block_q, c.block_k, c.threads_per_row, c.d_chunk
-    );
+    println!("    flash config: {} (block_q,block_k,threads_per_row,d_chunk)", FlashConfig::for_adapter(&ctx));
     Ok(())
 }
 
