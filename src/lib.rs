@@ -47,6 +47,7 @@ pub mod internals {
 
 pub use attention::flash::{self, FlashConfig};
 pub use attention::naive;
+pub use attention::tuning::{ConfigSource, TuneCache, TuneKey, TunedEntry};
 pub use attention::{
     AttentionBuffers, AttentionOptions, AttentionOutput, AttentionShape, attention, attention_masked, attention_with,
 };
