@@ -35,6 +35,7 @@ pub mod reference;
 mod shader;
 pub mod tensor;
 pub mod timing;
+pub mod tune;
 
 pub use wgpu;
 

@@ -113,7 +113,7 @@ impl TunedEntry {
             k.causal.to_string(),
             self.config.to_string(),
             self.seq.to_string(),
-            self.median_ms.to_string(),
+            format!("{:.4}", self.median_ms),
         ];
         fields.join("\t")
     }
@@ -293,19 +293,19 @@ impl TuneCache {
             Some(entry) if entry.config.check(ctx.limits(), shape).is_ok() => {
                 (entry.config, ConfigSource::Tuned(self.path.clone()))
             }
-            _ => preset(ctx),
+            _ => FlashConfig::preset_for(ctx),
         }
     }
 }
 
-/// The adapter class's preset, with its name.
-fn preset(ctx: &Context) -> (FlashConfig, ConfigSource) {
-    let config = FlashConfig::for_adapter(ctx);
-    let name = FlashConfig::PRESETS.iter().find(|(_, p)| *p == config).map_or("for the adapter", |(name, _)| name);
-    (config, ConfigSource::Preset(name))
-}
-
 impl FlashConfig {
+    /// [`Self::for_adapter`]'s preset, with its name.
+    pub fn preset_for(ctx: &Context) -> (Self, ConfigSource) {
+        let config = Self::for_adapter(ctx);
+        let name = Self::PRESETS.iter().find(|(_, p)| *p == config).map_or("for the adapter", |(name, _)| name);
+        (config, ConfigSource::Preset(name))
+    }
+
     /// The configuration to run `shape` with `dtype` (causal or not) on `ctx`: the one the
     /// tuner saved for this adapter, driver, wattn version and head-dim bucket in the cache
     /// ([`TuneCache::default_path`]) when it fits the shape, else [`Self::for_adapter`]'s
@@ -313,7 +313,7 @@ impl FlashConfig {
     pub fn for_shape(ctx: &Context, shape: &AttentionShape, dtype: DType, causal: bool) -> (Self, ConfigSource) {
         match TuneCache::load_default() {
             Some(cache) => cache.choose(ctx, shape, dtype, causal),
-            None => preset(ctx),
+            None => Self::preset_for(ctx),
         }
     }
 }
