@@ -114,6 +114,17 @@ pub enum CausalChoice {
     Both,
 }
 
+impl CausalChoice {
+    /// The settings of `causal` it names.
+    pub fn values(self) -> Vec<bool> {
+        match self {
+            CausalChoice::True => vec![true],
+            CausalChoice::False => vec![false],
+            CausalChoice::Both => vec![false, true],
+        }
+    }
+}
+
 /// The structured block-sparse patterns `--pattern` takes.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum PatternChoice {
@@ -152,11 +163,7 @@ impl BenchArgs {
             grid.causal = vec![false];
         }
         if let Some(causal) = self.causal {
-            grid.causal = match causal {
-                CausalChoice::True => vec![true],
-                CausalChoice::False => vec![false],
-                CausalChoice::Both => vec![false, true],
-            };
+            grid.causal = causal.values();
         }
         if let Some(w) = &self.window {
             let [left, right] = w[..] else {
@@ -228,7 +235,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let grid = args.grid()?;
     let ctx = args.adapter.context()?;
-    let config = args.config.unwrap_or_else(|| FlashConfig::for_adapter(&ctx));
+    let (config, config_source) = match args.config {
+        Some(config) => (config, "--config BQ,BK,TPR,DC".to_string()),
+        None => {
+            let (preset, source) = FlashConfig::preset_for(&ctx);
+            (preset, source.to_string())
+        }
+    };
     // Block masks are built on the tiles they will run with.
     let workloads = grid.workloads(config.block_size())?;
     // Rule violations do not depend on the shape; limits do and are reported per point.
@@ -242,6 +255,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let settings = Settings {
         repeats: args.repeats(),
         config,
+        config_source,
+        per_shape: args.config.is_none(),
         budget_s,
         peak_flops: peak.as_ref().map(|p| p.fma_f32.rate),
         naive: !args.no_naive,
@@ -254,6 +269,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let report = BenchReport {
         provenance,
         flash_config: config.into(),
+        flash_config_source: match settings.per_shape {
+            true => format!("{}; dense points: a tuned one where `wattn tune` saved one", settings.config_source),
+            false => settings.config_source.clone(),
+        },
         warmup: settings.repeats.warmup,
         runs: settings.repeats.runs,
         budget_s,
