@@ -85,9 +85,12 @@ pub fn run(args: TuneArgs) -> Result<()> {
         }
     }
     if let Some(json) = &args.json {
+        let (preset, preset_source) = FlashConfig::preset_for(&ctx);
         let report = TuneReport {
             provenance,
             cache: path.display().to_string(),
+            preset: preset.to_string(),
+            preset_source: preset_source.to_string(),
             seq: args.seq,
             heads,
             runs: args.runs as usize,
@@ -185,6 +188,9 @@ struct TuneReport {
     provenance: Provenance,
     /// The cache file the winners were saved to.
     cache: String,
+    /// What runs where nothing is tuned, and its name ("preset CPU").
+    preset: String,
+    preset_source: String,
     seq: usize,
     heads: usize,
     runs: usize,
