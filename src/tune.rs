@@ -191,9 +191,12 @@ pub fn tune(ctx: &Context, request: &TuneRequest) -> Result<TuneResult> {
             Candidate { config, outcome }
         })
         .collect();
-    let best = (0..candidates.len())
-        .filter(|&i| candidates[i].median_s().is_some())
-        .min_by(|&a, &b| candidates[a].median_s().unwrap().total_cmp(&candidates[b].median_s().unwrap()));
+    let best = candidates
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| Some((i, c.median_s()?)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(i, _)| i);
     Ok(TuneResult {
         request: *request,
         key: TuneKey::new(ctx, shape.d_qk, shape.d_v, request.dtype, request.causal),
@@ -226,7 +229,8 @@ fn try_candidate(
     if !accuracy.passes() {
         return Ok(Outcome::Inaccurate(accuracy));
     }
-    let time = ctx.catching_gpu_errors(|| timer.measure(ctx, 1, request.runs, &mut work))?;
+    // The checked run built the pipeline and warmed the device: no other warm-up.
+    let time = ctx.catching_gpu_errors(|| timer.measure(ctx, 0, request.runs, &mut work))?;
     Ok(Outcome::Timed { accuracy, time })
 }
 
@@ -267,7 +271,8 @@ impl FlashConfig {
 /// wrong configuration, and the reference pays for every key of every row.
 const CHECK_ROWS: usize = 64;
 
-/// Seeded random inputs, rounded to the dtype the GPU stores.
+/// Seeded random inputs of a self-attention problem (K has Q's shape), rounded to the dtype
+/// the GPU stores.
 struct Inputs {
     q: Vec<f32>,
     k: Vec<f32>,

@@ -269,9 +269,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let report = BenchReport {
         provenance,
         flash_config: config.into(),
-        flash_config_source: match settings.per_shape {
-            true => format!("{}; dense points: a tuned one where `wattn tune` saved one", settings.config_source),
-            false => settings.config_source.clone(),
+        flash_config_source: if settings.per_shape {
+            format!("{}; dense points: a tuned one where `wattn tune` saved one", settings.config_source)
+        } else {
+            settings.config_source.clone()
         },
         warmup: settings.repeats.warmup,
         runs: settings.repeats.runs,
