@@ -34,6 +34,8 @@ mod pipeline;
 pub mod reference;
 mod shader;
 pub mod tensor;
+pub mod timing;
+pub mod tune;
 
 pub use wgpu;
 
@@ -46,6 +48,7 @@ pub mod internals {
 
 pub use attention::flash::{self, FlashConfig};
 pub use attention::naive;
+pub use attention::tuning::{ConfigSource, TuneCache, TuneKey, TunedEntry};
 pub use attention::{
     AttentionBuffers, AttentionOptions, AttentionOutput, AttentionShape, attention, attention_masked, attention_with,
 };

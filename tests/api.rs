@@ -1,12 +1,16 @@
 //! The library's promises beyond accuracy: determinism, recording into the caller's encoder
-//! on the caller's device and buffers, huge logits, fully masked rows, and
-//! pipelines built once per variant.
+//! on the caller's device and buffers, huge logits, fully masked rows, pipelines built once
+//! per variant, and the tuner.
 
 mod common;
 
 use common::{Inputs, Verdict, ctx, own_device};
 use wattn::attention::flash;
-use wattn::{AttentionBuffers, AttentionOptions, AttentionShape, Context, DType, TensorView};
+use wattn::tune::{Outcome, TuneRequest, tune};
+use wattn::{
+    AttentionBuffers, AttentionOptions, AttentionShape, ConfigSource, Context, DType, FlashConfig, TensorView,
+    TuneCache,
+};
 use wgpu::util::DeviceExt;
 
 fn shape(batch: usize, heads: (usize, usize), lens: (usize, usize), dims: (usize, usize)) -> AttentionShape {
@@ -192,5 +196,56 @@ fn key_passes_carry_the_softmax_state_exactly() {
         let x = Inputs::random(&s, dtype, 77);
         let got = flash_on(&capped, &x, &s, &options, dtype);
         assert_follows_rule(&format!("{passes} passes, {dtype}, {options:?}"), &got, &x, &s, &options, dtype);
+    }
+}
+
+/// The tuner on a small problem: every candidate passes its check (the kernel is right with
+/// each), the winner is the fastest, the tests' own judge agrees with the check, and a cache
+/// holding the winner makes it the configuration of its bucket, dtype and mask only.
+#[test]
+fn the_tuner_checks_times_and_saves_the_fastest_candidate() {
+    let c = ctx();
+    let request = TuneRequest { seq: 70, heads: 2, d_qk: 40, d_v: 24, dtype: DType::F32, causal: true, runs: 1 };
+    let result = tune(c, &request).unwrap();
+    assert!(result.candidates.len() >= 2, "{:?}", result.candidates);
+    for candidate in &result.candidates {
+        assert!(matches!(candidate.outcome, Outcome::Timed { .. }), "{}: {:?}", candidate.config, candidate.outcome);
+    }
+    let best = result.best().unwrap();
+    let fastest = result.candidates.iter().filter_map(|c| c.median_s()).fold(f64::INFINITY, f64::min);
+    assert_eq!(best.median_s(), Some(fastest));
+
+    let (s, o) = (request.shape().unwrap(), request.options());
+    let x = Inputs::random(&s, DType::F32, 17);
+    let (q, k, v) = x.upload(c, &s, DType::F32);
+    let run = wattn::attention_with(c, &q, &k, &v, &o, &best.config).unwrap();
+    let got = (run.out.to_f32(c).unwrap(), run.lse.to_f32(c).unwrap());
+    assert_follows_rule(&format!("tuned {}", best.config), &got, &x, &s, &o, DType::F32);
+
+    let dir = std::env::temp_dir().join(format!("wattn-api-tune-{}", std::process::id()));
+    let path = dir.join("tuning");
+    let mut cache = TuneCache::load(&path);
+    cache.insert(result.entry().unwrap());
+    cache.save().unwrap();
+    let cache = TuneCache::load(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(cache.choose(c, &s, DType::F32, true), (best.config, ConfigSource::Tuned(path)));
+    let same_bucket = AttentionShape { d_qk: 48, d_v: 17, n_q: 5000, ..s };
+    assert_eq!(cache.choose(c, &same_bucket, DType::F32, true).0, best.config);
+    let preset = FlashConfig::preset_for(c);
+    assert_eq!(cache.choose(c, &s, DType::F32, false), preset, "the other mask is not tuned");
+    assert_eq!(cache.choose(c, &AttentionShape { d_qk: 64, ..s }, DType::F32, true), preset, "nor another bucket");
+}
+
+#[test]
+fn the_tuner_refuses_requests_it_cannot_run() {
+    let good = TuneRequest { seq: 8, heads: 1, d_qk: 16, d_v: 16, dtype: DType::F32, causal: false, runs: 1 };
+    for (bad, needle) in [
+        (TuneRequest { runs: 0, ..good }, "at least one timed run"),
+        (TuneRequest { heads: 0, ..good }, "empty"),
+        (TuneRequest { d_v: 300, ..good }, "head dim 300"),
+    ] {
+        let e = tune(ctx(), &bad).unwrap_err();
+        assert!(e.to_string().contains(needle), "{bad:?}: {e}");
     }
 }

@@ -1,7 +1,8 @@
 //! The `wattn` binary end to end: .npy files written here (with this file's own minimal
 //! .npy writer and reader, independent of `wattn::cli::npy`), results compared with the f64
 //! reference (block-sparse runs with their masks written out here as plain predicates),
-//! and every kind of bad input refused with one line and no output file.
+//! `wattn tune` and what `wattn info` then reports, and every kind of bad input refused with
+//! one line and no output file.
 
 mod common;
 
@@ -460,6 +461,131 @@ fn info_names_the_chosen_adapter() {
     assert_eq!(chosen, format!("chosen: {}", ctx().describe()));
     for needle in ["shader-f16", "subgroups", "timestamps", "workgroup storage", "storage binding", "flash config"] {
         assert!(stdout.contains(needle), "info lacks {needle}:\n{stdout}");
+    }
+}
+
+/// `wattn` with its tuning cache at `cache`.
+fn wattn_tuned<S: AsRef<std::ffi::OsStr>>(cache: &Path, args: &[S]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wattn"))
+        .env("WATTN_TUNE_CACHE", cache)
+        .args(args)
+        .output()
+        .expect("running the wattn binary")
+}
+
+/// `wattn info`'s line for a bucket, e.g. "f32 d64 causal".
+fn info_line(stdout: &str, bucket: &str) -> String {
+    let line = stdout.lines().find(|l| l.trim_start().starts_with(&format!("{bucket} ")));
+    line.unwrap_or_else(|| panic!("no line for {bucket}:\n{stdout}")).trim().to_owned()
+}
+
+const TINY_TUNE: [&str; 12] =
+    ["tune", "--seq", "64", "--heads", "1", "--head-dim", "64", "--dtype", "f32", "--causal", "true", "--runs"];
+
+#[test]
+fn tune_saves_the_winner_where_the_variable_says_and_info_reports_it() {
+    let s = Scratch::new("tune");
+    // A directory that does not exist yet: the first save makes it.
+    let cache = s.path("cache/tuning");
+    let json = s.path("tune.json");
+    let before = wattn_tuned(&cache, &["info"]);
+    assert!(before.status.success(), "{}", text(&before.stderr));
+    let stdout = text(&before.stdout);
+    assert!(stdout.contains(&format!("tuning cache: {} (none yet", cache.display())), "{stdout}");
+    assert!(info_line(&stdout, "f32 d64 causal").contains("preset"), "{stdout}");
+
+    let run = wattn_tuned(&cache, &[&TINY_TUNE[..], &["1", "--json", json.to_str().unwrap()]].concat());
+    let stdout = text(&run.stdout);
+    assert!(run.status.success(), "{}\n{stdout}", text(&run.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let result = &report["results"][0];
+    assert_eq!((result["bucket"].as_str(), result["causal"].as_bool()), (Some("f32 d64 causal"), Some(true)));
+    let winner = result["winner"].as_str().unwrap().to_owned();
+    let candidates = result["candidates"].as_array().unwrap();
+    assert!(candidates.len() >= 2, "{result}");
+    for c in candidates {
+        assert_eq!(c["accurate"], true, "{c}");
+        assert!(
+            c["median_s"].as_f64().unwrap() > 0.0
+                && c["out_error"].as_f64().unwrap() <= c["out_bound"].as_f64().unwrap(),
+            "{c}"
+        );
+        assert!(stdout.contains(c["config"].as_str().unwrap()), "{stdout}");
+    }
+    assert!(
+        stdout.contains(&format!("winner {winner}")) && stdout.contains(&format!("saved to {}", cache.display())),
+        "{stdout}"
+    );
+    let saved = std::fs::read_to_string(&cache).unwrap();
+    assert!(
+        saved.starts_with("wattn-tuning 1\n") && saved.contains(&format!("\t64\t64\tf32\ttrue\t{winner}\t64\t")),
+        "{saved}"
+    );
+    assert_eq!(std::fs::read_dir(s.path("cache")).unwrap().count(), 1, "no temporary file is left");
+
+    let after = wattn_tuned(&cache, &["info"]);
+    let stdout = text(&after.stdout);
+    assert!(
+        after.status.success() && text(&after.stderr).lines().all(|l| !l.starts_with("wattn")),
+        "{}",
+        text(&after.stderr)
+    );
+    assert!(stdout.contains(&format!("tuning cache: {} (1 entries", cache.display())), "{stdout}");
+    assert_eq!(
+        info_line(&stdout, "f32 d64 causal"),
+        format!("f32 d64 causal   {winner:<12} tuned, from {}", cache.display())
+    );
+    assert!(info_line(&stdout, "f32 d64 dense").contains("preset"), "only the tuned bucket is tuned:\n{stdout}");
+    assert!(info_line(&stdout, "f32 d128 causal").contains("preset"), "{stdout}");
+}
+
+#[test]
+fn a_corrupt_tuning_cache_is_ignored_with_a_warning() {
+    let s = Scratch::new("tune-corrupt");
+    let cache = s.path("tuning");
+    let good_line = "llvmpipe\tVulkan\tMesa\t0.1.0\t64\t64\tf32\tfalse\t32,4,4,4,1\t512\t1.5";
+    for (name, bytes, warning) in [
+        ("binary", vec![0x93, 0xff, 0x00, 0x12], "not text"),
+        ("foreign", b"wattn-tuning 9\nwhatever\n".to_vec(), "is not a wattn-tuning 1 file"),
+        ("bad lines", format!("wattn-tuning 1\n{good_line}\nhalf\ta line\n").into_bytes(), "line 3 skipped: 2 fields"),
+    ] {
+        std::fs::write(&cache, &bytes).unwrap();
+        let info = wattn_tuned(&cache, &["info"]);
+        let stderr = text(&info.stderr);
+        assert!(info.status.success(), "{name}: {stderr}");
+        let ours: Vec<&str> = stderr.lines().filter(|l| l.starts_with("wattn")).collect();
+        assert_eq!(ours.len(), 1, "{name}: {stderr}");
+        assert!(
+            ours[0].starts_with("wattn: warning: tuning cache ") && ours[0].contains(warning),
+            "{name}: {}",
+            ours[0]
+        );
+        assert!(info_line(&text(&info.stdout), "f32 d64 causal").contains("preset"), "{name}");
+        assert_eq!(std::fs::read(&cache).unwrap(), bytes, "{name}: info does not write the cache");
+    }
+    // Tuning warns too, then replaces the file with a valid one that keeps the good entries.
+    let run = wattn_tuned(&cache, &[&TINY_TUNE[..], &["1"]].concat());
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    assert!(text(&run.stderr).contains("wattn: warning: tuning cache"), "{}", text(&run.stderr));
+    let saved = std::fs::read_to_string(&cache).unwrap();
+    assert!(saved.contains(good_line) && !saved.contains("half") && saved.lines().count() == 4, "{saved}");
+}
+
+#[test]
+fn bad_tune_options_are_refused_with_one_line() {
+    let s = Scratch::new("tune-bad");
+    let cache = s.path("tuning");
+    for (args, needle) in [
+        (&["tune", "--head-dim", "64,64,64"][..], "--head-dim takes D or D,DV"),
+        (&["tune", "--head-dim", "300", "--dtype", "f32", "--causal", "false"], "head dim 300"),
+        (&["tune", "--runs", "0"], "--runs"),
+        (&["tune", "--seq", "0"], "not a sequence length"),
+    ] {
+        let run = wattn_tuned(&cache, args);
+        let stderr = text(&run.stderr);
+        assert!(!run.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!cache.exists(), "{args:?} wrote the cache");
     }
 }
 

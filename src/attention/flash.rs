@@ -87,8 +87,8 @@ impl FlashParams {
 /// 16 head dims and the loops over the head dim have compile-time bounds.
 pub const HEAD_DIM_GRANULE: u32 = 16;
 
-/// Q (and O) elements per thread above which only 4 rows per thread are allowed.
-const MAX_THREAD_COLUMNS: u32 = 512;
+/// Head-dim columns per thread above which only 4 rows per thread are allowed.
+const MAX_COLUMNS_FOR_8_ROWS: u32 = 64;
 
 /// Tile sizes of the flash kernel. Chosen per adapter class and head dim by
 /// [`FlashConfig::for_shape`] from measurements (see docs/tuning.md), or set by the caller.
@@ -109,15 +109,23 @@ pub struct FlashConfig {
 }
 
 impl FlashConfig {
-    /// Fits WebGPU's default 16 KiB of workgroup memory and 256 invocations for every head dim.
+    /// Fits WebGPU's default 16 KiB of workgroup memory and 256 invocations for every head
+    /// dim: 32 rows of 8 threads' 4 rows, the head dims split over 4 threads, K/V tiles of 4
+    /// keys staged in workgroup memory.
     pub const PORTABLE: Self = Self { block_q: 32, block_k: 4, rows_per_thread: 4, threads_per_row: 4, stage_kv: true };
-    /// Software rasterisers (llvmpipe, SwiftShader, WARP): a workgroup of 8 threads, 8 rows
-    /// each, reading K/V directly; the fastest of those measured on llvmpipe (see
-    /// docs/tuning.md). [`Self::for_shape`] keeps 4 rows per thread above head dim 64.
-    pub const CPU: Self = Self { block_q: 64, block_k: 16, rows_per_thread: 8, threads_per_row: 1, stage_kv: false };
-    /// Discrete and integrated GPUs with at least 32 KiB of workgroup memory: 32 threads of
-    /// 4 rows sharing K/V tiles, the head dims split over 4 threads to bound registers.
+    /// Software rasterisers (llvmpipe, SwiftShader, WARP): the portable tiles, the fastest on
+    /// llvmpipe among those that compile in seconds (see docs/tuning.md).
+    pub const CPU: Self = Self::PORTABLE;
+    /// Discrete and integrated GPUs: as portable, with tiles of 8 keys.
     pub const GPU: Self = Self { block_q: 32, block_k: 8, rows_per_thread: 4, threads_per_row: 4, stage_kv: true };
+    /// Whole rows per thread in registers, K/V read straight from memory by a workgroup of 8
+    /// threads: 1.7x [`Self::CPU`] on llvmpipe at d64 once compiled, but llvmpipe takes two
+    /// to three minutes to compile each variant (docs/tuning.md), so no preset uses it.
+    pub const REGISTERS: Self =
+        Self { block_q: 64, block_k: 16, rows_per_thread: 8, threads_per_row: 1, stage_kv: false };
+    /// Every preset with its name, as `wattn info` and the tuner name them.
+    pub const PRESETS: [(&'static str, Self); 3] =
+        [("PORTABLE", Self::PORTABLE), ("CPU", Self::CPU), ("GPU", Self::GPU)];
 
     /// The preset for `ctx`'s adapter class, falling back to [`Self::PORTABLE`] when the
     /// preferred one does not fit the device's limits. Its block size is what block masks
@@ -132,15 +140,9 @@ impl FlashConfig {
         }
     }
 
-    /// The configuration for `shape` on `ctx`'s adapter: [`Self::for_adapter`]'s,
-    /// [`fitted`](Self::fitted) to the shape.
-    pub fn for_shape(ctx: &Context, shape: &AttentionShape) -> Self {
-        Self::for_adapter(ctx).fitted(ctx.limits(), shape)
-    }
-
     /// This configuration with the registers per thread fitted to `shape`'s head dims (the
     /// block size stays the same): 4 rows per thread where 8 would hold more than
-    /// [`MAX_THREAD_COLUMNS`] elements of Q.
+    /// [`MAX_COLUMNS_FOR_8_ROWS`] columns.
     pub fn fitted(self, limits: &wgpu::Limits, shape: &AttentionShape) -> Self {
         let four = Self { rows_per_thread: 4, ..self };
         if self.check(limits, shape).is_err() && four.check(limits, shape).is_ok() { four } else { self }
@@ -202,12 +204,12 @@ impl FlashConfig {
             return bad("block_k must be a positive multiple of 4");
         }
         // Measured on llvmpipe: 8 rows of d128 per thread took minutes to compile, and spill
-        // on GPUs. A thread keeps at most 512 columns of Q (and of O) in registers.
+        // on GPUs. 8 rows per thread only while each thread holds at most 64 columns.
         let head_dim = shape.d_qk.max(shape.d_v).next_multiple_of(HEAD_DIM_GRANULE as usize) as u32;
-        if self.rows_per_thread * head_dim / self.threads_per_row > MAX_THREAD_COLUMNS.max(4 * head_dim) {
+        if self.rows_per_thread == 8 && head_dim / self.threads_per_row > MAX_COLUMNS_FOR_8_ROWS {
             return bad(&format!(
-                "{} rows of head dim {head_dim} per thread are more than {MAX_THREAD_COLUMNS} registers' worth; use 4 rows",
-                self.rows_per_thread
+                "8 rows of head dim {head_dim} over {} threads hold more than {MAX_COLUMNS_FOR_8_ROWS} columns per thread; use 4 rows",
+                self.threads_per_row
             ));
         }
         let wg = self.workgroup_size();
@@ -417,8 +419,8 @@ pub fn encode(
     Ok(())
 }
 
-/// The flash variants a build should compile: each preset (and [`FlashConfig::for_shape`]'s
-/// CPU refinement) × dtype × head-dim bucket (every equal pair up to 256, a few asymmetric
+/// The flash variants a build should compile: each preset and [`FlashConfig::REGISTERS`]
+/// (8 and 4 rows per thread) × dtype × head-dim bucket (every equal pair up to 256, a few asymmetric
 /// ones as in MLA, and a few not multiples of 4) on WebGPU's default 16 KiB of workgroup
 /// memory and on 32 KiB devices, each dense and block-sparse. Variants whose tiles a limit
 /// does not admit are left out, as [`encode`] would refuse them. The shader tests validate
@@ -428,11 +430,11 @@ pub fn validation_keys() -> Vec<ShaderKey> {
     let asymmetric = [(192, 128), (64, 256), (256, 16), (128, 64), (16, 256), (96, 32)];
     let unaligned = [(3, 3), (37, 21), (255, 255)];
     let head_dims: Vec<(usize, usize)> = equal.chain(asymmetric).chain(unaligned).collect();
-    let cpu_4_rows = FlashConfig { rows_per_thread: 4, ..FlashConfig::CPU };
+    let registers_4_rows = FlashConfig { rows_per_thread: 4, ..FlashConfig::REGISTERS };
     let mut keys: Vec<ShaderKey> = Vec::new();
     for storage in [16 << 10, 32 << 10] {
         let limits = wgpu::Limits { max_compute_workgroup_storage_size: storage, ..wgpu::Limits::default() };
-        for config in [FlashConfig::PORTABLE, FlashConfig::CPU, cpu_4_rows, FlashConfig::GPU] {
+        for config in [FlashConfig::PORTABLE, FlashConfig::GPU, FlashConfig::REGISTERS, registers_4_rows] {
             for dtype in [DType::F32, DType::F16] {
                 for &(d_qk, d_v) in &head_dims {
                     let shape = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk, d_v };
@@ -468,12 +470,27 @@ mod tests {
     use super::*;
     use crate::shader::tests::declared_workgroup_bytes;
 
+    #[test]
+    fn text_form_round_trips_and_refuses_other_text() {
+        for (_, preset) in FlashConfig::PRESETS {
+            assert_eq!(preset.to_string().parse::<FlashConfig>().unwrap(), preset);
+        }
+        assert_eq!(
+            " 64, 16,8 ,1,0".parse::<FlashConfig>().unwrap(),
+            FlashConfig { block_q: 64, block_k: 16, rows_per_thread: 8, threads_per_row: 1, stage_kv: false }
+        );
+        for bad in ["16,32,4,64", "64,16,8,1,2", "a,b,c,d,e", "", "16,32,-4,64,1"] {
+            let e = bad.parse::<FlashConfig>().unwrap_err();
+            assert!(matches!(e, Error::Option(_)) && e.to_string().contains(&format!("'{bad}'")), "{bad}: {e}");
+        }
+    }
+
     /// The estimate [`FlashConfig::check`] holds against the device's limit is what the
     /// shader declares, as Dawn counts it.
     #[test]
     fn workgroup_estimate_matches_the_shader() {
         let small = FlashConfig { block_q: 8, block_k: 8, rows_per_thread: 8, threads_per_row: 2, stage_kv: true };
-        for config in [FlashConfig::PORTABLE, FlashConfig::CPU, FlashConfig::GPU, small] {
+        for config in [FlashConfig::PORTABLE, FlashConfig::GPU, FlashConfig::REGISTERS, small] {
             for (d_qk, d_v) in [(16, 16), (64, 64), (128, 128), (80, 48), (256, 256)] {
                 let shape = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk, d_v };
                 let v = Variant::new(&shape);
@@ -490,8 +507,8 @@ mod tests {
         let widest = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk: 256, d_v: 256 };
         let webgpu = wgpu::Limits::default();
         FlashConfig::PORTABLE.check(&webgpu, &widest).unwrap();
-        FlashConfig::CPU.fitted(&webgpu, &widest).check(&webgpu, &widest).unwrap();
-        assert!(FlashConfig::CPU.check(&webgpu, &widest).is_err(), "8 rows of d256 per thread");
+        FlashConfig::REGISTERS.fitted(&webgpu, &widest).check(&webgpu, &widest).unwrap();
+        assert!(FlashConfig::REGISTERS.check(&webgpu, &widest).is_err(), "8 rows of d256 per thread");
         let gpu = wgpu::Limits { max_compute_workgroup_storage_size: 32 << 10, ..webgpu };
         FlashConfig::GPU.check(&gpu, &widest).unwrap();
     }

@@ -1,9 +1,10 @@
 //! Attention forward: options and shape checks shared by every path, the flash kernel,
-//! and the naive baseline.
+//! the tuned configurations it runs with, and the naive baseline.
 
 pub mod flash;
 mod masked;
 pub mod naive;
+pub mod tuning;
 
 pub use masked::attention_masked;
 
@@ -231,7 +232,8 @@ pub(crate) fn alloc_output(ctx: &Context, q: &Tensor, k: &Tensor, v: &Tensor) ->
 }
 
 /// Flash attention on tensors wattn owns: records, submits, and returns O and LSE.
-/// Uses the [`flash::FlashConfig`] chosen for this adapter and shape.
+/// Uses the [`flash::FlashConfig`] chosen for this adapter and shape
+/// ([`flash::FlashConfig::for_shape`]: tuned where `wattn tune` saved one, else the preset).
 pub fn attention(
     ctx: &Context,
     q: &Tensor,
@@ -240,7 +242,7 @@ pub fn attention(
     options: &AttentionOptions,
 ) -> Result<AttentionOutput> {
     let shape = AttentionShape::from_shapes(q.shape(), k.shape(), v.shape())?;
-    let config = flash::FlashConfig::for_shape(ctx, &shape);
+    let (config, _) = flash::FlashConfig::for_shape(ctx, &shape, q.dtype(), options.causal);
     attention_with(ctx, q, k, v, options, &config)
 }
 

@@ -13,8 +13,6 @@
 use super::engine::{self, Benchmark, Outcome, Repeats, Speeds, Validation, max_error, tolerance};
 use super::plot::{Chart, Families, Line, XAxis, seq_label};
 use super::report::{Provenance, Report, Row, aligned, mib, ms_range, sig3, time_cells};
-use super::stats::Stats;
-use super::timing::Timer;
 use super::workload::input_values;
 use crate::attention::{AttentionOptions, AttentionShape};
 use crate::context::Context;
@@ -23,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::kv::{DecodeBuffers, DecodeOptions, DecodePlan, EvictionPolicy, KvCache, KvCacheConfig, PositionMode};
 use crate::reference;
 use crate::tensor::Tensor;
+use crate::timing::{Stats, Timer};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -540,7 +539,7 @@ impl Report for DecodeReport {
 mod tests {
     use super::*;
     use crate::bench::report::{Adapter, Cell};
-    use crate::bench::timing::Clock;
+    use crate::timing::Clock;
 
     /// A setting that asked for `requested` and resolved to `splits`, timed at `median_s`.
     fn setting(requested: Option<u32>, splits: u32, median_s: f64) -> SplitResult {

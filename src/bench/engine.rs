@@ -8,11 +8,10 @@
 //! yet, and how to check and time the point (`Benchmark`); `run` does the rest.
 
 use super::report::Row;
-use super::stats::Stats;
-use super::timing::{Timer, Work};
 use crate::context::Context;
 use crate::dtype::DType;
 use crate::error::Result;
+use crate::timing::{Stats, Timer, Work};
 use std::collections::HashMap;
 use std::time::Instant;
 

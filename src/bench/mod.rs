@@ -7,7 +7,8 @@
 //! - [`prefill`]: the flash kernel against the naive baseline, block-sparse against dense.
 //! - [`decode`]: split-KV decode against the unsplit kernel over cache lengths.
 //! - [`stream`]: a token stream through the KV cache, per-token time against position.
-//! - [`timing`]: GPU timestamps (or the wall clock) around recorded work; [`stats`]: median, min, max.
+//! - [`Timer`] and [`Stats`] (from the library's [`crate::timing`]): GPU timestamps (or the wall
+//!   clock) around recorded work; median, min, max.
 //! - [`peak`]: the adapter's FMA and copy-bandwidth ceilings.
 //! - `report`: provenance and the rows written to JSON and CSV; `plot`: SVG; `progress`: the
 //!   progress bar (crate-private: only the `wattn` command uses them).
@@ -19,11 +20,8 @@ pub(crate) mod plot;
 pub mod prefill;
 pub(crate) mod progress;
 pub(crate) mod report;
-pub mod stats;
 pub mod stream;
-pub mod timing;
 pub mod workload;
 
-pub use stats::Stats;
-pub use timing::{Clock, Timer};
+pub use crate::timing::{Clock, Stats, Timer};
 pub use workload::{Path, Problem, Workload};

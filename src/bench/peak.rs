@@ -2,13 +2,12 @@
 //! where the device has `shader-f16`) and device-memory copy bandwidth. `wattn peak`
 //! prints them and `wattn bench` quotes kernel efficiency against the f32 figure.
 
-use super::stats::Stats;
-use super::timing::Timer;
 use crate::context::Context;
 use crate::dispatch::{bind_buffers, uniform_buffer};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::shader::{ConstValue, Kernel, ShaderKey};
+use crate::timing::{Stats, Timer};
 use serde::Serialize;
 
 /// Uniform parameters of `fma_main` in `peak.wgsl`.

@@ -6,26 +6,29 @@ use super::engine::{self, Benchmark, Outcome, Repeats, Speeds, Validation, max_e
 use super::peak::Peak;
 use super::plot::{Chart, Families, Line, XAxis, seq_label};
 use super::report::{Provenance, RateUnit, Report, Row, aligned, mib, ms_range, sig3, time_cells};
-use super::stats::Stats;
-use super::timing::Timer;
 use super::workload::{Path, PathBuffers, Pattern, Problem, Sparsity, Workload, input_values};
 use crate::FlashConfig;
 use crate::attention::{AttentionOptions, AttentionShape};
 use crate::context::Context;
 use crate::error::Result;
 use crate::reference;
+use crate::timing::{Stats, Timer};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
 /// How to run the points.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Settings {
     pub repeats: Repeats,
+    /// `--config`, else the adapter's preset: what block-sparse points run (their masks are
+    /// built on its tiles), and dense points too when `per_shape` is off.
     pub config: FlashConfig,
-    /// Fit `config` to each point's head dims ([`FlashConfig::fitted`]); false for a
-    /// configuration the caller chose.
-    pub fit_config: bool,
+    /// Where `config` comes from: "--config" or "preset NAME".
+    pub config_source: String,
+    /// Dense points run what [`FlashConfig::for_shape`] picks for them (tuned where the
+    /// tuning cache has a configuration, else the preset): without `--config`.
+    pub per_shape: bool,
     /// Seconds after which no point is started that is estimated to run past them;
     /// `None` runs every point.
     pub budget_s: Option<f64>,
@@ -109,6 +112,8 @@ pub(crate) struct PointResult {
     /// Present exactly for block-sparse points.
     pub block_sparse: Option<BlockSparse>,
     pub outcome: Outcome<Measured>,
+    /// The flash configuration the point ran, and where it came from.
+    pub config: (FlashConfig, String),
 }
 
 impl PointResult {
@@ -146,6 +151,8 @@ impl PointResult {
             .with("heads", s.q_heads)
             .with("kv_heads", s.kv_heads)
             .with("seq", s.n_q)
+            .with("config", self.config.0.to_string())
+            .with("config_source", self.config.1.as_str())
             .with("flops", w.flops())
             .with_all("", self.outcome.cells())
             .with_all("flash", path(m.map(|m| &m.flash)))
@@ -182,7 +189,13 @@ pub(crate) fn run(
     let mut results: Vec<PointResult> = workloads
         .iter()
         .zip(outcomes)
-        .map(|(w, outcome)| PointResult { workload: *w, series: w.series(), block_sparse: None, outcome })
+        .map(|(w, outcome)| PointResult {
+            workload: *w,
+            series: w.series(),
+            block_sparse: None,
+            outcome,
+            config: settings.config_for(ctx, w),
+        })
         .collect();
     let median = |r: &PointResult| r.measured().map(|m| m.flash.time.median_s);
     for (i, w) in workloads.iter().enumerate() {
@@ -192,6 +205,17 @@ pub(crate) fn run(
         }
     }
     results
+}
+
+impl Settings {
+    /// The flash configuration `w` runs and where it comes from.
+    fn config_for(&self, ctx: &Context, w: &Workload) -> (FlashConfig, String) {
+        if self.per_shape && w.sparsity.is_none() {
+            let (config, source) = FlashConfig::for_shape(ctx, &w.shape, w.dtype, w.options.causal);
+            return (config, source.to_string());
+        }
+        (self.config, self.config_source.clone())
+    }
 }
 
 /// Work below this many FLOPs is cheap enough to learn a path's speed from.
@@ -225,7 +249,8 @@ impl Benchmark for Prefill<'_> {
     }
 
     fn measure(&self, w: &Workload, speeds: &mut Speeds, left: Option<f64>) -> Result<Outcome<Measured>> {
-        let (ctx, config, repeats) = (self.ctx, &self.config_for(w), &self.settings.repeats);
+        let (ctx, repeats) = (self.ctx, &self.settings.repeats);
+        let config = &self.settings.config_for(ctx, w).0;
         let problem = Problem::upload(ctx, w)?;
         let flash = problem.alloc(ctx, Path::Flash)?;
         let mut flash_work = |e: &mut wgpu::CommandEncoder| problem.record(ctx, &flash, config, e);
@@ -268,12 +293,6 @@ impl Benchmark for Prefill<'_> {
 }
 
 impl Prefill<'_> {
-    /// The flash configuration of point `w`.
-    fn config_for(&self, w: &Workload) -> FlashConfig {
-        let s = &self.settings;
-        if s.fit_config { s.config.fitted(self.ctx.limits(), &w.shape) } else { s.config }
-    }
-
     /// Whether to time the naive path: when asked, and for dense points (it takes no block mask).
     fn naive(&self, w: &Workload) -> bool {
         self.settings.naive && w.sparsity.is_none()
@@ -285,7 +304,7 @@ impl Prefill<'_> {
         let small = w.shrunk_to(PROBE_FLOPS);
         let problem = Problem::upload(self.ctx, &small).ok()?;
         let bufs = problem.alloc(self.ctx, path).ok()?;
-        let config = self.config_for(w);
+        let (config, _) = self.settings.config_for(self.ctx, w);
         let mut work = |e: &mut wgpu::CommandEncoder| problem.record(self.ctx, &bufs, &config, e);
         let seconds = self.timer.time(self.ctx, &mut work).ok()?;
         Some(seconds / small.flops())
@@ -313,7 +332,7 @@ impl Prefill<'_> {
                 return Err(format!("estimated {t:.0} s, past the time budget"));
             }
         }
-        let config = self.config_for(w);
+        let (config, _) = self.settings.config_for(self.ctx, w);
         let mut work = |e: &mut wgpu::CommandEncoder| problem.record(ctx, &bufs, &config, e);
         ctx.catching_gpu_errors(|| self.timer.time(ctx, &mut work)).map_err(|e| e.to_string())?;
         Ok(bufs)
@@ -378,7 +397,7 @@ fn compare_reference_rows(ctx: &Context, problem: &Problem, flash: &PathBuffers)
 }
 
 /// The tile sizes the flash kernel ran with, as `--config` takes them.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub(crate) struct TileConfig {
     pub block_q: u32,
     pub block_k: u32,
@@ -406,7 +425,10 @@ impl std::fmt::Display for TileConfig {
 pub(crate) struct BenchReport {
     #[serde(flatten)]
     pub provenance: Provenance,
+    /// What points run unless tuned ([`Settings::config`]).
     pub flash_config: TileConfig,
+    /// Where `flash_config` comes from, and whether dense points may run a tuned one instead.
+    pub flash_config_source: String,
     pub warmup: usize,
     pub runs: usize,
     /// The time budget in seconds; `None` when unlimited.
@@ -431,8 +453,8 @@ impl Report for BenchReport {
         let naive = if self.naive_baseline { "" } else { "; naive baseline off" };
         writeln!(
             out,
-            "flash config {} (--config BQ,BK,R,T,S); median of {} runs after {} warm-up{naive}",
-            self.flash_config, self.runs, self.warmup
+            "flash config {} ({}); median of {} runs after {} warm-up{naive}",
+            self.flash_config, self.flash_config_source, self.runs, self.warmup
         )
         .unwrap();
         if let Some(p) = &self.peak {
@@ -483,6 +505,11 @@ impl Report for BenchReport {
                     ]);
                     if let Some(why) = &m.naive_skipped {
                         notes.push(format!("{} {}: naive skipped: {why}", p.series, seq_label(p.seq())));
+                    }
+                    let (config, source) = &p.config;
+                    let note = format!("{}: flash config {config} ({source})", p.series);
+                    if TileConfig::from(*config) != self.flash_config && !notes.contains(&note) {
+                        notes.push(note);
                     }
                 }
                 // A run of capped points of one series shares a row: "512-16K  capped: ...".

@@ -4,10 +4,9 @@
 
 use super::peak::{Measurement, Peak};
 use super::plot::{self, Chart};
-use super::stats::Stats;
-use super::timing::Clock;
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::timing::{Clock, Stats};
 use serde::Serialize;
 use serde::ser::SerializeMap;
 use std::path::Path;

@@ -8,12 +8,12 @@
 
 use super::plot::{Chart, Line, XAxis};
 use super::report::{Provenance, Report, Row, aligned, mib, sig3, time_cells};
-use super::stats::Stats;
 use crate::context::Context;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kv::{DecodeBuffers, DecodeOptions, EvictionPolicy, KvCache, KvCacheConfig, PositionMode};
 use crate::tensor::Tensor;
+use crate::timing::Stats;
 use serde::Serialize;
 use std::fmt::Write;
 use std::time::Instant;

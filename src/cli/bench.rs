@@ -77,8 +77,8 @@ pub struct BenchArgs {
     /// Untimed runs before the timed ones; the run whose output is checked is the first.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub warmup: u32,
-    /// Flash tile sizes block_q,block_k,threads_per_row,d_chunk [default: the adapter's preset].
-    #[arg(long, value_name = "BQ,BK,R,T,S", value_parser = parse_config)]
+    /// Flash tiles block_q,block_k,rows_per_thread,threads_per_row,stage_kv (0/1) [default: per shape: tuned, else the preset].
+    #[arg(long, value_name = "BQ,BK,R,T,S")]
     pub config: Option<FlashConfig>,
     /// Do not measure the adapter's peak (no fraction-of-peak column).
     #[arg(long)]
@@ -112,6 +112,17 @@ pub enum CausalChoice {
     True,
     False,
     Both,
+}
+
+impl CausalChoice {
+    /// The settings of `causal` it names.
+    pub fn values(self) -> Vec<bool> {
+        match self {
+            CausalChoice::True => vec![true],
+            CausalChoice::False => vec![false],
+            CausalChoice::Both => vec![false, true],
+        }
+    }
 }
 
 /// The structured block-sparse patterns `--pattern` takes.
@@ -152,11 +163,7 @@ impl BenchArgs {
             grid.causal = vec![false];
         }
         if let Some(causal) = self.causal {
-            grid.causal = match causal {
-                CausalChoice::True => vec![true],
-                CausalChoice::False => vec![false],
-                CausalChoice::Both => vec![false, true],
-            };
+            grid.causal = causal.values();
         }
         if let Some(w) = &self.window {
             let [left, right] = w[..] else {
@@ -228,7 +235,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let grid = args.grid()?;
     let ctx = args.adapter.context()?;
-    let config = args.config.unwrap_or_else(|| FlashConfig::for_adapter(&ctx));
+    let (config, config_source) = match args.config {
+        Some(config) => (config, "--config".to_string()),
+        None => {
+            let (preset, source) = FlashConfig::preset_for(&ctx);
+            (preset, source.to_string())
+        }
+    };
     // Block masks are built on the tiles they will run with.
     let workloads = grid.workloads(config.block_size())?;
     // Rule violations do not depend on the shape; limits do and are reported per point.
@@ -242,7 +255,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let settings = Settings {
         repeats: args.repeats(),
         config,
-        fit_config: args.config.is_none(),
+        config_source,
+        per_shape: args.config.is_none(),
         budget_s,
         peak_flops: peak.as_ref().map(|p| p.fma_f32.rate),
         naive: !args.no_naive,
@@ -255,6 +269,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let report = BenchReport {
         provenance,
         flash_config: config.into(),
+        flash_config_source: if settings.per_shape {
+            format!("{}; dense points: a tuned one where `wattn tune` saved one", settings.config_source)
+        } else {
+            settings.config_source.clone()
+        },
         warmup: settings.repeats.warmup,
         runs: settings.repeats.runs,
         budget_s,
@@ -322,11 +341,6 @@ fn parse_density(text: &str) -> std::result::Result<f64, String> {
     }
 }
 
-/// A flash configuration in [`FlashConfig`]'s text form (checked when used).
-fn parse_config(text: &str) -> std::result::Result<FlashConfig, String> {
-    text.parse().map_err(|e: Error| e.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,16 +351,5 @@ mod tests {
         assert_eq!(parse_tokens("2k"), Ok(2048));
         assert_eq!(parse_tokens("16K"), Ok(16384));
         assert!(parse_tokens("0").is_err() && parse_tokens("k").is_err() && parse_tokens("1.5k").is_err());
-    }
-
-    #[test]
-    fn configs_take_five_numbers() {
-        assert_eq!(parse_config(&FlashConfig::GPU.to_string()), Ok(FlashConfig::GPU));
-        assert_eq!(
-            parse_config("64,16,8,1,0"),
-            Ok(FlashConfig { block_q: 64, block_k: 16, rows_per_thread: 8, threads_per_row: 1, stage_kv: false })
-        );
-        assert!(parse_config("16,32,4,64").is_err() && parse_config("a,b,c,d,e").is_err());
-        assert!(parse_config("64,16,8,1,2").is_err());
     }
 }

@@ -1,7 +1,11 @@
-//! `wattn info`: what wgpu offers here and what wattn would use.
+//! `wattn info`: what wgpu offers here and what wattn would use, down to the flash
+//! configuration of common shapes.
 
 use super::AdapterArgs;
-use crate::context::{Capabilities, describe_adapter, enumerate_adapters};
+use crate::attention::AttentionShape;
+use crate::attention::tuning::{CACHE_ENV, TuneCache, TuneKey};
+use crate::context::{Capabilities, Context, describe_adapter, enumerate_adapters};
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::flash::FlashConfig;
 
@@ -22,12 +26,39 @@ pub fn run(args: InfoArgs) -> Result<()> {
     // Opening the device is what `wattn run` does, so a failure here is the error a run would give.
     let ctx = args.adapter.context()?;
     println!("chosen: {}", ctx.describe());
-    let c = FlashConfig::for_adapter(&ctx);
     println!(
-        "    flash config {c}: block_q {}, block_k {}, rows_per_thread {}, threads_per_row {}, stage_kv {}",
-        c.block_q, c.block_k, c.rows_per_thread, c.threads_per_row, c.stage_kv
+        "    flash config: {} (block_q,block_k,rows_per_thread,threads_per_row,stage_kv) by default",
+        FlashConfig::for_adapter(&ctx)
     );
+    print_configs_per_shape(&ctx);
     Ok(())
+}
+
+/// Which flash configuration runs a few common shapes and why: tuned (from which file) or
+/// the preset. Warns about what the cache file holds that could not be read.
+fn print_configs_per_shape(ctx: &Context) {
+    let Some(cache) = TuneCache::load_default() else {
+        println!("    tuning cache: none (set {CACHE_ENV} to a file, or HOME); presets only");
+        return;
+    };
+    for warning in cache.warnings() {
+        eprintln!("wattn: warning: {warning}");
+    }
+    let state = if cache.path().exists() { format!("{} entries", cache.entries().len()) } else { "none yet".into() };
+    println!("    tuning cache: {} ({state}; `wattn tune` adds to it)", cache.path().display());
+    println!("    flash config per shape (any sequence length):");
+    let dtypes = if ctx.capabilities().shader_f16 { &[DType::F32, DType::F16][..] } else { &[DType::F32] };
+    for &dtype in dtypes {
+        for d in [64, 128] {
+            for causal in [false, true] {
+                let shape = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1024, n_k: 1024, d_qk: d, d_v: d };
+                let (config, source) = cache.choose(ctx, &shape, dtype, causal);
+                let config = config.to_string();
+                let bucket = TuneKey::new(ctx, d, d, dtype, causal).describe();
+                println!("      {bucket:<16} {config:<12} {source}");
+            }
+        }
+    }
 }
 
 fn print_features_and_limits(caps: Capabilities, limits: &wgpu::Limits) {

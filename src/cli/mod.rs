@@ -7,6 +7,7 @@ mod peak;
 mod run;
 mod shaders;
 mod stream;
+mod tune;
 
 use crate::context::{AdapterSelection, Context};
 use crate::error::{Error, Result};
@@ -33,6 +34,8 @@ enum Command {
     Stream(stream::StreamArgs),
     /// Write every shader variant as WGSL with a manifest (bindings, layouts), for checks on other WGSL compilers.
     Shaders(shaders::ShadersArgs),
+    /// Time the candidate flash configurations on this adapter, each checked first, and save the fastest per head-dim bucket, dtype and mask.
+    Tune(tune::TuneArgs),
 }
 
 /// Runs the subcommand `cli` names; its error is what `wattn` prints before exiting with failure.
@@ -44,6 +47,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Peak(a) => peak::run(a),
         Command::Stream(a) => stream::run(a),
         Command::Shaders(a) => shaders::run(a),
+        Command::Tune(a) => tune::run(a),
     }
 }
 

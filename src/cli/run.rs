@@ -119,12 +119,16 @@ pub fn run(args: RunArgs) -> Result<()> {
     let (q_data, k_data, v_data) = (in_storage(q.data, dtype), in_storage(k.data, dtype), in_storage(v.data, dtype));
 
     let ctx = args.adapter.context()?;
-    let adapter_config = FlashConfig::for_shape(&ctx, &shape);
     // The masks hold the dense options too, so that the kernel skips the tiles they hide.
     let masks = sparse.as_ref().map(|s| s.masks(&options));
+    // Block masks run on the preset with their blocks as tiles; dense runs on what is tuned
+    // for the shape, else the preset.
     let config = match &sparse {
-        Some(s) => adapter_config.with_block_size(s.block_size(adapter_config.block_size())),
-        None => adapter_config,
+        Some(s) => {
+            let preset = FlashConfig::for_adapter(&ctx);
+            preset.with_block_size(s.block_size(preset.block_size()))
+        }
+        None => FlashConfig::for_shape(&ctx, &shape, dtype, options.causal).0,
     };
     config.check(ctx.limits(), &shape)?;
     let block_mask = masks.as_ref().map(|m| m.block_mask(shape.n_q, shape.n_k, config.block_size())).transpose()?;

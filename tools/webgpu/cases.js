@@ -6,6 +6,7 @@
 // src/kv/combine.rs, src/mask/gpu.rs).
 
 import { judge, merge, judgeMerge } from './reference.js';
+import { tilesOf } from './shared.js';
 
 // flash_fwd.wgsl's pass flags: one pass walks every key (the Rust host splits the keys into
 // several passes only where the adapter caps loop iterations, as llvmpipe does).
@@ -412,12 +413,12 @@ function byConstants(variants, kernel, wanted) {
 const pad16 = (d) => Math.ceil(d / 16) * 16;
 // decode.wgsl's D_PAD (src/kv/decode.rs): a power of two, at least 16 and 4 words per lane.
 const decodePad = (d, lanes) => Math.max(16, 4 * lanes, 2 ** Math.ceil(Math.log2(d)));
-const presetOf = (v) => `${v.constants.BLOCK_Q}x${v.constants.BLOCK_K}x${v.constants.THREADS_PER_ROW}`;
+const presetOf = (v) => tilesOf(v.constants);
 const constantsText = (v) => Object.entries(v.constants).map(([n, x]) => `${n}=${x}`).join(' ');
 
 /**
  * Every run: [kernel, name, variants it uses, run() -> error or null]. The flash cases run
- * on every admitted f32 variant of their head dims (each tile preset, Q resident or not);
+ * on every admitted f32 variant of their head dims (each tile preset);
  * the decode cases on the decode variants of their head dim (without RoPE or logits) with
  * the fewest and the most rows per workgroup, for each number of lanes per key (the CPU
  * and the GPU presets).
@@ -429,6 +430,8 @@ export function caseList(device, variants) {
     const candidates = byConstants(variants, 'flash_fwd', {
       DQK_PAD: pad16(p.dQk),
       DV_PAD: pad16(p.dV),
+      ALIGNED: p.dQk % 4 === 0 && p.dV % 4 === 0,
+      QK_TAIL: pad16(p.dQk) !== p.dQk,
       BLOCK_SPARSE: !!spec.blockSparse,
     });
     if (candidates.length === 0) {

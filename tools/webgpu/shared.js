@@ -59,10 +59,13 @@ export function notAdmitted(limits, variant) {
 // Constants that only size a head dim: the sample keeps their smallest and largest values.
 const HEAD_DIM_CONSTANTS = new Set(['DQK_PAD', 'DV_PAD', 'D_PAD']);
 
+/** A flash variant's tiles, as `wattn bench --config` writes them: BQ,BK,R,T,S. */
+export const tilesOf = (c) => `${c.BLOCK_Q},${c.BLOCK_K},${4 * c.ROW_GROUPS},${c.SPLIT},${c.STAGE_KV ? 1 : 0}`;
+
 /**
  * The pipelines a default run builds, from the admitted `variants` in manifest order. Per
  * (kernel, entry point, dtype): the first variant showing each value of each constant
- * (the tile preset BLOCK_Q x BLOCK_K x THREADS_PER_ROW counts as one constant), where a
+ * (the flash tile preset, see tilesOf, counts as one constant), where a
  * head-dim constant (DQK_PAD, DV_PAD, D_PAD) counts only its smallest and largest value;
  * and the variant with the most workgroup memory. `--all` builds every admitted variant.
  */
@@ -86,7 +89,7 @@ export function pipelineSample(variants) {
       const traits = Object.entries(c)
         .filter(([name, value]) => !HEAD_DIM_CONSTANTS.has(name) || extremes[name].includes(value))
         .map(([name, value]) => `${name}=${value}`);
-      if ('BLOCK_Q' in c) traits.push(`preset=${c.BLOCK_Q}x${c.BLOCK_K}x${c.THREADS_PER_ROW}`);
+      if ('BLOCK_Q' in c) traits.push(`preset=${tilesOf(c)}`);
       if (traits.length === 0) traits.push('only');
       if (traits.some((t) => !seen.has(t))) {
         traits.forEach((t) => seen.add(t));

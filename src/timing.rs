@@ -1,4 +1,5 @@
-//! Timing recorded GPU work: GPU timestamps where the adapter has them, else wall time.
+//! Timing recorded GPU work: GPU timestamps where the adapter has them, else wall time;
+//! [`Stats`] summarises repeated runs (median, min, max).
 //!
 //! The kernels' `encode` functions begin their own compute pass, so the timer cannot put
 //! timestamp writes on that pass. wgpu 30 offers two other ways: `CommandEncoder::write_timestamp`,
@@ -8,17 +9,18 @@
 //! passes, the first writing its beginning timestamp and the second its end timestamp.
 //! Timestamps are taken at the bottom of the pipe, so the end one waits for every
 //! dispatch recorded before it.
+//!
+//! The benchmarks (`wattn bench`, behind the `cli` feature) and the tuner ([`crate::tune`])
+//! share it; with the `cli` feature the types also serialise into the benchmark reports.
 
-use super::stats::Stats;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::tensor::read_buffer;
-use serde::Serialize;
 use std::time::Instant;
 
 /// How durations are measured.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(serde::Serialize), serde(rename_all = "snake_case"))]
 pub enum Clock {
     /// GPU timestamp queries around the work: the GPU's own time, no submission overhead.
     GpuTimestamps,
@@ -135,5 +137,57 @@ impl Timer {
         }
         let samples = (0..runs).map(|_| self.time(ctx, work)).collect::<Result<Vec<f64>>>()?;
         Stats::of(&samples).ok_or_else(|| Error::Option("at least one timed run is needed".into()))
+    }
+}
+
+/// Seconds per run over the timed runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(feature = "cli", derive(serde::Serialize))]
+pub struct Stats {
+    /// Median seconds per run.
+    pub median_s: f64,
+    /// Seconds of the fastest run.
+    pub min_s: f64,
+    /// Seconds of the slowest run.
+    pub max_s: f64,
+    /// Number of timed runs.
+    pub runs: usize,
+}
+
+impl Stats {
+    /// Summarises `samples` (seconds); `None` when there are none. The median of an even
+    /// count is the mean of the two middle values.
+    pub fn of(samples: &[f64]) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len();
+        let median_s = if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 };
+        Some(Self { median_s, min_s: sorted[0], max_s: sorted[n - 1], runs: n })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn odd_count_takes_the_middle_value() {
+        let s = Stats::of(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!(s, Stats { median_s: 2.0, min_s: 1.0, max_s: 3.0, runs: 3 });
+    }
+
+    #[test]
+    fn even_count_averages_the_two_middle_values() {
+        let s = Stats::of(&[4.0, 1.0, 3.0, 10.0]).unwrap();
+        assert_eq!(s, Stats { median_s: 3.5, min_s: 1.0, max_s: 10.0, runs: 4 });
+    }
+
+    #[test]
+    fn single_and_empty() {
+        assert_eq!(Stats::of(&[0.5]).unwrap(), Stats { median_s: 0.5, min_s: 0.5, max_s: 0.5, runs: 1 });
+        assert_eq!(Stats::of(&[]), None);
     }
 }
