@@ -5,8 +5,8 @@
 // query rows in registers, as groups of four: a 4 x 4 tile of scores is a mat4x4, so
 // S = Q K^T for four keys is `transpose(Kc) * Qc` and O += P V is `Vc * P^T` for each vec4
 // column c of the head dims, matrix expressions that compilers turn into straight-line FMAs
-// (16 per vec4 loaded). Each thread keeps its rows' Q (pre-scaled) and O in registers for the
-// whole key loop.
+// (16 per vec4 loaded). Each thread keeps its rows' Q and O in registers for the whole key
+// loop.
 //
 // SPLIT threads may share a row group, each owning the vec4 columns c = lane, lane + SPLIT,
 // ... of Q and O: each computes a partial S over its columns, and the partials are summed
@@ -220,13 +220,27 @@ fn masked_scores(x: mat4x4<f32>, row: u32, local: u32, key0: u32, j0: u32, bits:
     return masked;
 }
 
-// a + vc * p, leaving out the products of zero weights p[r][j].
+// a + vc * p, leaving out the products of zero weights p[r][j]. Finite values go through the
+// matrix product, as on whole tiles, so that a row gets the same bits whatever a key it cannot
+// see holds and a block mask gives the bits of the dense options it expresses; only a
+// non-finite value of V is added element by element, to the rows that weigh its key.
 fn add_nonzero_products(a: mat4x4<f32>, vc: mat4x4<f32>, p: mat4x4<f32>) -> mat4x4<f32> {
-    var sum = a;
-    for (var r = 0u; r < 4u; r++) {
-        for (var j = 0u; j < 4u; j++) {
-            let w = p[r][j];
-            sum[r] += select(vec4(0.0), vc[j] * w, !is_zero(w));
+    let exponent = vec4(0x7f800000u);
+    var finite = vc;
+    var bad = array<vec4<bool>, 4>();
+    var any_bad = false;
+    for (var j = 0u; j < 4u; j++) {
+        bad[j] = (bitcast<vec4<u32>>(vc[j]) & exponent) == exponent;
+        finite[j] = select(vc[j], vec4(0.0), bad[j]);
+        any_bad = any_bad || any(bad[j]);
+    }
+    var sum = a + finite * p;
+    if any_bad {
+        for (var r = 0u; r < 4u; r++) {
+            for (var j = 0u; j < 4u; j++) {
+                let w = p[r][j];
+                sum[r] += select(vec4(0.0), vc[j] * w, bad[j] & vec4(!is_zero(w)));
+            }
         }
     }
     return sum;
@@ -279,7 +293,7 @@ fn main(
     let my_diag_first = i32(my_row0) + offset;
     let my_diag_last = i32(min(my_row0 + ROWS, params.n_q) - 1u) + offset;
 
-    // Q, pre-scaled: with a softcap the scale goes inside the tanh and log2(e) after it.
+    // The scores' scale: with a softcap the scale goes inside the tanh and log2(e) after it.
     let q_scale = params.scale * select(LOG2E, 1.0, params.softcap > 0.0);
     var qm = array<mat4x4<f32>, ROW_GROUPS * QK4_T>();
     for (var g = 0u; g < ROW_GROUPS; g++) {
@@ -290,7 +304,7 @@ fn main(
                 let row = my_row0 + 4u * g + r;
                 cols[r] = inside(q_word(q_base + row * params.d_qk, c), c, params.d_qk, row < params.n_q);
             }
-            qm[g * QK4_T + i] = cols * q_scale;
+            qm[g * QK4_T + i] = cols;
         }
     }
 
@@ -406,7 +420,7 @@ fn main(
             var m_new = m[g];
             for (var step = 0u; step < STEPS; step++) {
                 // x[j]: key 4 step + j's scores for the group's four rows.
-                var x = transpose(s[g * STEPS + step]);
+                var x = transpose(s[g * STEPS + step]) * q_scale;
                 if params.softcap > 0.0 {
                     x = mat4x4(capped(x[0]), capped(x[1]), capped(x[2]), capped(x[3]));
                 }

@@ -194,7 +194,7 @@ fn sampled_cases(n: usize) -> Vec<Case> {
 fn cases() -> Vec<Case> {
     let exhaustive = std::env::var("WATTN_EXHAUSTIVE").is_ok_and(|v| v == "1");
     let mut cases = pinned_cases();
-    cases.extend(sampled_cases(if exhaustive { 500 } else { 56 }));
+    cases.extend(sampled_cases(if exhaustive { 500 } else { 24 }));
     cases
 }
 

@@ -357,7 +357,7 @@ fn a_point_over_a_limit_is_recorded_and_the_run_goes_on() {
         "false",
         "--no-peak",
         "--config",
-        "1024,16,4,64",
+        "1024,16,4,4,1",
         "--json",
         json.to_str().unwrap(),
     ]);

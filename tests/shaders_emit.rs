@@ -117,7 +117,8 @@ fn flash_variants_describe_their_bindings_and_workgroup() {
         ]
     );
     let c = &flash["constants"];
-    let threads = c["BLOCK_Q"].as_u64().unwrap() * c["THREADS_PER_ROW"].as_u64().unwrap();
+    let [block_q, row_groups, split] = ["BLOCK_Q", "ROW_GROUPS", "SPLIT"].map(|name| c[name].as_u64().unwrap());
+    let threads = block_q / (4 * row_groups) * split;
     assert_eq!(flash["workgroup_size"], serde_json::json!([threads, 1, 1]));
 }
 

@@ -105,7 +105,9 @@ pub fn plain_attention(x: &Inputs, s: &AttentionShape, o: &AttentionOptions, dty
                     sees(o, s.n_q, s.n_k, i, j).then(|| {
                         let k = &x.k[(kv * s.n_k + j) * s.d_qk..][..s.d_qk];
                         let dot = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
-                        if o.softcap > 0.0 { o.softcap * (dot / o.softcap).tanh() } else { dot }
+                        let x = if o.softcap > 0.0 { o.softcap * (dot / o.softcap).tanh() } else { dot };
+                        // Base 2, as the kernels compute: the logit is rounded once more.
+                        x * std::f32::consts::LOG2_E
                     })
                 })
                 .collect();
@@ -113,12 +115,12 @@ pub fn plain_attention(x: &Inputs, s: &AttentionShape, o: &AttentionOptions, dty
             if max == f32::NEG_INFINITY {
                 continue;
             }
-            let sum: f32 = scores.iter().flatten().map(|&x| (x - max).exp()).sum();
-            lse[row] = max + sum.ln();
+            let sum: f32 = scores.iter().flatten().map(|&x| (x - max).exp2()).sum();
+            lse[row] = (max + sum.log2()) * std::f32::consts::LN_2;
             let o_row = &mut out[row * s.d_v..][..s.d_v];
             for (j, score) in scores.iter().enumerate() {
                 if let Some(score) = score {
-                    let p = round_to((score - max).exp() / sum, dtype);
+                    let p = round_to((score - max).exp2() / sum, dtype);
                     let v = &x.v[(kv * s.n_k + j) * s.d_v..][..s.d_v];
                     o_row.iter_mut().zip(v).for_each(|(acc, v)| *acc += p * v);
                 }
