@@ -32,8 +32,8 @@ const LAST_PASS: u32 = 2u;
 fn visible4(diag: vec4<i32>, key: i32) -> vec4<bool> {
     let left = params.window_left;
     let right = params.window_right;
-    let below_right = vec4(right < 0) | vec4(key) <= diag + right;
-    let above_left = vec4(left < 0 || key < i32(params.sinks)) | vec4(key) >= diag - left;
+    let below_right = vec4(right < 0) | (vec4(key) <= diag + right);
+    let above_left = vec4(left < 0 || key < i32(params.sinks)) | (vec4(key) >= diag - left);
     return vec4(key < i32(params.n_k)) & below_right & above_left;
 }
 

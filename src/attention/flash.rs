@@ -428,7 +428,8 @@ pub fn encode(
 pub fn validation_keys() -> Vec<ShaderKey> {
     let equal = (1..=16).map(|i| (16 * i, 16 * i));
     let asymmetric = [(192, 128), (64, 256), (256, 16), (128, 64), (16, 256), (96, 32)];
-    let unaligned = [(3, 3), (37, 21), (255, 255)];
+    // Not multiples of 16 (K's tail columns masked), and not of 4 (rows straddling words).
+    let unaligned = [(40, 40), (90, 30), (3, 3), (37, 21), (255, 255)];
     let head_dims: Vec<(usize, usize)> = equal.chain(asymmetric).chain(unaligned).collect();
     let registers_4_rows = FlashConfig { rows_per_thread: 4, ..FlashConfig::REGISTERS };
     let mut keys: Vec<ShaderKey> = Vec::new();
