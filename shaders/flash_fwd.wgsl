@@ -90,7 +90,8 @@ var<workgroup> partial_s: array<mat4x4<f32>, PARTIALS>;
 
 // Vec4 column c (elements [4c, 4c + 4)) of the row of Q, K or V that starts at element
 // `row_start`: a word, or for unaligned rows (ALIGNED false) parts of two. Past the row's
-// end it holds the next row's elements: the callers mask what they must.
+// end it holds the next row's elements: the callers mask what they must. One function per
+// tensor because WGSL passes no storage pointers without an extension not every browser has.
 fn q_word(row_start: u32, c: u32) -> vec4<f32> {
     let w = (row_start + 4u * c) / 4u;
     var hi = vec4(0.0);
