@@ -244,7 +244,7 @@ impl FlashConfig {
     /// the list.)
     pub fn candidates(limits: &wgpu::Limits, shape: &AttentionShape, _dtype: DType) -> Vec<FlashConfig> {
         // Head dims split over threads with K/V staged: the variants llvmpipe compiles in
-        // seconds. Whole rows per thread (FlashConfig::REGISTERS) take it minutes each.
+        // seconds (and the CPU preset among the presets: whole rows up to 64 columns).
         let around = [(64, 4, 4, 4), (32, 8, 4, 4), (32, 4, 4, 2), (16, 4, 4, 4), (32, 4, 8, 4), (64, 16, 4, 4)].map(
             |(block_q, block_k, rows_per_thread, threads_per_row)| Self {
                 block_q,

@@ -90,6 +90,10 @@ pub const HEAD_DIM_GRANULE: u32 = 16;
 /// Head-dim columns per thread above which only 4 rows per thread are allowed.
 const MAX_COLUMNS_FOR_8_ROWS: u32 = 64;
 
+/// Head-dim columns per thread of the presets: llvmpipe compiled whole rows of d64 in 8 s
+/// and of d128 in three minutes (superlinear in the code per thread).
+const MAX_COLUMNS_PER_THREAD: u32 = 64;
+
 /// Tile sizes of the flash kernel. Chosen per adapter class and head dim by
 /// [`FlashConfig::for_shape`] from measurements (see docs/tuning.md), or set by the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -113,16 +117,13 @@ impl FlashConfig {
     /// dim: 32 rows of 8 threads' 4 rows, the head dims split over 4 threads, K/V tiles of 4
     /// keys staged in workgroup memory.
     pub const PORTABLE: Self = Self { block_q: 32, block_k: 4, rows_per_thread: 4, threads_per_row: 4, stage_kv: true };
-    /// Software rasterisers (llvmpipe, SwiftShader, WARP): the portable tiles, the fastest on
-    /// llvmpipe among those that compile in seconds (see docs/tuning.md).
-    pub const CPU: Self = Self::PORTABLE;
+    /// Software rasterisers (llvmpipe, SwiftShader, WARP): whole rows per thread and K/V read
+    /// straight from memory by a workgroup of 8 threads (one subgroup on llvmpipe: no
+    /// barriers), with head dims above 64 split over 2 or 4 threads ([`Self::fitted`]).
+    /// 2.2x [`Self::PORTABLE`] on llvmpipe at d64 (docs/tuning.md).
+    pub const CPU: Self = Self { block_q: 32, block_k: 16, rows_per_thread: 4, threads_per_row: 1, stage_kv: false };
     /// Discrete and integrated GPUs: as portable, with tiles of 8 keys.
     pub const GPU: Self = Self { block_q: 32, block_k: 8, rows_per_thread: 4, threads_per_row: 4, stage_kv: true };
-    /// Whole rows per thread in registers, K/V read straight from memory by a workgroup of 8
-    /// threads: 1.7x [`Self::CPU`] on llvmpipe at d64 once compiled, but llvmpipe takes two
-    /// to three minutes to compile each variant (docs/tuning.md), so no preset uses it.
-    pub const REGISTERS: Self =
-        Self { block_q: 64, block_k: 16, rows_per_thread: 8, threads_per_row: 1, stage_kv: false };
     /// Every preset with its name, as `wattn info` and the tuner name them.
     pub const PRESETS: [(&'static str, Self); 3] =
         [("PORTABLE", Self::PORTABLE), ("CPU", Self::CPU), ("GPU", Self::GPU)];
@@ -140,12 +141,20 @@ impl FlashConfig {
         }
     }
 
-    /// This configuration with the registers per thread fitted to `shape`'s head dims (the
-    /// block size stays the same): 4 rows per thread where 8 would hold more than
-    /// [`MAX_COLUMNS_FOR_8_ROWS`] columns.
+    /// This configuration fitted to `shape`'s head dims (the block size stays the same): a
+    /// thread that would hold whole rows of more than [`MAX_COLUMNS_PER_THREAD`] columns
+    /// shares them with 1 or 3 others (K/V staged where the tiles fit), and 4 rows per thread
+    /// where 8 would hold more than [`MAX_COLUMNS_FOR_8_ROWS`] columns.
     pub fn fitted(self, limits: &wgpu::Limits, shape: &AttentionShape) -> Self {
-        let four = Self { rows_per_thread: 4, ..self };
-        if self.check(limits, shape).is_err() && four.check(limits, shape).is_ok() { four } else { self }
+        let head_dim = Variant::new(shape).widest();
+        let mut fitted = self;
+        if self.threads_per_row == 1 && head_dim > MAX_COLUMNS_PER_THREAD {
+            let threads_per_row = head_dim.div_ceil(MAX_COLUMNS_PER_THREAD).next_power_of_two().min(4);
+            let staged = Self { threads_per_row, stage_kv: true, ..self };
+            fitted = if staged.check(limits, shape).is_ok() { staged } else { Self { threads_per_row, ..self } };
+        }
+        let four = Self { rows_per_thread: 4, ..fitted };
+        if fitted.check(limits, shape).is_err() && four.check(limits, shape).is_ok() { four } else { fitted }
     }
 
     fn class_preset(device_type: wgpu::DeviceType) -> Self {
@@ -205,7 +214,7 @@ impl FlashConfig {
         }
         // Measured on llvmpipe: 8 rows of d128 per thread took minutes to compile, and spill
         // on GPUs. 8 rows per thread only while each thread holds at most 64 columns.
-        let head_dim = shape.d_qk.max(shape.d_v).next_multiple_of(HEAD_DIM_GRANULE as usize) as u32;
+        let head_dim = Variant::new(shape).widest();
         if self.rows_per_thread == 8 && head_dim / self.threads_per_row > MAX_COLUMNS_FOR_8_ROWS {
             return bad(&format!(
                 "8 rows of head dim {head_dim} over {} threads hold more than {MAX_COLUMNS_FOR_8_ROWS} columns per thread; use 4 rows",
@@ -250,8 +259,8 @@ impl FlashConfig {
             if self.stage_kv { (self.block_k * qk4).div_ceil(wg) + (self.block_k * dv4).div_ceil(wg) } else { 0 };
         let scores = steps * (1 + qk4_t * (1 + 4 + rg));
         let partials = if tpr > 1 { rg * steps * (2 + tpr) } else { 0 };
-        let softmax = rg * (1 + 2 * steps * (1 + 4) + dv4_t);
-        let pv = steps * (1 + dv4_t * (1 + 4 + rg * (1 + 4 * (1 + 4))));
+        let softmax = rg * (1 + 2 * steps * (1 + 4));
+        let pv = dv4_t * (1 + 2 * rg + steps * (1 + 4 + rg * (1 + 4 * (1 + 4))));
         let per_tile = 1 + staging + scores + partials + softmax + pv;
         // Once per pass: loading Q and the state, storing the state or O, and (block-sparse
         // variants) the binary search for the pass's first run, at most 32 steps.
@@ -305,6 +314,11 @@ struct Variant {
 }
 
 impl Variant {
+    /// The wider padded head dim.
+    fn widest(&self) -> u32 {
+        self.dqk_pad.max(self.dv_pad)
+    }
+
     fn new(shape: &AttentionShape) -> Self {
         let dqk_pad = (shape.d_qk as u32).next_multiple_of(HEAD_DIM_GRANULE);
         let dv_pad = (shape.d_v as u32).next_multiple_of(HEAD_DIM_GRANULE);
@@ -419,8 +433,8 @@ pub fn encode(
     Ok(())
 }
 
-/// The flash variants a build should compile: each preset and [`FlashConfig::REGISTERS`]
-/// (8 and 4 rows per thread) × dtype × head-dim bucket (every equal pair up to 256, a few asymmetric
+/// The flash variants a build should compile: each preset and the CPU preset with 8 rows per
+/// thread, each [fitted](FlashConfig::fitted) to the shape, × dtype × head-dim bucket (every equal pair up to 256, a few asymmetric
 /// ones as in MLA, and a few not multiples of 4) on WebGPU's default 16 KiB of workgroup
 /// memory and on 32 KiB devices, each dense and block-sparse. Variants whose tiles a limit
 /// does not admit are left out, as [`encode`] would refuse them. The shader tests validate
@@ -431,14 +445,15 @@ pub fn validation_keys() -> Vec<ShaderKey> {
     // Not multiples of 16 (K's tail columns masked), and not of 4 (rows straddling words).
     let unaligned = [(40, 40), (90, 30), (3, 3), (37, 21), (255, 255)];
     let head_dims: Vec<(usize, usize)> = equal.chain(asymmetric).chain(unaligned).collect();
-    let registers_4_rows = FlashConfig { rows_per_thread: 4, ..FlashConfig::REGISTERS };
+    let cpu_8_rows = FlashConfig { rows_per_thread: 8, ..FlashConfig::CPU };
     let mut keys: Vec<ShaderKey> = Vec::new();
     for storage in [16 << 10, 32 << 10] {
         let limits = wgpu::Limits { max_compute_workgroup_storage_size: storage, ..wgpu::Limits::default() };
-        for config in [FlashConfig::PORTABLE, FlashConfig::GPU, FlashConfig::REGISTERS, registers_4_rows] {
+        for preset in [FlashConfig::PORTABLE, FlashConfig::GPU, FlashConfig::CPU, cpu_8_rows] {
             for dtype in [DType::F32, DType::F16] {
                 for &(d_qk, d_v) in &head_dims {
                     let shape = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk, d_v };
+                    let config = preset.fitted(&limits, &shape);
                     for block_sparse in [false, true] {
                         let key = variant_key(&config, dtype, &shape, block_sparse);
                         if config.check(&limits, &shape).is_ok() && !keys.contains(&key) {
@@ -491,7 +506,7 @@ mod tests {
     #[test]
     fn workgroup_estimate_matches_the_shader() {
         let small = FlashConfig { block_q: 8, block_k: 8, rows_per_thread: 8, threads_per_row: 2, stage_kv: true };
-        for config in [FlashConfig::PORTABLE, FlashConfig::GPU, FlashConfig::REGISTERS, small] {
+        for config in [FlashConfig::PORTABLE, FlashConfig::GPU, FlashConfig::CPU, small] {
             for (d_qk, d_v) in [(16, 16), (64, 64), (128, 128), (80, 48), (256, 256)] {
                 let shape = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk, d_v };
                 let v = Variant::new(&shape);
@@ -508,8 +523,13 @@ mod tests {
         let widest = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk: 256, d_v: 256 };
         let webgpu = wgpu::Limits::default();
         FlashConfig::PORTABLE.check(&webgpu, &widest).unwrap();
-        FlashConfig::REGISTERS.fitted(&webgpu, &widest).check(&webgpu, &widest).unwrap();
-        assert!(FlashConfig::REGISTERS.check(&webgpu, &widest).is_err(), "8 rows of d256 per thread");
+        let cpu_8_rows = FlashConfig { rows_per_thread: 8, ..FlashConfig::CPU };
+        for config in [FlashConfig::CPU, cpu_8_rows] {
+            let fitted = config.fitted(&webgpu, &widest);
+            fitted.check(&webgpu, &widest).unwrap();
+            assert_eq!(fitted.threads_per_row, 4, "d256 over 4 threads");
+        }
+        assert!(cpu_8_rows.check(&webgpu, &widest).is_err(), "8 rows of d256 per thread");
         let gpu = wgpu::Limits { max_compute_workgroup_storage_size: 32 << 10, ..webgpu };
         FlashConfig::GPU.check(&gpu, &widest).unwrap();
     }
