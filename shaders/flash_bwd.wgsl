@@ -2,22 +2,23 @@
 // forward's O and LSE, and dO, without materialising the N x N scores. P is recomputed key by
 // key from Q, K and the LSE; nothing but per-row statistics and the gradients is stored.
 //
-// Four entry points, dispatched in this order by src/attention/backward.rs:
+// Three entry points, dispatched in this order by src/attention/backward.rs:
 //
-// - `preprocess`: one thread per query row writes its statistics to `stats`: the LSE in base
-//   2 (the forward's is natural-log; the kernels work in base 2, as shared/softmax.wgsl
-//   explains) and D = rowsum(dO * O).
-// - `dkdv_pass`: one thread per key of a KV head. The workgroup walks, in a fixed order, every query
-//   head of the KV head's group and every query block that can see one of its keys (the
-//   dense options' bounds, or the block mask's runs of each query block); each thread
-//   accumulates its key's dK and dV in registers: dV += P dO, dS = P (dP - D), dK += dS Q.
-//   GQA's reduction over the group is that fixed-order loop, so no atomics are needed.
-// - `dkdv_finish`: scales dK and writes both in the storage type. (dK and dV go through the
-//   f32 `state` because the pass would otherwise bind nine storage buffers, one more than
-//   WebGPU's default limit.)
-// - `dq_pass`: one thread per query row walks the key tiles its block can see, as the forward
-//   does, and accumulates dQ += dS K. A pass of its own instead of float atomics in `dkdv_pass`:
-//   every sum runs in a fixed order, so equal inputs give bit-identical gradients.
+// - `preprocess`: one thread per query row writes its statistics to the head of `state`:
+//   the LSE in base 2 (the forward's is natural-log; the kernels work in base 2, as
+//   shared/softmax.wgsl explains) and D = rowsum(dO * O).
+// - `dkdv_pass`: one thread per key of a KV head. The workgroup walks, in a fixed order,
+//   every query head of the KV head's group and every query block that can see one of its
+//   keys (the dense options' bounds, or the block mask's runs of each query block); each
+//   thread accumulates its key's dK and dV in registers: dV += P dO, dS = P (dP - D),
+//   dK += dS Q. GQA's reduction over the group is that fixed-order loop, so no atomics.
+// - `dq_pass`: one thread per query row walks the key tiles its block can see, as the
+//   forward does, and accumulates dQ += dS K. A pass of its own instead of float atomics in
+//   `dkdv_pass`: every sum runs in a fixed order, so equal inputs give bit-identical
+//   gradients.
+//
+// The row statistics and the carried accumulators share one buffer (`state`) so that no
+// pass binds more than eight storage buffers, WebGPU's default limit.
 //
 // Threads of a workgroup walk the other side's rows together, so a row of Q, dO (dkdv) or
 // K, V (dq) is the same address in every thread: one load for the whole subgroup on a CPU
@@ -34,7 +35,8 @@
 //
 // Software adapters cap the loop iterations of an invocation (see flash_fwd.wgsl), so the
 // host splits each of the two main passes into dispatches over `range`, carrying the
-// accumulators in `state`. FIRST_PASS starts them at zero; the dq pass's LAST_PASS writes dQ.
+// accumulators in `state` after the statistics. FIRST_PASS starts them at zero, LAST_PASS
+// writes the gradients in the storage type.
 //
 // Constants come from the prelude made by src/shader.rs: Elem (f32 or f16), BLOCK_Q (query
 // rows per dq workgroup and per query block of the dkdv walk), BLOCK_K (keys per tile),
@@ -61,20 +63,24 @@ struct PassRange {
 @group(0) @binding(5) var<storage, read> out: array<Elem>;
 @group(0) @binding(6) var<storage, read> d_out: array<Elem>;
 @group(0) @binding(7) var<storage, read> lse: array<f32>;
-// Per query row: the LSE in base 2, then D.
-@group(0) @binding(8) var<storage, read_write> stats: array<f32>;
-@group(0) @binding(9) var<storage, read_write> dq: array<Elem>;
-@group(0) @binding(10) var<storage, read_write> dk: array<Elem>;
-@group(0) @binding(11) var<storage, read_write> dv: array<Elem>;
-// dq: DQK_PAD floats per query row (only between passes). dkdv: DQK_PAD + DV_PAD per key row.
-@group(0) @binding(12) var<storage, read_write> state: array<f32>;
-@group(0) @binding(13) var<storage, read> block_mask: BlockMask;
+@group(0) @binding(8) var<storage, read_write> dq: array<Elem>;
+@group(0) @binding(9) var<storage, read_write> dk: array<Elem>;
+@group(0) @binding(10) var<storage, read_write> dv: array<Elem>;
+// Per query row: the LSE in base 2, then D. From accumulators_at() on, only between passes:
+// DQK_PAD floats per query row (dq_pass), or DQK_PAD + DV_PAD per key row (dkdv_pass).
+@group(0) @binding(11) var<storage, read_write> state: array<f32>;
+@group(0) @binding(12) var<storage, read> block_mask: BlockMask;
 
 const QK4: u32 = DQK_PAD / 4u;
 const DV4: u32 = DV_PAD / 4u;
 const MASK_WORDS: u32 = (BLOCK_Q * BLOCK_K + 31u) / 32u;
-// Threads per workgroup of preprocess and dkdv_finish, one row each.
+// Threads per workgroup of preprocess, one row each.
 const ROW_WG: u32 = 64u;
+
+// Where the carried accumulators start in `state`: after two statistics per query row.
+fn accumulators_at() -> u32 {
+    return 2u * params.batch * params.q_heads * params.n_q;
+}
 
 // Vec4 column c (elements [4c, 4c + 4)) of the row of a tensor that starts at element
 // `row_start`, zeros past a head dim of `dim`. Callers read only the columns below
@@ -149,8 +155,8 @@ fn preprocess(
     for (var c = 0u; c < columns(params.d_v); c++) {
         d += dot(out4(row * params.d_v, c, params.d_v), d_out4(row * params.d_v, c, params.d_v));
     }
-    stats[2u * row] = lse[row] * LOG2E;
-    stats[2u * row + 1u] = d;
+    state[2u * row] = lse[row] * LOG2E;
+    state[2u * row + 1u] = d;
 }
 
 @compute @workgroup_size(KEYS_WG)
@@ -173,7 +179,7 @@ fn dkdv_pass(
     var vr = array<vec4<f32>, DV4>();
     var dk_acc = array<vec4<f32>, QK4>();
     var dv_acc = array<vec4<f32>, DV4>();
-    let at = key_row * (DQK_PAD + DV_PAD);
+    let at = accumulators_at() + key_row * (DQK_PAD + DV_PAD);
     for (var c = 0u; c < QK4; c++) {
         if c < qk_columns && valid {
             kr[c] = k4(key_row * params.d_qk, c, params.d_qk);
@@ -255,69 +261,56 @@ fn dkdv_pass(
             let row = bh * params.n_q + i;
             let q_start = row * params.d_qk;
             let o_start = row * params.d_v;
-            let lse2 = stats[2u * row];
+            let lse2 = state[2u * row];
             var sees = valid && listed && !is_neg_inf(lse2) && visible(i32(i) + offset, i32(key));
             if BLOCK_SPARSE && bits != FULL_RUN {
                 sees = sees && mask_bit(bits, r, key % BLOCK_K);
             }
             var s = 0.0;
-            for (var c = 0u; c < QK4; c++) {
-                if c < qk_columns {
-                    s += dot(q4(q_start, c, params.d_qk), kr[c]);
-                }
+            for (var c = 0u; c < qk_columns; c++) {
+                s += dot(q4(q_start, c, params.d_qk), kr[c]);
             }
             let w = weight(s, lse2);
             let p = select(0.0, w.x, sees);
             if !is_zero(p) {
                 var dp = 0.0;
-                for (var c = 0u; c < DV4; c++) {
-                    if c < v_columns {
-                        let g = d_out4(o_start, c, params.d_v);
-                        dp += dot(g, vr[c]);
-                        dv_acc[c] += p * g;
-                    }
+                for (var c = 0u; c < v_columns; c++) {
+                    let g = d_out4(o_start, c, params.d_v);
+                    dp += dot(g, vr[c]);
+                    dv_acc[c] += p * g;
                 }
-                let ds = p * (dp - stats[2u * row + 1u]) * w.y;
-                for (var c = 0u; c < QK4; c++) {
-                    if c < qk_columns {
-                        dk_acc[c] += ds * q4(q_start, c, params.d_qk);
-                    }
+                let ds = p * (dp - state[2u * row + 1u]) * w.y;
+                for (var c = 0u; c < qk_columns; c++) {
+                    dk_acc[c] += ds * q4(q_start, c, params.d_qk);
                 }
             }
         }
         t += 1u;
     }
 
-    if valid {
-        for (var c = 0u; c < QK4; c++) {
-            for (var e = 0u; e < 4u; e++) {
-                state[at + 4u * c + e] = dk_acc[c][e];
-            }
-        }
-        for (var c = 0u; c < DV4; c++) {
-            for (var e = 0u; e < 4u; e++) {
-                state[at + DQK_PAD + 4u * c + e] = dv_acc[c][e];
-            }
-        }
-    }
-}
-
-@compute @workgroup_size(ROW_WG)
-fn dkdv_finish(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) groups: vec3<u32>,
-    @builtin(local_invocation_index) tid: u32,
-) {
-    let row = grid_row(wg, groups, tid);
-    if row >= params.batch * params.kv_heads * params.n_k {
+    if !valid {
         return;
     }
-    let at = row * (DQK_PAD + DV_PAD);
-    for (var c = 0u; c < params.d_qk; c++) {
-        dk[row * params.d_qk + c] = Elem(state[at + c] * params.scale);
+    let last = (range.flags & LAST_PASS) != 0u;
+    for (var c = 0u; c < QK4; c++) {
+        for (var e = 0u; e < 4u; e++) {
+            let column = 4u * c + e;
+            if !last {
+                state[at + column] = dk_acc[c][e];
+            } else if column < params.d_qk {
+                dk[key_row * params.d_qk + column] = Elem(dk_acc[c][e] * params.scale);
+            }
+        }
     }
-    for (var c = 0u; c < params.d_v; c++) {
-        dv[row * params.d_v + c] = Elem(state[at + DQK_PAD + c]);
+    for (var c = 0u; c < DV4; c++) {
+        for (var e = 0u; e < 4u; e++) {
+            let column = 4u * c + e;
+            if !last {
+                state[at + DQK_PAD + column] = dv_acc[c][e];
+            } else if column < params.d_v {
+                dv[key_row * params.d_v + column] = Elem(dv_acc[c][e]);
+            }
+        }
     }
 }
 
@@ -337,15 +330,15 @@ fn dq_pass(
     let offset = i32(params.n_k) - i32(params.n_q);
     let qk_columns = columns(params.d_qk);
     let v_columns = columns(params.d_v);
-    let lse2 = stats[2u * row];
-    let d = stats[2u * row + 1u];
+    let lse2 = state[2u * row];
+    let d = state[2u * row + 1u];
     let sees_any = valid && !is_neg_inf(lse2);
     let diag = i32(i) + offset;
 
     var qr = array<vec4<f32>, QK4>();
     var gr = array<vec4<f32>, DV4>();
     var dq_acc = array<vec4<f32>, QK4>();
-    let at = row * DQK_PAD;
+    let at = accumulators_at() + row * DQK_PAD;
     for (var c = 0u; c < QK4; c++) {
         if c < qk_columns && valid {
             qr[c] = q4(row * params.d_qk, c, params.d_qk);
@@ -420,25 +413,19 @@ fn dq_pass(
                 sees = sees && mask_bit(bits, tid, j);
             }
             var s = 0.0;
-            for (var c = 0u; c < QK4; c++) {
-                if c < qk_columns {
-                    s += dot(qr[c], k4(k_start, c, params.d_qk));
-                }
+            for (var c = 0u; c < qk_columns; c++) {
+                s += dot(qr[c], k4(k_start, c, params.d_qk));
             }
             let w = weight(s, lse2);
             let p = select(0.0, w.x, sees);
             if !is_zero(p) {
                 var dp = 0.0;
-                for (var c = 0u; c < DV4; c++) {
-                    if c < v_columns {
-                        dp += dot(gr[c], v4(v_start, c, params.d_v));
-                    }
+                for (var c = 0u; c < v_columns; c++) {
+                    dp += dot(gr[c], v4(v_start, c, params.d_v));
                 }
                 let ds = p * (dp - d) * w.y;
-                for (var c = 0u; c < QK4; c++) {
-                    if c < qk_columns {
-                        dq_acc[c] += ds * k4(k_start, c, params.d_qk);
-                    }
+                for (var c = 0u; c < qk_columns; c++) {
+                    dq_acc[c] += ds * k4(k_start, c, params.d_qk);
                 }
             }
         }

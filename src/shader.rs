@@ -63,22 +63,9 @@ impl Kernel {
     pub fn bindings(self) -> &'static [&'static str] {
         match self {
             Kernel::FlashForward => &["params", "q", "k", "v", "out", "lse", "state", "block_mask"],
-            Kernel::FlashBackward => &[
-                "params",
-                "range",
-                "q",
-                "k",
-                "v",
-                "out",
-                "d_out",
-                "lse",
-                "stats",
-                "dq",
-                "dk",
-                "dv",
-                "state",
-                "block_mask",
-            ],
+            Kernel::FlashBackward => {
+                &["params", "range", "q", "k", "v", "out", "d_out", "lse", "dq", "dk", "dv", "state", "block_mask"]
+            }
             Kernel::Naive => &["params", "q", "k", "v", "out", "lse", "scores"],
             Kernel::Decode => &["params", "q", "k", "v", "pos", "rope_table", "partial_out", "partial_lse", "logits"],
             Kernel::Combine => &["params", "partial_out", "partial_lse", "out", "lse"],

@@ -274,16 +274,16 @@ fn passes_under_a_loop_cap_match_one_pass() {
 fn nan_reaches_only_what_depends_on_it() {
     let c = ctx();
     // Query i sees keys i + 15 ..= i + 20, so key 45 is seen by queries 25..=30, which see keys 40..=50.
-    let window = case(DType::F32, shape(1, (1, 1), (40, 60), (16, 16)), options(true, (5, -1), 0, 0.0), None);
+    let window = case(DType::F32, shape(1, (1, 1), (40, 60), (32, 32)), options(true, (5, -1), 0, 0.0), None);
     let (mut x, d_out) = inputs(&window, 13);
     let clean = read(c, &run(c, &window, &x, &d_out).unwrap());
-    x.k[45 * 16 + 3] = f32::NAN;
+    x.k[45 * 32 + 3] = f32::NAN;
     let got = read(c, &run(c, &window, &x, &d_out).unwrap());
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for (name, rows, poisoned) in [("dQ", 40, 25..=30), ("dK", 60, 40..=50), ("dV", 60, 40..=50)] {
         let which = ["dQ", "dK", "dV"].iter().position(|n| *n == name).unwrap();
         for r in 0..rows {
-            let (row, clean_row) = (&got[which][r * 16..(r + 1) * 16], &clean[which][r * 16..(r + 1) * 16]);
+            let (row, clean_row) = (&got[which][r * 32..(r + 1) * 32], &clean[which][r * 32..(r + 1) * 32]);
             if poisoned.contains(&r) {
                 assert!(row.iter().all(|x| x.is_nan()), "{name} row {r} depends on the NaN: {row:?}");
             } else {
@@ -293,12 +293,12 @@ fn nan_reaches_only_what_depends_on_it() {
     }
 
     // Causal with Nq > Nk: the first rows see nothing; their dQ is 0 and nothing is NaN.
-    let empty = case(DType::F32, shape(1, (2, 1), (50, 10), (8, 8)), options(true, (-1, -1), 0, 0.0), None);
+    let empty = case(DType::F32, shape(1, (2, 1), (50, 10), (32, 32)), options(true, (-1, -1), 0, 0.0), None);
     let (x, d_out) = inputs(&empty, 14);
     let got = read(c, &run(c, &empty, &x, &d_out).unwrap());
     assert!(got.iter().flatten().all(|x| x.is_finite()));
     for h in 0..2 {
-        assert!(got[0][h * 50 * 8..(h * 50 + 40) * 8].iter().all(|&x| x == 0.0), "head {h}: rows that see nothing");
+        assert!(got[0][h * 50 * 32..(h * 50 + 40) * 32].iter().all(|&x| x == 0.0), "head {h}: rows that see nothing");
     }
 }
 

@@ -1,10 +1,10 @@
 //! The flash-attention backward (`shaders/flash_bwd.wgsl`): dQ, dK and dV from the inputs,
 //! the forward's O and LSE, and dO, with every option and block mask the forward takes.
 //!
-//! Four dispatches per call (more on adapters with a loop cap): the per-row statistics
+//! Three dispatches per call (more on adapters with a loop cap): the per-row statistics
 //! (base-2 LSE and D = rowsum(dO * O)), the dK/dV pass over key blocks, which reduces GQA's
-//! query heads in a fixed order, its finish (scale and storage type), and the dQ pass over
-//! query blocks. No float atomics: the same inputs give bit-identical gradients.
+//! query heads in a fixed order, and the dQ pass over query blocks. No float atomics: the
+//! same inputs give bit-identical gradients.
 
 use super::flash::{FIRST_PASS, FlashParams, HEAD_DIM_GRANULE, LAST_PASS};
 use super::{AttentionBuffers, AttentionOptions, AttentionShape};
@@ -185,7 +185,7 @@ fn variant_key(
     }
 }
 
-/// Threads of the preprocess and finish workgroups (`ROW_WG` in the shader).
+/// Threads of the preprocess workgroups (`ROW_WG` in the shader).
 const ROW_WORKGROUP: u64 = 64;
 
 /// How the two main passes split their work on an adapter that stops loops after
@@ -209,8 +209,9 @@ fn tiles_per_pass(shape: &AttentionShape, tiles: &Tiles, loop_limit: Option<u32>
 
 /// Records the backward into `encoder` on the caller's buffers; nothing is submitted or
 /// read back. `options` (and `mask`, uploaded with [`BlockMask::upload`]) must be those of
-/// the forward that wrote `bufs.forward`'s O and LSE. The kernels take any block size;
-/// scratch buffers (per-row statistics, the f32 accumulators) are made per call.
+/// the forward that wrote `bufs.forward`'s O and LSE. The kernels take any block size. A
+/// scratch buffer is made per call: 8 bytes per query row, plus, on adapters with a loop cap
+/// where a pass is split, f32 accumulators of dK and dV (or dQ) for the next dispatch.
 pub fn encode(
     ctx: &Context,
     encoder: &mut wgpu::CommandEncoder,
@@ -247,19 +248,22 @@ pub fn encode(
     let dkdv_pairs = (shape.q_heads / shape.kv_heads) as u32 * q_blocks;
     let dkdv_passes = dkdv_pairs.div_ceil(dkdv_tiles);
 
-    let scratch = |what: &str, floats: u64| -> Result<wgpu::Buffer> {
-        check_u32_indexing(what, floats)?;
-        check_binding_size(ctx, what, 4 * floats)?;
-        Ok(ctx.device().create_buffer(&wgpu::BufferDescriptor {
-            label: Some(what),
-            size: 4 * floats.max(1),
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        }))
+    // The row statistics, then (only when a pass is split) the accumulators one pass carries
+    // to the next: the dK/dV pass's, then in the same floats the dQ pass's.
+    let accumulators = match (dkdv_passes > 1, dq_passes > 1) {
+        (false, false) => 0,
+        (dkdv, dq) => (dkdv as u64 * key_rows * (dqk_pad + dv_pad)).max(dq as u64 * query_rows * dqk_pad),
     };
-    let stats = scratch("backward row statistics", 2 * query_rows)?;
-    let dkdv_state = scratch("backward dK/dV accumulators", key_rows * (dqk_pad + dv_pad))?;
-    let dq_state = if dq_passes > 1 { Some(scratch("backward dQ pass state", query_rows * dqk_pad)?) } else { None };
+    let floats = 2 * query_rows + accumulators;
+    let what = "backward state (row statistics and pass accumulators)";
+    check_u32_indexing(what, floats)?;
+    check_binding_size(ctx, what, 4 * floats)?;
+    let state = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("wattn backward state"),
+        size: 4 * floats,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
     // The dense variants never read the mask binding, but their layouts still have it.
     let mask_buffer = mask.map_or_else(|| ctx.unused_binding(1), |m| m.buffer());
 
@@ -271,8 +275,7 @@ pub fn encode(
                         buffers: &[(&str, &wgpu::Buffer)],
                         grid: [u32; 3]|
      -> Result<()> {
-        // The preprocess and the finish (no range) do not depend on the tiles: one variant
-        // serves every call.
+        // The preprocess (no range) does not depend on the tiles: one variant serves every call.
         let key = match range {
             Some(_) => variant_key(entry_point, dtype, &shape, &tiles, sparse),
             None => variant_key(entry_point, dtype, &shape, &Tiles::new(Tiles::DENSE, limits)?, false),
@@ -302,7 +305,7 @@ pub fn encode(
     let f = &bufs.forward;
 
     let [x, y] = wrapped_grid(limits, "backward preprocess grid", query_rows.div_ceil(ROW_WORKGROUP))?;
-    let buffers = [("out", f.out.buffer()), ("d_out", bufs.d_out.buffer()), ("lse", f.lse.buffer()), ("stats", &stats)];
+    let buffers = [("out", f.out.buffer()), ("d_out", bufs.d_out.buffer()), ("lse", f.lse.buffer()), ("state", &state)];
     dispatch("preprocess", None, &buffers, [x, y, 1])?;
 
     let inputs = [
@@ -310,22 +313,17 @@ pub fn encode(
         ("k", f.k.buffer()),
         ("v", f.v.buffer()),
         ("d_out", bufs.d_out.buffer()),
-        ("stats", &stats),
+        ("state", &state),
         ("block_mask", mask_buffer),
     ];
     let mut dkdv_buffers = inputs.to_vec();
-    dkdv_buffers.push(("state", &dkdv_state));
+    dkdv_buffers.extend([("dk", bufs.dk.buffer()), ("dv", bufs.dv.buffer())]);
     for p in 0..dkdv_passes {
         let grid = [key_groups, shape.kv_heads as u32, shape.batch as u32];
         dispatch("dkdv_pass", Some(range(p, dkdv_tiles, dkdv_pairs, dkdv_passes)), &dkdv_buffers, grid)?;
     }
-    let [x, y] = wrapped_grid(limits, "backward finish grid", key_rows.div_ceil(ROW_WORKGROUP))?;
-    let buffers = [("dk", bufs.dk.buffer()), ("dv", bufs.dv.buffer()), ("state", &dkdv_state)];
-    dispatch("dkdv_finish", None, &buffers, [x, y, 1])?;
-
     let mut dq_buffers = inputs.to_vec();
-    dq_buffers
-        .extend([("dq", bufs.dq.buffer()), ("state", dq_state.as_ref().unwrap_or_else(|| ctx.unused_binding(0)))]);
+    dq_buffers.push(("dq", bufs.dq.buffer()));
     for p in 0..dq_passes {
         let grid = [q_blocks, shape.q_heads as u32, shape.batch as u32];
         dispatch("dq_pass", Some(range(p, dq_keys, shape.n_k as u32, dq_passes)), &dq_buffers, grid)?;
@@ -333,7 +331,7 @@ pub fn encode(
     Ok(())
 }
 
-/// The backward variants a build should compile: the four entry points × dtype × the
+/// The backward variants a build should compile: the three entry points × dtype × the
 /// forward's head-dim buckets (see [`crate::flash::validation_keys`]), the main passes dense
 /// and on the block sizes of the forward's presets. The shader tests validate and translate
 /// every one.
@@ -354,7 +352,7 @@ pub fn validation_keys() -> Vec<ShaderKey> {
     for dtype in [DType::F32, DType::F16] {
         for (d_qk, d_v) in equal.clone().chain(asymmetric).chain(unaligned) {
             let shape = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk, d_v };
-            for entry_point in ["preprocess", "dkdv_pass", "dkdv_finish", "dq_pass"] {
+            for entry_point in ["preprocess", "dkdv_pass", "dq_pass"] {
                 keys.push(variant_key(entry_point, dtype, &shape, &dense, false));
             }
             for tiles in &masked {
