@@ -68,8 +68,11 @@ pub(crate) struct BackwardPoint {
     pub outcome: Outcome<BackwardMeasured>,
 }
 
-/// The inputs, forward results, dO and gradients of one problem on the GPU.
-struct Buffers {
+/// One problem's inputs, forward results, dO and gradients on the GPU, and the forward's
+/// tile configuration: what `wattn bench --backward` and the criterion benches time.
+pub struct BackwardProblem {
+    workload: Workload,
+    config: FlashConfig,
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -81,14 +84,19 @@ struct Buffers {
     dv: Tensor,
 }
 
-impl Buffers {
-    /// Q, K, V and dO filled by [`input_values`] (dO is tensor 3), zeros elsewhere.
-    fn upload(ctx: &Context, s: &AttentionShape, dtype: DType) -> Result<Self> {
+impl BackwardProblem {
+    /// Q, K, V and dO filled by [`input_values`] (dO is tensor 3), zeros elsewhere; the
+    /// forward runs what [`FlashConfig::for_shape`] picks. Dense workloads only.
+    pub fn upload(ctx: &Context, workload: &Workload) -> Result<Self> {
+        workload.check()?;
+        let (s, dtype) = (&workload.shape, workload.dtype);
         let kv = |d| [s.batch, s.kv_heads, s.n_k, d];
         let filled = |which, shape: [usize; 4]| {
             Tensor::from_f32(ctx, &shape, &input_values(which, 0..shape.iter().product(), dtype), dtype)
         };
         Ok(Self {
+            workload: *workload,
+            config: FlashConfig::for_shape(ctx, s, dtype, workload.options.causal).0,
             q: filled(0, s.q_shape())?,
             k: filled(1, kv(s.d_qk))?,
             v: filled(2, kv(s.d_v))?,
@@ -101,7 +109,7 @@ impl Buffers {
         })
     }
 
-    fn forward(&self) -> AttentionBuffers<'_> {
+    fn forward_buffers(&self) -> AttentionBuffers<'_> {
         AttentionBuffers {
             q: self.q.view(),
             k: self.k.view(),
@@ -111,47 +119,49 @@ impl Buffers {
         }
     }
 
-    fn gradients(&self) -> GradientBuffers<'_> {
-        GradientBuffers {
-            forward: self.forward(),
+    /// Records the forward, which writes the O and LSE the backward reads.
+    pub fn record_forward(&self, ctx: &Context, encoder: &mut wgpu::CommandEncoder) -> Result<()> {
+        flash::encode(ctx, encoder, &self.forward_buffers(), None, &self.workload.options, &self.config)
+    }
+
+    /// Records the backward.
+    pub fn record_backward(&self, ctx: &Context, encoder: &mut wgpu::CommandEncoder) -> Result<()> {
+        let bufs = GradientBuffers {
+            forward: self.forward_buffers(),
             d_out: self.d_out.view(),
             dq: self.dq.view(),
             dk: self.dk.view(),
             dv: self.dv.view(),
-        }
+        };
+        backward::encode(ctx, encoder, &bufs, None, &self.workload.options)
     }
+}
+
+/// Runs forward and backward on a copy of `workload` with one batch and [`CHECKED_SEQ`]
+/// tokens (the same pipelines) and compares dQ, dK and dV with the f64 reference: the
+/// worst relative error of the three.
+pub fn validate(ctx: &Context, workload: &Workload) -> Result<Validation> {
+    let s = AttentionShape { batch: 1, n_q: CHECKED_SEQ, n_k: CHECKED_SEQ, ..workload.shape };
+    let copy = Workload { shape: s, ..*workload };
+    let p = BackwardProblem::upload(ctx, &copy)?;
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    p.record_forward(ctx, &mut encoder)?;
+    p.record_backward(ctx, &mut encoder)?;
+    ctx.submit_and_wait(encoder)?;
+    let host = |which, t: &Tensor| input_values(which, 0..t.numel(), copy.dtype);
+    let (q, k, v, d_out) = (host(0, &p.q), host(1, &p.k), host(2, &p.v), host(3, &p.d_out));
+    let want = reference::attention_backward(&q, &k, &v, &d_out, &s, &copy.options);
+    let mut worst = 0.0f64;
+    for (got, want) in [(&p.dq, &want.dq), (&p.dk, &want.dk), (&p.dv, &want.dv)] {
+        worst = worst.max(max_error(&got.to_f32(ctx)?, want.iter().copied()));
+    }
+    Ok(Validation { against: "reference", max_error: worst, tolerance: tolerance(copy.dtype) })
 }
 
 struct BackwardBench<'a> {
     ctx: &'a Context,
     timer: &'a Timer,
     settings: &'a BackwardSettings,
-}
-
-impl BackwardBench<'_> {
-    /// Runs forward and backward on a [`CHECKED_SEQ`]-token copy of `w` with one batch and
-    /// the reference's worst relative error over dQ, dK and dV.
-    fn check(&self, w: &Workload) -> Result<Validation> {
-        let s = AttentionShape { batch: 1, n_q: CHECKED_SEQ, n_k: CHECKED_SEQ, ..w.shape };
-        let b = Buffers::upload(self.ctx, &s, w.dtype)?;
-        let config = FlashConfig::for_shape(self.ctx, &s, w.dtype, w.options.causal).0;
-        let mut encoder = self.ctx.device().create_command_encoder(&Default::default());
-        flash::encode(self.ctx, &mut encoder, &b.forward(), None, &w.options, &config)?;
-        backward::encode(self.ctx, &mut encoder, &b.gradients(), None, &w.options)?;
-        self.ctx.submit_and_wait(encoder)?;
-        let host = |which, t: &Tensor| input_values(which, 0..t.numel(), w.dtype);
-        let (q, k, v, d_out) = (host(0, &b.q), host(1, &b.k), host(2, &b.v), host(3, &b.d_out));
-        let want = reference::attention_backward(&q, &k, &v, &d_out, &s, &w.options);
-        let errors = [(&b.dq, &want.dq), (&b.dk, &want.dk), (&b.dv, &want.dv)]
-            .into_iter()
-            .map(|(got, want)| Ok(max_error(&got.to_f32(self.ctx)?, want.iter().copied())))
-            .collect::<Result<Vec<f64>>>()?;
-        Ok(Validation {
-            against: "reference",
-            max_error: errors.into_iter().fold(0.0, f64::max),
-            tolerance: tolerance(w.dtype),
-        })
-    }
 }
 
 impl Benchmark for BackwardBench<'_> {
@@ -167,18 +177,14 @@ impl Benchmark for BackwardBench<'_> {
     }
 
     fn measure(&self, w: &Workload, _speeds: &mut Speeds, _left: Option<f64>) -> Result<Outcome<BackwardMeasured>> {
-        let validation = self.check(w)?;
+        let validation = validate(self.ctx, w)?;
         if !validation.passed() {
             return Ok(validation.failure("backward"));
         }
-        let b = Buffers::upload(self.ctx, &w.shape, w.dtype)?;
-        let config = FlashConfig::for_shape(self.ctx, &w.shape, w.dtype, w.options.causal).0;
-        let (repeats, ctx) = (&self.settings.repeats, self.ctx);
-        let forward = repeats.time(ctx, self.timer, &mut |encoder| {
-            flash::encode(ctx, encoder, &b.forward(), None, &w.options, &config)
-        })?;
-        let backward = repeats
-            .time(ctx, self.timer, &mut |encoder| backward::encode(ctx, encoder, &b.gradients(), None, &w.options))?;
+        let (ctx, timer, repeats) = (self.ctx, self.timer, &self.settings.repeats);
+        let problem = BackwardProblem::upload(ctx, w)?;
+        let forward = repeats.time(ctx, timer, &mut |encoder| problem.record_forward(ctx, encoder))?;
+        let backward = repeats.time(ctx, timer, &mut |encoder| problem.record_backward(ctx, encoder))?;
         let flops = w.flops();
         let backward_flops_per_s = BACKWARD_FLOPS_PER_FORWARD * flops / backward.median_s;
         Ok(Outcome::Measured(BackwardMeasured {
@@ -236,8 +242,8 @@ impl BackwardPoint {
             .with("head_dim", s.d_qk)
             .with("causal", self.workload.options.causal)
             .with_all("", self.outcome.cells())
-            .with_all("forward_", time_cells(m.map(|m| &m.forward)))
-            .with_all("backward_", time_cells(m.map(|m| &m.backward)))
+            .with_all("forward", time_cells(m.map(|m| &m.forward)))
+            .with_all("backward", time_cells(m.map(|m| &m.backward)))
             .with("backward_over_forward", m.map(BackwardMeasured::ratio))
             .with("forward_flops_per_s", m.map(|m| m.forward_flops_per_s))
             .with("backward_flops_per_s", m.map(|m| m.backward_flops_per_s))
