@@ -1,11 +1,13 @@
 //! Criterion benchmarks of the flash kernel and the naive baseline on the small shapes of
-//! `wattn::bench::workload::criterion_workloads`, and of decode unsplit and with automatic
-//! splits, with the workloads, the validation and the GPU timer of `wattn bench`.
-//! Throughput is reported in attention FLOPs ("elements") for attention and in bytes of K
-//! and V read for decode.
+//! `wattn::bench::workload::criterion_workloads`, of the flash forward and backward on the
+//! same shapes, and of decode unsplit and with automatic splits, with the workloads, the
+//! validation and the GPU timer of `wattn bench`. Throughput is reported in attention FLOPs
+//! ("elements") for attention (the backward's counted as 2.5 forwards, as FlashAttention
+//! does) and in bytes of K and V read for decode.
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use std::time::Duration;
+use wattn::bench::backward::{self, BACKWARD_FLOPS_PER_FORWARD, BackwardProblem};
 use wattn::bench::decode::{DecodeProblem, DecodeWorkload};
 use wattn::bench::prefill::validate;
 use wattn::bench::workload::{PathBuffers, criterion_workloads};
@@ -44,6 +46,37 @@ fn attention(c: &mut Criterion) {
         }
     }
     group.finish();
+}
+
+/// The forward and the backward of each criterion workload, on the same inputs.
+fn attention_backward(c: &mut Criterion) {
+    let ctx = context();
+    let timer = Timer::new(&ctx);
+    let mut group = c.benchmark_group("backward");
+    group.sampling_mode(SamplingMode::Flat);
+    for workload in criterion_workloads() {
+        let validation = backward::validate(&ctx, &workload).unwrap();
+        assert!(validation.passed(), "backward {} seq {}: {validation:?}", workload.series(), workload.shape.n_q);
+        let problem = BackwardProblem::upload(&ctx, &workload).unwrap();
+        timer.time(&ctx, &mut |e| problem.record_forward(&ctx, e)).unwrap();
+        let label = format!("{} seq {}", workload.series(), workload.shape.n_q);
+        group.throughput(Throughput::Elements(workload.flops() as u64));
+        group.bench_function(format!("forward {label}"), |b| {
+            b.iter_custom(|iters| summed(iters, || timer.time(&ctx, &mut |e| problem.record_forward(&ctx, e)).unwrap()))
+        });
+        group.throughput(Throughput::Elements((BACKWARD_FLOPS_PER_FORWARD * workload.flops()) as u64));
+        group.bench_function(format!("backward {label}"), |b| {
+            b.iter_custom(|iters| {
+                summed(iters, || timer.time(&ctx, &mut |e| problem.record_backward(&ctx, e)).unwrap())
+            })
+        });
+    }
+    group.finish();
+}
+
+/// The sum of `iters` runs' seconds, as criterion takes it.
+fn summed(iters: u64, mut run: impl FnMut() -> f64) -> Duration {
+    Duration::from_secs_f64((0..iters).map(|_| run()).sum())
 }
 
 /// One decode step of 8 query / 2 KV heads against a 4K-token cache, unsplit and with
@@ -98,6 +131,6 @@ criterion_group! {
     name = benches;
     // Small samples: the whole suite runs in a couple of minutes on a software adapter.
     config = Criterion::default().sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = attention, decode
+    targets = attention, attention_backward, decode
 }
 criterion_main!(benches);

@@ -46,6 +46,7 @@ pub mod internals {
     pub use crate::shader::{ConstValue, Kernel, ShaderKey, every_variant};
 }
 
+pub use attention::backward::{self, GradientBuffers, Gradients, attention_backward};
 pub use attention::flash::{self, FlashConfig};
 pub use attention::naive;
 pub use attention::tuning::{ConfigSource, TuneCache, TuneKey, TunedEntry};

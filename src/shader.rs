@@ -16,6 +16,8 @@ use std::fmt::Write;
 pub enum Kernel {
     /// Tiled flash-attention forward (`shaders/flash_fwd.wgsl`).
     FlashForward,
+    /// Flash-attention backward: preprocess, dK/dV and dQ passes (`shaders/flash_bwd.wgsl`).
+    FlashBackward,
     /// Materialised-scores baseline (`shaders/naive.wgsl`), for benchmarks.
     Naive,
     /// Split-KV decode against a KV cache (`shaders/decode.wgsl`).
@@ -33,6 +35,7 @@ impl Kernel {
     pub fn file_name(self) -> &'static str {
         match self {
             Kernel::FlashForward => "flash_fwd.wgsl",
+            Kernel::FlashBackward => "flash_bwd.wgsl",
             Kernel::Naive => "naive.wgsl",
             Kernel::Decode => "decode.wgsl",
             Kernel::Combine => "combine.wgsl",
@@ -45,6 +48,7 @@ impl Kernel {
     pub fn body(self) -> &'static str {
         match self {
             Kernel::FlashForward => include_str!("../shaders/flash_fwd.wgsl"),
+            Kernel::FlashBackward => include_str!("../shaders/flash_bwd.wgsl"),
             Kernel::Naive => include_str!("../shaders/naive.wgsl"),
             Kernel::Decode => include_str!("../shaders/decode.wgsl"),
             Kernel::Combine => include_str!("../shaders/combine.wgsl"),
@@ -59,6 +63,9 @@ impl Kernel {
     pub fn bindings(self) -> &'static [&'static str] {
         match self {
             Kernel::FlashForward => &["params", "q", "k", "v", "out", "lse", "state", "block_mask"],
+            Kernel::FlashBackward => {
+                &["params", "range", "q", "k", "v", "out", "d_out", "lse", "dq", "dk", "dv", "state", "block_mask"]
+            }
             Kernel::Naive => &["params", "q", "k", "v", "out", "lse", "scores"],
             Kernel::Decode => &["params", "q", "k", "v", "pos", "rope_table", "partial_out", "partial_lse", "logits"],
             Kernel::Combine => &["params", "partial_out", "partial_lse", "out", "lse"],
@@ -71,8 +78,10 @@ impl Kernel {
     pub fn shared(self) -> &'static [&'static str] {
         const SOFTMAX: &str = include_str!("../shaders/shared/softmax.wgsl");
         const ATTENTION: &str = include_str!("../shaders/shared/attention.wgsl");
+        const BLOCK_MASK: &str = include_str!("../shaders/shared/block_mask.wgsl");
         match self {
             Kernel::FlashForward | Kernel::Naive => &[SOFTMAX, ATTENTION],
+            Kernel::FlashBackward => &[SOFTMAX, ATTENTION, BLOCK_MASK],
             Kernel::Decode | Kernel::Combine | Kernel::KvCache => &[SOFTMAX],
             Kernel::Peak => &[],
         }
@@ -147,12 +156,13 @@ impl ShaderKey {
     }
 }
 
-/// Every variant the crate can build, in a stable order: the flash forward, the naive
-/// baseline, the KV cache, decode and combine kernels, and (with the `cli` feature, which
+/// Every variant the crate can build, in a stable order: the flash forward, the flash
+/// backward, the naive baseline, the KV cache, decode and combine kernels, and (with the `cli` feature, which
 /// has the benchmark runner) the peak microbenchmarks. The shader tests validate each one;
 /// `wattn shaders --emit` writes them out.
 pub fn every_variant() -> Vec<ShaderKey> {
     let mut keys = crate::flash::validation_keys();
+    keys.extend(crate::attention::backward::validation_keys());
     keys.extend(crate::naive::shader_keys());
     keys.extend(crate::kv::validation_keys());
     #[cfg(feature = "cli")]

@@ -385,6 +385,47 @@ fn peak_reports_positive_ceilings() {
 }
 
 #[test]
+fn backward_bench_times_forward_and_backward_with_flash_attention_accounting() {
+    let dir = scratch("backward");
+    let (json, csv, svg) = (dir.join("b.json"), dir.join("b.csv"), dir.join("b.svg"));
+    #[rustfmt::skip]
+    let table = wattn(&[
+        "bench", "--backward", "--seq", "96,200", "--head-dim", "32", "--heads", "2", "--batch", "1",
+        "--dtype", "f32", "--causal", "both", "--runs", "2",
+        "--json", json.to_str().unwrap(), "--csv", csv.to_str().unwrap(), "--plot", svg.to_str().unwrap(),
+    ]);
+    assert!(table.contains("bwd/fwd") && table.contains("2.5 x forward"), "{table}");
+    let report = read_json(&json);
+    assert_provenance(&report);
+    assert_eq!(report["backward_flops_per_forward"], 2.5);
+    let rows = report["points"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "a row per length and causality: {rows:#?}");
+    for row in rows {
+        assert_eq!(row["status"], "measured", "{row:#}");
+        assert!(row["max_error"].as_f64().unwrap() <= 1e-4, "{row}");
+        let figures = [
+            "forward_median_s",
+            "backward_median_s",
+            "backward_over_forward",
+            "forward_flops_per_s",
+            "backward_flops_per_s",
+            "backward_fraction_of_peak",
+        ];
+        assert_eq!(assert_positive(row, &figures, "point"), figures.len(), "{row}");
+        let (forward, backward) =
+            (row["forward_median_s"].as_f64().unwrap(), row["backward_median_s"].as_f64().unwrap());
+        assert!((row["backward_over_forward"].as_f64().unwrap() - backward / forward).abs() < 1e-9);
+        let per_s = |key: &str| row[key].as_f64().unwrap();
+        let accounting = per_s("backward_flops_per_s") * backward / (per_s("forward_flops_per_s") * forward);
+        assert!((accounting - 2.5).abs() < 1e-9, "the backward counts 2.5 forwards: {row}");
+    }
+    assert_csv_matches_json(&std::fs::read_to_string(&csv).unwrap(), rows);
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 1 + 4, "axes + forward and backward per series");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn decode_bench_times_split_settings_against_the_unsplit_kernel() {
     let dir = scratch("decode");
     let (json, csv, svg) = (dir.join("d.json"), dir.join("d.csv"), dir.join("d.svg"));

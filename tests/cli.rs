@@ -1,8 +1,8 @@
 //! The `wattn` binary end to end: .npy files written here (with this file's own minimal
 //! .npy writer and reader, independent of `wattn::cli::npy`), results compared with the f64
 //! reference (block-sparse runs with their masks written out here as plain predicates),
-//! `wattn tune` and what `wattn info` then reports, and every kind of bad input refused with
-//! one line and no output file.
+//! `wattn tune` and what `wattn info` then reports, the backward (`--grad`) against the
+//! reference gradients, and every kind of bad input refused with one line and no output file.
 
 mod common;
 
@@ -308,6 +308,62 @@ fn dtype_option_converts_f32_files_and_check_reports_errors() {
     assert_eq!(s.files(), ["k.npy", "o.npy", "q.npy", "v.npy"]);
     let (o_shape, _) = read_f32_npy(&s.path("o.npy"));
     assert_eq!(o_shape, [1, 2, 7, 24]);
+}
+
+/// `--grad` runs the backward after the forward with the same options and mask flags, and
+/// writes dQ, dK, dV as float32 in the inputs' layouts (3-D here), next to O.
+#[test]
+fn grad_writes_the_reference_gradients() {
+    let s = Scratch::new("grad");
+    let shape = AttentionShape { batch: 1, q_heads: 4, kv_heads: 2, n_q: 40, n_k: 50, d_qk: 24, d_v: 20 };
+    let ids: Vec<i32> = (0..50).map(|j| if j < 30 { 0 } else { 1 }).collect();
+    let options = AttentionOptions { causal: true, window: (20, -1), softcap: 3.0, ..Default::default() };
+    let mut rng = Rng::new(21);
+    let files = [
+        ("q.npy", vec![4, 40, 24]),
+        ("k.npy", vec![2, 50, 24]),
+        ("v.npy", vec![2, 50, 20]),
+        ("do.npy", vec![4, 40, 20]),
+    ];
+    let data: Vec<Vec<f32>> = files
+        .iter()
+        .map(|(name, dims)| {
+            let values = rng.normal_vec(dims.iter().product());
+            s.write_array(name, DType::F32, dims, &values);
+            values
+        })
+        .collect();
+    s.write("ids.npy", &npy_bytes("<i4", false, &[50], &i32_le(&ids)));
+    let mut args: Vec<String> = ["run", "--causal", "--window", "20,-1", "--softcap", "3"].map(String::from).into();
+    for (flag, file) in [
+        ("q", "q"),
+        ("k", "k"),
+        ("v", "v"),
+        ("out", "o"),
+        ("grad", "do"),
+        ("dq", "dq"),
+        ("dk", "dk"),
+        ("dv", "dv"),
+        ("doc-ids", "ids"),
+    ] {
+        args.extend([format!("--{flag}"), s.arg(&format!("{file}.npy"))]);
+    }
+    let run = wattn(&args);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    assert_eq!(s.files(), ["dk.npy", "do.npy", "dq.npy", "dv.npy", "ids.npy", "k.npy", "o.npy", "q.npy", "v.npy"]);
+    // Bottom-right: query i sits at key position i + 10, and sees its own document.
+    let sees = |_: usize, _: usize, i: usize, j: usize| same_document(&ids, 40, i, j);
+    let want =
+        wattn::reference::attention_backward_masked(&data[0], &data[1], &data[2], &data[3], &shape, &options, sees);
+    for (file, dims, want) in
+        [("dq.npy", [4, 40, 24], &want.dq), ("dk.npy", [2, 50, 24], &want.dk), ("dv.npy", [2, 50, 20], &want.dv)]
+    {
+        let (got_shape, got) = read_f32_npy(&s.path(file));
+        assert_eq!(got_shape, dims, "{file}");
+        let err = max_abs_err(&got, want);
+        eprintln!("{file}: max error {err:.2e}");
+        assert!(err < 1e-5, "{file}: error {err}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -729,6 +785,49 @@ fn bad_shapes_are_refused() {
             f.insert("check", String::new());
         },
         &["--check", "2^28"],
+    );
+}
+
+#[test]
+fn bad_backward_inputs_are_refused() {
+    let with_grad = |f: &mut Flags, s: &Scratch, skip: &str| {
+        for (flag, file) in [("grad", "do.npy"), ("dq", "dq.npy"), ("dk", "dk.npy"), ("dv", "dv.npy")] {
+            if flag != skip {
+                f.insert(flag, s.arg(file));
+            }
+        }
+    };
+    refused(
+        "grad-without-dv",
+        |s, f| {
+            f32_file(s, "do.npy", &[2, 4, 8]);
+            with_grad(f, s, "dv");
+        },
+        &["--grad, --dq, --dk and --dv go together", "missing --dv"],
+    );
+    refused(
+        "dq-alone",
+        |s, f| {
+            f.insert("dq", s.arg("dq.npy"));
+        },
+        &["missing --grad, --dk, --dv"],
+    );
+    refused(
+        "grad-shape",
+        |s, f| {
+            f32_file(s, "do.npy", &[2, 4, 16]);
+            with_grad(f, s, "");
+        },
+        &["do.npy", "dO has shape [2, 4, 16], expected O's [2, 4, 8]"],
+    );
+    refused(
+        "grad-same-file",
+        |s, f| {
+            f32_file(s, "do.npy", &[2, 4, 8]);
+            with_grad(f, s, "");
+            f.insert("dk", s.arg("dq.npy"));
+        },
+        &["--dq and --dk name the same file"],
     );
 }
 

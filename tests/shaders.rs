@@ -5,6 +5,7 @@
 use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
 use std::mem::{offset_of, size_of};
+use wattn::attention::backward::{self, PassRange};
 use wattn::attention::flash::{self, FlashParams};
 use wattn::dtype::DType;
 use wattn::internals::{Kernel, ShaderKey, every_variant};
@@ -182,6 +183,9 @@ fn uniform_structs_match_rust() {
         scale
     });
     let combine_params = rust_layout!(CombineParams { rows, dim, splits, groups_x });
+    let backward_key = backward::validation_keys().into_iter().next().unwrap();
+    assert_eq!(backward_key.kernel, Kernel::FlashBackward);
+    let pass_range = rust_layout!(PassRange { begin, end, flags, _pad });
     let kv_params = rust_layout!(KvParams {
         batch,
         kv_heads,
@@ -199,6 +203,8 @@ fn uniform_structs_match_rust() {
     let pairs = [
         (&flash_key, "Params", &flash_params),
         (&naive_key, "Params", &flash_params),
+        (&backward_key, "Params", &flash_params),
+        (&backward_key, "PassRange", &pass_range),
         (kv_key(Kernel::Decode), "Params", &decode_params),
         (kv_key(Kernel::Combine), "Params", &combine_params),
         (kv_key(Kernel::KvCache), "Params", &kv_params),
@@ -245,7 +251,7 @@ fn binding_tables_match_the_shaders() {
         }
     }
     // The peak kernels belong to the benchmarks, behind the cli feature.
-    let families = if cfg!(feature = "cli") { 6 } else { 5 };
+    let families = if cfg!(feature = "cli") { 7 } else { 6 };
     assert_eq!(kernels_seen.len(), families, "every kernel family has variants: {kernels_seen:?}");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

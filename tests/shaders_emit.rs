@@ -6,6 +6,7 @@
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use wattn::attention::backward::PassRange;
 use wattn::attention::flash::FlashParams;
 use wattn::internals::{ConstValue, every_variant};
 use wattn::kv::{cache::KvParams, combine::CombineParams, decode::DecodeParams};
@@ -224,13 +225,17 @@ fn uniform_layouts_filled_by_name_give_the_rust_bytes() {
     let kv =
         distinct!(KvParams { batch, kv_heads, q_heads, head_dim, capacity, seen, count, len, sinks, window, groups_x });
     let mask = distinct!(BlockMaskHeader { batch, heads, q_blocks, runs_at, bits_at });
-    let cases: [(&str, &str, &[u8]); 6] = [
+    let range = distinct!(PassRange { begin, end, flags, _pad });
+    let cases: [(&str, &str, &[u8]); 9] = [
         ("flash_fwd", "params", bytemuck::bytes_of(&flash)),
         ("naive", "params", bytemuck::bytes_of(&flash)),
         ("decode", "params", bytemuck::bytes_of(&decode)),
         ("combine", "params", bytemuck::bytes_of(&combine)),
         ("kv_cache", "params", bytemuck::bytes_of(&kv)),
         ("flash_fwd", "block_mask", bytemuck::bytes_of(&mask)),
+        ("flash_bwd", "params", bytemuck::bytes_of(&flash)),
+        ("flash_bwd", "range", bytemuck::bytes_of(&range)),
+        ("flash_bwd", "block_mask", bytemuck::bytes_of(&mask)),
     ];
     for (kernel, binding, rust) in cases {
         assert_eq!(filled_by_name(manifest, kernel, binding), rust, "{kernel}: {binding} filled by member name");

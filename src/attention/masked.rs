@@ -31,6 +31,21 @@ impl Mask {
 impl GpuBlockMask {
     /// Errors unless the mask fits the attention problem and the kernel's tiles are its blocks.
     pub(crate) fn check(&self, shape: &AttentionShape, config: &FlashConfig) -> Result<()> {
+        self.check_shape(shape)?;
+        if config.block_size() != self.block {
+            return Err(Error::Option(format!(
+                "block mask has blocks of {} but the flash tiles are {}: launch with {:?}.with_block_size({:?})",
+                self.block,
+                config.block_size(),
+                config,
+                self.block
+            )));
+        }
+        Ok(())
+    }
+
+    /// Errors unless the mask is for the attention problem's lengths, batch and heads.
+    pub(crate) fn check_shape(&self, shape: &AttentionShape) -> Result<()> {
         if (self.n_q, self.n_k) != (shape.n_q, shape.n_k) {
             return Err(Error::Shape(format!(
                 "block mask is for {} queries x {} keys, the inputs have {} x {}",
@@ -43,15 +58,6 @@ impl GpuBlockMask {
                     "block mask has {mask} {what}, the inputs {inputs}: it must have 1 (broadcast) or {inputs}"
                 )));
             }
-        }
-        if config.block_size() != self.block {
-            return Err(Error::Option(format!(
-                "block mask has blocks of {} but the flash tiles are {}: launch with {:?}.with_block_size({:?})",
-                self.block,
-                config.block_size(),
-                config,
-                self.block
-            )));
         }
         Ok(())
     }

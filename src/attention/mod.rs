@@ -1,6 +1,7 @@
-//! Attention forward: options and shape checks shared by every path, the flash kernel,
-//! the tuned configurations it runs with, and the naive baseline.
+//! Attention: options and shape checks shared by every path, the flash kernel, the tuned
+//! configurations it runs with, the backward, and the naive baseline.
 
+pub mod backward;
 pub mod flash;
 mod masked;
 pub mod naive;

@@ -1,10 +1,11 @@
-//! Benchmarks: one engine for `wattn bench` (prefill), `wattn bench --decode`, `wattn stream`
+//! Benchmarks: one engine for `wattn bench` (prefill), `wattn bench --backward`, `wattn bench --decode`, `wattn stream`
 //! and `wattn peak`, shared with the criterion benches (`benches/attention.rs`).
 //!
 //! - [`engine`]: the run loop (check, warm up, repeat, median), the time budget and its
 //!   estimator, the validation rule.
 //! - [`workload`]: the prefill problems, their FLOP and memory accounting, the grids.
 //! - [`prefill`]: the flash kernel against the naive baseline, block-sparse against dense.
+//! - [`backward`]: the flash backward against the forward of the same problem.
 //! - [`decode`]: split-KV decode against the unsplit kernel over cache lengths.
 //! - [`stream`]: a token stream through the KV cache, per-token time against position.
 //! - [`Timer`] and [`Stats`] (from the library's [`crate::timing`]): GPU timestamps (or the wall
@@ -13,6 +14,7 @@
 //! - `report`: provenance and the rows written to JSON and CSV; `plot`: SVG; `progress`: the
 //!   progress bar (crate-private: only the `wattn` command uses them).
 
+pub mod backward;
 pub mod decode;
 pub mod engine;
 pub mod peak;

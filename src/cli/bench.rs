@@ -1,8 +1,9 @@
 //! `wattn bench`: the flash kernel against the naive baseline over a grid of problems,
-//! block-sparse masks against the dense kernel, and (`--decode`) split-KV decode against
-//! the unsplit kernel.
+//! block-sparse masks against the dense kernel, (`--backward`) the flash backward against
+//! the forward, and (`--decode`) split-KV decode against the unsplit kernel.
 
 use super::{AdapterArgs, SplitChoice, parse_splits};
+use crate::bench::backward::{self, BackwardReport, BackwardSettings};
 use crate::bench::decode::{self, DecodeGrid, DecodeReport, DecodeSettings};
 use crate::bench::engine::Repeats;
 use crate::bench::peak::Peak;
@@ -31,6 +32,11 @@ pub struct BenchArgs {
     /// heads, head dim 128), batch 1, caches of 1K to 64K tokens, f32 and f16.
     #[arg(long, conflicts_with_all = ["density", "pattern", "causal", "window", "config", "no_naive"])]
     pub decode: bool,
+    /// The flash backward (dQ, dK, dV) instead of the forward against naive: for each point,
+    /// the forward and the backward timed on the same inputs, their ratio, and GFLOP/s with
+    /// FlashAttention's accounting (backward = 2.5 x forward FLOPs). The grid flags apply.
+    #[arg(long, conflicts_with_all = ["decode", "density", "pattern", "config", "no_naive"])]
+    pub backward: bool,
     /// With --decode: the split settings to time at every point, e.g. 1,4,16,auto [default: 1,auto].
     #[arg(long, value_name = "N|auto,...", value_delimiter = ',', value_parser = parse_splits, requires = "decode")]
     pub splits: Option<Vec<SplitChoice>>,
@@ -233,6 +239,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.decode {
         return run_decode(&args);
     }
+    if args.backward {
+        return run_backward(&args);
+    }
     let grid = args.grid()?;
     let ctx = args.adapter.context()?;
     let (config, config_source) = match args.config {
@@ -305,6 +314,36 @@ fn run_decode(args: &BenchArgs) -> Result<()> {
     let provenance = Provenance::new(&ctx, timer.clock());
     let Repeats { warmup, runs } = settings.repeats;
     let report = DecodeReport { provenance, warmup, runs, budget_s: settings.budget_s, peak, points };
+    args.report(&report)
+}
+
+/// `wattn bench --backward`.
+fn run_backward(args: &BenchArgs) -> Result<()> {
+    let ctx = args.adapter.context()?;
+    let workloads = args.grid()?.workloads(FlashConfig::for_adapter(&ctx).block_size())?;
+    let timer = args.timer(&ctx);
+    let progress = Progress::new();
+    let peak = args.peak(&ctx, &timer, &progress, workloads.len())?;
+    let settings = BackwardSettings {
+        repeats: args.repeats(),
+        budget_s: (args.budget > 0.0).then_some(args.budget),
+        peak_flops: peak.as_ref().map(|p| p.fma_f32.rate),
+    };
+    let points = backward::run(&ctx, &timer, &workloads, &settings, &mut |done, total, w| {
+        progress.show(done, total, &format!("backward {} seq {}", w.series(), seq_label(w.shape.n_q)));
+    });
+    progress.finish();
+    let provenance = Provenance::new(&ctx, timer.clock());
+    let Repeats { warmup, runs } = settings.repeats;
+    let report = BackwardReport {
+        provenance,
+        warmup,
+        runs,
+        budget_s: settings.budget_s,
+        backward_flops_per_forward: backward::BACKWARD_FLOPS_PER_FORWARD,
+        peak,
+        points,
+    };
     args.report(&report)
 }
 

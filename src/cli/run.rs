@@ -1,9 +1,10 @@
-//! `wattn run`: attention on .npy files, dense or block-sparse.
+//! `wattn run`: attention on .npy files, dense or block-sparse, and optionally its backward.
 
 mod block_sparse;
 
 use super::AdapterArgs;
 use super::npy::{self, NpyArray};
+use crate::attention::backward::{self, GradientBuffers};
 use crate::attention::{AttentionBuffers, AttentionOptions, AttentionShape};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -66,6 +67,19 @@ pub struct RunArgs {
     /// Draw the block mask on stderr: '#' full, '+' partial, '.' empty blocks.
     #[arg(long)]
     pub show_mask: bool,
+    /// Backward: dO, the loss's gradient with respect to O, in O's shape (float32 or float16);
+    /// runs the backward after the forward with the same options and mask. Needs --dq, --dk, --dv.
+    #[arg(long, value_name = "DO.npy")]
+    pub grad: Option<PathBuf>,
+    /// Backward: write dQ, float32 in Q's shape.
+    #[arg(long, value_name = "DQ.npy")]
+    pub dq: Option<PathBuf>,
+    /// Backward: write dK, float32 in K's shape.
+    #[arg(long, value_name = "DK.npy")]
+    pub dk: Option<PathBuf>,
+    /// Backward: write dV, float32 in V's shape.
+    #[arg(long, value_name = "DV.npy")]
+    pub dv: Option<PathBuf>,
     #[command(flatten)]
     pub adapter: AdapterArgs,
 }
@@ -84,7 +98,13 @@ pub fn run(args: RunArgs) -> Result<()> {
     };
     options.validate()?;
     let dtype_override = args.dtype.as_deref().map(parse_dtype).transpose()?;
-    check_outputs(&args.out, args.lse.as_deref())?;
+    let gradient_paths = gradient_paths(&args)?;
+    let mut outputs: Vec<(&str, &Path)> = vec![("--out", &args.out)];
+    outputs.extend(args.lse.as_deref().map(|p| ("--lse", p)));
+    if let Some([dq, dk, dv]) = &gradient_paths {
+        outputs.extend([("--dq", dq.as_path()), ("--dk", dk.as_path()), ("--dv", dv.as_path())]);
+    }
+    check_outputs(&outputs)?;
 
     let q = npy::read_array(&args.q)?;
     let k = npy::read_array(&args.k)?;
@@ -93,6 +113,22 @@ pub fn run(args: RunArgs) -> Result<()> {
     let lift = |a: &NpyArray| if batched { a.shape.clone() } else { [&[1], &a.shape[..]].concat() };
     let (q_shape, k_shape, v_shape) = (lift(&q), lift(&k), lift(&v));
     let shape = AttentionShape::from_shapes(&q_shape, &k_shape, &v_shape)?;
+    let d_out = match &args.grad {
+        Some(path) => {
+            let d_out = npy::read_array(path)?;
+            if lift(&d_out) != shape.out_shape() {
+                let skip = if batched { 0 } else { 1 };
+                return Err(Error::Shape(format!(
+                    "--grad {}: dO has shape {:?}, expected O's {:?}",
+                    path.display(),
+                    d_out.shape,
+                    &shape.out_shape()[skip..]
+                )));
+            }
+            Some(d_out)
+        }
+        None => None,
+    };
     let dtype = match dtype_override {
         Some(d) => d,
         None => common_dtype(&q, &k, &v)?,
@@ -146,24 +182,48 @@ pub fn run(args: RunArgs) -> Result<()> {
         lse: lse_gpu.view(),
     };
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
-    // Recording builds the pipeline, so the timed part below is only the GPU's work.
+    // Recording builds the pipelines, so the timed part below is only the GPU's work.
     flash::encode(&ctx, &mut encoder, &bufs, gpu_mask.as_ref(), &options, &config)?;
+    let d_out_data = d_out.map(|d| in_storage(d.data, dtype));
+    let gradients = match &d_out_data {
+        Some(data) => {
+            let d_out_gpu = Tensor::from_f32(&ctx, &shape.out_shape(), data, dtype)?;
+            let (dq, dk, dv) = (
+                Tensor::zeros(&ctx, &q_shape, dtype)?,
+                Tensor::zeros(&ctx, &k_shape, dtype)?,
+                Tensor::zeros(&ctx, &v_shape, dtype)?,
+            );
+            let grads =
+                GradientBuffers { forward: bufs, d_out: d_out_gpu.view(), dq: dq.view(), dk: dk.view(), dv: dv.view() };
+            backward::encode(&ctx, &mut encoder, &grads, gpu_mask.as_ref(), &options)?;
+            Some((d_out_gpu, [dq, dk, dv]))
+        }
+        None => None,
+    };
     let start = std::time::Instant::now();
     ctx.submit_and_wait(encoder)?;
     let gpu_time = start.elapsed();
     let out = out_gpu.to_f32(&ctx)?;
     let lse = lse_gpu.to_f32(&ctx)?;
-
-    // Outputs mirror the inputs' rank: drop the batch axis again for 3-D inputs.
-    let skip = if batched { 0 } else { 1 };
-    let staged_out = npy::stage_f32(&args.out, &shape.out_shape()[skip..], &out)?;
-    let staged_lse = match &args.lse {
-        Some(path) => Some(npy::stage_f32(path, &shape.lse_shape()[skip..], &lse)?),
+    let gradients = match &gradients {
+        Some((_, [dq, dk, dv])) => Some([dq.to_f32(&ctx)?, dk.to_f32(&ctx)?, dv.to_f32(&ctx)?]),
         None => None,
     };
-    staged_out.commit()?;
-    if let Some(s) = staged_lse {
-        s.commit()?;
+
+    // Outputs mirror the inputs' rank: drop the batch axis again for 3-D inputs. Every file
+    // is staged before any is committed, so a failure leaves none behind.
+    let skip = if batched { 0 } else { 1 };
+    let mut staged = vec![npy::stage_f32(&args.out, &shape.out_shape()[skip..], &out)?];
+    if let Some(path) = &args.lse {
+        staged.push(npy::stage_f32(path, &shape.lse_shape()[skip..], &lse)?);
+    }
+    if let (Some(paths), Some(grads)) = (&gradient_paths, &gradients) {
+        for ((path, dims), data) in paths.iter().zip([&q_shape, &k_shape, &v_shape]).zip(grads) {
+            staged.push(npy::stage_f32(path, &dims[skip..], data)?);
+        }
+    }
+    for file in staged {
+        file.commit()?;
     }
     eprintln!(
         "wattn run: {} | Q {:?} K {:?} V {:?} {dtype}{}{} | GPU {:.3} ms",
@@ -192,8 +252,33 @@ pub fn run(args: RunArgs) -> Result<()> {
             max_abs_diff(&out, &want.out),
             max_abs_diff(&lse, &want.lse)
         );
+        if let (Some(d_out), Some([dq, dk, dv])) = (&d_out_data, &gradients) {
+            let want = crate::reference::attention_backward_masked(
+                &q_data, &k_data, &v_data, d_out, &shape, &options, visible,
+            );
+            println!(
+                "check against the f64 CPU reference: max |dQ - ref| = {:.3e}, max |dK - ref| = {:.3e}, max |dV - ref| = {:.3e}",
+                max_abs_diff(dq, &want.dq),
+                max_abs_diff(dk, &want.dk),
+                max_abs_diff(dv, &want.dv)
+            );
+        }
     }
     Ok(())
+}
+
+/// The backward's output paths [dQ, dK, dV] when `--grad` asks for it; the four flags go together.
+fn gradient_paths(args: &RunArgs) -> Result<Option<[PathBuf; 3]>> {
+    let flags = [("--grad", &args.grad), ("--dq", &args.dq), ("--dk", &args.dk), ("--dv", &args.dv)];
+    let missing: Vec<&str> = flags.iter().filter(|f| f.1.is_none()).map(|f| f.0).collect();
+    match (missing.len(), &args.dq, &args.dk, &args.dv) {
+        (0, Some(dq), Some(dk), Some(dv)) => Ok(Some([dq.clone(), dk.clone(), dv.clone()])),
+        (4, ..) => Ok(None),
+        _ => Err(Error::Option(format!(
+            "--grad, --dq, --dk and --dv go together (the backward reads dO and writes the three gradients): missing {}",
+            missing.join(", ")
+        ))),
+    }
 }
 
 /// `LEFT,RIGHT` as two integers.
@@ -210,12 +295,15 @@ pub(super) fn parse_dtype(text: &str) -> Result<DType> {
     text.parse().map_err(|_| Error::Option(format!("--dtype '{text}': use f32 or f16")))
 }
 
-/// Refuses output paths that cannot be written, before any work is done.
-fn check_outputs(out: &Path, lse: Option<&Path>) -> Result<()> {
-    if lse == Some(out) {
-        return Err(Error::Option("--out and --lse name the same file".into()));
+/// Refuses output paths (flag, path) that cannot be written or that name one file twice,
+/// before any work is done.
+fn check_outputs(outputs: &[(&str, &Path)]) -> Result<()> {
+    for (n, (flag, path)) in outputs.iter().enumerate() {
+        if let Some((other, _)) = outputs[..n].iter().find(|o| o.1 == *path) {
+            return Err(Error::Option(format!("{other} and {flag} name the same file")));
+        }
     }
-    for path in std::iter::once(out).chain(lse) {
+    for &(_, path) in outputs {
         let fail = |detail: &str| Error::File { path: path.to_path_buf(), detail: detail.into() };
         if path.is_dir() {
             return Err(fail("is a directory"));
