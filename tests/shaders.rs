@@ -179,7 +179,11 @@ fn uniform_structs_match_rust() {
         rope,
         rope_sinks,
         rope_shift,
-        scale
+        scale,
+        page_shift,
+        sink_pages,
+        sinks,
+        window
     });
     let combine_params = rust_layout!(CombineParams { rows, dim, splits, groups_x });
     let kv_params = rust_layout!(KvParams {

@@ -43,24 +43,33 @@ pub struct KvParams {
 }
 
 /// Threads per workgroup of every `kv_cache.wgsl` entry point (a power of two: `place` reduces over it).
-const WORKGROUP: u32 = 64;
+pub(crate) const WORKGROUP: u32 = 64;
 
 /// Marks an empty slot in the positions buffer.
 pub const EMPTY_SLOT: u32 = u32::MAX;
 
 pub(crate) fn shader_key(entry_point: &'static str, dtype: DType) -> ShaderKey {
+    storage_key(entry_point, dtype, false)
+}
+
+/// `entry_point` of `kv_cache.wgsl` on new K/V of `dtype`, into a paged pool of int8 words
+/// (`int8`) or of `dtype` (the other entry points take `false`).
+pub(crate) fn storage_key(entry_point: &'static str, dtype: DType, int8: bool) -> ShaderKey {
     ShaderKey {
         kernel: Kernel::KvCache,
         entry_point,
         dtype,
-        constants: vec![("WORKGROUP", ConstValue::U32(WORKGROUP))],
+        constants: vec![("WORKGROUP", ConstValue::U32(WORKGROUP)), ("INT8", ConstValue::Bool(int8))],
     }
 }
 
 /// Every variant of `kv_cache.wgsl`.
 pub fn shader_keys() -> Vec<ShaderKey> {
     let entries = ["place", "evict", "append", "accumulate"];
-    [DType::F32, DType::F16].iter().flat_map(|&d| entries.iter().map(move |e| shader_key(e, d))).collect()
+    let dtypes = [DType::F32, DType::F16];
+    let dense = dtypes.iter().flat_map(|&d| entries.iter().map(move |e| shader_key(e, d)));
+    let paged = dtypes.iter().flat_map(|&d| [false, true].map(|int8| storage_key("append_paged", d, int8)));
+    dense.chain(paged).collect()
 }
 
 /// The GPU buffers of one layer, for engines that read or fill them directly.
@@ -181,6 +190,8 @@ pub(crate) struct Scratch {
     pub(crate) partial_out: Option<wgpu::Buffer>,
     pub(crate) partial_lse: Option<wgpu::Buffer>,
     pub(crate) logits: Option<wgpu::Buffer>,
+    /// Bound where a kernel's variant does not read the binding.
+    pub(crate) unused: Option<wgpu::Buffer>,
 }
 
 /// A GPU-resident KV cache: per layer, K and V of fixed capacity for B sequences × Hkv heads,

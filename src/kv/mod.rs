@@ -33,9 +33,11 @@
 pub mod cache;
 pub mod combine;
 pub mod decode;
+pub mod paged;
 
 pub use cache::{KvCache, LayerBuffers};
 pub use decode::{DecodeBuffers, DecodeOptions, DecodePlan};
+pub use paged::{KvStorage, PagedKvCache, PagedLayout, PagedStep, SequenceId};
 
 use crate::error::{Error, Result};
 use crate::shader::ShaderKey;
@@ -104,7 +106,7 @@ impl EvictionPolicy {
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let bad = |why: String| Err(Error::Option(format!("eviction policy {self:?}: {why}")));
         match *self {
             EvictionPolicy::None { capacity: 0 } => bad("capacity must be at least 1".into()),
