@@ -218,7 +218,11 @@ fn uniform_layouts_filled_by_name_give_the_rust_bytes() {
         rope,
         rope_sinks,
         rope_shift,
-        scale
+        scale,
+        page_shift,
+        sink_pages,
+        sinks,
+        window
     });
     let combine = distinct!(CombineParams { rows, dim, splits, groups_x });
     let kv =

@@ -596,6 +596,11 @@ impl PagedKvCache {
         &self.layout
     }
 
+    /// Layers, each with its own pool.
+    pub fn layers(&self) -> usize {
+        self.layers.len()
+    }
+
     /// A new, empty sequence. It holds no page until a step gives it tokens.
     pub fn add_sequence(&mut self) -> SequenceId {
         let id = SequenceId(self.next_id);
