@@ -30,10 +30,18 @@ fn plain_f32_row(q: &[f32], keys: &[&[f32]], values: &[&[f32]], scale: f32) -> V
     (0..d).map(|c| p.iter().zip(values).map(|(w, v)| w * v[c]).sum::<f32>() / l).collect()
 }
 
-/// Each live sequence's tokens as the test wrote them: per layer, K and V rows `[Hkv * D]`.
+/// One token's K and V rows `[Hkv * D]`.
+type Token = (Vec<f32>, Vec<f32>);
+
+/// Each live sequence's tokens as the test wrote them, per layer.
 struct Mirror {
-    tokens: BTreeMap<SequenceId, Vec<Vec<(Vec<f32>, Vec<f32>)>>>,
+    tokens: BTreeMap<SequenceId, Vec<Vec<Token>>>,
 }
+
+/// The tokens of (layer, sequence, tokens seen) that a check compares against.
+type TokensOf<'a> = &'a dyn Fn(usize, SequenceId, usize) -> Vec<Token>;
+/// The error allowed for a row (its query, visible tokens and KV head).
+type Bound<'a> = &'a dyn Fn(&[f32], &[Token], usize) -> f64;
 
 /// Whether the token at `p` of a sequence that has seen `seen` is retained by `policy`.
 fn retained(policy: EvictionPolicy, seen: usize, p: usize) -> bool {
@@ -53,8 +61,8 @@ fn check_decode(
     ids: &[SequenceId],
     n_q: usize,
     rng: &mut Rng,
-    keys_of: &dyn Fn(usize, SequenceId, usize) -> Vec<(Vec<f32>, Vec<f32>)>,
-    bound: Option<&dyn Fn(&[f32], &[(Vec<f32>, Vec<f32>)], usize) -> f64>,
+    keys_of: TokensOf<'_>,
+    bound: Option<Bound<'_>>,
     what: &str,
 ) -> f64 {
     let PagedLayout { kv_heads, head_dim: d, policy, .. } = *cache.layout();
@@ -75,10 +83,10 @@ fn check_decode(
                 let kv = h / (Q_HEADS / kv_heads);
                 for i in 0..n_q {
                     let position = seen - n_q + i;
-                    let visible: Vec<&(Vec<f32>, Vec<f32>)> =
+                    let visible: Vec<&Token> =
                         (0..=position).filter(|&p| retained(policy, seen, p)).map(|p| &tokens[p]).collect();
-                    let key = |t: &(Vec<f32>, Vec<f32>)| t.0[kv * d..][..d].to_vec();
-                    let value = |t: &(Vec<f32>, Vec<f32>)| t.1[kv * d..][..d].to_vec();
+                    let key = |t: &Token| t.0[kv * d..][..d].to_vec();
+                    let value = |t: &Token| t.1[kv * d..][..d].to_vec();
                     let keys: Vec<Vec<f32>> = visible.iter().map(|t| key(t)).collect();
                     let values: Vec<Vec<f32>> = visible.iter().map(|t| value(t)).collect();
                     let row = (s * Q_HEADS + h) * n_q + i;
@@ -179,11 +187,13 @@ fn random_operations(policy: EvictionPolicy, seed: u64) {
                     EvictionPolicy::None { capacity } => capacity,
                     _ => usize::MAX,
                 };
-                let mut plan: Vec<(SequenceId, usize)> = live
-                    .iter()
-                    .filter_map(|&id| (rng.below(3) > 0).then(|| (id, 1 + rng.below(max_step as u64) as usize)))
-                    .filter(|&(id, n)| cache.seen(id).unwrap() as usize + n <= capacity)
-                    .collect();
+                let mut plan: Vec<(SequenceId, usize)> = Vec::new();
+                for &id in &live {
+                    let n = 1 + rng.below(max_step as u64) as usize;
+                    if rng.below(3) > 0 && cache.seen(id).unwrap() as usize + n <= capacity {
+                        plan.push((id, n));
+                    }
+                }
                 if plan.is_empty() {
                     continue;
                 }
@@ -268,8 +278,7 @@ fn filled_cache(
     seed: u64,
 ) -> (PagedKvCache, Vec<SequenceId>, Mirror) {
     let ctx = ctx();
-    let layout =
-        PagedLayout { kv_heads: 2, head_dim: 64, page_size: 16, pages: 128, dtype: DType::F32, storage, policy };
+    let layout = PagedLayout { kv_heads: 2, head_dim: 64, page_size: 16, pages: 128, dtype, storage, policy };
     let mut cache = PagedKvCache::new(ctx, 1, layout).unwrap();
     let ids: Vec<SequenceId> = lengths.iter().map(|_| cache.add_sequence()).collect();
     let mut mirror = Mirror { tokens: ids.iter().map(|&id| (id, vec![Vec::new()])).collect() };
@@ -289,8 +298,9 @@ fn filled_cache(
             break;
         }
         let step = cache.begin_step(ctx, &plan).unwrap();
-        let k: Vec<f32> = rng.normal_vec(step.tokens() * row).iter().map(|x| x * spread).collect();
-        let v: Vec<f32> = rng.normal_vec(step.tokens() * row).iter().map(|x| x * spread).collect();
+        let mut values =
+            || quantize(&rng.normal_vec(step.tokens() * row).iter().map(|x| x * spread).collect::<Vec<_>>(), dtype);
+        let (k, v) = (values(), values());
         let mut t = 0;
         for &(id, n) in &plan {
             for _ in 0..n {
@@ -300,10 +310,8 @@ fn filled_cache(
             }
         }
         let shape = [step.tokens(), 2, 64];
-        let (k_gpu, v_gpu) = (
-            Tensor::from_f32(ctx, &shape, &k, DType::F32).unwrap(),
-            Tensor::from_f32(ctx, &shape, &v, DType::F32).unwrap(),
-        );
+        let (k_gpu, v_gpu) =
+            (Tensor::from_f32(ctx, &shape, &k, dtype).unwrap(), Tensor::from_f32(ctx, &shape, &v, dtype).unwrap());
         let mut encoder = ctx.device().create_command_encoder(&Default::default());
         cache.append(ctx, &mut encoder, 0, &step, &k_gpu.view(), &v_gpu.view()).unwrap();
         ctx.queue().submit([encoder.finish()]);
@@ -313,7 +321,7 @@ fn filled_cache(
 
 /// The tokens of sequence `id` as the pool holds them (dequantised), by position; evicted
 /// positions get zeros (never read).
-fn pool_tokens(ctx: &Context, cache: &PagedKvCache, id: SequenceId) -> Vec<(Vec<f32>, Vec<f32>)> {
+fn pool_tokens(ctx: &Context, cache: &PagedKvCache, id: SequenceId) -> Vec<Token> {
     let layout = *cache.layout();
     let (p, d, h) = (layout.page_size, layout.head_dim, layout.kv_heads);
     let (k, v) = cache.read_pool(ctx, 0).unwrap();
@@ -344,7 +352,7 @@ fn int8_matches_the_reference_on_dequantised_and_original_values() {
         [(EvictionPolicy::None { capacity: 600 }, 3), (EvictionPolicy::Streaming { sinks: 4, window: 100 }, 4)]
     {
         let lengths = [1, 17, 250, 513];
-        let (mut cache, ids, mirror) = filled_cache(KvStorage::Int8, policy, &lengths, 2.0, seed);
+        let (mut cache, ids, mirror) = filled_cache(DType::F32, KvStorage::Int8, policy, &lengths, 2.0, seed);
         let mut rng = Rng::new(seed + 100);
         let dequantised: BTreeMap<SequenceId, Vec<_>> =
             ids.iter().map(|&id| (id, pool_tokens(ctx, &cache, id))).collect();
@@ -355,7 +363,7 @@ fn int8_matches_the_reference_on_dequantised_and_original_values() {
         // The bound: with e_k = s_k / 254 (+ the f16 rounding of s_k) per K element, logits move
         // by at most d = scale |q|_1 max e_k; O by (exp(2d) - 1) max |v| + max e_v.
         let scale = 1.0 / 8.0;
-        let bound = |q: &[f32], tokens: &[(Vec<f32>, Vec<f32>)], kv: usize| -> f64 {
+        let bound = |q: &[f32], tokens: &[Token], kv: usize| -> f64 {
             let amax = |x: &[f32]| x.iter().fold(0.0f64, |m, &e| m.max(e.abs() as f64));
             let error = |s: f64| s / 254.0 + s * 2f64.powi(-11);
             let (mut e_k, mut e_v, mut v_max) = (0.0f64, 0.0f64, 0.0f64);
@@ -372,6 +380,42 @@ fn int8_matches_the_reference_on_dequantised_and_original_values() {
         let worst =
             check_decode(ctx, &mut cache, &ids, 1, &mut rng, &on_original, Some(&bound), &format!("{what}, original"));
         eprintln!("{what}: worst error against the original values {worst:.2e}");
+    }
+}
+
+/// An f16 pool (f16 queries and outputs, f32 accumulation) against the reference on the f16
+/// values, within f16 output rounding, under both policies and with splits.
+#[test]
+fn f16_pool_matches_the_reference() {
+    let ctx = ctx();
+    if !ctx.capabilities().shader_f16 {
+        // The error is the test's result: f16 pools need shader-f16.
+        let layout = PagedLayout {
+            kv_heads: 1,
+            head_dim: 16,
+            page_size: 16,
+            pages: 1,
+            dtype: DType::F16,
+            storage: KvStorage::Float,
+            policy: EvictionPolicy::None { capacity: 16 },
+        };
+        assert!(matches!(
+            PagedKvCache::new(ctx, 1, layout),
+            Err(Error::F16Unsupported { .. } | Error::F16NotEnabled { .. })
+        ));
+        return;
+    }
+    for (policy, seed) in
+        [(EvictionPolicy::None { capacity: 400 }, 5), (EvictionPolicy::Streaming { sinks: 2, window: 70 }, 6)]
+    {
+        let (mut cache, ids, _) = filled_cache(DType::F16, KvStorage::Float, policy, &[3, 64, 130, 333], 1.0, seed);
+        let mut rng = Rng::new(seed + 100);
+        let on_pool: BTreeMap<SequenceId, Vec<Token>> =
+            ids.iter().map(|&id| (id, pool_tokens(ctx, &cache, id))).collect();
+        let keys_of = |_: usize, id: SequenceId, _: usize| on_pool[&id].clone();
+        // f16 output: half an ulp of values below 4, plus the f32 accumulation.
+        let f16_rounding = |_: &[f32], _: &[Token], _: usize| 2.0f64.powi(-10) + 1e-5;
+        check_decode(ctx, &mut cache, &ids, 2, &mut rng, &keys_of, Some(&f16_rounding), &format!("f16 {policy:?}"));
     }
 }
 

@@ -1,5 +1,6 @@
 //! A GPU-resident KV cache for streaming generation, with eviction, and the split-KV decode
-//! kernels that attend to it.
+//! kernels that attend to it; [`paged`] holds a server's many sequences of mixed lengths in
+//! shared page pools (f32, f16 or int8), decoded in one launch per layer.
 //!
 //! Per layer the cache holds K and V `[B, Hkv, capacity, D]`, the absolute stream position
 //! of the token in each slot `[B, Hkv, capacity]` (u32, `u32::MAX` for an empty slot) and,

@@ -270,6 +270,11 @@ async function runDecode(device, [decode, decodePipeline], [combine, combinePipe
     rope_sinks: 0,
     rope_shift: 0,
     scale: p.scale,
+    // The paged variants' members, unread by the dense ones.
+    page_shift: 0,
+    sink_pages: 0,
+    sinks: 0,
+    window: 0,
   };
   const partialOut = sentinel(device, splits * queryRows * p.dim);
   const partialLse = sentinel(device, splits * queryRows);
@@ -285,6 +290,10 @@ async function runDecode(device, [decode, decodePipeline], [combine, combinePipe
     partial_out: partialOut,
     partial_lse: partialLse,
     logits: buffer(device, new Float32Array(4)), // LOGITS off
+    // PAGED and INT8 off.
+    seqs: buffer(device, new Uint32Array(4)),
+    block_table: buffer(device, new Uint32Array(4)),
+    scales: buffer(device, new Uint32Array(4)),
   };
   const decodeGrid = [splits, Math.ceil(rows / decode.constants.BLOCK_R), p.batch * p.kvHeads];
   const merge = { rows: queryRows, dim: p.dim, splits };
@@ -449,6 +458,8 @@ export function caseList(device, variants) {
       ALIGNED_ROWS: p.dim % 4 === 0,
       ROPE: false,
       LOGITS: false,
+      PAGED: false,
+      INT8: false,
     }).filter((v) => v.constants.D_PAD === decodePad(p.dim, v.constants.LANES));
     const chosen = candidates.filter((v, i) => {
       const same = candidates.filter((w) => w.constants.LANES === v.constants.LANES);
