@@ -32,15 +32,18 @@
 // stored unrotated and rotated here at their index within the cache (see rope_position).
 //
 // PAGED: the batch is a set of sequences of their own lengths in a page pool (src/kv/paged.rs).
-// Sequence b is seqs[b] = (tokens seen, start of its block table in block_table, slots to
-// scan, logical page of its first window page). Its slot j lives in page
-// block_table[start + j / PAGE] of the pool [pages, Hkv, PAGE, words of D], at j % PAGE.
+// The `pos` binding then holds the sequences' tables: first one entry of 4 u32 per sequence,
+// pos[4b..4b+4] = (tokens seen, start of its block table in pos, slots to scan, logical page
+// of its first window page), then the block tables. Slot j of sequence b lives in page
+// pos[start + j / PAGE] of the pool [pages, Hkv, PAGE, words of D], at j % PAGE.
 // The first sink_pages pages of the table hold the stream's first tokens; the rest are a run
 // of consecutive logical pages from the window's first one (StreamingLLM frees the pages in
 // between once all their tokens are evicted). Positions are computed, not stored: a slot
 // is retained iff its position is below `sinks` or among the `window` most recent tokens.
 // Rows of the pool are padded to whole words. INT8: words are 4 int8 (shared/kv_int8.wgsl),
-// each row multiplied by its scale from `scales` (K's and V's, two f16 per u32, per slot).
+// each row multiplied by its scale; the scales (K's and V's as two f16 in one u32 per slot)
+// follow the V words in v, from word scales_at. (Tables and scales share buffers with other
+// data so that the kernel stays within WebGPU's 8 storage buffers per stage.)
 //
 // Constants come from the prelude made by src/shader.rs: Elem (f32 or f16), WORKGROUP,
 // LANES, ROW_TILES, BLOCK_R (= 4 * ROW_TILES), STEPS, D_PAD (head dim rounded up to a
@@ -72,6 +75,7 @@ struct Params {
     sink_pages: u32,
     sinks: u32,
     window: u32,
+    scales_at: u32, // INT8: the word of v where the scales begin
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -80,14 +84,11 @@ struct Params {
 // PAGED: [pages, Hkv, PAGE, words of D].
 @group(0) @binding(2) var<storage, read> k: array<KvWord>;
 @group(0) @binding(3) var<storage, read> v: array<KvWord>;
-@group(0) @binding(4) var<storage, read> pos: array<u32>; // [B, Hkv, capacity]
+@group(0) @binding(4) var<storage, read> pos: array<u32>; // [B, Hkv, capacity]; PAGED: the tables
 @group(0) @binding(5) var<storage, read> rope_table: array<vec2<f32>>; // [capacity, D / 2] (cos, sin)
 @group(0) @binding(6) var<storage, read_write> partial_out: array<f32>; // [splits, B, Hq, n_q, D]
 @group(0) @binding(7) var<storage, read_write> partial_lse: array<f32>; // [splits, B, Hq, n_q]
 @group(0) @binding(8) var<storage, read_write> logits: array<f32>; // [B, Hkv, group * n_q, capacity]
-@group(0) @binding(9) var<storage, read> seqs: array<vec4<u32>>; // PAGED: [B], see the header
-@group(0) @binding(10) var<storage, read> block_table: array<u32>; // PAGED: the sequences' pages
-@group(0) @binding(11) var<storage, read> scales: array<u32>; // INT8: [pages, Hkv, PAGE] (K, V) f16
 
 const ROPE_NEOX: u32 = 1u;
 const KEY_GROUPS: u32 = WORKGROUP / LANES;
@@ -114,7 +115,7 @@ var<workgroup> parts: array<mat4x4<f32>, PARTS>;
 // Each key group's running max and sum of its rows, for the merge at the end.
 var<workgroup> group_max: array<vec4<f32>, KEY_GROUPS * ROW_TILES>;
 var<workgroup> group_sum: array<vec4<f32>, KEY_GROUPS * ROW_TILES>;
-// PAGED: the workgroup's seqs entry, loaded once and uniform (it bounds the key loop).
+// PAGED: the workgroup's sequence entry, loaded once and uniform (it bounds the key loop).
 var<workgroup> seq_shared: vec4<u32>;
 
 // Where StreamingLLM's re-indexing puts the token at stream position p: its index in the cache.
@@ -206,23 +207,24 @@ fn dequantised(m: mat4x4<f32>, slots: vec4<u32>, src: u32) -> mat4x4<f32> {
         return m;
     }
     let which = select(1u, 0u, src == FROM_K);
+    let at = vec4(params.scales_at) + slots;
     let f = vec4(
-        unpack2x16float(scales[slots.x])[which],
-        unpack2x16float(scales[slots.y])[which],
-        unpack2x16float(scales[slots.z])[which],
-        unpack2x16float(scales[slots.w])[which],
+        unpack2x16float(kv_bits(v[at.x]))[which],
+        unpack2x16float(kv_bits(v[at.y]))[which],
+        unpack2x16float(kv_bits(v[at.z]))[which],
+        unpack2x16float(kv_bits(v[at.w]))[which],
     );
     return scale_columns(m, f);
 }
 
-// PAGED: the pool slots of a sequence's slots j (block table from `table`), for one KV head.
+// PAGED: the pool slots of a sequence's slots j (its block table at pos[table]), for one KV head.
 fn paged_slots(j: vec4<u32>, table: u32, kv_head: u32) -> vec4<u32> {
     let in_page = j & vec4((1u << params.page_shift) - 1u);
     let page = vec4(
-        block_table[table + (j.x >> params.page_shift)],
-        block_table[table + (j.y >> params.page_shift)],
-        block_table[table + (j.z >> params.page_shift)],
-        block_table[table + (j.w >> params.page_shift)],
+        pos[table + (j.x >> params.page_shift)],
+        pos[table + (j.y >> params.page_shift)],
+        pos[table + (j.z >> params.page_shift)],
+        pos[table + (j.w >> params.page_shift)],
     );
     return ((page * params.kv_heads + kv_head) << vec4(params.page_shift)) + in_page;
 }
@@ -382,7 +384,7 @@ fn main(
     var seq = vec4(params.seen, 0u, params.len, 0u);
     if PAGED {
         if tid == 0u {
-            seq_shared = seqs[b];
+            seq_shared = vec4(pos[4u * b], pos[4u * b + 1u], pos[4u * b + 2u], pos[4u * b + 3u]);
         }
         seq = workgroupUniformLoad(&seq_shared);
     }

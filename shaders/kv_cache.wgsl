@@ -29,9 +29,10 @@ struct Params {
     sinks: u32,
     window: u32, // StreamingLLM: the ring's size; heavy hitters: recent tokens never evicted
     groups_x: u32, // place, append, accumulate: workgroups along x; the grid wraps into y
+    scales_at: u32, // append_paged, INT8: the word of pool_v where the scales begin
 }
 // append_paged reads count (new tokens in all), kv_heads, head_dim, capacity (tokens per
-// page) and groups_x.
+// page), groups_x and scales_at.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> src_k: array<Elem>; // [B, Hkv, count, D]
@@ -43,10 +44,10 @@ struct Params {
 @group(0) @binding(7) var<storage, read_write> dest: array<u32>; // [B, Hkv, count]
 @group(0) @binding(8) var<storage, read> logits: array<f32>; // [B, Hkv, group * count, capacity]
 @group(0) @binding(9) var<storage, read> lse: array<f32>; // [B, Hq, count]
-// Paged pools, [pages, Hkv, page, words of D]; INT8: each row's scales (K, V) as two f16.
+// Paged pools, [pages, Hkv, page, words of D]; INT8: then, in pool_v from word scales_at,
+// each slot's scales (K, V) as two f16.
 @group(0) @binding(10) var<storage, read_write> pool_k: array<KvWord>;
 @group(0) @binding(11) var<storage, read_write> pool_v: array<KvWord>;
-@group(0) @binding(12) var<storage, read_write> scales: array<u32>; // [pages, Hkv, page]
 
 const NONE: u32 = 0xffffffffu;
 
@@ -228,7 +229,7 @@ fn append_paged(
             largest = max(largest, abs(vec2(f32(src_k[start + c]), f32(src_v[start + c]))));
         }
         let packed = pack2x16float(largest);
-        scales[slot] = packed;
+        pool_v[params.scales_at + slot] = kv_word_of_bits(packed);
         let stored = unpack2x16float(packed);
         inverse = vec2(inverse_scale(stored.x), inverse_scale(stored.y));
     }

@@ -61,25 +61,11 @@ impl Kernel {
         match self {
             Kernel::FlashForward => &["params", "q", "k", "v", "out", "lse", "state", "block_mask"],
             Kernel::Naive => &["params", "q", "k", "v", "out", "lse", "scores"],
-            Kernel::Decode => &[
-                "params",
-                "q",
-                "k",
-                "v",
-                "pos",
-                "rope_table",
-                "partial_out",
-                "partial_lse",
-                "logits",
-                "seqs",
-                "block_table",
-                "scales",
-            ],
+            Kernel::Decode => &["params", "q", "k", "v", "pos", "rope_table", "partial_out", "partial_lse", "logits"],
             Kernel::Combine => &["params", "partial_out", "partial_lse", "out", "lse"],
-            Kernel::KvCache => &[
-                "params", "src_k", "src_v", "k", "v", "pos", "score", "dest", "logits", "lse", "pool_k", "pool_v",
-                "scales",
-            ],
+            Kernel::KvCache => {
+                &["params", "src_k", "src_v", "k", "v", "pos", "score", "dest", "logits", "lse", "pool_k", "pool_v"]
+            }
             Kernel::Peak => &["params", "sink", "src", "dst"],
         }
     }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Rng, ctx};
+use common::{Rng, ctx, quantize};
 use std::collections::{BTreeMap, BTreeSet};
 use wattn::kv::paged::{self, KvStorage, PagedKvCache, PagedLayout, PoolBuffers, SequenceTables};
 use wattn::kv::{DecodeBuffers, DecodeOptions, EvictionPolicy, SequenceId};
@@ -65,13 +65,13 @@ fn check_decode(
     bound: Option<Bound<'_>>,
     what: &str,
 ) -> f64 {
-    let PagedLayout { kv_heads, head_dim: d, policy, .. } = *cache.layout();
+    let PagedLayout { kv_heads, head_dim: d, policy, dtype, .. } = *cache.layout();
     let layers = cache.layers();
     let scale = 1.0 / (d as f32).sqrt();
     let mut worst = 0.0f64;
     for layer in 0..layers {
-        let q = rng.normal_vec(ids.len() * Q_HEADS * n_q * d);
-        let q_gpu = Tensor::from_f32(ctx, &[ids.len(), Q_HEADS, n_q, d], &q, DType::F32).unwrap();
+        let q = quantize(&rng.normal_vec(ids.len() * Q_HEADS * n_q * d), dtype);
+        let q_gpu = Tensor::from_f32(ctx, &[ids.len(), Q_HEADS, n_q, d], &q, dtype).unwrap();
         // Automatic splits (one on a 2-core CPU) or 3, merged by combine.
         let splits = [None, Some(3)][rng.below(2) as usize];
         let result = cache.decode(ctx, layer, ids, &q_gpu, &DecodeOptions { splits, ..Default::default() }).unwrap();
@@ -271,6 +271,7 @@ fn random_operations_with_streaming_eviction() {
 /// Appends `lengths` tokens of random K/V (scaled by `spread`) to new sequences of an int8
 /// (or float) cache in a few steps; returns the cache, the ids and the original tokens.
 fn filled_cache(
+    dtype: DType,
     storage: KvStorage,
     policy: EvictionPolicy,
     lengths: &[usize],
@@ -464,7 +465,7 @@ fn engine_pool_and_tables_with_guard_pages() {
         |contents: &[u8]| device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: None, contents, usage });
     let filled = || Tensor::from_f32(ctx, &[pool_floats], &vec![sentinel; pool_floats], DType::F32).unwrap();
     let (k_pool, v_pool) = (filled(), filled());
-    let pool = PoolBuffers { k: k_pool.buffer(), v: v_pool.buffer(), scales: None };
+    let pool = PoolBuffers { k: k_pool.buffer(), v: v_pool.buffer() };
     let tables: [(Vec<u32>, usize); 2] = [(vec![5, 2], 6), (vec![7, 3, 8], 11)];
     let mut rng = Rng::new(9);
     let row = kv_heads * d;
@@ -482,10 +483,11 @@ fn engine_pool_and_tables_with_guard_pages() {
     );
     let mut encoder = device.create_command_encoder(&Default::default());
     paged::encode_append(ctx, &mut encoder, &layout, &pool, &slots, &k_gpu.view(), &v_gpu.view()).unwrap();
-    let seqs: Vec<[u32; 4]> = vec![[6, 0, 6, 0], [11, 2, 11, 0]];
-    let block_table: Vec<u32> = tables.iter().flat_map(|t| t.0.clone()).collect();
-    let (seqs_buf, table_buf) = (init(bytemuck::cast_slice(&seqs)), init(bytemuck::cast_slice(&block_table)));
-    let seq_tables = SequenceTables { seqs: &seqs_buf, block_table: &table_buf, count: 2, longest: 11 };
+    // Each sequence's entry (seen, table start, slots, first window page), then the tables.
+    let mut entries: Vec<u32> = vec![6, 8, 6, 0, 11, 10, 11, 0];
+    entries.extend(tables.iter().flat_map(|t| t.0.clone()));
+    let entries = init(bytemuck::cast_slice(&entries));
+    let seq_tables = SequenceTables { tables: &entries, count: 2, longest: 11 };
     let q = rng.normal_vec(2 * Q_HEADS * d);
     let q_gpu = Tensor::from_f32(ctx, &[2, Q_HEADS, 1, d], &q, DType::F32).unwrap();
     let out = Tensor::zeros(ctx, &[2, Q_HEADS, 1, d], DType::F32).unwrap();
@@ -591,28 +593,26 @@ fn bad_input_is_an_error() {
     assert!(cache.decode(ctx, 0, &[a, b], &q, &DecodeOptions { splits: Some(0), ..Default::default() }).is_err());
     cache.decode(ctx, 0, &[a, b], &q, &DecodeOptions::default()).unwrap();
 
-    // An engine's pool too small for its layout, and an int8 pool without scales.
+    // An engine's pool too small for its layout.
     let small = ctx.device().create_buffer(&wgpu::BufferDescriptor {
         label: None,
         size: 64,
         usage: wgpu::BufferUsages::STORAGE,
         mapped_at_creation: false,
     });
-    let pool = PoolBuffers { k: &small, v: &small, scales: None };
+    let pool = PoolBuffers { k: &small, v: &small };
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
     let err = paged::encode_append(ctx, &mut encoder, &layout, &pool, &small, &kv.view(), &kv.view()).unwrap_err();
     assert!(err.to_string().contains("pool K has 64 bytes"), "{err}");
-    let full = cache.buffers(0).unwrap();
+    // An int8 pool whose V has room for its words but not for the scales after them.
     let int8 = PagedLayout { storage: KvStorage::Int8, ..layout };
-    let err = paged::encode_append(
-        ctx,
-        &mut encoder,
-        &int8,
-        &PoolBuffers { scales: None, ..full },
-        &small,
-        &kv.view(),
-        &kv.view(),
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains("scales"), "{err}");
+    let words_only = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: int8.k_bytes(),
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let pool = PoolBuffers { k: &words_only, v: &words_only };
+    let err = paged::encode_append(ctx, &mut encoder, &int8, &pool, &small, &kv.view(), &kv.view()).unwrap_err();
+    assert!(err.to_string().contains("pool V"), "{err}");
 }

@@ -183,7 +183,8 @@ fn uniform_structs_match_rust() {
         page_shift,
         sink_pages,
         sinks,
-        window
+        window,
+        scales_at
     });
     let combine_params = rust_layout!(CombineParams { rows, dim, splits, groups_x });
     let kv_params = rust_layout!(KvParams {
@@ -197,7 +198,8 @@ fn uniform_structs_match_rust() {
         len,
         sinks,
         window,
-        groups_x
+        groups_x,
+        scales_at
     });
     // One line per (shader, WGSL struct, Rust layout).
     let pairs = [

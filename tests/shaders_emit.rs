@@ -222,11 +222,24 @@ fn uniform_layouts_filled_by_name_give_the_rust_bytes() {
         page_shift,
         sink_pages,
         sinks,
-        window
+        window,
+        scales_at
     });
     let combine = distinct!(CombineParams { rows, dim, splits, groups_x });
-    let kv =
-        distinct!(KvParams { batch, kv_heads, q_heads, head_dim, capacity, seen, count, len, sinks, window, groups_x });
+    let kv = distinct!(KvParams {
+        batch,
+        kv_heads,
+        q_heads,
+        head_dim,
+        capacity,
+        seen,
+        count,
+        len,
+        sinks,
+        window,
+        groups_x,
+        scales_at
+    });
     let mask = distinct!(BlockMaskHeader { batch, heads, q_blocks, runs_at, bits_at });
     let cases: [(&str, &str, &[u8]); 6] = [
         ("flash_fwd", "params", bytemuck::bytes_of(&flash)),

@@ -11,3 +11,12 @@ fn kv_unpack(w: KvWord) -> vec4<f32> {
 fn kv_pack(x: vec4<f32>) -> KvWord {
     return KvWord(x);
 }
+
+// The u32 of a scales word: float pools have none.
+fn kv_bits(w: KvWord) -> u32 {
+    return 0u;
+}
+
+fn kv_word_of_bits(bits: u32) -> KvWord {
+    return KvWord();
+}

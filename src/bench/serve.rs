@@ -238,7 +238,7 @@ pub fn run(ctx: &Context, timer: &Timer, s: &ServeSettings, progress: &mut dyn F
                 }
             }
             let layout = cache.layout();
-            Ok(row(path, 1, stats, 2 * layout.pool_bytes() + layout.scale_bytes()))
+            Ok(row(path, 1, stats, layout.k_bytes() + layout.v_bytes()))
         })();
         rows.push(skipped_on_limit(path, paged)?);
     }

@@ -40,6 +40,8 @@ pub struct KvParams {
     pub window: u32,
     /// Workgroups along x; the grid wraps into y.
     pub groups_x: u32,
+    /// Paged append into an int8 pool: the word of the V pool where the scales begin.
+    pub scales_at: u32,
 }
 
 /// Threads per workgroup of every `kv_cache.wgsl` entry point (a power of two: `place` reduces over it).

@@ -57,6 +57,8 @@ pub struct DecodeParams {
     pub sinks: u32,
     /// Paged: so are the `window` most recent (`u32::MAX`: every token).
     pub window: u32,
+    /// Paged int8: the word of the V pool where the scales begin.
+    pub scales_at: u32,
 }
 
 /// How to attend.
@@ -567,6 +569,7 @@ impl KvCache {
             sink_pages: 0,
             sinks: 0,
             window: 0,
+            scales_at: 0,
         };
 
         let query_rows = (batch * q_heads * n_q) as u64;
@@ -583,8 +586,6 @@ impl KvCache {
         )?;
         let partial_lse = scratch(ctx, &mut s.partial_lse, "wattn decode partial LSE", 4 * splits * query_rows)?;
         let logits = scratch(ctx, &mut s.logits, "wattn decode logits", logits_bytes)?;
-        // The paged kernels' bindings, unused here.
-        let unused = scratch(ctx, &mut s.unused, "wattn unused binding", 16)?;
         let params = uniform_buffer(ctx, &params);
         let launch = Launch {
             pipeline: &pipeline,
@@ -598,9 +599,6 @@ impl KvCache {
                 ("partial_out", partial_out),
                 ("partial_lse", partial_lse),
                 ("logits", logits),
-                ("seqs", unused),
-                ("block_table", unused),
-                ("scales", unused),
             ],
             grid: [plan.splits, row_blocks, sequences],
             merge: Merge {

@@ -14,7 +14,9 @@
 //!
 //! A pool is `[pages, Hkv, page_size, words of D]` (rows padded to whole 4-element words):
 //! f32 or f16 words, or int8 ([`KvStorage::Int8`]): 4 signed bytes per word and, per (token,
-//! KV head), the largest magnitude of its K row and of its V row as two f16 (the scales).
+//! KV head), the largest magnitude of its K row and of its V row as two f16 in one u32 (the
+//! scales), kept in the V buffer after the V words (`[pages, Hkv, page_size]`; the kernels
+//! stay within WebGPU's 8 storage buffers per stage).
 //! An element x of a row with scale s is stored as q = round(127 x / s) and read as
 //! q s / 127, so its error is at most s / 254 (and the f16 rounding of s, 2^-11 s). Per
 //! token and KV head that is `2 * D + 4` bytes against f16's `4 * D`: 0.52x at D = 64,
@@ -129,7 +131,7 @@ impl PagedLayout {
             ctx.require_f16()?;
         }
         check_u32_indexing("page pool", self.slots() * self.row_words() as u64 * 4)?;
-        check_binding_size(ctx, "page pool K", self.pool_bytes())?;
+        check_binding_size(ctx, "page pool V", self.v_bytes())?;
         check_u32_indexing("page table", pages as u64 * kv_heads as u64 * page_size as u64 * 2)
     }
 
@@ -151,22 +153,29 @@ impl PagedLayout {
         (self.pages * self.kv_heads * self.page_size) as u64
     }
 
-    /// Bytes of the K (or V) pool.
-    pub fn pool_bytes(&self) -> u64 {
+    /// Bytes of the K pool.
+    pub fn k_bytes(&self) -> u64 {
         self.slots() * self.row_words() as u64 * self.word_bytes()
     }
 
-    /// Bytes of the scales buffer (int8 pools), 4 per (token, KV head).
-    pub fn scale_bytes(&self) -> u64 {
-        match self.storage {
+    /// Bytes of the V pool: the V words and, in int8 pools, then the scales (4 bytes per
+    /// (token, KV head)).
+    pub fn v_bytes(&self) -> u64 {
+        let scales = match self.storage {
             KvStorage::Float => 0,
             KvStorage::Int8 => 4 * self.slots(),
-        }
+        };
+        self.k_bytes() + scales
+    }
+
+    /// The word of the V pool where an int8 pool's scales begin.
+    fn scales_at(&self) -> u32 {
+        (self.slots() * self.row_words() as u64) as u32
     }
 
     /// Bytes one token takes in one layer: K, V and scales of every KV head.
     pub fn bytes_per_token(&self) -> u64 {
-        (self.pool_bytes() * 2 + self.scale_bytes()) / self.pages as u64 / self.page_size as u64
+        (self.k_bytes() + self.v_bytes()) / self.pages as u64 / self.page_size as u64
     }
 
     /// Block-table entries of every sequence that hold its first tokens (the sinks), which
@@ -190,25 +199,21 @@ impl PagedLayout {
 /// A pool's GPU buffers: the cache's ([`PagedKvCache::buffers`]) or an engine's own.
 #[derive(Clone, Copy, Debug)]
 pub struct PoolBuffers<'a> {
-    /// K, `[pages, Hkv, page_size, words of D]` ([`PagedLayout::pool_bytes`] at least).
+    /// K, `[pages, Hkv, page_size, words of D]` ([`PagedLayout::k_bytes`] at least).
     pub k: &'a wgpu::Buffer,
-    /// V, like K.
+    /// V, like K; in int8 pools followed by the scales, `[pages, Hkv, page_size]` u32 holding
+    /// K's and V's scale as two f16 (K's in the low half) ([`PagedLayout::v_bytes`] at least).
     pub v: &'a wgpu::Buffer,
-    /// int8 pools: `[pages, Hkv, page_size]` u32, K's and V's scale as two f16 (low half K).
-    pub scales: Option<&'a wgpu::Buffer>,
 }
 
 /// The block tables of a batch of sequences, as the decode kernel reads them.
 #[derive(Clone, Copy, Debug)]
 pub struct SequenceTables<'a> {
-    /// `[S, 4]` u32 per sequence: tokens seen (its queries are the last ones), the start of
-    /// its block table in `block_table`, the slots to scan (tokens in its table's pages, up
-    /// to the last one seen), and the logical page of its first entry past the sink pages
-    /// (0 without eviction).
-    pub seqs: &'a wgpu::Buffer,
-    /// u32 page indices, each below the layout's `pages`: the sequences' tables one after
-    /// another.
-    pub block_table: &'a wgpu::Buffer,
+    /// u32: first 4 per sequence: tokens seen (its queries are the last ones), where its block
+    /// table starts in this same buffer, the slots to scan (tokens in its table's pages, up to
+    /// the last one seen), and the logical page of its first entry past the sink pages (0
+    /// without eviction); then the block tables, page indices each below the layout's `pages`.
+    pub tables: &'a wgpu::Buffer,
     /// Sequences S.
     pub count: usize,
     /// Slots of the longest sequence: no sequence may have more (the splits cover this many).
@@ -217,16 +222,8 @@ pub struct SequenceTables<'a> {
 
 /// Checks that `pool` holds `layout`'s pool.
 fn check_pool(layout: &PagedLayout, pool: &PoolBuffers<'_>) -> Result<()> {
-    let mut buffers = vec![("pool K", pool.k, layout.pool_bytes()), ("pool V", pool.v, layout.pool_bytes())];
-    match (layout.storage, pool.scales) {
-        (KvStorage::Int8, Some(scales)) => buffers.push(("pool scales", scales, layout.scale_bytes())),
-        (KvStorage::Int8, None) => return Err(Error::Option("an int8 pool needs its scales buffer".into())),
-        (KvStorage::Float, _) => {}
-    }
-    for (what, buffer, bytes) in buffers {
-        check_storage(what, buffer, bytes)?;
-    }
-    Ok(())
+    check_storage("pool K", pool.k, layout.k_bytes())?;
+    check_storage("pool V", pool.v, layout.v_bytes())
 }
 
 fn check_storage(what: &str, buffer: &wgpu::Buffer, bytes: u64) -> Result<()> {
@@ -279,19 +276,11 @@ pub fn encode_append(
         capacity: page_size as u32,
         count: tokens as u32,
         groups_x: grid[0],
+        scales_at: layout.scales_at(),
         ..KvParams::default()
     };
     let params = uniform_buffer(ctx, &params);
     let pipeline = ctx.pipelines.get(ctx.device(), &storage_key("append_paged", dtype, storage == KvStorage::Int8))?;
-    // Float pools have no scales; the kernel's binding still wants a buffer.
-    let unused;
-    let scales = match pool.scales {
-        Some(s) => s,
-        None => {
-            unused = placeholder(ctx);
-            &unused
-        }
-    };
     let group = bind_buffers(
         ctx.device(),
         &pipeline,
@@ -303,7 +292,6 @@ pub fn encode_append(
             ("dest", slots),
             ("pool_k", pool.k),
             ("pool_v", pool.v),
-            ("scales", scales),
         ],
     )?;
     let mut pass = encoder
@@ -312,16 +300,6 @@ pub fn encode_append(
     pass.set_bind_group(0, &group, &[]);
     pass.dispatch_workgroups(grid[0], grid[1], 1);
     Ok(())
-}
-
-/// A 16-byte storage buffer for a binding a variant does not read.
-fn placeholder(ctx: &Context) -> wgpu::Buffer {
-    ctx.device().create_buffer(&wgpu::BufferDescriptor {
-        label: Some("wattn unused binding"),
-        size: 16,
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    })
 }
 
 /// Records attention of a batch of sequences' queries to their tokens in `pool`: Q
@@ -385,8 +363,7 @@ fn decode_with(
             policy.name()
         )));
     }
-    check_storage("sequence tables", tables.seqs, 16 * tables.count as u64)?;
-    check_storage("block table", tables.block_table, 4)?;
+    check_storage("sequence tables", tables.tables, 16 * tables.count as u64)?;
     let longest = u32::try_from(tables.longest)
         .map_err(|_| Error::Option(format!("{} slots in one sequence do not fit in u32", tables.longest)))?;
     let scale = resolved_scale(options, head_dim)?;
@@ -418,6 +395,7 @@ fn decode_with(
         sink_pages: layout.sink_pages() as u32,
         sinks,
         window,
+        scales_at: layout.scales_at(),
     };
     let query_rows = (tables.count * q_heads * n_q) as u64;
     let splits = plan.splits as u64;
@@ -435,14 +413,11 @@ fn decode_with(
             ("q", bufs.q.buffer()),
             ("k", pool.k),
             ("v", pool.v),
-            ("pos", unused),
+            ("pos", tables.tables),
             ("rope_table", unused),
             ("partial_out", partial_out),
             ("partial_lse", partial_lse),
             ("logits", logits),
-            ("seqs", tables.seqs),
-            ("block_table", tables.block_table),
-            ("scales", pool.scales.unwrap_or(unused)),
         ],
         grid: [plan.splits, row_blocks, heads],
         merge: Merge {
@@ -535,7 +510,6 @@ impl PagedStep {
 struct Layer {
     k: wgpu::Buffer,
     v: wgpu::Buffer,
-    scales: Option<wgpu::Buffer>,
     /// The last step this layer appended (0: none).
     appended: u64,
 }
@@ -573,10 +547,8 @@ impl PagedKvCache {
         };
         let layers = (0..layers)
             .map(|_| Layer {
-                k: buffer("wattn page pool K", layout.pool_bytes()),
-                v: buffer("wattn page pool V", layout.pool_bytes()),
-                scales: (layout.storage == KvStorage::Int8)
-                    .then(|| buffer("wattn page pool scales", layout.scale_bytes())),
+                k: buffer("wattn page pool K", layout.k_bytes()),
+                v: buffer("wattn page pool V", layout.v_bytes()),
                 appended: 0,
             })
             .collect();
@@ -643,14 +615,13 @@ impl PagedKvCache {
     /// The pool buffers of `layer`.
     pub fn buffers(&self, layer: usize) -> Result<PoolBuffers<'_>> {
         let l = self.layer(layer)?;
-        Ok(PoolBuffers { k: &l.k, v: &l.v, scales: l.scales.as_ref() })
+        Ok(PoolBuffers { k: &l.k, v: &l.v })
     }
 
     /// Bytes of GPU memory the cache holds: every layer's pool and the scratch buffers of the
     /// largest decode so far.
     pub fn memory_bytes(&self) -> u64 {
-        let pools: u64 =
-            self.layers.iter().map(|l| l.k.size() + l.v.size() + l.scales.as_ref().map_or(0, |s| s.size())).sum();
+        let pools: u64 = self.layers.iter().map(|l| l.k.size() + l.v.size()).sum();
         let s = &self.scratch;
         let scratch: u64 = [&s.partial_out, &s.partial_lse, &s.logits, &s.unused]
             .iter()
@@ -798,7 +769,7 @@ impl PagedKvCache {
                 self.layout.head_dim
             )));
         }
-        let pool = PoolBuffers { k: &l.k, v: &l.v, scales: l.scales.as_ref() };
+        let pool = PoolBuffers { k: &l.k, v: &l.v };
         encode_append(ctx, encoder, &self.layout, &pool, &step.slots, k, v)?;
         self.layers[layer].appended = step.generation;
         Ok(())
@@ -828,9 +799,10 @@ impl PagedKvCache {
         }
         let n_q = bufs.q.shape().get(2).copied().unwrap_or(0) as u64;
         let page_size = self.layout.page_size;
-        let mut seqs: Vec<[u32; 4]> = Vec::with_capacity(ids.len());
-        let mut table: Vec<u32> = Vec::new();
-        for &id in ids {
+        // The sequences' entries, then their block tables.
+        let mut tables: Vec<u32> = vec![0; 4 * ids.len()];
+        let mut longest = 0;
+        for (i, &id) in ids.iter().enumerate() {
             let s = self.sequences.get(&id).ok_or_else(|| unknown(id))?;
             if s.seen < n_q.max(1) {
                 return Err(Error::Option(format!(
@@ -838,24 +810,23 @@ impl PagedKvCache {
                     s.seen
                 )));
             }
-            seqs.push([s.seen as u32, table.len() as u32, s.slots(page_size) as u32, s.window_page as u32]);
-            table.extend(s.table());
+            let slots = s.slots(page_size);
+            longest = longest.max(slots);
+            let entry = [s.seen as u32, tables.len() as u32, slots as u32, s.window_page as u32];
+            tables[4 * i..][..4].copy_from_slice(&entry);
+            tables.extend(s.table());
         }
-        let longest = seqs.iter().map(|s| s[2] as usize).max().unwrap_or(0);
-        check_u32_indexing("block tables", table.len() as u64)?;
-        let upload = |label: &str, contents: &[u8]| {
-            ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents,
-                usage: wgpu::BufferUsages::STORAGE,
-            })
-        };
-        let seqs_buffer = upload("wattn paged sequences", bytemuck::cast_slice(&seqs));
-        let table_buffer = upload("wattn paged block tables", bytemuck::cast_slice(&table));
-        let tables = SequenceTables { seqs: &seqs_buffer, block_table: &table_buffer, count: ids.len(), longest };
+        check_u32_indexing("block tables", tables.len() as u64)?;
+        // A new buffer per call: a write into a shared one would land before work already recorded.
+        let tables_buffer = ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("wattn paged sequence tables"),
+            contents: bytemuck::cast_slice(&tables),
+            usage: wgpu::BufferUsages::STORAGE,
+        });
+        let tables = SequenceTables { tables: &tables_buffer, count: ids.len(), longest };
         let Self { layers, scratch, layout, .. } = self;
         let l = &layers[layer];
-        let pool = PoolBuffers { k: &l.k, v: &l.v, scales: l.scales.as_ref() };
+        let pool = PoolBuffers { k: &l.k, v: &l.v };
         decode_with(ctx, encoder, layout, &pool, &tables, bufs, options, scratch)
     }
 
@@ -885,15 +856,13 @@ impl PagedKvCache {
     pub fn read_pool(&self, ctx: &Context, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         let l = self.layer(layer)?;
         let layout = &self.layout;
-        let scales: Vec<u32> = match &l.scales {
-            Some(s) => read_pod(ctx, s)?,
-            None => Vec::new(),
-        };
+        let v_words: Vec<u32> = read_pod(ctx, &l.v)?;
+        let scales = &v_words[(layout.scales_at() as usize).min(v_words.len())..];
         let read = |buffer: &wgpu::Buffer, half_index: usize| -> Result<Vec<f32>> {
             let words = layout.row_words();
             let (d, rows) = (layout.head_dim, layout.slots() as usize);
             let elements: Vec<f32> = match (layout.storage, layout.dtype) {
-                (KvStorage::Int8, _) => read_pod::<u32>(ctx, buffer)?
+                (KvStorage::Int8, _) => read_pod::<u32>(ctx, buffer)?[..rows * words]
                     .iter()
                     .flat_map(|w| w.to_le_bytes().map(|b| (b as i8 as f32 / 127.0).max(-1.0)))
                     .collect(),
