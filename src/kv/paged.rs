@@ -325,17 +325,13 @@ fn variant(ctx: &Context, layout: &PagedLayout, rows: usize) -> Result<Variant> 
 }
 
 /// The plan of a paged decode: splits as long as the longest sequence needs, so that no
-/// workgroup takes more than a quarter of a core's (or compute unit's) share of all the
-/// batch's keys; short sequences' later splits find no key and return at once.
-fn plan(
-    ctx: &Context,
-    variant: &Variant,
-    longest: u32,
-    total_keys: u64,
-    options: &DecodeOptions,
-) -> Result<DecodePlan> {
+/// workgroup takes more than a quarter of a core's (or compute unit's) share of `keys`, the
+/// keys all (sequence, KV head) pairs scan at most (the host does not know the engine's
+/// tables, so this is the longest times the pairs); short sequences' later splits find no key
+/// and return at once.
+fn plan(ctx: &Context, variant: &Variant, longest: u32, keys: u64, options: &DecodeOptions) -> Result<DecodePlan> {
     let auto = || {
-        let share = total_keys / (4 * parallel_workgroups(ctx.adapter_info()) as u64);
+        let share = keys / (4 * parallel_workgroups(ctx.adapter_info()) as u64);
         let keys = share.max(variant.min_auto_split_keys() as u64).min(u32::MAX as u64) as u32;
         longest.div_ceil(keys).clamp(1, MAX_AUTO_SPLITS)
     };
@@ -369,8 +365,8 @@ fn decode_with(
     let scale = resolved_scale(options, head_dim)?;
     let rows = q_heads / kv_heads * n_q;
     let variant = variant(ctx, layout, rows)?;
-    let total_keys = tables.longest as u64 * tables.count as u64;
-    let plan = plan(ctx, &variant, longest, total_keys, options)?;
+    let keys = tables.longest as u64 * (tables.count * kv_heads) as u64;
+    let plan = plan(ctx, &variant, longest, keys, options)?;
     let row_blocks = (rows as u32).div_ceil(plan.rows_per_block);
     let heads = (tables.count * kv_heads) as u32;
     for (what, n) in [("splits", plan.splits), ("row blocks", row_blocks), ("sequence heads", heads)] {

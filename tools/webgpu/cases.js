@@ -275,6 +275,7 @@ async function runDecode(device, [decode, decodePipeline], [combine, combinePipe
     sink_pages: 0,
     sinks: 0,
     window: 0,
+    scales_at: 0,
   };
   const partialOut = sentinel(device, splits * queryRows * p.dim);
   const partialLse = sentinel(device, splits * queryRows);
