@@ -593,6 +593,20 @@ fn bad_input_is_an_error() {
     assert!(cache.decode(ctx, 0, &[a, b], &q, &DecodeOptions { splits: Some(0), ..Default::default() }).is_err());
     cache.decode(ctx, 0, &[a, b], &q, &DecodeOptions::default()).unwrap();
 
+    // An append recorded into an encoder dropped unsubmitted: the layer refuses from then on.
+    let step = cache.begin_step(ctx, &[(a, 1)]).unwrap();
+    let one = Tensor::from_f32(ctx, &[1, 2, 16], &data[..32], DType::F32).unwrap();
+    let mut dropped = ctx.device().create_command_encoder(&Default::default());
+    cache.append(ctx, &mut dropped, 0, &step, &one.view(), &one.view()).unwrap();
+    drop(dropped);
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    cache.append(ctx, &mut encoder, 1, &step, &one.view(), &one.view()).unwrap();
+    ctx.queue().submit([encoder.finish()]);
+    let err = cache.decode(ctx, 0, &[a, b], &q, &DecodeOptions::default()).err().expect("refused");
+    assert!(err.to_string().contains("dropped without being submitted"), "{err}");
+    cache.decode(ctx, 1, &[a, b], &q, &DecodeOptions::default()).unwrap();
+    assert!(cache.begin_step(ctx, &[(b, 1)]).is_err());
+
     // An engine's pool too small for its layout.
     let small = ctx.device().create_buffer(&wgpu::BufferDescriptor {
         label: None,

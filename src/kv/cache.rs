@@ -114,8 +114,8 @@ pub(crate) struct Layer {
 
 // What became of the encoder one append was recorded into.
 const PENDING: u8 = 0;
-const DONE: u8 = 1;
-const DROPPED: u8 = 2;
+pub(crate) const DONE: u8 = 1;
+pub(crate) const DROPPED: u8 = 2;
 
 /// One recorded append: where it started and what became of its encoder.
 struct RecordedAppend {
@@ -137,6 +137,15 @@ impl Drop for Watch {
     fn drop(&mut self) {
         let _ = self.0.compare_exchange(PENDING, DROPPED, Ordering::AcqRel, Ordering::Acquire);
     }
+}
+
+/// Follows `encoder`: the fate turns [`DONE`] once its submitted work is done, [`DROPPED`] if
+/// it is dropped without being submitted.
+pub(crate) fn follow(encoder: &wgpu::CommandEncoder) -> Arc<AtomicU8> {
+    let fate = Arc::new(AtomicU8::new(PENDING));
+    let watch = Watch(fate.clone());
+    encoder.on_submitted_work_done(move || watch.done());
+    fate
 }
 
 impl Layer {
@@ -176,9 +185,7 @@ impl Layer {
 
     /// Counts `count` tokens appended by work just recorded into `encoder`.
     fn record(&mut self, encoder: &wgpu::CommandEncoder, count: usize) {
-        let fate = Arc::new(AtomicU8::new(PENDING));
-        let watch = Watch(fate.clone());
-        encoder.on_submitted_work_done(move || watch.done());
+        let fate = follow(encoder);
         self.unconfirmed.push(RecordedAppend { first: self.recorded, fate });
         self.recorded += count as u64;
     }

@@ -56,7 +56,7 @@
 //! ```
 
 use super::EvictionPolicy;
-use super::cache::{KvParams, Scratch, WORKGROUP, storage_key};
+use super::cache::{DONE, DROPPED, KvParams, Scratch, WORKGROUP, follow, storage_key};
 use super::combine::Merge;
 use super::decode::{
     DecodeBuffers, DecodeOptions, DecodeParams, DecodePlan, Features, Launch, MAX_AUTO_SPLITS, Preset, Variant,
@@ -71,6 +71,8 @@ use crate::shader::Kernel;
 use crate::tensor::{Tensor, TensorView, check_binding_size, check_u32_indexing, read_pod};
 use half::f16;
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use wgpu::util::DeviceExt;
 
 /// Tokens per page unless a layout says otherwise (vLLM's default block size).
@@ -130,9 +132,9 @@ impl PagedLayout {
         if dtype == DType::F16 {
             ctx.require_f16()?;
         }
-        check_u32_indexing("page pool", self.slots() * self.row_words() as u64 * 4)?;
-        check_binding_size(ctx, "page pool V", self.v_bytes())?;
-        check_u32_indexing("page table", pages as u64 * kv_heads as u64 * page_size as u64 * 2)
+        // The kernels index the pool's elements in u32; V (with the scales) is the larger buffer.
+        check_u32_indexing("page pool", self.slots() * (self.row_words() as u64 * 4 + 1))?;
+        check_binding_size(ctx, "page pool V", self.v_bytes())
     }
 
     /// 4-element words per K or V row.
@@ -508,6 +510,24 @@ struct Layer {
     v: wgpu::Buffer,
     /// The last step this layer appended (0: none).
     appended: u64,
+    /// The steps whose append's encoder is not yet known to be done, and what became of it
+    /// (see "Why the cache follows each append's encoder" in `cache.rs`).
+    unconfirmed: Vec<(u64, Arc<AtomicU8>)>,
+}
+
+impl Layer {
+    /// Forgets the appends that are done; errors if one was recorded into an encoder dropped
+    /// without being submitted: the pool lacks that step's tokens, and the layer refuses every
+    /// call from then on (the host's tables have moved past them).
+    fn check_submitted(&mut self, index: usize) -> Result<()> {
+        self.unconfirmed.retain(|(_, fate)| fate.load(Ordering::Acquire) != DONE);
+        match self.unconfirmed.iter().find(|(_, fate)| fate.load(Ordering::Acquire) == DROPPED) {
+            Some((step, _)) => Err(Error::Option(format!(
+                "layer {index} appended step {step} into an encoder that was dropped without being submitted, so its pool lacks that step's tokens; the layer refuses every call from now on"
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A paged KV cache: per layer a pool of `pages` pages, shared by any number of sequences
@@ -546,6 +566,7 @@ impl PagedKvCache {
                 k: buffer("wattn page pool K", layout.k_bytes()),
                 v: buffer("wattn page pool V", layout.v_bytes()),
                 appended: 0,
+                unconfirmed: Vec::new(),
             })
             .collect();
         Ok(Self {
@@ -642,6 +663,9 @@ impl PagedKvCache {
     /// Errors, with nothing changed: an unknown sequence, a layer that has not appended the
     /// previous step, [`Error::CacheFull`] past policy None's capacity, [`Error::PoolFull`].
     pub fn begin_step(&mut self, ctx: &Context, tokens: &[(SequenceId, usize)]) -> Result<PagedStep> {
+        for (index, layer) in self.layers.iter_mut().enumerate() {
+            layer.check_submitted(index)?;
+        }
         if let Some(layer) = self.layers.iter().position(|l| l.appended != self.generation) {
             return Err(Error::Option(format!(
                 "layer {layer} has not appended step {}: every layer appends a step before the next begins",
@@ -748,7 +772,9 @@ impl PagedKvCache {
         k: &TensorView<'_>,
         v: &TensorView<'_>,
     ) -> Result<()> {
-        let l = self.layer(layer)?;
+        self.layer(layer)?;
+        self.layers[layer].check_submitted(layer)?;
+        let l = &self.layers[layer];
         if step.generation != self.generation || l.appended + 1 != step.generation {
             return Err(Error::Option(format!(
                 "layer {layer} cannot append step {} (the latest step is {}, the layer has appended step {})",
@@ -767,7 +793,9 @@ impl PagedKvCache {
         }
         let pool = PoolBuffers { k: &l.k, v: &l.v };
         encode_append(ctx, encoder, &self.layout, &pool, &step.slots, k, v)?;
-        self.layers[layer].appended = step.generation;
+        let l = &mut self.layers[layer];
+        l.appended = step.generation;
+        l.unconfirmed.push((step.generation, follow(encoder)));
         Ok(())
     }
 
@@ -783,7 +811,9 @@ impl PagedKvCache {
         bufs: &DecodeBuffers<'_>,
         options: &DecodeOptions,
     ) -> Result<DecodePlan> {
-        let l = self.layer(layer)?;
+        self.layer(layer)?;
+        self.layers[layer].check_submitted(layer)?;
+        let l = &self.layers[layer];
         if l.appended != self.generation {
             return Err(Error::Option(format!(
                 "layer {layer} has not appended step {}: append before decoding",
