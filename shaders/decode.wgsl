@@ -50,9 +50,10 @@
 // power of two, at least LANES words), ALIGNED_ROWS (head dim a multiple of 4: every K/V
 // row starts on a word), ROPE (rotate Q and K), LOGITS (store the logits for heavy-hitter
 // scores), PAGED and INT8 (above) and PARTS (mat4x4s of partial logits); KvWord and
-// kv_unpack from shared/kv_float.wgsl or shared/kv_int8.wgsl. Features are constants rather than
-// uniforms because a branch left in the key loop, even one never taken, keeps llvmpipe
-// from unrolling the steps. MASKED, LOG2E and the softmax steps come from shared/softmax.wgsl.
+// kv_unpack from shared/kv_float.wgsl or shared/kv_int8.wgsl. Features are constants
+// rather than uniforms because a branch left in the key loop, even one never taken, keeps
+// llvmpipe from unrolling the steps. MASKED, LOG2E and the softmax steps come from
+// shared/softmax.wgsl.
 
 // Keep in sync with `DecodeParams` in src/kv/decode.rs.
 struct Params {
