@@ -34,8 +34,12 @@ pub struct BenchArgs {
     /// A server's decode step: --requests requests (seeded, lengths log-uniform from 128 to
     /// --max-len) in one paged launch (f32 and int8 pools) against the same batch padded to the
     /// longest and against one launch per request; tokens/s and K/V memory, and int8's bytes per
-    /// token against f16. Model: --heads (8), --kv-heads (2), --head-dim (64).
-    #[arg(long, conflicts_with_all = ["decode", "density", "pattern", "causal", "window", "config", "no_naive"])]
+    /// token against f16. Model: --heads (8), --kv-heads (2), --head-dim (64). Prints a table
+    /// (no --json, --csv or --plot).
+    #[arg(long, conflicts_with_all = [
+        "decode", "density", "pattern", "causal", "window", "config", "no_naive", "seq", "batch", "dtype", "json",
+        "csv", "plot", "quick",
+    ])]
     pub serve: bool,
     /// With --serve: requests in the batch [default: 64].
     #[arg(long, value_name = "N", requires = "serve")]
