@@ -384,8 +384,8 @@ fn int8_matches_the_reference_on_dequantised_and_original_values() {
     }
 }
 
-/// An f16 pool (f16 queries and outputs, f32 accumulation) against the reference on the f16
-/// values, within f16 output rounding, under both policies and with splits.
+/// f16 queries and outputs (f32 accumulation) on an f16 pool and an int8 one, against the
+/// reference on the values the pool holds, within f16 output rounding, under both policies.
 #[test]
 fn f16_pool_matches_the_reference() {
     let ctx = ctx();
@@ -406,17 +406,21 @@ fn f16_pool_matches_the_reference() {
         ));
         return;
     }
-    for (policy, seed) in
-        [(EvictionPolicy::None { capacity: 400 }, 5), (EvictionPolicy::Streaming { sinks: 2, window: 70 }, 6)]
-    {
-        let (mut cache, ids, _) = filled_cache(DType::F16, KvStorage::Float, policy, &[3, 64, 130, 333], 1.0, seed);
+    let cases = [
+        (EvictionPolicy::None { capacity: 400 }, KvStorage::Float, 5),
+        (EvictionPolicy::Streaming { sinks: 2, window: 70 }, KvStorage::Float, 6),
+        (EvictionPolicy::Streaming { sinks: 2, window: 70 }, KvStorage::Int8, 7),
+    ];
+    for (policy, storage, seed) in cases {
+        let (mut cache, ids, _) = filled_cache(DType::F16, storage, policy, &[3, 64, 130, 333], 1.0, seed);
         let mut rng = Rng::new(seed + 100);
         let on_pool: BTreeMap<SequenceId, Vec<Token>> =
             ids.iter().map(|&id| (id, pool_tokens(ctx, &cache, id))).collect();
         let keys_of = |_: usize, id: SequenceId, _: usize| on_pool[&id].clone();
         // f16 output: half an ulp of values below 4, plus the f32 accumulation.
         let f16_rounding = |_: &[f32], _: &[Token], _: usize| 2.0f64.powi(-10) + 1e-5;
-        check_decode(ctx, &mut cache, &ids, 2, &mut rng, &keys_of, Some(&f16_rounding), &format!("f16 {policy:?}"));
+        let what = format!("f16 {storage:?} {policy:?}");
+        check_decode(ctx, &mut cache, &ids, 2, &mut rng, &keys_of, Some(&f16_rounding), &what);
     }
 }
 
