@@ -31,13 +31,29 @@
 // its slot) is <= the query's, seen - n_q + i. With RoPE re-indexing, keys and queries are
 // stored unrotated and rotated here at their index within the cache (see rope_position).
 //
+// PAGED: the batch is a set of sequences of their own lengths in a page pool (src/kv/paged.rs).
+// The `pos` binding then holds the sequences' tables: first one entry of 4 u32 per sequence,
+// pos[4b..4b+4] = (tokens seen, start of its block table in pos, slots to scan, logical page
+// of its first window page), then the block tables. Slot j of sequence b lives in page
+// pos[start + j / PAGE] of the pool [pages, Hkv, PAGE, words of D], at j % PAGE.
+// The first sink_pages pages of the table hold the stream's first tokens; the rest are a run
+// of consecutive logical pages from the window's first one (StreamingLLM frees the pages in
+// between once all their tokens are evicted). Positions are computed, not stored: a slot
+// is retained iff its position is below `sinks` or among the `window` most recent tokens.
+// Rows of the pool are padded to whole words. INT8: words are 4 int8 (shared/kv_int8.wgsl),
+// each row multiplied by its scale; the scales (K's and V's as two f16 in one u32 per slot)
+// follow the V words in v, from word scales_at. (Tables and scales share buffers with other
+// data so that the kernel stays within WebGPU's 8 storage buffers per stage.)
+//
 // Constants come from the prelude made by src/shader.rs: Elem (f32 or f16), WORKGROUP,
 // LANES, ROW_TILES, BLOCK_R (= 4 * ROW_TILES), STEPS, D_PAD (head dim rounded up to a
 // power of two, at least LANES words), ALIGNED_ROWS (head dim a multiple of 4: every K/V
 // row starts on a word), ROPE (rotate Q and K), LOGITS (store the logits for heavy-hitter
-// scores) and PARTS (mat4x4s of partial logits). Features are constants rather than
-// uniforms because a branch left in the key loop, even one never taken, keeps llvmpipe
-// from unrolling the steps. MASKED, LOG2E and the softmax steps come from shared/softmax.wgsl.
+// scores), PAGED and INT8 (above) and PARTS (mat4x4s of partial logits); KvWord and
+// kv_unpack from shared/kv_float.wgsl or shared/kv_int8.wgsl. Features are constants
+// rather than uniforms because a branch left in the key loop, even one never taken, keeps
+// llvmpipe from unrolling the steps. MASKED, LOG2E and the softmax steps come from
+// shared/softmax.wgsl.
 
 // Keep in sync with `DecodeParams` in src/kv/decode.rs.
 struct Params {
@@ -55,14 +71,21 @@ struct Params {
     rope_sinks: u32,
     rope_shift: u32,
     scale: f32,
+    // PAGED: log2 of the tokens per page, the table entries holding sinks, and the retained set.
+    page_shift: u32,
+    sink_pages: u32,
+    sinks: u32,
+    window: u32,
+    scales_at: u32, // INT8: the word of v where the scales begin
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> q: array<Elem>; // [B, Hq, n_q, D]
-// [B, Hkv, capacity, D] in words of 4 elements (the cache rounds its buffers up to whole words).
-@group(0) @binding(2) var<storage, read> k: array<vec4<Elem>>;
-@group(0) @binding(3) var<storage, read> v: array<vec4<Elem>>;
-@group(0) @binding(4) var<storage, read> pos: array<u32>; // [B, Hkv, capacity]
+// [B, Hkv, capacity, D] in words of 4 elements (the cache rounds its buffers up to whole words);
+// PAGED: [pages, Hkv, PAGE, words of D].
+@group(0) @binding(2) var<storage, read> k: array<KvWord>;
+@group(0) @binding(3) var<storage, read> v: array<KvWord>;
+@group(0) @binding(4) var<storage, read> pos: array<u32>; // [B, Hkv, capacity]; PAGED: the tables
 @group(0) @binding(5) var<storage, read> rope_table: array<vec2<f32>>; // [capacity, D / 2] (cos, sin)
 @group(0) @binding(6) var<storage, read_write> partial_out: array<f32>; // [splits, B, Hq, n_q, D]
 @group(0) @binding(7) var<storage, read_write> partial_lse: array<f32>; // [splits, B, Hq, n_q]
@@ -93,6 +116,8 @@ var<workgroup> parts: array<mat4x4<f32>, PARTS>;
 // Each key group's running max and sum of its rows, for the merge at the end.
 var<workgroup> group_max: array<vec4<f32>, KEY_GROUPS * ROW_TILES>;
 var<workgroup> group_sum: array<vec4<f32>, KEY_GROUPS * ROW_TILES>;
+// PAGED: the workgroup's sequence entry, loaded once and uniform (it bounds the key loop).
+var<workgroup> seq_shared: vec4<u32>;
 
 // Where StreamingLLM's re-indexing puts the token at stream position p: its index in the cache.
 fn rope_position(p: u32) -> u32 {
@@ -126,8 +151,8 @@ fn rope_factors(c: u32, rope_pos: u32) -> vec2<f32> {
 fn element(src: u32, i: u32) -> f32 {
     switch src {
         case FROM_Q: { return f32(q[i]); }
-        case FROM_K: { return f32(k[i / 4u][i % 4u]); }
-        default: { return f32(v[i / 4u][i % 4u]); }
+        case FROM_K: { return kv_unpack(k[i / 4u])[i % 4u]; }
+        default: { return kv_unpack(v[i / 4u])[i % 4u]; }
     }
 }
 
@@ -165,20 +190,62 @@ fn rotated_word(src: u32, start: u32, w: u32, x: vec4<f32>, rope_pos: u32) -> ve
 }
 
 // Word w (within the row) of the slot's K (src = FROM_K) or V, as one 4-element load where
-// rows start on words; zeros past the head dim.
+// rows start on words; zeros past the head dim. INT8: before its row's scale.
 fn kv_word(src: u32, slot: u32, w: u32) -> vec4<f32> {
     if !ALIGNED_ROWS {
         return gather_word(src, slot * params.head_dim, w, false);
     }
-    let i = slot * (params.head_dim / 4u) + w;
+    let i = slot * ((params.head_dim + 3u) / 4u) + w;
     if src == FROM_K {
-        return vec4<f32>(k[i]);
+        return kv_unpack(k[i]);
     }
-    return vec4<f32>(v[i]);
+    return kv_unpack(v[i]);
 }
 
-fn query_position(i: u32) -> u32 {
-    return params.seen - params.n_q + i;
+// INT8: m (a column per slot) times each slot's scale of K (src = FROM_K) or V.
+fn dequantised(m: mat4x4<f32>, slots: vec4<u32>, src: u32) -> mat4x4<f32> {
+    if !INT8 {
+        return m;
+    }
+    let which = select(1u, 0u, src == FROM_K);
+    let at = vec4(params.scales_at) + slots;
+    let f = vec4(
+        unpack2x16float(kv_bits(v[at.x]))[which],
+        unpack2x16float(kv_bits(v[at.y]))[which],
+        unpack2x16float(kv_bits(v[at.z]))[which],
+        unpack2x16float(kv_bits(v[at.w]))[which],
+    );
+    return scale_columns(m, f);
+}
+
+// PAGED: the pool slots of a sequence's slots j (its block table at pos[table]), for one KV head.
+fn paged_slots(j: vec4<u32>, table: u32, kv_head: u32) -> vec4<u32> {
+    let in_page = j & vec4((1u << params.page_shift) - 1u);
+    let page = vec4(
+        pos[table + (j.x >> params.page_shift)],
+        pos[table + (j.y >> params.page_shift)],
+        pos[table + (j.z >> params.page_shift)],
+        pos[table + (j.w >> params.page_shift)],
+    );
+    return ((page * params.kv_heads + kv_head) << vec4(params.page_shift)) + in_page;
+}
+
+// PAGED: the stream positions of a sequence's slots j, its window starting at logical page
+// `window_page`.
+fn paged_positions(j: vec4<u32>, window_page: u32) -> vec4<u32> {
+    let entry = j >> vec4(params.page_shift);
+    let sink = entry < vec4(params.sink_pages);
+    let logical = select(entry - params.sink_pages + window_page, entry, sink);
+    return (logical << vec4(params.page_shift)) + (j & vec4((1u << params.page_shift) - 1u));
+}
+
+// PAGED: whether the tokens at positions p (all below `seen`) are retained.
+fn retained(p: vec4<u32>, seen: u32) -> vec4<bool> {
+    return (p < vec4(params.sinks)) | (vec4(seen) - p <= vec4(params.window));
+}
+
+fn query_position(seen: u32, i: u32) -> u32 {
+    return seen - params.n_q + i;
 }
 
 // Index of row r's query (or output) row in [B, Hq, n_q].
@@ -191,12 +258,13 @@ fn query_row(b: u32, kv_head: u32, r: u32) -> u32 {
 // Word w of the 4 slots' K (a column each), rotated at `at` (RoPE variants).
 fn key_words(slots: vec4<u32>, w: u32, at: vec4<u32>) -> mat4x4<f32> {
     let dim = params.head_dim;
-    return mat4x4(
+    let m = mat4x4(
         rotated_word(FROM_K, slots.x * dim, w, kv_word(FROM_K, slots.x, w), at.x),
         rotated_word(FROM_K, slots.y * dim, w, kv_word(FROM_K, slots.y, w), at.y),
         rotated_word(FROM_K, slots.z * dim, w, kv_word(FROM_K, slots.z, w), at.z),
         rotated_word(FROM_K, slots.w * dim, w, kv_word(FROM_K, slots.w, w), at.w),
     );
+    return dequantised(m, slots, FROM_K);
 }
 
 // s + this word's share of the tile's logits: qt_c, the row tiles' Q at word w.
@@ -219,12 +287,13 @@ fn add_scores(
 
 // Word w of the 4 slots' V (a column each).
 fn value_words(slots: vec4<u32>, w: u32) -> mat4x4<f32> {
-    return mat4x4(
+    let m = mat4x4(
         kv_word(FROM_V, slots.x, w),
         kv_word(FROM_V, slots.y, w),
         kv_word(FROM_V, slots.z, w),
         kv_word(FROM_V, slots.w, w),
     );
+    return dequantised(m, slots, FROM_V);
 }
 
 // Column r of o + vc * p (r's weights p_r) leaving out the keys of weight 0: 0 * NaN would
@@ -312,8 +381,17 @@ fn main(
     let rows = (params.q_heads / params.kv_heads) * params.n_q;
     let dim = params.head_dim;
     let slot_base = bh * params.capacity;
+    // (tokens seen, block table start, slots to scan, first window page), see the header.
+    var seq = vec4(params.seen, 0u, params.len, 0u);
+    if PAGED {
+        if tid == 0u {
+            seq_shared = vec4(pos[4u * b], pos[4u * b + 1u], pos[4u * b + 2u], pos[4u * b + 3u]);
+        }
+        seq = workgroupUniformLoad(&seq_shared);
+    }
+    let seen = seq.x;
     let lo = split * params.keys_per_split;
-    let hi = min(lo + params.keys_per_split, params.len);
+    let hi = min(lo + params.keys_per_split, seq.z);
     // The row's words, and those of this thread (lane, lane + LANES, ...); the others are
     // never read, nor written.
     let row_words = (dim + 3u) / 4u;
@@ -323,7 +401,7 @@ fn main(
     var query_pos = array<vec4<u32>, ROW_TILES>();
     for (var t = 0u; t < ROW_TILES; t++) {
         for (var i = 0u; i < 4u; i++) {
-            query_pos[t][i] = query_position(min(row0 + 4u * t + i, rows - 1u) % params.n_q);
+            query_pos[t][i] = query_position(seen, min(row0 + 4u * t + i, rows - 1u) % params.n_q);
         }
     }
     for (var e = tid; e < ROW_TILES * row_words; e += WORKGROUP) {
@@ -355,10 +433,19 @@ fn main(
         var rope_at = array<vec4<u32>, STEPS>();
         for (var st = 0u; st < STEPS; st++) {
             let keys = vec4(first + 4u * st) + vec4(0u, 1u, 2u, 3u);
-            let sl = vec4(slot_base) + min(keys, vec4(hi - 1u));
-            let p = vec4(pos[sl.x], pos[sl.y], pos[sl.z], pos[sl.w]);
+            let j = min(keys, vec4(hi - 1u));
+            var sl = vec4(slot_base) + j;
+            var p: vec4<u32>;
+            var kept = keys < vec4(hi);
+            if PAGED {
+                sl = paged_slots(j, seq.y, kv_head);
+                p = paged_positions(j, seq.w);
+                kept = kept & retained(p, seen);
+            } else {
+                p = vec4(pos[sl.x], pos[sl.y], pos[sl.z], pos[sl.w]);
+            }
             slots[st] = sl;
-            key_pos[st] = select(vec4(EMPTY), p, keys < vec4(hi));
+            key_pos[st] = select(vec4(EMPTY), p, kept);
             rope_at[st] = vec4(rope_position(p.x), rope_position(p.y), rope_position(p.z), rope_position(p.w));
         }
 

@@ -42,7 +42,8 @@
 // Constants come from the prelude made by src/shader.rs: Elem (f32 or f16), BLOCK_Q,
 // BLOCK_K (a multiple of 4), ROW_GROUPS, SPLIT, STAGE_KV, DQK_PAD, DV_PAD (head dims rounded
 // up to 16), ALIGNED, QK_TAIL (Dqk is not a multiple of 16) and BLOCK_SPARSE. Params and visible4() come from shared/attention.wgsl,
-// MASKED and the softmax steps (base 2) from shared/softmax.wgsl.
+// MASKED and the softmax steps (base 2) from shared/softmax.wgsl, the block mask's layout
+// and walk from shared/block_mask.wgsl.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<Elem>>;
@@ -53,19 +54,7 @@
 // Per row: m, l, then DV_PAD columns of o.
 @group(0) @binding(6) var<storage, read_write> state: array<f32>;
 
-// Keep in sync with `BlockMaskHeader` in src/mask/gpu.rs. `words` holds each mask row's
-// first run (one per row, rows = batch * heads * q_blocks, plus the end) from 0, the runs
-// from runs_at (3 words: first tile, end tile, FULL_RUN or the index of the first tile's
-// element mask), and the partial tiles' element masks from bits_at, MASK_WORDS each with
-// bit r * BLOCK_K + j for query r and key j of the tile. Unused by dense variants.
-struct BlockMask {
-    batch: u32, // 1 = one mask for every batch
-    heads: u32, // 1 = one mask for every head
-    q_blocks: u32,
-    runs_at: u32,
-    bits_at: u32,
-    words: array<u32>,
-}
+// The block mask (shared/block_mask.wgsl); unused by dense variants.
 @group(0) @binding(7) var<storage, read> block_mask: BlockMask;
 
 const ROWS: u32 = 4u * ROW_GROUPS;
@@ -77,7 +66,6 @@ const DV4: u32 = DV_PAD / 4u;
 // head dims are multiples of 16).
 const QK4_T: u32 = QK4 / SPLIT;
 const DV4_T: u32 = DV4 / SPLIT;
-const FULL_RUN: u32 = 0xffffffffu;
 const MASK_WORDS: u32 = (BLOCK_Q * BLOCK_K + 31u) / 32u;
 // Workgroup arrays cannot be empty: a variant that does not use one declares one element.
 const KV_TILE_QK: u32 = select(1u, BLOCK_K * QK4, STAGE_KV);
@@ -136,34 +124,6 @@ fn assemble(lo: vec4<f32>, hi: vec4<f32>, row_start: u32) -> vec4<f32> {
 fn inside(x: vec4<f32>, c: u32, dim: u32, valid: bool) -> vec4<f32> {
     let columns = vec4(4u * c) + vec4(0u, 1u, 2u, 3u) < vec4(dim);
     return select(vec4(0.0), x, columns & vec4(valid));
-}
-
-// Field `field` (0 first tile, 1 end tile, 2 element mask) of block-mask run `run`.
-fn run_field(run: u32, field: u32) -> u32 {
-    return block_mask.words[block_mask.runs_at + 3u * run + field];
-}
-
-// The first of the sorted, disjoint runs [lo, hi) that ends after tile `t` (hi if none):
-// a binary search, so that a later key pass does not walk the runs before it.
-fn first_run_after(lo: u32, hi: u32, t: u32) -> u32 {
-    var a = lo;
-    var b = hi;
-    while a < b {
-        let mid = (a + b) / 2u;
-        if run_field(mid, 1u) <= t {
-            a = mid + 1u;
-        } else {
-            b = mid;
-        }
-    }
-    return a;
-}
-
-// Whether query `r`, key `j` of the partial tile whose element mask is number `tile_mask` is visible.
-fn mask_bit(tile_mask: u32, r: u32, j: u32) -> bool {
-    let bit = r * BLOCK_K + j;
-    let word = block_mask.words[block_mask.bits_at + tile_mask * MASK_WORDS + bit / 32u];
-    return ((word >> (bit % 32u)) & 1u) != 0u;
 }
 
 // Column c of keys [key0 + j0, key0 + j0 + 4) of K, one key per matrix column: from the
@@ -336,11 +296,9 @@ fn main(
     var run_end = 0u;
     var run_mask = FULL_RUN;
     if BLOCK_SPARSE {
-        let mask_batch = select(batch, 0u, block_mask.batch == 1u);
-        let mask_head = select(head, 0u, block_mask.heads == 1u);
-        let mask_row = (mask_batch * block_mask.heads + mask_head) * block_mask.q_blocks + wg.x;
-        runs_end = block_mask.words[mask_row + 1u];
-        run = first_run_after(block_mask.words[mask_row], runs_end, t);
+        let row = mask_row(batch, head, wg.x);
+        runs_end = block_mask.words[row + 1u];
+        run = first_run_after(block_mask.words[row], runs_end, t);
     }
     loop {
         if BLOCK_SPARSE {

@@ -3,14 +3,18 @@
 //   evict       the same for heavy hitters, evicting the lowest-scored token
 //   append      copies the new tokens' K and V rows into their slots
 //   accumulate  adds each cached token's attention probabilities to its heavy-hitter score
+//   append_paged  copies new tokens' K and V rows into the pages of a paged pool (quantising
+//                 them in int8 pools), at slots the host chose from the block tables
 //
 // Slots fill in order 0, 1, ... until the cache is full, so slots [0, len) always hold
 // tokens. Then StreamingLLM keeps `sinks` slots and reuses the other `window` as a ring
 // (token p goes to sinks + (p - sinks) % window); heavy hitters (H2O) reuse, per KV head,
 // the slot with the lowest score outside the sinks and the `window` most recent tokens.
 //
-// Constants from src/shader.rs: Elem (f32 or f16), WORKGROUP (a power of two). MASKED (the
-// logit decode.wgsl writes for a slot a query does not see) comes from shared/softmax.wgsl.
+// Constants from src/shader.rs: Elem (f32 or f16), WORKGROUP (a power of two), INT8 (the
+// paged pool's storage; KvWord and kv_pack from shared/kv_float.wgsl or kv_int8.wgsl).
+// MASKED (the logit decode.wgsl writes for a slot a query does not see) comes from
+// shared/softmax.wgsl.
 
 // Keep in sync with `KvParams` in src/kv/cache.rs.
 struct Params {
@@ -25,7 +29,10 @@ struct Params {
     sinks: u32,
     window: u32, // StreamingLLM: the ring's size; heavy hitters: recent tokens never evicted
     groups_x: u32, // place, append, accumulate: workgroups along x; the grid wraps into y
+    scales_at: u32, // append_paged, INT8: the word of pool_v where the scales begin
 }
+// append_paged reads count (new tokens in all), kv_heads, head_dim, capacity (tokens per
+// page), groups_x and scales_at.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> src_k: array<Elem>; // [B, Hkv, count, D]
@@ -37,6 +44,10 @@ struct Params {
 @group(0) @binding(7) var<storage, read_write> dest: array<u32>; // [B, Hkv, count]
 @group(0) @binding(8) var<storage, read> logits: array<f32>; // [B, Hkv, group * count, capacity]
 @group(0) @binding(9) var<storage, read> lse: array<f32>; // [B, Hq, count]
+// Paged pools, [pages, Hkv, page, words of D]; INT8: then, in pool_v from word scales_at,
+// each slot's scales (K, V) as two f16.
+@group(0) @binding(10) var<storage, read_write> pool_k: array<KvWord>;
+@group(0) @binding(11) var<storage, read_write> pool_v: array<KvWord>;
 
 const NONE: u32 = 0xffffffffu;
 
@@ -176,4 +187,54 @@ fn accumulate(
         }
     }
     score[idx] += sum;
+}
+
+// Word w of the new row at element `start` of src_k (k = true) or src_v; zeros past the head dim.
+fn new_word(k: bool, start: u32, w: u32) -> vec4<f32> {
+    var x = vec4(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        let c = 4u * w + i;
+        if c < params.head_dim {
+            x[i] = select(f32(src_v[start + c]), f32(src_k[start + c]), k);
+        }
+    }
+    return x;
+}
+
+// 1 / s, or 0 for a row of zeros (scale 0).
+fn inverse_scale(s: f32) -> f32 {
+    return select(1.0 / s, 0.0, s == 0.0);
+}
+
+// Paged pools: one thread per (new token, KV head) row of src_k/src_v [count, Hkv, D], the
+// tokens of every sequence of the step one after another. dest[token] is the pool slot of
+// the token's KV head 0; head h is h * capacity (a page) slots further. INT8 rows are
+// divided by their largest magnitude (its f16, as stored) and rounded to int8.
+@compute @workgroup_size(WORKGROUP)
+fn append_paged(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) tid: u32,
+) {
+    let row = (wg.y * params.groups_x + wg.x) * WORKGROUP + tid; // token * kv_heads + kv_head
+    if row >= params.count * params.kv_heads {
+        return;
+    }
+    let slot = dest[row / params.kv_heads] + (row % params.kv_heads) * params.capacity;
+    let start = row * params.head_dim;
+    let words = (params.head_dim + 3u) / 4u;
+    var inverse = vec2(1.0);
+    if INT8 {
+        var largest = vec2(0.0);
+        for (var c = 0u; c < params.head_dim; c++) {
+            largest = max(largest, abs(vec2(f32(src_k[start + c]), f32(src_v[start + c]))));
+        }
+        let packed = pack2x16float(largest);
+        pool_v[params.scales_at + slot] = kv_word_of_bits(packed);
+        let stored = unpack2x16float(packed);
+        inverse = vec2(inverse_scale(stored.x), inverse_scale(stored.y));
+    }
+    for (var w = 0u; w < words; w++) {
+        pool_k[slot * words + w] = kv_pack(new_word(true, start, w) * inverse.x);
+        pool_v[slot * words + w] = kv_pack(new_word(false, start, w) * inverse.y);
+    }
 }

@@ -123,6 +123,20 @@ pub enum Error {
         appended: usize,
     },
 
+    /// A step of a [`PagedKvCache`](crate::kv::PagedKvCache) needs more pages than the pool
+    /// has free; nothing changed.
+    #[error(
+        "page pool full: the step needs {needed} new pages and the pool has {free} of {pages} free; remove finished sequences or make the pool bigger"
+    )]
+    PoolFull {
+        /// Pages per layer.
+        pages: usize,
+        /// Pages free before the step (counting those its evictions free).
+        free: usize,
+        /// Pages the step's new tokens need.
+        needed: usize,
+    },
+
     /// An index into a [`BlockMask`](crate::BlockMask) lies outside it.
     #[error("{what} {index:?} is outside {bounds:?}")]
     OutOfRange {

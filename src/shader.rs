@@ -4,7 +4,8 @@
 //! padded head dims) and the element type `Elem`. [`ShaderKey::source`] prepends a prelude
 //! that declares them: `enable f16;` when the storage is f16, `alias Elem = f32|f16;`, and
 //! one `const NAME: TYPE = VALUE;` per constant, then the files of `shaders/shared/` the
-//! kernel uses ([`Kernel::shared`]). That is the whole preprocessor. Plain
+//! kernel uses ([`Kernel::shared`]; for decode and kv_cache, the K/V word storage chosen by
+//! the constant `INT8`). That is the whole preprocessor. Plain
 //! `const`s (rather than `override`s) let workgroup arrays and private arrays be sized by
 //! them on every backend, and let the compiler unroll the inner loops.
 
@@ -69,7 +70,9 @@ impl Kernel {
             Kernel::Naive => &["params", "q", "k", "v", "out", "lse", "scores"],
             Kernel::Decode => &["params", "q", "k", "v", "pos", "rope_table", "partial_out", "partial_lse", "logits"],
             Kernel::Combine => &["params", "partial_out", "partial_lse", "out", "lse"],
-            Kernel::KvCache => &["params", "src_k", "src_v", "k", "v", "pos", "score", "dest", "logits", "lse"],
+            Kernel::KvCache => {
+                &["params", "src_k", "src_v", "k", "v", "pos", "score", "dest", "logits", "lse", "pool_k", "pool_v"]
+            }
             Kernel::Peak => &["params", "sink", "src", "dst"],
         }
     }
@@ -80,8 +83,8 @@ impl Kernel {
         const ATTENTION: &str = include_str!("../shaders/shared/attention.wgsl");
         const BLOCK_MASK: &str = include_str!("../shaders/shared/block_mask.wgsl");
         match self {
-            Kernel::FlashForward | Kernel::Naive => &[SOFTMAX, ATTENTION],
-            Kernel::FlashBackward => &[SOFTMAX, ATTENTION, BLOCK_MASK],
+            Kernel::FlashForward | Kernel::FlashBackward => &[SOFTMAX, ATTENTION, BLOCK_MASK],
+            Kernel::Naive => &[SOFTMAX, ATTENTION],
             Kernel::Decode | Kernel::Combine | Kernel::KvCache => &[SOFTMAX],
             Kernel::Peak => &[],
         }
@@ -139,8 +142,21 @@ impl ShaderKey {
         for shared in self.kernel.shared() {
             s.push_str(shared);
         }
+        if matches!(self.kernel, Kernel::Decode | Kernel::KvCache) {
+            s.push_str(self.kv_storage());
+        }
         s.push_str(self.kernel.body());
         s
+    }
+
+    /// The shared file that declares how K/V words are stored (`KvWord`, `kv_unpack`,
+    /// `kv_pack`): int8 where the variant's constant `INT8` is true, else the element type.
+    fn kv_storage(&self) -> &'static str {
+        let int8 = self.constants.iter().any(|&(name, value)| name == "INT8" && value == ConstValue::Bool(true));
+        match int8 {
+            true => include_str!("../shaders/shared/kv_int8.wgsl"),
+            false => include_str!("../shaders/shared/kv_float.wgsl"),
+        }
     }
 
     /// A readable label, used for the pipeline and in error messages.

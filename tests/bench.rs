@@ -602,3 +602,17 @@ fn gpu_time_is_positive_and_within_the_wall_time_around_it() {
     let wall = start.elapsed().as_secs_f64();
     assert!(seconds > 0.0 && seconds <= wall, "timer says {seconds} s, wall clock {wall} s");
 }
+
+/// `wattn bench --serve`: every path timed (the paged output checked against the per-request
+/// launches first), and int8's bytes per token against f16.
+#[test]
+fn serve_bench_times_paged_against_padded_and_per_request() {
+    let table = wattn(&["bench", "--serve", "--requests", "5", "--max-len", "300", "--runs", "1", "--warmup", "0"]);
+    for path in ["| per request | 5 |", "| paged | 1 |", "| paged int8 | 1 |", "| padded | 1 |"] {
+        assert!(table.contains(path), "{path} missing:\n{table}");
+    }
+    assert!(table.contains("int8 KV bytes per token: 0.516x f16"), "{table}");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_wattn")).args(["bench", "--serve", "--json", "x.json"]).output().unwrap();
+    assert!(!out.status.success(), "--serve writes no JSON, so it refuses --json");
+}

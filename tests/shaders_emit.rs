@@ -219,11 +219,28 @@ fn uniform_layouts_filled_by_name_give_the_rust_bytes() {
         rope,
         rope_sinks,
         rope_shift,
-        scale
+        scale,
+        page_shift,
+        sink_pages,
+        sinks,
+        window,
+        scales_at
     });
     let combine = distinct!(CombineParams { rows, dim, splits, groups_x });
-    let kv =
-        distinct!(KvParams { batch, kv_heads, q_heads, head_dim, capacity, seen, count, len, sinks, window, groups_x });
+    let kv = distinct!(KvParams {
+        batch,
+        kv_heads,
+        q_heads,
+        head_dim,
+        capacity,
+        seen,
+        count,
+        len,
+        sinks,
+        window,
+        groups_x,
+        scales_at
+    });
     let mask = distinct!(BlockMaskHeader { batch, heads, q_blocks, runs_at, bits_at });
     let range = distinct!(PassRange { begin, end, flags, _pad });
     let cases: [(&str, &str, &[u8]); 9] = [

@@ -1,4 +1,4 @@
-// A block mask as the kernels read it (src/shader.rs prepends this file to flash_bwd), and
+// A block mask as the kernels read it (src/shader.rs prepends this file to flash_fwd and flash_bwd), and
 // the helpers that walk it. Each kernel declares `var<storage, read> block_mask: BlockMask`
 // and the constants BLOCK_K (keys per block) and MASK_WORDS (words per element mask).
 

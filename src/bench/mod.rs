@@ -7,6 +7,7 @@
 //! - [`prefill`]: the flash kernel against the naive baseline, block-sparse against dense.
 //! - [`backward`]: the flash backward against the forward of the same problem.
 //! - [`decode`]: split-KV decode against the unsplit kernel over cache lengths.
+//! - [`serve`]: a server's batch of mixed-length requests, paged against padded and per request.
 //! - [`stream`]: a token stream through the KV cache, per-token time against position.
 //! - [`Timer`] and [`Stats`] (from the library's [`crate::timing`]): GPU timestamps (or the wall
 //!   clock) around recorded work; median, min, max.
@@ -22,6 +23,7 @@ pub(crate) mod plot;
 pub mod prefill;
 pub(crate) mod progress;
 pub(crate) mod report;
+pub mod serve;
 pub mod stream;
 pub mod workload;
 

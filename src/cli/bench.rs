@@ -37,6 +37,23 @@ pub struct BenchArgs {
     /// FlashAttention's accounting (backward = 2.5 x forward FLOPs). The grid flags apply.
     #[arg(long, conflicts_with_all = ["decode", "density", "pattern", "config", "no_naive"])]
     pub backward: bool,
+    /// A server's decode step: --requests requests (seeded, lengths log-uniform from 128 to
+    /// --max-len) in one paged launch (f32 and int8 pools) against the same batch padded to the
+    /// longest and against one launch per request; tokens/s and K/V memory, and int8's bytes per
+    /// token against f16. Model: --heads (8), --kv-heads (2), --head-dim (64). Prints a table
+    /// (no --json, --csv or --plot).
+    #[arg(long, conflicts_with_all = [
+        "decode", "backward", "density", "pattern", "causal", "window", "config", "no_naive", "seq", "batch", "dtype",
+        "json",
+        "csv", "plot", "quick",
+    ])]
+    pub serve: bool,
+    /// With --serve: requests in the batch [default: 64].
+    #[arg(long, value_name = "N", requires = "serve")]
+    pub requests: Option<usize>,
+    /// With --serve: the longest request, e.g. 32k [default: 32K].
+    #[arg(long, value_name = "N", value_parser = parse_tokens, requires = "serve")]
+    pub max_len: Option<usize>,
     /// With --decode: the split settings to time at every point, e.g. 1,4,16,auto [default: 1,auto].
     #[arg(long, value_name = "N|auto,...", value_delimiter = ',', value_parser = parse_splits, requires = "decode")]
     pub splits: Option<Vec<SplitChoice>>,
@@ -242,6 +259,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.backward {
         return run_backward(&args);
     }
+    if args.serve {
+        return run_serve(&args);
+    }
     let grid = args.grid()?;
     let ctx = args.adapter.context()?;
     let (config, config_source) = match args.config {
@@ -291,6 +311,31 @@ pub fn run(args: BenchArgs) -> Result<()> {
         points,
     };
     args.report(&report)
+}
+
+/// `wattn bench --serve`: prints the table (paged against padded and per request).
+fn run_serve(args: &BenchArgs) -> Result<()> {
+    let settings = crate::bench::serve::ServeSettings {
+        requests: args.requests.unwrap_or(64),
+        lengths: (128, args.max_len.unwrap_or(32 << 10)),
+        q_heads: args.heads.unwrap_or(8),
+        kv_heads: args.kv_heads.unwrap_or(2),
+        head_dim: args.head_dim.as_ref().and_then(|d| d.first().copied()).unwrap_or(64),
+        page_size: crate::kv::paged::DEFAULT_PAGE_SIZE,
+        seed: 12,
+        warmup: args.warmup as usize,
+        runs: args.runs as usize,
+    };
+    if settings.requests == 0 || settings.lengths.1 < settings.lengths.0 {
+        return Err(Error::Option(format!("--serve needs at least 1 request and --max-len >= {}", settings.lengths.0)));
+    }
+    let ctx = args.adapter.context()?;
+    let timer = args.timer(&ctx);
+    eprintln!("bench --serve on {}: {settings:?}", ctx.describe());
+    let rows = crate::bench::serve::run(&ctx, &timer, &settings, &mut |path| eprintln!("timing {path}"))?;
+    print!("{}", crate::bench::serve::table(&rows));
+    println!("int8 KV bytes per token: {:.3}x f16", crate::bench::serve::int8_memory_ratio(&settings));
+    Ok(())
 }
 
 /// `wattn bench --decode`.

@@ -40,27 +40,38 @@ pub struct KvParams {
     pub window: u32,
     /// Workgroups along x; the grid wraps into y.
     pub groups_x: u32,
+    /// Paged append into an int8 pool: the word of the V pool where the scales begin.
+    pub scales_at: u32,
 }
 
 /// Threads per workgroup of every `kv_cache.wgsl` entry point (a power of two: `place` reduces over it).
-const WORKGROUP: u32 = 64;
+pub(crate) const WORKGROUP: u32 = 64;
 
 /// Marks an empty slot in the positions buffer.
 pub const EMPTY_SLOT: u32 = u32::MAX;
 
 pub(crate) fn shader_key(entry_point: &'static str, dtype: DType) -> ShaderKey {
+    storage_key(entry_point, dtype, false)
+}
+
+/// `entry_point` of `kv_cache.wgsl` on new K/V of `dtype`, into a paged pool of int8 words
+/// (`int8`) or of `dtype` (the other entry points take `false`).
+pub(crate) fn storage_key(entry_point: &'static str, dtype: DType, int8: bool) -> ShaderKey {
     ShaderKey {
         kernel: Kernel::KvCache,
         entry_point,
         dtype,
-        constants: vec![("WORKGROUP", ConstValue::U32(WORKGROUP))],
+        constants: vec![("WORKGROUP", ConstValue::U32(WORKGROUP)), ("INT8", ConstValue::Bool(int8))],
     }
 }
 
 /// Every variant of `kv_cache.wgsl`.
 pub fn shader_keys() -> Vec<ShaderKey> {
     let entries = ["place", "evict", "append", "accumulate"];
-    [DType::F32, DType::F16].iter().flat_map(|&d| entries.iter().map(move |e| shader_key(e, d))).collect()
+    let dtypes = [DType::F32, DType::F16];
+    let dense = dtypes.iter().flat_map(|&d| entries.iter().map(move |e| shader_key(e, d)));
+    let paged = dtypes.iter().flat_map(|&d| [false, true].map(|int8| storage_key("append_paged", d, int8)));
+    dense.chain(paged).collect()
 }
 
 /// The GPU buffers of one layer, for engines that read or fill them directly.
@@ -103,8 +114,8 @@ pub(crate) struct Layer {
 
 // What became of the encoder one append was recorded into.
 const PENDING: u8 = 0;
-const DONE: u8 = 1;
-const DROPPED: u8 = 2;
+pub(crate) const DONE: u8 = 1;
+pub(crate) const DROPPED: u8 = 2;
 
 /// One recorded append: where it started and what became of its encoder.
 struct RecordedAppend {
@@ -126,6 +137,15 @@ impl Drop for Watch {
     fn drop(&mut self) {
         let _ = self.0.compare_exchange(PENDING, DROPPED, Ordering::AcqRel, Ordering::Acquire);
     }
+}
+
+/// Follows `encoder`: the fate turns [`DONE`] once its submitted work is done, [`DROPPED`] if
+/// it is dropped without being submitted.
+pub(crate) fn follow(encoder: &wgpu::CommandEncoder) -> Arc<AtomicU8> {
+    let fate = Arc::new(AtomicU8::new(PENDING));
+    let watch = Watch(fate.clone());
+    encoder.on_submitted_work_done(move || watch.done());
+    fate
 }
 
 impl Layer {
@@ -165,9 +185,7 @@ impl Layer {
 
     /// Counts `count` tokens appended by work just recorded into `encoder`.
     fn record(&mut self, encoder: &wgpu::CommandEncoder, count: usize) {
-        let fate = Arc::new(AtomicU8::new(PENDING));
-        let watch = Watch(fate.clone());
-        encoder.on_submitted_work_done(move || watch.done());
+        let fate = follow(encoder);
         self.unconfirmed.push(RecordedAppend { first: self.recorded, fate });
         self.recorded += count as u64;
     }
@@ -181,6 +199,8 @@ pub(crate) struct Scratch {
     pub(crate) partial_out: Option<wgpu::Buffer>,
     pub(crate) partial_lse: Option<wgpu::Buffer>,
     pub(crate) logits: Option<wgpu::Buffer>,
+    /// Bound where a kernel's variant does not read the binding.
+    pub(crate) unused: Option<wgpu::Buffer>,
 }
 
 /// A GPU-resident KV cache: per layer, K and V of fixed capacity for B sequences × Hkv heads,

@@ -49,6 +49,16 @@ pub struct DecodeParams {
     pub rope_shift: u32,
     /// Softmax scale, resolved (1/sqrt(D) by default).
     pub scale: f32,
+    /// Paged: log2 of the tokens per page.
+    pub page_shift: u32,
+    /// Paged: block-table entries of each sequence that hold its first tokens (the sinks).
+    pub sink_pages: u32,
+    /// Paged: positions below this are retained.
+    pub sinks: u32,
+    /// Paged: so are the `window` most recent (`u32::MAX`: every token).
+    pub window: u32,
+    /// Paged int8: the word of the V pool where the scales begin.
+    pub scales_at: u32,
 }
 
 /// How to attend.
@@ -99,25 +109,34 @@ const MAX_ROW_TILES: u32 = 4;
 /// The features of a cache that change the decode kernel (compile-time constants: a branch
 /// left in the key loop, even never taken, keeps llvmpipe from unrolling it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Features {
+pub(crate) struct Features {
     /// RoPE inside the kernel (re-indexed positions).
-    rope: bool,
+    pub(crate) rope: bool,
     /// Store each row's logits per slot, for heavy-hitter scores.
-    logits: bool,
+    pub(crate) logits: bool,
+    /// K/V in a page pool, read through block tables (`super::paged`).
+    pub(crate) paged: bool,
+    /// K/V words of int8 with a scale per row (paged pools only).
+    pub(crate) int8: bool,
 }
 
 impl Features {
-    /// Every combination a cache can have (heavy hitters need absolute positions).
-    const ALL: [Features; 3] = [
-        Features { rope: false, logits: false },
-        Features { rope: true, logits: false },
-        Features { rope: false, logits: true },
+    pub(crate) const DENSE: Features = Features { rope: false, logits: false, paged: false, int8: false };
+
+    /// Every combination a cache can have (heavy hitters need absolute positions, and paged
+    /// pools have neither RoPE nor heavy hitters).
+    const ALL: [Features; 5] = [
+        Features::DENSE,
+        Features { rope: true, ..Features::DENSE },
+        Features { logits: true, ..Features::DENSE },
+        Features { paged: true, ..Features::DENSE },
+        Features { paged: true, int8: true, ..Features::DENSE },
     ];
 }
 
 /// The compile-time shape of one decode pipeline (see the header of `shaders/decode.wgsl`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Variant {
+pub(crate) struct Variant {
     workgroup: u32,
     /// Threads splitting each key's head dim; the workgroup has `workgroup / lanes` key groups.
     lanes: u32,
@@ -144,7 +163,13 @@ impl Variant {
     /// key groups' outputs do not fit. GPUs: 8 threads per key (16 past D = 128), so that
     /// consecutive threads read consecutive 16-byte words; 64 threads, 8 keys per group
     /// and tile, or 32 threads and 4 keys where that does not fit.
-    fn choose(preset: Preset, limits: &wgpu::Limits, rows: usize, head_dim: usize, features: Features) -> Result<Self> {
+    pub(crate) fn choose(
+        preset: Preset,
+        limits: &wgpu::Limits,
+        rows: usize,
+        head_dim: usize,
+        features: Features,
+    ) -> Result<Self> {
         let head = head_dim as u32;
         // The shapes of `row_tiles` tiles in order of preference.
         let shapes = |row_tiles: u32| -> Vec<Self> {
@@ -154,7 +179,8 @@ impl Variant {
                 row_tiles,
                 steps,
                 d_pad: head.next_power_of_two().max(4 * lanes).max(16),
-                aligned_rows: head_dim.is_multiple_of(4),
+                // Paged pools pad their rows to whole words.
+                aligned_rows: head_dim.is_multiple_of(4) || features.paged,
                 features,
             };
             if preset == Preset::Cpu {
@@ -183,6 +209,11 @@ impl Variant {
             }
             row_tiles /= 2;
         }
+    }
+
+    /// The fewest slots an automatic split gets.
+    pub(crate) fn min_auto_split_keys(&self) -> u32 {
+        MIN_AUTO_TILES_PER_SPLIT * self.block_k()
     }
 
     fn key_groups(&self) -> u32 {
@@ -216,6 +247,7 @@ impl Variant {
             + workgroup_array_bytes(self.key_groups() * tile_words, 64)
             + workgroup_array_bytes(self.parts(), 64)
             + 2 * workgroup_array_bytes(self.key_groups() * self.row_tiles, 16)
+            + workgroup_array_bytes(1, 16)
     }
 
     /// The most slots one split may scan on an adapter that stops every shader after
@@ -240,7 +272,7 @@ impl Variant {
         (budget.saturating_sub(queries + merge) / per_tile).max(1) * self.block_k()
     }
 
-    fn key(&self, dtype: DType) -> ShaderKey {
+    pub(crate) fn key(&self, dtype: DType) -> ShaderKey {
         ShaderKey {
             kernel: Kernel::Decode,
             entry_point: "main",
@@ -255,6 +287,8 @@ impl Variant {
                 ("ALIGNED_ROWS", ConstValue::Bool(self.aligned_rows)),
                 ("ROPE", ConstValue::Bool(self.features.rope)),
                 ("LOGITS", ConstValue::Bool(self.features.logits)),
+                ("PAGED", ConstValue::Bool(self.features.paged)),
+                ("INT8", ConstValue::Bool(self.features.int8)),
                 ("PARTS", ConstValue::U32(self.parts())),
             ],
         }
@@ -263,13 +297,13 @@ impl Variant {
 
 /// The adapter classes decode has a preset for (see [`Variant::choose`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Preset {
+pub(crate) enum Preset {
     Cpu,
     Gpu,
 }
 
 impl Preset {
-    fn for_adapter(info: &wgpu::AdapterInfo) -> Self {
+    pub(crate) fn for_adapter(info: &wgpu::AdapterInfo) -> Self {
         if info.device_type == wgpu::DeviceType::Cpu { Preset::Cpu } else { Preset::Gpu }
     }
 }
@@ -310,12 +344,114 @@ pub fn parallel_workgroups(info: &wgpu::AdapterInfo) -> u32 {
     }
 }
 
+/// The plan that cuts `len` slots into `requested` splits (`None`: `auto()`), capped at one
+/// split per tile of keys and raised where the adapter caps loop iterations.
+pub(crate) fn split_plan(
+    ctx: &Context,
+    variant: &Variant,
+    len: u32,
+    requested: Option<u32>,
+    auto: impl FnOnce() -> u32,
+) -> Result<DecodePlan> {
+    let requested = match requested {
+        Some(0) => return Err(Error::Option("splits must be at least 1".into())),
+        Some(n) => n,
+        None => auto(),
+    };
+    let tiles = len.div_ceil(variant.group_keys());
+    let fewest = ctx.loop_iteration_limit().map_or(1, |limit| len.div_ceil(variant.max_keys_per_split(limit)));
+    let keys_per_split = len.div_ceil(requested.max(fewest).min(tiles));
+    Ok(DecodePlan {
+        splits: len.div_ceil(keys_per_split),
+        keys_per_split,
+        rows_per_block: variant.block_r(),
+        block_k: variant.group_keys(),
+    })
+}
+
+/// One decode launch, recorded by [`record`]: the kernel with its buffers bound by name, its
+/// grid, and the merge of its splits.
+pub(crate) struct Launch<'a> {
+    pub(crate) pipeline: &'a wgpu::ComputePipeline,
+    pub(crate) bindings: Vec<(&'static str, &'a wgpu::Buffer)>,
+    pub(crate) grid: [u32; 3],
+    pub(crate) merge: Merge<'a>,
+}
+
+/// Records `launch` (decode then combine) into `pass`.
+pub(crate) fn record(ctx: &Context, pass: &mut wgpu::ComputePass<'_>, launch: &Launch<'_>) -> Result<()> {
+    let group = bind_buffers(ctx.device(), launch.pipeline, Kernel::Decode, &launch.bindings)?;
+    pass.set_pipeline(launch.pipeline);
+    pass.set_bind_group(0, &group, &[]);
+    let [x, y, z] = launch.grid;
+    pass.dispatch_workgroups(x, y, z);
+    combine::dispatch(ctx, pass, &launch.merge)
+}
+
+/// Checks queries `bufs.q` `[S, Hq, Nq, D]` of `dtype` and their outputs against a cache of
+/// `sequences` sequences (or batch) of `kv_heads` heads of `head_dim`; returns (Hq, Nq).
+pub(crate) fn check_query_buffers(
+    ctx: &Context,
+    bufs: &DecodeBuffers<'_>,
+    sequences: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+) -> Result<(usize, usize)> {
+    let DecodeBuffers { q, out, lse } = bufs;
+    if q.shape().len() != 4 {
+        return Err(Error::Rank { what: "Q", expected: "4 [B, Hq, Nq, D]".into(), got: q.shape().to_vec() });
+    }
+    if q.shape().contains(&0) {
+        return Err(Error::Empty { what: "Q", shape: q.shape().to_vec() });
+    }
+    let (b, q_heads, n_q, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
+    if b != sequences || d != head_dim {
+        return Err(Error::Shape(format!(
+            "Q {:?} must have the cache's batch {sequences} and head dim {head_dim}",
+            q.shape()
+        )));
+    }
+    if q_heads % kv_heads != 0 {
+        return Err(Error::Heads { what: "the KV cache", got: kv_heads, q_heads });
+    }
+    for (what, t) in [("Q", q), ("O", out)] {
+        if t.dtype() != dtype {
+            return Err(Error::DType(format!("{what} is {} but the cache stores {dtype}", t.dtype())));
+        }
+    }
+    if lse.dtype() != DType::F32 {
+        return Err(Error::DType(format!("LSE must be f32, got {}", lse.dtype())));
+    }
+    if out.shape() != q.shape() {
+        return Err(Error::Shape(format!("O has shape {:?}, expected {:?}", out.shape(), q.shape())));
+    }
+    if lse.shape() != &q.shape()[..3] {
+        return Err(Error::Shape(format!("LSE has shape {:?}, expected {:?}", lse.shape(), &q.shape()[..3])));
+    }
+    check_u32_indexing("Q", q.numel() as u64)?;
+    if dtype == DType::F16 {
+        ctx.require_f16()?;
+    }
+    Ok((q_heads, n_q))
+}
+
+/// The softmax scale of `options` for head dim `head_dim`, checked.
+pub(crate) fn resolved_scale(options: &DecodeOptions, head_dim: usize) -> Result<f32> {
+    let scale = options.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
+    if !scale.is_finite() {
+        return Err(Error::Option(format!("scale {scale} is not finite")));
+    }
+    Ok(scale)
+}
+
 impl KvCache {
     /// The decode variant for `rows` rows per KV head.
     fn variant(&self, ctx: &Context, preset: Preset, rows: usize) -> Result<Variant> {
         let features = Features {
             rope: matches!(self.config.positions, PositionMode::Reindexed(_)),
             logits: matches!(self.config.policy, EvictionPolicy::HeavyHitters { .. }),
+            ..Features::DENSE
         };
         Variant::choose(preset, ctx.limits(), rows, self.config.head_dim, features)
     }
@@ -357,25 +493,13 @@ impl KvCache {
         let rows = (q_heads / kv_heads).max(1) * n_q;
         let variant = self.variant(ctx, preset, rows)?;
         let len = (self.len_at(self.checked_seen(layer)?) as u32).max(1);
-        let tiles = len.div_ceil(variant.group_keys());
-        let requested = match options.splits {
-            Some(0) => return Err(Error::Option("splits must be at least 1".into())),
-            Some(n) => n,
-            None => {
-                let row_blocks = (rows as u32).div_ceil(variant.block_r());
-                let base = (batch * kv_heads) as u32 * row_blocks;
-                let worth_splitting = len / (MIN_AUTO_TILES_PER_SPLIT * variant.block_k());
-                parallel_workgroups(ctx.adapter_info()).div_ceil(base).min(worth_splitting).clamp(1, MAX_AUTO_SPLITS)
-            }
+        let auto = || {
+            let row_blocks = (rows as u32).div_ceil(variant.block_r());
+            let base = (batch * kv_heads) as u32 * row_blocks;
+            let worth_splitting = len / variant.min_auto_split_keys();
+            parallel_workgroups(ctx.adapter_info()).div_ceil(base).min(worth_splitting).clamp(1, MAX_AUTO_SPLITS)
         };
-        let fewest = ctx.loop_iteration_limit().map_or(1, |limit| len.div_ceil(variant.max_keys_per_split(limit)));
-        let keys_per_split = len.div_ceil(requested.max(fewest).min(tiles));
-        Ok(DecodePlan {
-            splits: len.div_ceil(keys_per_split),
-            keys_per_split,
-            rows_per_block: variant.block_r(),
-            block_k: variant.group_keys(),
-        })
+        split_plan(ctx, &variant, len, options.splits, auto)
     }
 
     /// Records attention of the queries `bufs.q` (the last `Nq` tokens appended to `layer`)
@@ -404,10 +528,7 @@ impl KvCache {
     ) -> Result<DecodePlan> {
         let DecodeBuffers { q, out, lse } = bufs;
         let (q_heads, n_q) = self.check_queries(ctx, layer, bufs)?;
-        let scale = options.scale.unwrap_or(1.0 / (self.config.head_dim as f32).sqrt());
-        if !scale.is_finite() {
-            return Err(Error::Option(format!("scale {scale} is not finite")));
-        }
+        let scale = resolved_scale(options, self.config.head_dim)?;
         let plan = self.plan_for(ctx, preset, layer, q_heads, n_q, options)?;
         let KvCacheConfig { batch, kv_heads, head_dim, dtype, policy, positions, .. } = self.config;
         let capacity = policy.capacity();
@@ -444,6 +565,11 @@ impl KvCache {
             rope_sinks,
             rope_shift,
             scale,
+            page_shift: 0,
+            sink_pages: 0,
+            sinks: 0,
+            window: 0,
+            scales_at: 0,
         };
 
         let query_rows = (batch * q_heads * n_q) as u64;
@@ -461,11 +587,9 @@ impl KvCache {
         let partial_lse = scratch(ctx, &mut s.partial_lse, "wattn decode partial LSE", 4 * splits * query_rows)?;
         let logits = scratch(ctx, &mut s.logits, "wattn decode logits", logits_bytes)?;
         let params = uniform_buffer(ctx, &params);
-        let group = bind_buffers(
-            ctx.device(),
-            &pipeline,
-            Kernel::Decode,
-            &[
+        let launch = Launch {
+            pipeline: &pipeline,
+            bindings: vec![
                 ("params", &params),
                 ("q", q.buffer()),
                 ("k", &l.k),
@@ -476,23 +600,21 @@ impl KvCache {
                 ("partial_lse", partial_lse),
                 ("logits", logits),
             ],
-        )?;
+            grid: [plan.splits, row_blocks, sequences],
+            merge: Merge {
+                partial_out,
+                partial_lse,
+                out: out.buffer(),
+                lse: lse.buffer(),
+                out_dtype: dtype,
+                rows: query_rows as usize,
+                dim: head_dim,
+                splits: plan.splits as usize,
+            },
+        };
         let mut pass = encoder
             .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn decode"), timestamp_writes: None });
-        pass.set_pipeline(&pipeline);
-        pass.set_bind_group(0, &group, &[]);
-        pass.dispatch_workgroups(plan.splits, row_blocks, sequences);
-        let merge = Merge {
-            partial_out,
-            partial_lse,
-            out: out.buffer(),
-            lse: lse.buffer(),
-            out_dtype: dtype,
-            rows: query_rows as usize,
-            dim: head_dim,
-            splits: plan.splits as usize,
-        };
-        combine::dispatch(ctx, &mut pass, &merge)?;
+        record(ctx, &mut pass, &launch)?;
 
         if heavy_hitters {
             let slots = sequences as u64 * capacity as u64;
@@ -546,40 +668,9 @@ impl KvCache {
 
     /// Checks the queries and outputs of a decode call and returns (Hq, Nq).
     fn check_queries(&self, ctx: &Context, layer: usize, bufs: &DecodeBuffers<'_>) -> Result<(usize, usize)> {
-        let DecodeBuffers { q, out, lse } = bufs;
         let KvCacheConfig { batch, kv_heads, head_dim, dtype, policy, .. } = self.config;
         let seen = self.checked_seen(layer)?;
-        if q.shape().len() != 4 {
-            return Err(Error::Rank { what: "Q", expected: "4 [B, Hq, Nq, D]".into(), got: q.shape().to_vec() });
-        }
-        if q.shape().contains(&0) {
-            return Err(Error::Empty { what: "Q", shape: q.shape().to_vec() });
-        }
-        let (b, q_heads, n_q, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
-        if b != batch || d != head_dim {
-            return Err(Error::Shape(format!(
-                "Q {:?} must have the cache's batch {batch} and head dim {head_dim}",
-                q.shape()
-            )));
-        }
-        if q_heads % kv_heads != 0 {
-            return Err(Error::Heads { what: "the KV cache", got: kv_heads, q_heads });
-        }
-        for (what, t) in [("Q", q), ("O", out)] {
-            if t.dtype() != dtype {
-                return Err(Error::DType(format!("{what} is {} but the cache stores {dtype}", t.dtype())));
-            }
-        }
-        if lse.dtype() != DType::F32 {
-            return Err(Error::DType(format!("LSE must be f32, got {}", lse.dtype())));
-        }
-        if out.shape() != q.shape() {
-            return Err(Error::Shape(format!("O has shape {:?}, expected {:?}", out.shape(), q.shape())));
-        }
-        if lse.shape() != &q.shape()[..3] {
-            return Err(Error::Shape(format!("LSE has shape {:?}, expected {:?}", lse.shape(), &q.shape()[..3])));
-        }
-        check_u32_indexing("Q", q.numel() as u64)?;
+        let (q_heads, n_q) = check_query_buffers(ctx, bufs, batch, kv_heads, head_dim, dtype)?;
         if n_q as u64 > seen {
             return Err(Error::Option(format!(
                 "{n_q} queries but layer {layer} has {seen} tokens: the queries are the last tokens appended"
@@ -590,9 +681,6 @@ impl KvCache {
                 "{n_q} queries but policy {} keeps only the {recent} most recent tokens: the queries must still be cached",
                 policy.name()
             )));
-        }
-        if dtype == DType::F16 {
-            ctx.require_f16()?;
         }
         Ok((q_heads, n_q))
     }

@@ -1,5 +1,6 @@
 //! A GPU-resident KV cache for streaming generation, with eviction, and the split-KV decode
-//! kernels that attend to it.
+//! kernels that attend to it; [`paged`] holds a server's many sequences of mixed lengths in
+//! shared page pools (f32, f16 or int8), decoded in one launch per layer.
 //!
 //! Per layer the cache holds K and V `[B, Hkv, capacity, D]`, the absolute stream position
 //! of the token in each slot `[B, Hkv, capacity]` (u32, `u32::MAX` for an empty slot) and,
@@ -33,9 +34,11 @@
 pub mod cache;
 pub mod combine;
 pub mod decode;
+pub mod paged;
 
 pub use cache::{KvCache, LayerBuffers};
 pub use decode::{DecodeBuffers, DecodeOptions, DecodePlan};
+pub use paged::{KvStorage, PagedKvCache, PagedLayout, PagedStep, SequenceId};
 
 use crate::error::{Error, Result};
 use crate::shader::ShaderKey;
@@ -104,7 +107,7 @@ impl EvictionPolicy {
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let bad = |why: String| Err(Error::Option(format!("eviction policy {self:?}: {why}")));
         match *self {
             EvictionPolicy::None { capacity: 0 } => bad("capacity must be at least 1".into()),

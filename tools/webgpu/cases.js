@@ -249,9 +249,11 @@ function combineStep(device, combine, pipeline, m, partialOut, partialLse, out, 
 
 /**
  * Split-KV decode then combine on a cache problem `p` (see decodeProblem): the grid of
- * src/kv/decode.rs, (splits, row blocks, batch * KV heads). Returns { out, lse }.
+ * src/kv/decode.rs, (splits, row blocks, batch * KV heads). With `paged` (see pagedLayout),
+ * the PAGED variant reads the same tokens from a page pool through block tables.
+ * Returns { out, lse }.
  */
-async function runDecode(device, [decode, decodePipeline], [combine, combinePipeline], p) {
+async function runDecode(device, [decode, decodePipeline], [combine, combinePipeline], p, paged = null) {
   const group = p.qHeads / p.kvHeads;
   const rows = group * p.nQ;
   const splits = Math.ceil(p.len / p.keysPerSplit);
@@ -270,6 +272,12 @@ async function runDecode(device, [decode, decodePipeline], [combine, combinePipe
     rope_sinks: 0,
     rope_shift: 0,
     scale: p.scale,
+    // The paged variants' members, unread by the dense ones: every token retained.
+    page_shift: paged ? paged.pageShift : 0,
+    sink_pages: 0,
+    sinks: 0,
+    window: 0xffffffff,
+    scales_at: 0,
   };
   const partialOut = sentinel(device, splits * queryRows * p.dim);
   const partialLse = sentinel(device, splits * queryRows);
@@ -278,13 +286,17 @@ async function runDecode(device, [decode, decodePipeline], [combine, combinePipe
   const decodeBuffers = {
     params: uniformBuffer(device, decode, params),
     q: buffer(device, p.q),
-    k: buffer(device, p.cacheK),
-    v: buffer(device, p.cacheV),
-    pos: buffer(device, p.positions),
+    k: buffer(device, paged ? paged.k : p.cacheK),
+    v: buffer(device, paged ? paged.v : p.cacheV),
+    pos: buffer(device, paged ? paged.tables : p.positions),
     rope_table: buffer(device, new Float32Array(4)), // RoPE off
     partial_out: partialOut,
     partial_lse: partialLse,
     logits: buffer(device, new Float32Array(4)), // LOGITS off
+    // PAGED and INT8 off.
+    seqs: buffer(device, new Uint32Array(4)),
+    block_table: buffer(device, new Uint32Array(4)),
+    scales: buffer(device, new Uint32Array(4)),
   };
   const decodeGrid = [splits, Math.ceil(rows / decode.constants.BLOCK_R), p.batch * p.kvHeads];
   const merge = { rows: queryRows, dim: p.dim, splits };
@@ -376,6 +388,42 @@ function decodeProblem({ seed, batch = 1, qHeads, kvHeads, nQ, dim, capacity, se
   return p;
 }
 
+/**
+ * The tokens of decode problem `p` (slots in stream order) in a page pool of 2^pageShift-token
+ * pages, each sequence's pages in a shuffled order, rows padded to whole words, as
+ * src/kv/paged.rs lays them out: { pageShift, k, v, tables } (tables: each sequence's entry
+ * (seen, table start, slots, 0), then the block tables).
+ */
+function pagedLayout(p, pageShift, seed) {
+  const page = 1 << pageShift;
+  const words = Math.ceil(p.dim / 4);
+  const perSequence = Math.ceil(p.len / page);
+  const pages = p.batch * perSequence + 1; // one page no table names
+  const order = Array.from({ length: pages }, (_, i) => i);
+  const rng = random(seed);
+  for (let i = pages - 1; i > 0; i--) {
+    const j = Math.floor(((rng() + 1) / 2) * (i + 1)) % (i + 1);
+    [order[i], order[j]] = [order[j], order[i]];
+  }
+  const k = new Float32Array(pages * p.kvHeads * page * words * 4);
+  const v = new Float32Array(k.length);
+  const tables = new Uint32Array(4 * p.batch + p.batch * perSequence);
+  for (let b = 0; b < p.batch; b++) {
+    const start = 4 * p.batch + b * perSequence;
+    tables.set([p.seen, start, p.len, 0], 4 * b);
+    for (let t = 0; t < perSequence; t++) tables[start + t] = order[b * perSequence + t];
+    for (let h = 0; h < p.kvHeads; h++) {
+      for (let j = 0; j < p.len; j++) {
+        const to = ((tables[start + (j >> pageShift)] * p.kvHeads + h) * page + (j % page)) * words * 4;
+        const from = ((b * p.kvHeads + h) * p.capacity + j) * p.dim;
+        k.set(p.cacheK.subarray(from, from + p.dim), to);
+        v.set(p.cacheV.subarray(from, from + p.dim), to);
+      }
+    }
+  }
+  return { pageShift, k, v, tables };
+}
+
 /** Where StreamingLLM's ring puts each of `seen` tokens: sinks first, then slot sinks + (t - sinks) % window. */
 function ring(sinks, window, seen) {
   const positions = [];
@@ -443,12 +491,19 @@ export function caseList(device, variants) {
     }
   }
   const [combine] = byConstants(variants, 'combine', {});
-  for (const spec of DECODE_CASES) {
+  // Each decode case on the dense kernel, and those whose slots are in stream order also on
+  // the paged one (f32 pool, pages of 4 tokens in a shuffled order).
+  const inOrder = (spec) => spec.slotPositions.every((position, slot) => position === slot);
+  const decodeRuns = DECODE_CASES.flatMap((spec) => [[spec, false], ...(inOrder(spec) ? [[spec, true]] : [])]);
+  for (const [spec, isPaged] of decodeRuns) {
     const p = decodeProblem({ seed: 100 + runs.length, ...spec });
+    const paged = isPaged ? pagedLayout(p, 2, 7 + runs.length) : null;
     const candidates = byConstants(variants, 'decode', {
-      ALIGNED_ROWS: p.dim % 4 === 0,
+      ALIGNED_ROWS: isPaged || p.dim % 4 === 0,
       ROPE: false,
       LOGITS: false,
+      PAGED: isPaged,
+      INT8: false,
     }).filter((v) => v.constants.D_PAD === decodePad(p.dim, v.constants.LANES));
     const chosen = candidates.filter((v, i) => {
       const same = candidates.filter((w) => w.constants.LANES === v.constants.LANES);
@@ -457,16 +512,17 @@ export function caseList(device, variants) {
       const first = candidates.findIndex((w) => w.constants.LANES === v.constants.LANES && w.constants.BLOCK_R === v.constants.BLOCK_R);
       return extreme && first === i;
     });
+    const name = isPaged ? `paged ${spec.name}` : spec.name;
     if (chosen.length === 0 || !combine) {
-      runs.push(['decode', spec.name, [], async () => 'no admitted decode or combine variant']);
+      runs.push(['decode', name, [], async () => 'no admitted decode or combine variant']);
     }
     for (const v of chosen) {
       runs.push([
         'decode',
-        `${spec.name} | ${constantsText(v)}`,
+        `${name} | ${constantsText(v)}`,
         [v, combine],
         async ([decodePipeline, combinePipeline]) =>
-          judge(p.attention, await runDecode(device, [v, decodePipeline], [combine, combinePipeline], p)),
+          judge(p.attention, await runDecode(device, [v, decodePipeline], [combine, combinePipeline], p, paged)),
       ]);
     }
   }
