@@ -14,10 +14,13 @@
 // and the same softmax state. SPLIT = 1 keeps whole rows per thread (CPU adapters: registers
 // are plentiful); GPUs split the head dims to bound registers per thread.
 //
-// K/V tiles are either staged through workgroup memory by the whole workgroup (STAGE_KV:
-// coalesced vec4 loads, shared by all row groups; two barriers per tile) or read by each
-// thread straight from memory (a workgroup of one subgroup on a CPU adapter, where the
-// threads' reads of the same key are one load and there are no barriers at all).
+// K/V tiles are staged through workgroup memory by the whole workgroup (STAGE_KV: coalesced
+// vec4 loads, shared by all row groups; two barriers per tile), read by each thread straight
+// from memory (a workgroup of one subgroup on a CPU adapter, where the threads' reads of the
+// same key are one load and there are no barriers at all), or (SHUFFLE_KV) read as whole
+// rows, each thread its own keys, and handed to the others by subgroup shuffles: on llvmpipe
+// every load runs once per thread anyway, so this one brings a different word to each
+// (the host runs it only where the workgroup is exactly one subgroup).
 //
 // Loads are vec4 words of the tensors (array<vec4<Elem>>): rows whose head dim is not a
 // multiple of 4 (ALIGNED false) start inside a word and are read from two words. The hot
@@ -40,10 +43,11 @@
 // tiles. The dense options (window, sinks) still apply on top.
 //
 // Constants come from the prelude made by src/shader.rs: Elem (f32 or f16), BLOCK_Q,
-// BLOCK_K (a multiple of 4), ROW_GROUPS, SPLIT, STAGE_KV, DQK_PAD, DV_PAD (head dims rounded
+// BLOCK_K (a multiple of 4), ROW_GROUPS, SPLIT, STAGE_KV, SHUFFLE_KV, DQK_PAD, DV_PAD (head dims rounded
 // up to 16), ALIGNED, QK_TAIL (Dqk is not a multiple of 16) and BLOCK_SPARSE. Params and visible4() come from shared/attention.wgsl,
 // MASKED and the softmax steps (base 2) from shared/softmax.wgsl, the block mask's layout
-// and walk from shared/block_mask.wgsl.
+// and walk from shared/block_mask.wgsl, and the lane helpers (subgroup_lane, from_lane,
+// on_all_lanes) from shared/lanes_subgroup.wgsl or shared/lanes_none.wgsl.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<Elem>>;
@@ -71,10 +75,17 @@ const MASK_WORDS: u32 = (BLOCK_Q * BLOCK_K + 31u) / 32u;
 const KV_TILE_QK: u32 = select(1u, BLOCK_K * QK4, STAGE_KV);
 const KV_TILE_V: u32 = select(1u, BLOCK_K * DV4, STAGE_KV);
 const PARTIALS: u32 = select(1u, WORKGROUP * ROW_GROUPS * STEPS, SPLIT > 1u);
+// SHUFFLE_KV: the keys of a tile each thread holds (key u * WORKGROUP + lane for lane `lane`),
+// whole rows of K and V.
+const KEYS_PER_LANE: u32 = select(1u, BLOCK_K / WORKGROUP, SHUFFLE_KV);
+const LANE_QK: u32 = select(1u, KEYS_PER_LANE * QK4, SHUFFLE_KV);
+const LANE_V: u32 = select(1u, KEYS_PER_LANE * DV4, SHUFFLE_KV);
 
 var<workgroup> k_tile: array<vec4<f32>, KV_TILE_QK>;
 var<workgroup> v_tile: array<vec4<f32>, KV_TILE_V>;
 var<workgroup> partial_s: array<mat4x4<f32>, PARTIALS>;
+var<private> k_lane: array<vec4<f32>, LANE_QK>;
+var<private> v_lane: array<vec4<f32>, LANE_V>;
 
 // Vec4 column c (elements [4c, 4c + 4)) of the row of Q, K or V that starts at element
 // `row_start`: a word, or for unaligned rows (ALIGNED false) parts of two. Past the row's
@@ -127,14 +138,18 @@ fn inside(x: vec4<f32>, c: u32, dim: u32, valid: bool) -> vec4<f32> {
 }
 
 // Column c of keys [key0 + j0, key0 + j0 + 4) of K, one key per matrix column: from the
-// staged tile, or from memory, where keys past n_k are left as they are (their scores are
+// staged tile, from the threads holding them (SHUFFLE_KV: whole rows, c is a column of the
+// row), or from memory, where keys past n_k are left as they are (their scores are
 // masked) and so are V's columns past Dv (never written), but K's columns past Dqk must be
 // zeros (QK_TAIL): Q's are, and 0 * NaN is not.
 fn k_columns(k_base: u32, key0: u32, j0: u32, c: u32) -> mat4x4<f32> {
     var keys = mat4x4<f32>();
     for (var j = 0u; j < 4u; j++) {
+        let key = j0 + j;
         if STAGE_KV {
-            keys[j] = k_tile[min((j0 + j) * QK4 + c, KV_TILE_QK - 1u)];
+            keys[j] = k_tile[min(key * QK4 + c, KV_TILE_QK - 1u)];
+        } else if SHUFFLE_KV {
+            keys[j] = from_lane(k_lane[min(key / WORKGROUP * QK4 + c, LANE_QK - 1u)], key % WORKGROUP);
         } else {
             keys[j] = k_word(k_base + (key0 + j0 + j) * params.d_qk, c);
             if QK_TAIL {
@@ -149,8 +164,11 @@ fn k_columns(k_base: u32, key0: u32, j0: u32, c: u32) -> mat4x4<f32> {
 fn v_columns(v_base: u32, key0: u32, j0: u32, c: u32) -> mat4x4<f32> {
     var values = mat4x4<f32>();
     for (var j = 0u; j < 4u; j++) {
+        let key = j0 + j;
         if STAGE_KV {
-            values[j] = v_tile[min((j0 + j) * DV4 + c, KV_TILE_V - 1u)];
+            values[j] = v_tile[min(key * DV4 + c, KV_TILE_V - 1u)];
+        } else if SHUFFLE_KV {
+            values[j] = from_lane(v_lane[min(key / WORKGROUP * DV4 + c, LANE_V - 1u)], key % WORKGROUP);
         } else {
             values[j] = v_word(v_base + (key0 + j0 + j) * params.d_v, c);
         }
@@ -232,6 +250,8 @@ fn main(
     let lane = tid % SPLIT;
     let my_local0 = group * ROWS;
     let my_row0 = row0 + my_local0;
+    // SHUFFLE_KV: this thread's lane, which holds keys u * WORKGROUP + lane of each tile.
+    let sg_lane = subgroup_lane();
 
     // The keys any row of this block may see in this pass: [key_lo, key_hi), plus the sinks.
     let last_row = min(row0 + BLOCK_Q, params.n_q) - 1u;
@@ -334,6 +354,19 @@ fn main(
             }
             workgroupBarrier();
         }
+        if SHUFFLE_KV {
+            // This thread's keys of the tile, whole rows; past n_k the last key stands in (its
+            // scores are masked, and such tiles take the element path that skips zero weights).
+            for (var u = 0u; u < KEYS_PER_LANE; u++) {
+                let key = min(key0 + u * WORKGROUP + sg_lane, params.n_k - 1u);
+                for (var c = 0u; c < QK4; c++) {
+                    k_lane[u * QK4 + c] = inside(k_word(k_base + key * params.d_qk, c), c, params.d_qk, true);
+                }
+                for (var c = 0u; c < DV4; c++) {
+                    v_lane[u * DV4 + c] = v_word(v_base + key * params.d_v, c);
+                }
+            }
+        }
 
         // S = Q K^T for this tile: s[g * STEPS + step] holds rows 4g.. x keys 4 step.., one
         // column per row (this thread's columns only when SPLIT > 1). The inner loops touch
@@ -369,10 +402,11 @@ fn main(
         // Which keys of the tile this thread's rows see: all of them (whole), or by element.
         let partial = BLOCK_SPARSE && run_mask != FULL_RUN;
         let tile_last = i32(key0 + BLOCK_K) - 1;
-        let whole = !partial && tile_last < i32(params.n_k)
+        // With SHUFFLE_KV, whole for every lane or none: the P V branches hold shuffles.
+        let whole = on_all_lanes(!partial && tile_last < i32(params.n_k)
             && (params.window_right < 0 || tile_last <= my_diag_first + params.window_right)
             && (params.window_left < 0 || i32(key0) >= my_diag_last - params.window_left
-                || tile_last < i32(params.sinks));
+                || tile_last < i32(params.sinks)));
 
         // Online softmax per row group: cap, mask, new running max, rescale, weights.
         var alphas = array<vec4<f32>, ROW_GROUPS>();

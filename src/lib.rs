@@ -47,7 +47,7 @@ pub mod internals {
 }
 
 pub use attention::backward::{self, GradientBuffers, Gradients, attention_backward};
-pub use attention::flash::{self, FlashConfig};
+pub use attention::flash::{self, FlashConfig, KvReads};
 pub use attention::naive;
 pub use attention::tuning::{ConfigSource, TuneCache, TuneKey, TunedEntry};
 pub use attention::{

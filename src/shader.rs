@@ -5,7 +5,7 @@
 //! that declares them: `enable f16;` when the storage is f16, `alias Elem = f32|f16;`, and
 //! one `const NAME: TYPE = VALUE;` per constant, then the files of `shaders/shared/` the
 //! kernel uses ([`Kernel::shared`]; for decode and kv_cache, the K/V word storage chosen by
-//! the constant `INT8`). That is the whole preprocessor. Plain
+//! the constant `INT8`, for flash_fwd the register sharing chosen by `SHUFFLE_KV`). That is the whole preprocessor. Plain
 //! `const`s (rather than `override`s) let workgroup arrays and private arrays be sized by
 //! them on every backend, and let the compiler unroll the inner loops.
 
@@ -142,20 +142,46 @@ impl ShaderKey {
         for shared in self.kernel.shared() {
             s.push_str(shared);
         }
-        if matches!(self.kernel, Kernel::Decode | Kernel::KvCache) {
-            s.push_str(self.kv_storage());
+        if let Some(chosen) = self.chosen_shared() {
+            s.push_str(chosen);
         }
         s.push_str(self.kernel.body());
         s
     }
 
-    /// The shared file that declares how K/V words are stored (`KvWord`, `kv_unpack`,
-    /// `kv_pack`): int8 where the variant's constant `INT8` is true, else the element type.
-    fn kv_storage(&self) -> &'static str {
-        let int8 = self.constants.iter().any(|&(name, value)| name == "INT8" && value == ConstValue::Bool(true));
-        match int8 {
-            true => include_str!("../shaders/shared/kv_int8.wgsl"),
-            false => include_str!("../shaders/shared/kv_float.wgsl"),
+    /// The shared file a constant of the variant chooses: for decode and kv_cache how K/V
+    /// words are stored (`KvWord`, `kv_unpack`, `kv_pack`; int8 where `INT8`, else the element
+    /// type), for flash_fwd how threads share registers (subgroup operations where
+    /// `SHUFFLE_KV`, else stand-ins without them).
+    fn chosen_shared(&self) -> Option<&'static str> {
+        let on =
+            |constant| self.constants.iter().any(|&(name, value)| name == constant && value == ConstValue::Bool(true));
+        match self.kernel {
+            Kernel::Decode | Kernel::KvCache => Some(match on("INT8") {
+                true => include_str!("../shaders/shared/kv_int8.wgsl"),
+                false => include_str!("../shaders/shared/kv_float.wgsl"),
+            }),
+            Kernel::FlashForward => Some(match on("SHUFFLE_KV") {
+                true => include_str!("../shaders/shared/lanes_subgroup.wgsl"),
+                false => include_str!("../shaders/shared/lanes_none.wgsl"),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Whether the variant uses subgroup operations.
+    pub fn uses_subgroups(&self) -> bool {
+        self.chosen_shared() == Some(include_str!("../shaders/shared/lanes_subgroup.wgsl"))
+    }
+
+    /// [`Self::source`] as WebGPU's WGSL takes it: where the variant uses subgroups, with
+    /// `enable subgroups;` (which naga, as wgpu 30 has it, refuses while it takes the builtins
+    /// without it) and subgroup_uniformity off (the kernel branches on `on_all_lanes`, uniform
+    /// across the subgroup, which the static analysis cannot see).
+    pub fn webgpu_source(&self) -> String {
+        match self.uses_subgroups() {
+            true => format!("enable subgroups;\ndiagnostic(off, subgroup_uniformity);\n{}", self.source()),
+            false => self.source(),
         }
     }
 

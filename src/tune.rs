@@ -23,7 +23,7 @@ use crate::attention::{AttentionBuffers, AttentionOptions, AttentionShape, flash
 use crate::context::Context;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::flash::FlashConfig;
+use crate::flash::{FlashConfig, KvReads};
 use crate::reference;
 use crate::tensor::Tensor;
 use crate::timing::{Clock, Stats, Timer};
@@ -251,7 +251,7 @@ impl FlashConfig {
                 block_k,
                 rows_per_thread,
                 threads_per_row,
-                stage_kv: true,
+                kv_reads: KvReads::Workgroup,
             },
         );
         let presets = Self::PRESETS.map(|(_, preset)| preset.fitted(limits, shape));

@@ -8,7 +8,7 @@
 mod common;
 
 use common::{Errors, Inputs, Rng, Verdict, ctx};
-use wattn::{AttentionOptions, AttentionShape, DType, FlashConfig, Tensor, naive};
+use wattn::{AttentionOptions, AttentionShape, DType, FlashConfig, KvReads, Tensor, naive};
 
 const HEAD_DIMS: [(usize, usize); 13] = [
     (32, 32),
@@ -34,7 +34,7 @@ const SOFTCAPS: [f32; 2] = [0.0, 1.5];
 const CONFIGS: [FlashConfig; 4] = [FlashConfig::PORTABLE, FlashConfig::GPU, FlashConfig::CPU, SPLIT_2];
 /// Two threads per row and 8 rows each: the partial-score sum over lanes, and two row groups.
 const SPLIT_2: FlashConfig =
-    FlashConfig { block_q: 64, block_k: 8, rows_per_thread: 8, threads_per_row: 2, stage_kv: true };
+    FlashConfig { block_q: 64, block_k: 8, rows_per_thread: 8, threads_per_row: 2, kv_reads: KvReads::Workgroup };
 
 /// Mask options by name: causal, windows open on either side, windows with causal, sinks.
 fn masks() -> Vec<(&'static str, AttentionOptions)> {
@@ -142,6 +142,16 @@ fn pinned_cases() -> Vec<Case> {
         case(DType::F16, (4, 1), (97, 160), (192, 128), "causal", options(true, (-1, -1), 0, 0.0)),
         // GQA with sinks, a window and a softcap at once.
         case(DType::F32, (4, 2), (150, 150), (80, 80), "sinks2+window(24,0)", options(false, (24, 0), 2, 5.0)),
+        // K/V rows handed out by subgroup shuffles: a tile past n_k (the last key stands in),
+        // a head dim that straddles words and masks K's tail, and GQA.
+        Case {
+            config: FlashConfig::CPU_SUBGROUP,
+            ..case(DType::F32, (4, 2), (45, 203), (37, 37), "causal", options(true, (-1, -1), 0, 0.0))
+        },
+        Case {
+            config: FlashConfig::CPU_SUBGROUP,
+            ..case(DType::F16, (2, 2), (64, 64), (64, 64), "window(5,9)", options(false, (5, 9), 0, 1.5))
+        },
         // Whole rows of 8 per thread, K/V read from memory.
         Case {
             config: FlashConfig { rows_per_thread: 8, ..FlashConfig::CPU },
@@ -204,7 +214,7 @@ type GpuRun = fn(&Case, &Tensor, &Tensor, &Tensor) -> wattn::Result<wattn::Atten
 fn run_flash(case: &Case, q: &Tensor, k: &Tensor, v: &Tensor) -> wattn::Result<wattn::AttentionOutput> {
     let c = ctx();
     let mut config = case.config.fitted(c.limits(), &case.shape());
-    if let Err(e) = config.check(c.limits(), &case.shape()) {
+    if let Err(e) = config.check(c.limits(), &case.shape()).and_then(|()| config.check_subgroups(c)) {
         config = FlashConfig::for_adapter(c);
         eprintln!("{}: preset does not fit this adapter ({e}), running {config:?}", case.label());
     }

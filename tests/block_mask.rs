@@ -547,7 +547,7 @@ fn bad_launches_are_errors() {
     assert!(err(run(&wrong_len)).contains("40 queries x 51 keys"));
     let three_heads = BlockMask::per_head(&[Mask::causal(), Mask::full(), Mask::causal()], 40, 50, block).unwrap();
     assert!(err(run(&three_heads)).contains("3 query heads"));
-    let huge_blocks = BlockMask::new(&Mask::causal(), 40, 50, BlockSize::new(4096, 32)).unwrap();
+    let huge_blocks = BlockMask::new(&Mask::causal(), 40, 50, BlockSize::new(8192, 32)).unwrap();
     assert!(matches!(
         wattn::attention_masked(c, &q, &k, &v, &huge_blocks, &AttentionOptions::default()),
         Err(Error::Limit { .. })

@@ -874,7 +874,7 @@ fn bad_block_sparse_inputs_are_refused() {
         }
     };
     refused("block-threads", block("32,33"), &["multiple of 4"]);
-    refused("block-limit", block("4096,32"), &["workgroup", "max_compute_invocations_per_workgroup"]);
+    refused("block-limit", block("8192,32"), &["workgroup", "max_compute_invocations_per_workgroup"]);
     refused("block-text", block("32"), &["--block-size '32'"]);
     refused("block-zero", block("0,32"), &["--block-size '0,32'"]);
     refused(

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{ctx, ctx_adapter, own_device};
-use wattn::attention::flash::{self, FlashConfig};
+use wattn::attention::flash::{self, FlashConfig, KvReads};
 use wattn::{AttentionBuffers, AttentionOptions, Context, DType, Error, Tensor, TensorView};
 
 fn zeros(c: &Context, shape: &[usize], dtype: DType) -> Tensor {
@@ -196,7 +196,8 @@ fn tensor_constructors_check_sizes() {
 #[test]
 fn tiles_too_big_for_workgroup_memory_name_the_limit() {
     let s = [1, 1, 64, 256];
-    let config = FlashConfig { block_q: 64, block_k: 64, rows_per_thread: 4, threads_per_row: 4, stage_kv: true };
+    let config =
+        FlashConfig { block_q: 64, block_k: 64, rows_per_thread: 4, threads_per_row: 4, kv_reads: KvReads::Workgroup };
     let c = ctx();
     let t = zeros(c, &s, DType::F32);
     let e = refused(wattn::attention_with(c, &t, &t, &t, &AttentionOptions::default(), &config), "huge tiles");
@@ -206,6 +207,18 @@ fn tiles_too_big_for_workgroup_memory_name_the_limit() {
         "{e:?}"
     );
     assert_mentions(&e, &["max_compute_workgroup_storage_size", &allowed.to_string()]);
+
+    // Subgroup K/V reads need whole rows, and a workgroup that is one subgroup: 16 threads
+    // are more than any adapter's subgroups of 8 or fewer, and fewer than those of 32 or more.
+    let split = FlashConfig { threads_per_row: 2, ..FlashConfig::CPU_SUBGROUP };
+    let e = refused(wattn::attention_with(c, &t, &t, &t, &AttentionOptions::default(), &split), "split subgroup reads");
+    assert_mentions(&e, &["subgroup K/V reads need threads_per_row 1"]);
+    let wide = FlashConfig { block_q: 64, ..FlashConfig::CPU_SUBGROUP };
+    let small = [1, 1, 64, 16];
+    let u = zeros(c, &small, DType::F32);
+    let e =
+        refused(wattn::attention_with(c, &u, &u, &u, &AttentionOptions::default(), &wide), "16-thread subgroup reads");
+    assert_mentions(&e, &["needs subgroups of exactly 16 threads"]);
 
     let bad_lanes = FlashConfig { threads_per_row: 3, ..FlashConfig::PORTABLE };
     let e = refused(wattn::attention_with(c, &t, &t, &t, &AttentionOptions::default(), &bad_lanes), "3 lanes per row");

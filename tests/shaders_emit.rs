@@ -62,7 +62,7 @@ fn every_variant_is_written_with_its_source_and_description() {
         let file = v["file"].as_str().unwrap();
         assert_eq!(
             std::fs::read_to_string(dir.join(file)).unwrap(),
-            key.source(),
+            key.webgpu_source(),
             "{file} is not the variant's source"
         );
         assert_eq!(v["label"], key.label());

@@ -106,33 +106,57 @@ pub struct FlashConfig {
     pub rows_per_thread: u32,
     /// Threads sharing those rows, each owning a slice of the head dims: 1, 2 or 4.
     pub threads_per_row: u32,
-    /// Whether the workgroup stages each K/V tile through workgroup memory (GPUs: coalesced
-    /// loads shared by every thread) or each thread reads K/V from memory (a workgroup of one
-    /// subgroup on a CPU adapter: no barriers).
-    pub stage_kv: bool,
+    /// How the threads get each K/V tile.
+    pub kv_reads: KvReads,
+}
+
+/// How the flash kernel's threads get each K/V tile (the `S` of [`FlashConfig`]'s text form).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KvReads {
+    /// `0`: each thread reads the keys it needs straight from memory (a workgroup of one
+    /// subgroup on a CPU adapter, where the threads' reads of a key are one load: no barriers).
+    Memory,
+    /// `1`: the workgroup stages the tile in workgroup memory (GPUs: coalesced loads shared by
+    /// every thread; two barriers per tile).
+    Workgroup,
+    /// `2`: each thread of a workgroup that is one subgroup reads whole rows of its own keys
+    /// and subgroup shuffles hand them to the others: one load brings a word for every thread
+    /// instead of the same word to all (llvmpipe: 1.4x `Memory` at d64). Needs whole rows per
+    /// thread, tiles of a multiple of the workgroup's keys, and subgroups of exactly the
+    /// workgroup's size.
+    Subgroup,
 }
 
 impl FlashConfig {
     /// Fits WebGPU's default 16 KiB of workgroup memory and 256 invocations for every head
     /// dim: 32 rows of 8 threads' 4 rows, the head dims split over 4 threads, K/V tiles of 4
     /// keys staged in workgroup memory.
-    pub const PORTABLE: Self = Self { block_q: 32, block_k: 4, rows_per_thread: 4, threads_per_row: 4, stage_kv: true };
+    pub const PORTABLE: Self =
+        Self { block_q: 32, block_k: 4, rows_per_thread: 4, threads_per_row: 4, kv_reads: KvReads::Workgroup };
     /// Software rasterisers (llvmpipe, SwiftShader, WARP): whole rows per thread and K/V read
     /// straight from memory by a workgroup of 8 threads (one subgroup on llvmpipe: no
     /// barriers), with head dims above 64 split over 2 or 4 threads ([`Self::fitted`]).
     /// 2.2x [`Self::PORTABLE`] on llvmpipe at d64 (docs/tuning.md).
-    pub const CPU: Self = Self { block_q: 32, block_k: 16, rows_per_thread: 4, threads_per_row: 1, stage_kv: false };
+    pub const CPU: Self =
+        Self { block_q: 32, block_k: 16, rows_per_thread: 4, threads_per_row: 1, kv_reads: KvReads::Memory };
+    /// [`Self::CPU`] with K/V rows handed out by subgroup shuffles, for CPU adapters whose
+    /// subgroups are exactly its 8 threads (llvmpipe): 1.4x [`Self::CPU`] at d64.
+    pub const CPU_SUBGROUP: Self = Self { kv_reads: KvReads::Subgroup, ..Self::CPU };
     /// Discrete and integrated GPUs: as portable, with tiles of 8 keys.
-    pub const GPU: Self = Self { block_q: 32, block_k: 8, rows_per_thread: 4, threads_per_row: 4, stage_kv: true };
+    pub const GPU: Self =
+        Self { block_q: 32, block_k: 8, rows_per_thread: 4, threads_per_row: 4, kv_reads: KvReads::Workgroup };
     /// Every preset with its name, as `wattn info` and the tuner name them.
-    pub const PRESETS: [(&'static str, Self); 3] =
-        [("PORTABLE", Self::PORTABLE), ("CPU", Self::CPU), ("GPU", Self::GPU)];
+    pub const PRESETS: [(&'static str, Self); 4] =
+        [("PORTABLE", Self::PORTABLE), ("CPU", Self::CPU), ("CPU_SUBGROUP", Self::CPU_SUBGROUP), ("GPU", Self::GPU)];
 
     /// The preset for `ctx`'s adapter class, falling back to [`Self::PORTABLE`] when the
     /// preferred one does not fit the device's limits. Its block size is what block masks
     /// use ([`crate::BlockSize::for_adapter`]).
     pub fn for_adapter(ctx: &Context) -> Self {
-        let preferred = Self::class_preset(ctx.adapter_info().device_type);
+        let mut preferred = Self::class_preset(ctx.adapter_info().device_type);
+        if preferred == Self::CPU && Self::CPU_SUBGROUP.check_subgroups(ctx).is_ok() {
+            preferred = Self::CPU_SUBGROUP;
+        }
         let widest = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk: 256, d_v: 256 };
         if preferred.fitted(ctx.limits(), &widest).check(ctx.limits(), &widest).is_ok() {
             preferred
@@ -150,8 +174,9 @@ impl FlashConfig {
         let mut fitted = self;
         if self.threads_per_row == 1 && head_dim > MAX_COLUMNS_PER_THREAD {
             let threads_per_row = head_dim.div_ceil(MAX_COLUMNS_PER_THREAD).next_power_of_two().min(4);
-            let staged = Self { threads_per_row, stage_kv: true, ..self };
-            fitted = if staged.check(limits, shape).is_ok() { staged } else { Self { threads_per_row, ..self } };
+            let staged = Self { threads_per_row, kv_reads: KvReads::Workgroup, ..self };
+            let direct = Self { threads_per_row, kv_reads: KvReads::Memory, ..self };
+            fitted = if staged.check(limits, shape).is_ok() { staged } else { direct };
         }
         let four = Self { rows_per_thread: 4, ..fitted };
         if fitted.check(limits, shape).is_err() && four.check(limits, shape).is_ok() { four } else { fitted }
@@ -171,10 +196,18 @@ impl FlashConfig {
     }
 
     /// This configuration with tiles of `block` (a block mask's), other settings kept
-    /// except rows per thread, which drop to 4 when `block.q` is not a multiple of 8.
+    /// except rows per thread, which drop to 4 when `block.q` is not a multiple of 8, and
+    /// subgroup K/V reads, which become reads from memory when the workgroup would no longer
+    /// be the same subgroup or the tile not a multiple of it.
     pub fn with_block_size(self, block: BlockSize) -> Self {
         let rows_per_thread = if block.q.is_multiple_of(self.rows_per_thread) { self.rows_per_thread } else { 4 };
-        Self { block_q: block.q, block_k: block.k, rows_per_thread, ..self }
+        let resized = Self { block_q: block.q, block_k: block.k, rows_per_thread, ..self };
+        let wg = resized.workgroup_size();
+        let same_subgroup = wg == self.workgroup_size() && block.k.is_multiple_of(wg);
+        match self.kv_reads {
+            KvReads::Subgroup if !same_subgroup => Self { kv_reads: KvReads::Memory, ..resized },
+            _ => resized,
+        }
     }
 
     fn workgroup_size(&self) -> u32 {
@@ -185,7 +218,7 @@ impl FlashConfig {
     /// tiles, and the partial score tiles when threads share rows; one element each when
     /// unused).
     fn workgroup_bytes(&self, dqk_pad: u32, dv_pad: u32) -> u32 {
-        let staged = |dim: u32| if self.stage_kv { self.block_k * dim / 4 } else { 1 };
+        let staged = |dim: u32| if self.kv_reads == KvReads::Workgroup { self.block_k * dim / 4 } else { 1 };
         let partials = if self.threads_per_row > 1 {
             self.workgroup_size() * self.rows_per_thread / 4 * self.block_k / 4
         } else {
@@ -230,6 +263,11 @@ impl FlashConfig {
                 limit: "max_compute_invocations_per_workgroup",
             });
         }
+        if self.kv_reads == KvReads::Subgroup && (self.threads_per_row != 1 || !self.block_k.is_multiple_of(wg)) {
+            return bad(&format!(
+                "subgroup K/V reads need threads_per_row 1 and block_k a multiple of the workgroup's {wg} threads"
+            ));
+        }
         let v = Variant::new(shape);
         let bytes = self.workgroup_bytes(v.dqk_pad, v.dv_pad);
         if bytes > limits.max_compute_workgroup_storage_size {
@@ -241,6 +279,26 @@ impl FlashConfig {
             });
         }
         Ok(())
+    }
+
+    /// Checks that `ctx`'s device runs this configuration's workgroup as one subgroup, which
+    /// [`KvReads::Subgroup`] needs: subgroups of exactly the workgroup's size. Other
+    /// configurations pass.
+    pub fn check_subgroups(&self, ctx: &Context) -> Result<()> {
+        if self.kv_reads != KvReads::Subgroup {
+            return Ok(());
+        }
+        let info = ctx.adapter_info();
+        let wg = self.workgroup_size();
+        let (min, max) = (info.subgroup_min_size, info.subgroup_max_size);
+        if ctx.capabilities().subgroups && min == wg && max == wg {
+            return Ok(());
+        }
+        let has =
+            if ctx.capabilities().subgroups { format!("subgroups of {min} to {max}") } else { "no subgroups".into() };
+        Err(Error::Option(format!(
+            "flash config {self} reads K/V through subgroup shuffles, which needs subgroups of exactly {wg} threads; this device has {has}"
+        )))
     }
 
     /// How many keys one dispatch may walk on an adapter that stops loops after
@@ -255,8 +313,11 @@ impl FlashConfig {
         let (rg, tpr, steps) = (self.rows_per_thread / 4, self.threads_per_row, self.block_k / 4);
         let (qk4, dv4) = (v.dqk_pad / 4, v.dv_pad / 4);
         let (qk4_t, dv4_t) = (qk4 / tpr, dv4 / tpr);
-        let staging =
-            if self.stage_kv { (self.block_k * qk4).div_ceil(wg) + (self.block_k * dv4).div_ceil(wg) } else { 0 };
+        let staging = match self.kv_reads {
+            KvReads::Memory => 0,
+            KvReads::Workgroup => (self.block_k * qk4).div_ceil(wg) + (self.block_k * dv4).div_ceil(wg),
+            KvReads::Subgroup => (self.block_k / wg) * (1 + qk4 + dv4),
+        };
         let scores = steps * (1 + qk4_t * (1 + 4 + rg));
         let partials = if tpr > 1 { rg * steps * (2 + tpr) } else { 0 };
         let softmax = rg * (1 + 2 * steps * (1 + 4));
@@ -271,12 +332,17 @@ impl FlashConfig {
     }
 }
 
-/// `BQ,BK,R,T,S`: block_q, block_k, rows_per_thread, threads_per_row and stage_kv (0 or 1),
-/// the form `wattn bench --config` takes.
+/// `BQ,BK,R,T,S`: block_q, block_k, rows_per_thread, threads_per_row and kv_reads (0 memory,
+/// 1 workgroup, 2 subgroup), the form `wattn bench --config` takes.
 impl std::fmt::Display for FlashConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let Self { block_q, block_k, rows_per_thread, threads_per_row, stage_kv } = self;
-        write!(f, "{block_q},{block_k},{rows_per_thread},{threads_per_row},{}", u8::from(*stage_kv))
+        let Self { block_q, block_k, rows_per_thread, threads_per_row, kv_reads } = self;
+        let s = match kv_reads {
+            KvReads::Memory => 0,
+            KvReads::Workgroup => 1,
+            KvReads::Subgroup => 2,
+        };
+        write!(f, "{block_q},{block_k},{rows_per_thread},{threads_per_row},{s}")
     }
 }
 
@@ -294,12 +360,13 @@ impl std::str::FromStr for FlashConfig {
         let [block_q, block_k, rows_per_thread, threads_per_row, stage] = numbers[..] else {
             return Err(bad());
         };
-        let stage_kv = match stage {
-            0 => false,
-            1 => true,
+        let kv_reads = match stage {
+            0 => KvReads::Memory,
+            1 => KvReads::Workgroup,
+            2 => KvReads::Subgroup,
             _ => return Err(bad()),
         };
-        Ok(Self { block_q, block_k, rows_per_thread, threads_per_row, stage_kv })
+        Ok(Self { block_q, block_k, rows_per_thread, threads_per_row, kv_reads })
     }
 }
 
@@ -338,7 +405,8 @@ fn variant_key(config: &FlashConfig, dtype: DType, shape: &AttentionShape, block
             ("BLOCK_K", ConstValue::U32(config.block_k)),
             ("ROW_GROUPS", ConstValue::U32(config.rows_per_thread / 4)),
             ("SPLIT", ConstValue::U32(config.threads_per_row)),
-            ("STAGE_KV", ConstValue::Bool(config.stage_kv)),
+            ("STAGE_KV", ConstValue::Bool(config.kv_reads == KvReads::Workgroup)),
+            ("SHUFFLE_KV", ConstValue::Bool(config.kv_reads == KvReads::Subgroup)),
             ("DQK_PAD", ConstValue::U32(v.dqk_pad)),
             ("DV_PAD", ConstValue::U32(v.dv_pad)),
             ("ALIGNED", ConstValue::Bool(v.aligned)),
@@ -366,6 +434,7 @@ pub fn encode(
     options.validate()?;
     let shape = bufs.validate(ctx)?;
     config.check(ctx.limits(), &shape)?;
+    config.check_subgroups(ctx)?;
     if let Some(mask) = mask {
         mask.check(&shape, config)?;
     }
@@ -449,7 +518,8 @@ pub fn validation_keys() -> Vec<ShaderKey> {
     let mut keys: Vec<ShaderKey> = Vec::new();
     for storage in [16 << 10, 32 << 10] {
         let limits = wgpu::Limits { max_compute_workgroup_storage_size: storage, ..wgpu::Limits::default() };
-        for preset in [FlashConfig::PORTABLE, FlashConfig::GPU, FlashConfig::CPU, cpu_8_rows] {
+        for preset in [FlashConfig::PORTABLE, FlashConfig::GPU, FlashConfig::CPU, FlashConfig::CPU_SUBGROUP, cpu_8_rows]
+        {
             for dtype in [DType::F32, DType::F16] {
                 for &(d_qk, d_v) in &head_dims {
                     let shape = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk, d_v };
@@ -493,9 +563,9 @@ mod tests {
         }
         assert_eq!(
             " 64, 16,8 ,1,0".parse::<FlashConfig>().unwrap(),
-            FlashConfig { block_q: 64, block_k: 16, rows_per_thread: 8, threads_per_row: 1, stage_kv: false }
+            FlashConfig { block_q: 64, block_k: 16, rows_per_thread: 8, threads_per_row: 1, kv_reads: KvReads::Memory }
         );
-        for bad in ["16,32,4,64", "64,16,8,1,2", "a,b,c,d,e", "", "16,32,-4,64,1"] {
+        for bad in ["16,32,4,64", "64,16,8,1,3", "a,b,c,d,e", "", "16,32,-4,64,1"] {
             let e = bad.parse::<FlashConfig>().unwrap_err();
             assert!(matches!(e, Error::Option(_)) && e.to_string().contains(&format!("'{bad}'")), "{bad}: {e}");
         }
@@ -505,7 +575,13 @@ mod tests {
     /// shader declares, as Dawn counts it.
     #[test]
     fn workgroup_estimate_matches_the_shader() {
-        let small = FlashConfig { block_q: 8, block_k: 8, rows_per_thread: 8, threads_per_row: 2, stage_kv: true };
+        let small = FlashConfig {
+            block_q: 8,
+            block_k: 8,
+            rows_per_thread: 8,
+            threads_per_row: 2,
+            kv_reads: KvReads::Workgroup,
+        };
         for config in [FlashConfig::PORTABLE, FlashConfig::GPU, FlashConfig::CPU, small] {
             for (d_qk, d_v) in [(16, 16), (64, 64), (128, 128), (80, 48), (256, 256)] {
                 let shape = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk, d_v };

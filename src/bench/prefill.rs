@@ -7,12 +7,12 @@ use super::peak::Peak;
 use super::plot::{Chart, Families, Line, XAxis, seq_label};
 use super::report::{Provenance, RateUnit, Report, Row, aligned, mib, ms_range, sig3, time_cells};
 use super::workload::{Path, PathBuffers, Pattern, Problem, Sparsity, Workload, input_values};
-use crate::FlashConfig;
 use crate::attention::{AttentionOptions, AttentionShape};
 use crate::context::Context;
 use crate::error::Result;
 use crate::reference;
 use crate::timing::{Stats, Timer};
+use crate::{FlashConfig, KvReads};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -403,20 +403,27 @@ pub(crate) struct TileConfig {
     pub block_k: u32,
     pub rows_per_thread: u32,
     pub threads_per_row: u32,
-    pub stage_kv: bool,
+    /// "memory", "workgroup" or "subgroup" ([`KvReads`]).
+    pub kv_reads: &'static str,
+    #[serde(skip)]
+    config: FlashConfig,
 }
 
 impl From<FlashConfig> for TileConfig {
-    fn from(c: FlashConfig) -> Self {
-        let FlashConfig { block_q, block_k, rows_per_thread, threads_per_row, stage_kv } = c;
-        Self { block_q, block_k, rows_per_thread, threads_per_row, stage_kv }
+    fn from(config: FlashConfig) -> Self {
+        let FlashConfig { block_q, block_k, rows_per_thread, threads_per_row, kv_reads } = config;
+        let kv_reads = match kv_reads {
+            KvReads::Memory => "memory",
+            KvReads::Workgroup => "workgroup",
+            KvReads::Subgroup => "subgroup",
+        };
+        Self { block_q, block_k, rows_per_thread, threads_per_row, kv_reads, config }
     }
 }
 
 impl std::fmt::Display for TileConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let TileConfig { block_q, block_k, rows_per_thread, threads_per_row, stage_kv } = *self;
-        FlashConfig { block_q, block_k, rows_per_thread, threads_per_row, stage_kv }.fmt(f)
+        self.config.fmt(f)
     }
 }
 

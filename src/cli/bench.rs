@@ -100,7 +100,7 @@ pub struct BenchArgs {
     /// Untimed runs before the timed ones; the run whose output is checked is the first.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub warmup: u32,
-    /// Flash tiles block_q,block_k,rows_per_thread,threads_per_row,stage_kv (0/1) [default: per shape: tuned, else the preset].
+    /// Flash tiles block_q,block_k,rows_per_thread,threads_per_row,kv_reads (0 memory, 1 workgroup, 2 subgroup) [default: per shape: tuned, else the preset].
     #[arg(long, value_name = "BQ,BK,R,T,S")]
     pub config: Option<FlashConfig>,
     /// Do not measure the adapter's peak (no fraction-of-peak column).

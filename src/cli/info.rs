@@ -27,7 +27,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
     let ctx = args.adapter.context()?;
     println!("chosen: {}", ctx.describe());
     println!(
-        "    flash config: {} (block_q,block_k,rows_per_thread,threads_per_row,stage_kv) by default",
+        "    flash config: {} (block_q,block_k,rows_per_thread,threads_per_row,kv_reads) by default",
         FlashConfig::for_adapter(&ctx)
     );
     print_configs_per_shape(&ctx);

@@ -22,8 +22,11 @@ pub struct ShadersArgs {
 
 pub fn run(args: ShadersArgs) -> Result<()> {
     let keys = every_variant();
-    let mut files: Vec<(String, String)> =
-        keys.iter().enumerate().map(|(i, key)| (format!("{i:03}-{}.wgsl", file_label(key)), key.source())).collect();
+    let mut files: Vec<(String, String)> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, key)| (format!("{i:03}-{}.wgsl", file_label(key)), key.webgpu_source()))
+        .collect();
     // naga's validation of some 600 variants takes seconds: spread it over the cores.
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let chunk = keys.len().div_ceil(threads);
@@ -33,7 +36,10 @@ pub fn run(args: ShadersArgs) -> Result<()> {
             .zip(files.chunks(chunk))
             .map(|(keys, files)| {
                 s.spawn(move || {
-                    keys.iter().zip(files).map(|(key, (file, source))| describe(key, source, file)).collect::<Vec<_>>()
+                    keys.iter()
+                        .zip(files)
+                        .map(|(key, (file, _))| describe(key, &key.source(), file))
+                        .collect::<Vec<_>>()
                 })
             })
             .collect();
@@ -64,6 +70,8 @@ struct Variant {
     kernel: &'static str,
     entry_point: &'static str,
     dtype: String,
+    /// Whether the variant uses subgroup operations (the WebGPU feature `subgroups`).
+    subgroups: bool,
     constants: BTreeMap<&'static str, serde_json::Value>,
     workgroup_size: [u32; 3],
     /// The entry point's workgroup variables, each rounded up to 16 bytes as Dawn counts
@@ -190,6 +198,7 @@ fn describe(key: &ShaderKey, source: &str, file: &str) -> Result<Variant> {
         kernel: key.kernel.file_name().trim_end_matches(".wgsl"),
         entry_point: key.entry_point,
         dtype: key.dtype.to_string(),
+        subgroups: key.uses_subgroups(),
         constants,
         workgroup_size: entry.workgroup_size,
         workgroup_memory_bytes,

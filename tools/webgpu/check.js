@@ -59,7 +59,7 @@ async function check(results) {
   const info = adapter.info || {};
   results.adapter = { vendor: info.vendor, architecture: info.architecture, description: info.description };
   const requiredLimits = Object.fromEntries(LIMITS.map((name) => [name, adapter.limits[name]]));
-  const requiredFeatures = adapter.features.has('shader-f16') ? ['shader-f16'] : [];
+  const requiredFeatures = ['shader-f16', 'subgroups'].filter((f) => adapter.features.has(f));
   const device = await adapter.requestDevice({ requiredLimits, requiredFeatures });
   device.lost.then((lost) => log(`device lost: ${lost.reason} ${lost.message}`));
   results.limits = requiredLimits;
@@ -78,6 +78,10 @@ async function check(results) {
       skip('validate', v.kernel, v.label, 'the adapter has no shader-f16 (Dawn for Node validates f16)');
       return;
     }
+    if (v.subgroups && !device.features.has('subgroups')) {
+      skip('validate', v.kernel, v.label, 'the adapter has no subgroups');
+      return;
+    }
     const code = await (await fetchOk(`/shaders/${v.file}`)).text();
     const { module, error } = await compile(device, v, code);
     record('validate', v.kernel, v.label, error);
@@ -91,6 +95,7 @@ async function check(results) {
     const why = notAdmitted(device.limits, v);
     if (why) skip('pipeline', v.kernel, v.label, why);
     else if (v.dtype === 'f16' && !device.features.has('shader-f16')) skip('pipeline', v.kernel, v.label, 'no f16');
+    else if (v.subgroups && !device.features.has('subgroups')) skip('pipeline', v.kernel, v.label, 'no subgroups');
     else admitted.push(v);
   }
   const runs = caseList(device, admitted);

@@ -22,12 +22,20 @@ async function check(dir, results) {
   if (!adapter) throw new Error("Dawn's null backend gave no adapter");
   if (!adapter.features.has('shader-f16')) throw new Error("Dawn's null adapter has no shader-f16");
   const requiredLimits = Object.fromEntries(LIMITS.map((name) => [name, adapter.limits[name]]));
-  const device = await adapter.requestDevice({ requiredFeatures: ['shader-f16'], requiredLimits });
+  const requiredFeatures = ['shader-f16', 'subgroups'].filter((f) => adapter.features.has(f));
+  const device = await adapter.requestDevice({ requiredFeatures, requiredLimits });
   results.adapter = { vendor: 'dawn', architecture: 'null backend' };
   results.limits = requiredLimits;
-  results.features = ['shader-f16'];
+  results.features = requiredFeatures;
 
-  const f16 = manifest.variants.filter((v) => v.dtype === 'f16');
+  const f16 = [];
+  for (const v of manifest.variants.filter((v) => v.dtype === 'f16')) {
+    if (v.subgroups && !device.features.has('subgroups')) {
+      results.skipped.push({ stage: 'validate', kernel: v.kernel, name: v.label, why: 'the adapter has no subgroups' });
+    } else {
+      f16.push(v);
+    }
+  }
   const modules = new Map();
   for (const v of f16) {
     const { module, error } = await compile(device, v, await readFile(join(dir, v.file), 'utf8'));

@@ -60,7 +60,8 @@ export function notAdmitted(limits, variant) {
 const HEAD_DIM_CONSTANTS = new Set(['DQK_PAD', 'DV_PAD', 'D_PAD']);
 
 /** A flash variant's tiles, as `wattn bench --config` writes them: BQ,BK,R,T,S. */
-export const tilesOf = (c) => `${c.BLOCK_Q},${c.BLOCK_K},${4 * c.ROW_GROUPS},${c.SPLIT},${c.STAGE_KV ? 1 : 0}`;
+export const tilesOf = (c) =>
+  `${c.BLOCK_Q},${c.BLOCK_K},${4 * c.ROW_GROUPS},${c.SPLIT},${c.SHUFFLE_KV ? 2 : c.STAGE_KV ? 1 : 0}`;
 
 /**
  * The pipelines a default run builds, from the admitted `variants` in manifest order. Per
