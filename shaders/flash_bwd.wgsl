@@ -354,53 +354,13 @@ fn dq_pass(
         }
     }
 
-    // The keys any row of this block may see in this pass, as in flash_fwd.wgsl.
+    // The tiles this block sees in this pass (shared/block_mask.wgsl).
     let last_row = min(row0 + BLOCK_Q, params.n_q) - 1u;
-    var key_hi = i32(min(params.n_k, range.end));
-    if params.window_right >= 0 {
-        key_hi = clamp(i32(last_row) + offset + params.window_right + 1, 0, key_hi);
-    }
-    var key_lo = 0;
-    if params.window_left >= 0 {
-        key_lo = clamp(i32(row0) + offset - params.window_left, 0, key_hi);
-    }
-    let sink_end = min(i32(params.sinks), key_hi);
-    let tiles_end = u32(key_hi + i32(BLOCK_K) - 1) / BLOCK_K;
-    let sink_tiles = u32(sink_end + i32(BLOCK_K) - 1) / BLOCK_K;
-    let window_first_tile = u32(key_lo) / BLOCK_K;
-
-    var t = range.begin / BLOCK_K;
-    // Block-sparse: the next run to fetch, the end of this block's runs, the current run.
-    var run = 0u;
-    var runs_end = 0u;
-    var run_first = 0u;
-    var run_end = 0u;
-    var run_mask = FULL_RUN;
-    if BLOCK_SPARSE {
-        let mask = mask_row(batch, head, wg.x);
-        runs_end = block_mask.words[mask + 1u];
-        run = first_run_after(block_mask.words[mask], runs_end, t);
-    }
-    loop {
-        if BLOCK_SPARSE {
-            if t >= run_end {
-                if run == runs_end {
-                    break;
-                }
-                run_first = run_field(run, 0u);
-                run_end = run_field(run, 1u);
-                run_mask = run_field(run, 2u);
-                t = max(t, run_first);
-                run += 1u;
-            }
-        } else if t >= sink_tiles && t < window_first_tile {
-            // Tiles between the sinks and the window are seen by no row.
-            t = window_first_tile;
-        }
-        if t >= tiles_end {
-            break;
-        }
-        let bits = select(run_mask + t - run_first, FULL_RUN, run_mask == FULL_RUN);
+    var walk = tile_walk(range.begin / BLOCK_K, range.end, row0, last_row, batch, head, wg.x);
+    while next_tile(&walk) {
+        let t = walk.t;
+        let key_hi = walk.keys_end;
+        let bits = tile_bits(walk);
         for (var j = 0u; j < BLOCK_K; j++) {
             let key = t * BLOCK_K + j;
             if i32(key) >= key_hi {
@@ -429,7 +389,7 @@ fn dq_pass(
                 }
             }
         }
-        t += 1u;
+        walk.t += 1u;
     }
 
     if !valid {

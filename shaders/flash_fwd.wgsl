@@ -253,23 +253,7 @@ fn main(
     // SHUFFLE_KV: this thread's lane, which holds keys u * WORKGROUP + lane of each tile.
     let sg_lane = subgroup_lane();
 
-    // The keys any row of this block may see in this pass: [key_lo, key_hi), plus the sinks.
     let last_row = min(row0 + BLOCK_Q, params.n_q) - 1u;
-    let diag_first = i32(row0) + offset;
-    let diag_last = i32(last_row) + offset;
-    var key_hi = i32(min(params.n_k, params.key_end));
-    if params.window_right >= 0 {
-        key_hi = clamp(diag_last + params.window_right + 1, 0, key_hi);
-    }
-    var key_lo = 0;
-    if params.window_left >= 0 {
-        key_lo = clamp(diag_first - params.window_left, 0, key_hi);
-    }
-    let sink_end = min(i32(params.sinks), key_hi);
-    // Tile indices are absolute: this pass starts at tile key_begin / BLOCK_K.
-    let tiles_end = u32(key_hi + i32(BLOCK_K) - 1) / BLOCK_K;
-    let sink_tiles = u32(sink_end + i32(BLOCK_K) - 1) / BLOCK_K;
-    let window_first_tile = u32(key_lo) / BLOCK_K;
     // This thread's first and last diagonals, for its own whole-tile test.
     let my_diag_first = i32(my_row0) + offset;
     let my_diag_last = i32(min(my_row0 + ROWS, params.n_q) - 1u) + offset;
@@ -308,37 +292,10 @@ fn main(
         }
     }
 
-    var t = params.key_begin / BLOCK_K;
-    // Block-sparse: the next run to fetch, the end of this row's runs, the current run.
-    var run = 0u;
-    var runs_end = 0u;
-    var run_first = 0u;
-    var run_end = 0u;
-    var run_mask = FULL_RUN;
-    if BLOCK_SPARSE {
-        let row = mask_row(batch, head, wg.x);
-        runs_end = block_mask.words[row + 1u];
-        run = first_run_after(block_mask.words[row], runs_end, t);
-    }
-    loop {
-        if BLOCK_SPARSE {
-            if t >= run_end {
-                if run == runs_end {
-                    break;
-                }
-                run_first = run_field(run, 0u);
-                run_end = run_field(run, 1u);
-                run_mask = run_field(run, 2u);
-                t = max(t, run_first);
-                run += 1u;
-            }
-        } else if t >= sink_tiles && t < window_first_tile {
-            // Tiles between the sinks and the window are seen by no row: skip without loading.
-            t = window_first_tile;
-        }
-        if t >= tiles_end {
-            break;
-        }
+    // The tiles this block sees in this pass (shared/block_mask.wgsl).
+    var walk = tile_walk(params.key_begin / BLOCK_K, params.key_end, row0, last_row, batch, head, wg.x);
+    while next_tile(&walk) {
+        let t = walk.t;
         let key0 = t * BLOCK_K;
 
         if STAGE_KV {
@@ -400,7 +357,8 @@ fn main(
         }
 
         // Which keys of the tile this thread's rows see: all of them (whole), or by element.
-        let partial = BLOCK_SPARSE && run_mask != FULL_RUN;
+        let bits = tile_bits(walk);
+        let partial = BLOCK_SPARSE && bits != FULL_RUN;
         let tile_last = i32(key0 + BLOCK_K) - 1;
         // With SHUFFLE_KV, whole for every lane or none: the P V branches hold shuffles.
         let whole = on_all_lanes(!partial && tile_last < i32(params.n_k)
@@ -419,7 +377,6 @@ fn main(
                     x = mat4x4(capped(x[0]), capped(x[1]), capped(x[2]), capped(x[3]));
                 }
                 if !whole {
-                    let bits = select(FULL_RUN, run_mask + t - run_first, partial);
                     x = masked_scores(x, my_row0 + 4u * g, my_local0 + 4u * g, key0, 4u * step, bits);
                 }
                 m_new = max(m_new, max(max(x[0], x[1]), max(x[2], x[3])));
@@ -472,7 +429,7 @@ fn main(
                 o[g * DV4_T + i] = acc[g];
             }
         }
-        t += 1u;
+        walk.t += 1u;
     }
 
     for (var g = 0u; g < ROW_GROUPS; g++) {

@@ -52,3 +52,67 @@ fn mask_bit(tile_mask: u32, r: u32, j: u32) -> bool {
     let word = block_mask.words[block_mask.bits_at + tile_mask * MASK_WORDS + bit / 32u];
     return ((word >> (bit % 32u)) & 1u) != 0u;
 }
+
+// The key tiles query block `q_block` of (batch, head), rows [row0, last_row], walks in a pass
+// over the keys before `pass_end`, from tile `first_tile` on (tile indices are absolute): the
+// dense range its rows may see, skipping the tiles between the sinks and the window, or
+// (BLOCK_SPARSE) the runs its block-mask row lists. Each kernel declares `params: Params` and BLOCK_SPARSE.
+struct TileWalk {
+    t: u32, // the tile to visit, once next_tile has said there is one
+    keys_end: i32, // keys at and after this one no row of the block sees in the pass
+    tiles_end: u32,
+    sink_tiles: u32,
+    window_first_tile: u32,
+    // Block-sparse: the next run to fetch, the end of the block's runs, the current run.
+    run: u32,
+    runs_end: u32,
+    run_first: u32,
+    run_end: u32,
+    run_mask: u32,
+}
+
+fn tile_walk(first_tile: u32, pass_end: u32, row0: u32, last_row: u32, batch: u32, head: u32, q_block: u32) -> TileWalk {
+    let offset = i32(params.n_k) - i32(params.n_q);
+    var key_hi = i32(min(params.n_k, pass_end));
+    if params.window_right >= 0 {
+        key_hi = clamp(i32(last_row) + offset + params.window_right + 1, 0, key_hi);
+    }
+    var key_lo = 0;
+    if params.window_left >= 0 {
+        key_lo = clamp(i32(row0) + offset - params.window_left, 0, key_hi);
+    }
+    let sink_end = min(i32(params.sinks), key_hi);
+    var walk = TileWalk(first_tile, key_hi, u32(key_hi + i32(BLOCK_K) - 1) / BLOCK_K,
+        u32(sink_end + i32(BLOCK_K) - 1) / BLOCK_K, u32(key_lo) / BLOCK_K, 0u, 0u, 0u, 0u, FULL_RUN);
+    if BLOCK_SPARSE {
+        let row = mask_row(batch, head, q_block);
+        walk.runs_end = block_mask.words[row + 1u];
+        walk.run = first_run_after(block_mask.words[row], walk.runs_end, first_tile);
+    }
+    return walk;
+}
+
+// Moves `walk` to the next tile to visit, from its tile t on: false when there is none.
+fn next_tile(walk: ptr<function, TileWalk>) -> bool {
+    if BLOCK_SPARSE {
+        if (*walk).t >= (*walk).run_end {
+            if (*walk).run == (*walk).runs_end {
+                return false;
+            }
+            (*walk).run_first = run_field((*walk).run, 0u);
+            (*walk).run_end = run_field((*walk).run, 1u);
+            (*walk).run_mask = run_field((*walk).run, 2u);
+            (*walk).t = max((*walk).t, (*walk).run_first);
+            (*walk).run += 1u;
+        }
+    } else if (*walk).t >= (*walk).sink_tiles && (*walk).t < (*walk).window_first_tile {
+        // Tiles between the sinks and the window are seen by no row: skip without loading.
+        (*walk).t = (*walk).window_first_tile;
+    }
+    return (*walk).t < (*walk).tiles_end;
+}
+
+// The element mask of the walk's tile (a partial block-mask tile), or FULL_RUN for none.
+fn tile_bits(walk: TileWalk) -> u32 {
+    return select(walk.run_mask + walk.t - walk.run_first, FULL_RUN, walk.run_mask == FULL_RUN);
+}
