@@ -654,16 +654,7 @@ impl KvCache {
         q: &Tensor,
         options: &DecodeOptions,
     ) -> Result<AttentionOutput> {
-        let lse_shape = &q.shape()[..q.shape().len().min(3)];
-        let output = AttentionOutput {
-            out: Tensor::zeros(ctx, q.shape(), q.dtype())?,
-            lse: Tensor::zeros(ctx, lse_shape, DType::F32)?,
-        };
-        let mut encoder = ctx.device().create_command_encoder(&Default::default());
-        let bufs = DecodeBuffers { q: q.view(), out: output.out.view(), lse: output.lse.view() };
-        self.attend(ctx, &mut encoder, layer, &bufs, options)?;
-        ctx.queue().submit([encoder.finish()]);
-        Ok(output)
+        decode_into_new_tensors(ctx, q, |encoder, bufs| self.attend(ctx, encoder, layer, bufs, options).map(|_| ()))
     }
 
     /// Checks the queries and outputs of a decode call and returns (Hq, Nq).
@@ -684,6 +675,25 @@ impl KvCache {
         }
         Ok((q_heads, n_q))
     }
+}
+
+/// Runs `record` on O and LSE tensors allocated for queries `q` (O shaped as `q`, LSE as its
+/// first three dims), submits, and returns them: the `decode` of the dense and the paged caches.
+pub(crate) fn decode_into_new_tensors(
+    ctx: &Context,
+    q: &Tensor,
+    record: impl FnOnce(&mut wgpu::CommandEncoder, &DecodeBuffers<'_>) -> Result<()>,
+) -> Result<AttentionOutput> {
+    let lse_shape = &q.shape()[..q.shape().len().min(3)];
+    let output = AttentionOutput {
+        out: Tensor::zeros(ctx, q.shape(), q.dtype())?,
+        lse: Tensor::zeros(ctx, lse_shape, DType::F32)?,
+    };
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    let bufs = DecodeBuffers { q: q.view(), out: output.out.view(), lse: output.lse.view() };
+    record(&mut encoder, &bufs)?;
+    ctx.queue().submit([encoder.finish()]);
+    Ok(output)
 }
 
 #[cfg(test)]

@@ -60,7 +60,7 @@ use super::cache::{DONE, DROPPED, KvParams, Scratch, WORKGROUP, follow, storage_
 use super::combine::Merge;
 use super::decode::{
     DecodeBuffers, DecodeOptions, DecodeParams, DecodePlan, Features, Launch, MAX_AUTO_SPLITS, Preset, Variant,
-    check_query_buffers, parallel_workgroups, record, resolved_scale, split_plan,
+    check_query_buffers, decode_into_new_tensors, parallel_workgroups, record, resolved_scale, split_plan,
 };
 use crate::attention::{AttentionOutput, MAX_HEAD_DIM};
 use crate::context::Context;
@@ -865,16 +865,9 @@ impl PagedKvCache {
         q: &Tensor,
         options: &DecodeOptions,
     ) -> Result<AttentionOutput> {
-        let lse_shape = &q.shape()[..q.shape().len().min(3)];
-        let output = AttentionOutput {
-            out: Tensor::zeros(ctx, q.shape(), q.dtype())?,
-            lse: Tensor::zeros(ctx, lse_shape, DType::F32)?,
-        };
-        let mut encoder = ctx.device().create_command_encoder(&Default::default());
-        let bufs = DecodeBuffers { q: q.view(), out: output.out.view(), lse: output.lse.view() };
-        self.attend(ctx, &mut encoder, layer, ids, &bufs, options)?;
-        ctx.queue().submit([encoder.finish()]);
-        Ok(output)
+        decode_into_new_tensors(ctx, q, |encoder, bufs| {
+            self.attend(ctx, encoder, layer, ids, bufs, options).map(|_| ())
+        })
     }
 
     /// K and V of `layer`'s whole pool as f32, `[pages, Hkv, page_size, D]` each, int8
