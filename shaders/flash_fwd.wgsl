@@ -10,17 +10,18 @@
 //
 // SPLIT threads may share a row group, each owning the vec4 columns c = lane, lane + SPLIT,
 // ... of Q and O: each computes a partial S over its columns, and the partials are summed
-// through workgroup memory in a fixed order, so every thread of the group holds the same S
-// and the same softmax state. SPLIT = 1 keeps whole rows per thread (CPU adapters: registers
+// in a fixed order (through workgroup memory, or by shuffles with SHUFFLE_KV), so every
+// thread of the group holds the same S and the same softmax state. SPLIT = 1 keeps whole rows per thread (CPU adapters: registers
 // are plentiful); GPUs split the head dims to bound registers per thread.
 //
 // K/V tiles are staged through workgroup memory by the whole workgroup (STAGE_KV: coalesced
 // vec4 loads, shared by all row groups; two barriers per tile), read by each thread straight
 // from memory (a workgroup of one subgroup on a CPU adapter, where the threads' reads of the
-// same key are one load and there are no barriers at all), or (SHUFFLE_KV) read as whole
-// rows, each thread its own keys, and handed to the others by subgroup shuffles: on llvmpipe
-// every load runs once per thread anyway, so this one brings a different word to each
-// (the host runs it only where the workgroup is exactly one subgroup).
+// same key are one load and there are no barriers at all), or (SHUFFLE_KV) read by each
+// thread for its own keys, its slice of their columns, and handed by subgroup shuffles to
+// the threads with the same slice: on llvmpipe every load runs once per thread anyway, so
+// this one brings a different word to each (the host runs it only where the workgroup is
+// exactly one subgroup).
 //
 // Loads are vec4 words of the tensors (array<vec4<Elem>>): rows whose head dim is not a
 // multiple of 4 (ALIGNED false) start inside a word and are read from two words. The hot
@@ -74,12 +75,14 @@ const MASK_WORDS: u32 = (BLOCK_Q * BLOCK_K + 31u) / 32u;
 // Workgroup arrays cannot be empty: a variant that does not use one declares one element.
 const KV_TILE_QK: u32 = select(1u, BLOCK_K * QK4, STAGE_KV);
 const KV_TILE_V: u32 = select(1u, BLOCK_K * DV4, STAGE_KV);
-const PARTIALS: u32 = select(1u, WORKGROUP * ROW_GROUPS * STEPS, SPLIT > 1u);
-// SHUFFLE_KV: the keys of a tile each thread holds (key u * WORKGROUP + lane for lane `lane`),
-// whole rows of K and V.
-const KEYS_PER_LANE: u32 = select(1u, BLOCK_K / WORKGROUP, SHUFFLE_KV);
-const LANE_QK: u32 = select(1u, KEYS_PER_LANE * QK4, SHUFFLE_KV);
-const LANE_V: u32 = select(1u, KEYS_PER_LANE * DV4, SHUFFLE_KV);
+const PARTIALS: u32 = select(1u, WORKGROUP * ROW_GROUPS * STEPS, SPLIT > 1u && !SHUFFLE_KV);
+// SHUFFLE_KV: the keys of a tile each thread holds, its own slice of their columns. The
+// threads of row group h hold keys u * HOLDERS + h, so every slice of every key is on the
+// thread that uses the same slice.
+const HOLDERS: u32 = WORKGROUP / SPLIT;
+const KEYS_PER_LANE: u32 = select(1u, BLOCK_K / HOLDERS, SHUFFLE_KV);
+const LANE_QK: u32 = select(1u, KEYS_PER_LANE * QK4_T, SHUFFLE_KV);
+const LANE_V: u32 = select(1u, KEYS_PER_LANE * DV4_T, SHUFFLE_KV);
 
 var<workgroup> k_tile: array<vec4<f32>, KV_TILE_QK>;
 var<workgroup> v_tile: array<vec4<f32>, KV_TILE_V>;
@@ -137,19 +140,20 @@ fn inside(x: vec4<f32>, c: u32, dim: u32, valid: bool) -> vec4<f32> {
     return select(vec4(0.0), x, columns & vec4(valid));
 }
 
-// Column c of keys [key0 + j0, key0 + j0 + 4) of K, one key per matrix column: from the
-// staged tile, from the threads holding them (SHUFFLE_KV: whole rows, c is a column of the
-// row), or from memory, where keys past n_k are left as they are (their scores are
+// Column c = lane + SPLIT i of keys [key0 + j0, key0 + j0 + 4) of K, one key per matrix
+// column: from the staged tile, from the threads holding them (SHUFFLE_KV: the thread of
+// the key's row group with the same lane), or from memory, where keys past n_k are left as they are (their scores are
 // masked) and so are V's columns past Dv (never written), but K's columns past Dqk must be
 // zeros (QK_TAIL): Q's are, and 0 * NaN is not.
-fn k_columns(k_base: u32, key0: u32, j0: u32, c: u32) -> mat4x4<f32> {
+fn k_columns(k_base: u32, key0: u32, j0: u32, lane: u32, i: u32) -> mat4x4<f32> {
+    let c = lane + i * SPLIT;
     var keys = mat4x4<f32>();
     for (var j = 0u; j < 4u; j++) {
         let key = j0 + j;
         if STAGE_KV {
             keys[j] = k_tile[min(key * QK4 + c, KV_TILE_QK - 1u)];
         } else if SHUFFLE_KV {
-            keys[j] = from_lane(k_lane[min(key / WORKGROUP * QK4 + c, LANE_QK - 1u)], key % WORKGROUP);
+            keys[j] = from_lane(k_lane[min(key / HOLDERS * QK4_T + i, LANE_QK - 1u)], key % HOLDERS * SPLIT + lane);
         } else {
             keys[j] = k_word(k_base + (key0 + j0 + j) * params.d_qk, c);
             if QK_TAIL {
@@ -161,14 +165,15 @@ fn k_columns(k_base: u32, key0: u32, j0: u32, c: u32) -> mat4x4<f32> {
 }
 
 // The same for V.
-fn v_columns(v_base: u32, key0: u32, j0: u32, c: u32) -> mat4x4<f32> {
+fn v_columns(v_base: u32, key0: u32, j0: u32, lane: u32, i: u32) -> mat4x4<f32> {
+    let c = lane + i * SPLIT;
     var values = mat4x4<f32>();
     for (var j = 0u; j < 4u; j++) {
         let key = j0 + j;
         if STAGE_KV {
             values[j] = v_tile[min(key * DV4 + c, KV_TILE_V - 1u)];
         } else if SHUFFLE_KV {
-            values[j] = from_lane(v_lane[min(key / WORKGROUP * DV4 + c, LANE_V - 1u)], key % WORKGROUP);
+            values[j] = from_lane(v_lane[min(key / HOLDERS * DV4_T + i, LANE_V - 1u)], key % HOLDERS * SPLIT + lane);
         } else {
             values[j] = v_word(v_base + (key0 + j0 + j) * params.d_v, c);
         }
@@ -246,12 +251,12 @@ fn main(
     let offset = i32(params.n_k) - i32(params.n_q);
 
     // This thread: rows [my_row0, my_row0 + ROWS) of the block, vec4 columns lane + SPLIT i.
-    let group = tid / SPLIT;
-    let lane = tid % SPLIT;
+    // SHUFFLE_KV numbers the threads by subgroup lane, the ids shuffles take.
+    let thread = select(tid, subgroup_lane(), SHUFFLE_KV);
+    let group = thread / SPLIT;
+    let lane = thread % SPLIT;
     let my_local0 = group * ROWS;
     let my_row0 = row0 + my_local0;
-    // SHUFFLE_KV: this thread's lane, which holds keys u * WORKGROUP + lane of each tile.
-    let sg_lane = subgroup_lane();
 
     let last_row = min(row0 + BLOCK_Q, params.n_q) - 1u;
     // This thread's first and last diagonals, for its own whole-tile test.
@@ -312,15 +317,17 @@ fn main(
             workgroupBarrier();
         }
         if SHUFFLE_KV {
-            // This thread's keys of the tile, whole rows; past n_k the last key stands in (its
-            // scores are masked, and such tiles take the element path that skips zero weights).
+            // This thread's keys of the tile, its slice of their columns; past n_k the last key
+            // stands in (its scores are masked, and such tiles take the element path that
+            // skips zero weights).
             for (var u = 0u; u < KEYS_PER_LANE; u++) {
-                let key = min(key0 + u * WORKGROUP + sg_lane, params.n_k - 1u);
-                for (var c = 0u; c < QK4; c++) {
-                    k_lane[u * QK4 + c] = inside(k_word(k_base + key * params.d_qk, c), c, params.d_qk, true);
+                let key = min(key0 + u * HOLDERS + group, params.n_k - 1u);
+                for (var i = 0u; i < QK4_T; i++) {
+                    let c = lane + i * SPLIT;
+                    k_lane[u * QK4_T + i] = inside(k_word(k_base + key * params.d_qk, c), c, params.d_qk, true);
                 }
-                for (var c = 0u; c < DV4; c++) {
-                    v_lane[u * DV4 + c] = v_word(v_base + key * params.d_v, c);
+                for (var i = 0u; i < DV4_T; i++) {
+                    v_lane[u * DV4_T + i] = v_word(v_base + key * params.d_v, lane + i * SPLIT);
                 }
             }
         }
@@ -332,7 +339,7 @@ fn main(
         for (var step = 0u; step < STEPS; step++) {
             var acc = array<mat4x4<f32>, ROW_GROUPS>();
             for (var i = 0u; i < QK4_T; i++) {
-                let kc = transpose(k_columns(k_base, key0, 4u * step, lane + i * SPLIT));
+                let kc = transpose(k_columns(k_base, key0, 4u * step, lane, i));
                 for (var g = 0u; g < ROW_GROUPS; g++) {
                     acc[g] += kc * qm[g * QK4_T + i];
                 }
@@ -341,8 +348,19 @@ fn main(
                 s[g * STEPS + step] = acc[g];
             }
         }
-        if SPLIT > 1u {
+        if SPLIT > 1u && SHUFFLE_KV {
             // Sum the group's partial scores, in lane order for every thread of the group.
+            for (var i = 0u; i < ROW_GROUPS * STEPS; i++) {
+                var total = mat4x4<f32>();
+                for (var p = 0u; p < SPLIT; p++) {
+                    let holder = group * SPLIT + p;
+                    total += mat4x4(from_lane(s[i][0], holder), from_lane(s[i][1], holder), from_lane(s[i][2], holder),
+                        from_lane(s[i][3], holder));
+                }
+                s[i] = total;
+            }
+        } else if SPLIT > 1u {
+            // The same through workgroup memory.
             for (var i = 0u; i < ROW_GROUPS * STEPS; i++) {
                 partial_s[min(tid * ROW_GROUPS * STEPS + i, PARTIALS - 1u)] = s[i];
             }
@@ -412,14 +430,14 @@ fn main(
             }
             if whole {
                 for (var step = 0u; step < STEPS; step++) {
-                    let vc = v_columns(v_base, key0, 4u * step, lane + i * SPLIT);
+                    let vc = v_columns(v_base, key0, 4u * step, lane, i);
                     for (var g = 0u; g < ROW_GROUPS; g++) {
                         acc[g] += vc * s[g * STEPS + step];
                     }
                 }
             } else {
                 for (var step = 0u; step < STEPS; step++) {
-                    let vc = v_columns(v_base, key0, 4u * step, lane + i * SPLIT);
+                    let vc = v_columns(v_base, key0, 4u * step, lane, i);
                     for (var g = 0u; g < ROW_GROUPS; g++) {
                         acc[g] = add_nonzero_products(acc[g], vc, s[g * STEPS + step]);
                     }

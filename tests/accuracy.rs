@@ -152,6 +152,16 @@ fn pinned_cases() -> Vec<Case> {
             config: FlashConfig::CPU_SUBGROUP,
             ..case(DType::F16, (2, 2), (64, 64), (64, 64), "window(5,9)", options(false, (5, 9), 0, 1.5))
         },
+        // Wide heads: threads sharing rows sum their partial scores by shuffles (2 threads
+        // per row of an unaligned head dim, 4 per row of an MLA shape).
+        Case {
+            config: FlashConfig::CPU_SUBGROUP,
+            ..case(DType::F32, (4, 2), (113, 203), (111, 111), "causal", options(true, (-1, -1), 0, 0.0))
+        },
+        Case {
+            config: FlashConfig::CPU_SUBGROUP,
+            ..case(DType::F16, (2, 1), (70, 77), (192, 128), "sinks4+window(16,0)", options(false, (16, 0), 4, 0.0))
+        },
         // Whole rows of 8 per thread, K/V read from memory.
         Case {
             config: FlashConfig { rows_per_thread: 8, ..FlashConfig::CPU },

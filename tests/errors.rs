@@ -208,11 +208,12 @@ fn tiles_too_big_for_workgroup_memory_name_the_limit() {
     );
     assert_mentions(&e, &["max_compute_workgroup_storage_size", &allowed.to_string()]);
 
-    // Subgroup K/V reads need whole rows, and a workgroup that is one subgroup: 16 threads
-    // are more than any adapter's subgroups of 8 or fewer, and fewer than those of 32 or more.
-    let split = FlashConfig { threads_per_row: 2, ..FlashConfig::CPU_SUBGROUP };
-    let e = refused(wattn::attention_with(c, &t, &t, &t, &AttentionOptions::default(), &split), "split subgroup reads");
-    assert_mentions(&e, &["subgroup K/V reads need threads_per_row 1"]);
+    // Subgroup K/V reads need a tile of keys for every group of threads sharing rows, and a
+    // workgroup that is one subgroup: 16 threads are more than any adapter's subgroups of 8
+    // or fewer, and fewer than those of 32 or more.
+    let short = FlashConfig { block_k: 4, ..FlashConfig::CPU_SUBGROUP };
+    let e = refused(wattn::attention_with(c, &t, &t, &t, &AttentionOptions::default(), &short), "short subgroup tiles");
+    assert_mentions(&e, &["subgroup K/V reads need block_k a multiple of the 8 groups"]);
     let wide = FlashConfig { block_q: 64, ..FlashConfig::CPU_SUBGROUP };
     let small = [1, 1, 64, 16];
     let u = zeros(c, &small, DType::F32);

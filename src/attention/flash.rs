@@ -119,11 +119,12 @@ pub enum KvReads {
     /// `1`: the workgroup stages the tile in workgroup memory (GPUs: coalesced loads shared by
     /// every thread; two barriers per tile).
     Workgroup,
-    /// `2`: each thread of a workgroup that is one subgroup reads whole rows of its own keys
-    /// and subgroup shuffles hand them to the others: one load brings a word for every thread
-    /// instead of the same word to all (llvmpipe: 1.4x `Memory` at d64). Needs whole rows per
-    /// thread, tiles of a multiple of the workgroup's keys, and subgroups of exactly the
-    /// workgroup's size.
+    /// `2`: each thread of a workgroup that is one subgroup reads its slice of the rows of
+    /// its own keys and subgroup shuffles hand them to the threads with the same slice: one
+    /// load brings a word for every thread instead of the same word to all (llvmpipe: 1.4x
+    /// `Memory` at d64). Needs tiles of a multiple of the groups of threads sharing rows and
+    /// subgroups of exactly the workgroup's size; threads sharing rows sum their partial
+    /// scores by shuffles too (no workgroup memory, no barriers).
     Subgroup,
 }
 
@@ -140,7 +141,8 @@ impl FlashConfig {
     pub const CPU: Self =
         Self { block_q: 32, block_k: 16, rows_per_thread: 4, threads_per_row: 1, kv_reads: KvReads::Memory };
     /// [`Self::CPU`] with K/V rows handed out by subgroup shuffles, for CPU adapters whose
-    /// subgroups are exactly its 8 threads (llvmpipe): 1.4x [`Self::CPU`] at d64.
+    /// subgroups are exactly its 8 threads (llvmpipe): 1.4x [`Self::CPU`] at d64. Head dims
+    /// above 64 keep the workgroup one subgroup with fewer rows ([`Self::fitted`]).
     pub const CPU_SUBGROUP: Self = Self { kv_reads: KvReads::Subgroup, ..Self::CPU };
     /// Discrete and integrated GPUs: as portable, with tiles of 8 keys.
     pub const GPU: Self =
@@ -165,18 +167,25 @@ impl FlashConfig {
         }
     }
 
-    /// This configuration fitted to `shape`'s head dims (the block size stays the same): a
-    /// thread that would hold whole rows of more than [`MAX_COLUMNS_PER_THREAD`] columns
-    /// shares them with 1 or 3 others (K/V staged where the tiles fit), and 4 rows per thread
-    /// where 8 would hold more than [`MAX_COLUMNS_FOR_8_ROWS`] columns.
+    /// This configuration fitted to `shape`'s head dims: a thread that would hold whole rows
+    /// of more than [`MAX_COLUMNS_PER_THREAD`] columns shares them with 1 or 3 others, and 4
+    /// rows per thread where 8 would hold more than [`MAX_COLUMNS_FOR_8_ROWS`] columns.
+    /// Threads sharing rows with subgroup K/V reads keep the workgroup one subgroup by taking
+    /// as many times fewer rows (llvmpipe: d128 in 0.68x the time of K/V staged in workgroup
+    /// memory); the others keep the block size and stage K/V where the tiles fit.
     pub fn fitted(self, limits: &wgpu::Limits, shape: &AttentionShape) -> Self {
         let head_dim = Variant::new(shape).widest();
         let mut fitted = self;
         if self.threads_per_row == 1 && head_dim > MAX_COLUMNS_PER_THREAD {
             let threads_per_row = head_dim.div_ceil(MAX_COLUMNS_PER_THREAD).next_power_of_two().min(4);
+            let shuffled = Self { block_q: self.block_q / threads_per_row, threads_per_row, ..self };
             let staged = Self { threads_per_row, kv_reads: KvReads::Workgroup, ..self };
             let direct = Self { threads_per_row, kv_reads: KvReads::Memory, ..self };
-            fitted = if staged.check(limits, shape).is_ok() { staged } else { direct };
+            fitted = match self.kv_reads {
+                KvReads::Subgroup if shuffled.check(limits, shape).is_ok() => shuffled,
+                _ if staged.check(limits, shape).is_ok() => staged,
+                _ => direct,
+            };
         }
         let four = Self { rows_per_thread: 4, ..fitted };
         if fitted.check(limits, shape).is_err() && four.check(limits, shape).is_ok() { four } else { fitted }
@@ -198,20 +207,39 @@ impl FlashConfig {
     /// This configuration with tiles of `block` (a block mask's), other settings kept
     /// except rows per thread, which drop to 4 when `block.q` is not a multiple of 8, and
     /// subgroup K/V reads, which become reads from memory when the workgroup would no longer
-    /// be the same subgroup or the tile not a multiple of it.
+    /// be the same subgroup or the tile not a multiple of its groups of threads sharing rows.
     pub fn with_block_size(self, block: BlockSize) -> Self {
         let rows_per_thread = if block.q.is_multiple_of(self.rows_per_thread) { self.rows_per_thread } else { 4 };
         let resized = Self { block_q: block.q, block_k: block.k, rows_per_thread, ..self };
         let wg = resized.workgroup_size();
-        let same_subgroup = wg == self.workgroup_size() && block.k.is_multiple_of(wg);
+        let same_subgroup = wg == self.workgroup_size() && block.k.is_multiple_of(resized.key_holders());
         match self.kv_reads {
             KvReads::Subgroup if !same_subgroup => Self { kv_reads: KvReads::Memory, ..resized },
             _ => resized,
         }
     }
 
+    /// This configuration [fitted](Self::fitted) to `shape` with tiles of `block` (a block
+    /// mask's): where fitting changes the tiles (subgroup reads of wide heads), the fitting
+    /// of the same configuration reading K/V from memory, as the tiles stay.
+    pub fn fitted_to_block(self, limits: &wgpu::Limits, shape: &AttentionShape, block: BlockSize) -> Self {
+        let fitted = self.fitted(limits, shape);
+        let keeps_tiles = if fitted.block_size() == self.block_size() {
+            fitted
+        } else {
+            Self { kv_reads: KvReads::Memory, ..self }.fitted(limits, shape)
+        };
+        keeps_tiles.with_block_size(block)
+    }
+
     fn workgroup_size(&self) -> u32 {
         self.block_q / self.rows_per_thread * self.threads_per_row
+    }
+
+    /// The threads that hold a tile's keys with subgroup K/V reads: one per group of threads
+    /// sharing rows.
+    fn key_holders(&self) -> u32 {
+        self.block_q / self.rows_per_thread
     }
 
     /// Bytes of workgroup memory the kernel declares (see the shader: the staged K and V
@@ -219,7 +247,7 @@ impl FlashConfig {
     /// unused).
     fn workgroup_bytes(&self, dqk_pad: u32, dv_pad: u32) -> u32 {
         let staged = |dim: u32| if self.kv_reads == KvReads::Workgroup { self.block_k * dim / 4 } else { 1 };
-        let partials = if self.threads_per_row > 1 {
+        let partials = if self.threads_per_row > 1 && self.kv_reads != KvReads::Subgroup {
             self.workgroup_size() * self.rows_per_thread / 4 * self.block_k / 4
         } else {
             1
@@ -263,9 +291,10 @@ impl FlashConfig {
                 limit: "max_compute_invocations_per_workgroup",
             });
         }
-        if self.kv_reads == KvReads::Subgroup && (self.threads_per_row != 1 || !self.block_k.is_multiple_of(wg)) {
+        let holders = self.key_holders();
+        if self.kv_reads == KvReads::Subgroup && !self.block_k.is_multiple_of(holders) {
             return bad(&format!(
-                "subgroup K/V reads need threads_per_row 1 and block_k a multiple of the workgroup's {wg} threads"
+                "subgroup K/V reads need block_k a multiple of the {holders} groups of threads sharing rows"
             ));
         }
         let v = Variant::new(shape);
@@ -316,7 +345,7 @@ impl FlashConfig {
         let staging = match self.kv_reads {
             KvReads::Memory => 0,
             KvReads::Workgroup => (self.block_k * qk4).div_ceil(wg) + (self.block_k * dv4).div_ceil(wg),
-            KvReads::Subgroup => (self.block_k / wg) * (1 + qk4 + dv4),
+            KvReads::Subgroup => (self.block_k / self.key_holders()) * (1 + qk4_t + dv4_t),
         };
         let scores = steps * (1 + qk4_t * (1 + 4 + rg));
         let partials = if tpr > 1 { rg * steps * (2 + tpr) } else { 0 };

@@ -77,7 +77,7 @@ pub fn attention_masked(
     options: &AttentionOptions,
 ) -> Result<AttentionOutput> {
     let shape = AttentionShape::from_shapes(q.shape(), k.shape(), v.shape())?;
-    let config = FlashConfig::for_adapter(ctx).fitted(ctx.limits(), &shape).with_block_size(mask.block_size());
+    let config = FlashConfig::for_adapter(ctx).fitted_to_block(ctx.limits(), &shape, mask.block_size());
     let output = alloc_output(ctx, q, k, v)?;
     let gpu_mask = mask.upload(ctx)?;
     let bufs =

@@ -162,7 +162,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let config = match &sparse {
         Some(s) => {
             let preset = FlashConfig::for_adapter(&ctx);
-            preset.with_block_size(s.block_size(preset.block_size()))
+            preset.fitted_to_block(ctx.limits(), &shape, s.block_size(preset.block_size()))
         }
         None => FlashConfig::for_shape(&ctx, &shape, dtype, options.causal).0,
     };
