@@ -638,4 +638,25 @@ mod tests {
         let gpu = wgpu::Limits { max_compute_workgroup_storage_size: 32 << 10, ..webgpu };
         FlashConfig::GPU.check(&gpu, &widest).unwrap();
     }
+
+    /// Subgroup reads of wide heads keep the workgroup (one subgroup) and give up rows; a
+    /// block mask's tiles stay as they are.
+    #[test]
+    fn subgroup_fitting_keeps_the_workgroup_and_masks_keep_their_tiles() {
+        let limits = wgpu::Limits::default();
+        let preset = FlashConfig::CPU_SUBGROUP;
+        for (d, block_q, threads_per_row) in [(64, 32, 1), (128, 16, 2), (192, 8, 4), (256, 8, 4)] {
+            let shape = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk: d, d_v: d };
+            let fitted = preset.fitted(&limits, &shape);
+            assert_eq!(
+                (fitted.block_q, fitted.threads_per_row, fitted.kv_reads),
+                (block_q, threads_per_row, KvReads::Subgroup)
+            );
+            assert_eq!(fitted.workgroup_size(), preset.workgroup_size(), "d{d}");
+            fitted.check(&limits, &shape).unwrap();
+            let masked = preset.fitted_to_block(&limits, &shape, preset.block_size());
+            assert_eq!(masked.block_size(), preset.block_size(), "d{d}");
+            masked.check(&limits, &shape).unwrap();
+        }
+    }
 }
