@@ -2,7 +2,9 @@
 # wattn's flash forward against CubeK's (crate cubek-attention 0.3.1, Strategy::Unit: the kernel
 # Burn calls FlashUnit) on the same adapter and shapes, in one run: one table and one JSON.
 # Both are timed the same way: wall clock around launch-and-wait (wattn bench --wall-clock;
-# CubeK's client.sync()), median of --runs after a checked warm-up run.
+# CubeK's client.sync()), median of --runs after a checked warm-up run; wattn's naive
+# baseline runs in the same bench where its score matrix fits. The plot (peers.svg) shows
+# the three over the sequence length.
 #
 #   bash tools/bench-peers.sh [--seq 512,1k,2k,4k] [--head-dim 64,128] [--dtype f32,f16]
 #                             [--causal both] [--runs 5] [--out DIR]
@@ -39,6 +41,6 @@ cargo build --release --bin wattn
 (cd benches/peers/cubek && cargo build --release)
 
 shape=(--seq "$seq" --head-dim "$head_dim" --dtype "$dtype" --causal "$causal" --batch 1 --heads 2 --runs "$runs")
-./target/release/wattn bench "${shape[@]}" --wall-clock --no-naive --json "$out/wattn.json"
+./target/release/wattn bench "${shape[@]}" --wall-clock --json "$out/wattn.json"
 benches/peers/cubek/target/release/wattn-peer-cubek "${shape[@]}" --json "$out/cubek.json"
-python3 tools/peers_table.py "$out/wattn.json" "$out/cubek.json" "$out/peers.json"
+python3 tools/peers_table.py "$out/wattn.json" "$out/cubek.json" "$out/peers.json" "$out/peers.svg"
