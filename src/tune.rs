@@ -172,7 +172,9 @@ pub fn tune(ctx: &Context, request: &TuneRequest) -> Result<TuneResult> {
     if request.dtype == DType::F16 {
         ctx.require_f16()?;
     }
-    let candidates = FlashConfig::candidates(ctx.limits(), &shape, request.dtype);
+    // Subgroup presets for other subgroup sizes than this device's are not candidates here.
+    let mut candidates = FlashConfig::candidates(ctx.limits(), &shape, request.dtype);
+    candidates.retain(|config| config.check_subgroups(ctx).is_ok());
     if candidates.is_empty() {
         return Err(Error::Option(format!(
             "no flash configuration fits head dims {}/{} within the device's limits",

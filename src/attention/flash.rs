@@ -144,20 +144,30 @@ impl FlashConfig {
     /// subgroups are exactly its 8 threads (llvmpipe): 1.4x [`Self::CPU`] at d64. Head dims
     /// above 64 keep the workgroup one subgroup with fewer rows ([`Self::fitted`]).
     pub const CPU_SUBGROUP: Self = Self { kv_reads: KvReads::Subgroup, ..Self::CPU };
+    /// [`Self::CPU_SUBGROUP`] for CPU adapters whose subgroups are 4 threads (SwiftShader,
+    /// Chromium's WebGPU without a GPU): 16 rows per workgroup of 4 threads.
+    pub const CPU_SUBGROUP_4: Self = Self { block_q: 16, ..Self::CPU_SUBGROUP };
     /// Discrete and integrated GPUs: as portable, with tiles of 8 keys.
     pub const GPU: Self =
         Self { block_q: 32, block_k: 8, rows_per_thread: 4, threads_per_row: 4, kv_reads: KvReads::Workgroup };
     /// Every preset with its name, as `wattn info` and the tuner name them.
-    pub const PRESETS: [(&'static str, Self); 4] =
-        [("PORTABLE", Self::PORTABLE), ("CPU", Self::CPU), ("CPU_SUBGROUP", Self::CPU_SUBGROUP), ("GPU", Self::GPU)];
+    pub const PRESETS: [(&'static str, Self); 5] = [
+        ("PORTABLE", Self::PORTABLE),
+        ("CPU", Self::CPU),
+        ("CPU_SUBGROUP", Self::CPU_SUBGROUP),
+        ("CPU_SUBGROUP_4", Self::CPU_SUBGROUP_4),
+        ("GPU", Self::GPU),
+    ];
 
-    /// The preset for `ctx`'s adapter class, falling back to [`Self::PORTABLE`] when the
-    /// preferred one does not fit the device's limits. Its block size is what block masks
+    /// The preset for `ctx`'s adapter class (for a CPU adapter whose subgroups are exactly
+    /// 8 or 4 threads, the subgroup preset of that size), falling back to [`Self::PORTABLE`]
+    /// when the preferred one does not fit the device's limits. Its block size is what block masks
     /// use ([`crate::BlockSize::for_adapter`]).
     pub fn for_adapter(ctx: &Context) -> Self {
         let mut preferred = Self::class_preset(ctx.adapter_info().device_type);
-        if preferred == Self::CPU && Self::CPU_SUBGROUP.check_subgroups(ctx).is_ok() {
-            preferred = Self::CPU_SUBGROUP;
+        if preferred == Self::CPU {
+            let sized = [Self::CPU_SUBGROUP, Self::CPU_SUBGROUP_4].into_iter().find(|c| c.check_subgroups(ctx).is_ok());
+            preferred = sized.unwrap_or(preferred);
         }
         let widest = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk: 256, d_v: 256 };
         if preferred.fitted(ctx.limits(), &widest).check(ctx.limits(), &widest).is_ok() {
@@ -547,8 +557,7 @@ pub fn validation_keys() -> Vec<ShaderKey> {
     let mut keys: Vec<ShaderKey> = Vec::new();
     for storage in [16 << 10, 32 << 10] {
         let limits = wgpu::Limits { max_compute_workgroup_storage_size: storage, ..wgpu::Limits::default() };
-        for preset in [FlashConfig::PORTABLE, FlashConfig::GPU, FlashConfig::CPU, FlashConfig::CPU_SUBGROUP, cpu_8_rows]
-        {
+        for preset in FlashConfig::PRESETS.map(|(_, preset)| preset).into_iter().chain([cpu_8_rows]) {
             for dtype in [DType::F32, DType::F16] {
                 for &(d_qk, d_v) in &head_dims {
                     let shape = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk, d_v };
@@ -644,15 +653,20 @@ mod tests {
     #[test]
     fn subgroup_fitting_keeps_the_workgroup_and_masks_keep_their_tiles() {
         let limits = wgpu::Limits::default();
-        let preset = FlashConfig::CPU_SUBGROUP;
-        for (d, block_q, threads_per_row) in [(64, 32, 1), (128, 16, 2), (192, 8, 4), (256, 8, 4)] {
+        let cases = [(64, 1), (128, 2), (192, 4), (256, 4)];
+        for (preset, d, threads_per_row) in cases
+            .map(|(d, t)| (FlashConfig::CPU_SUBGROUP, d, t))
+            .into_iter()
+            .chain(cases.map(|(d, t)| (FlashConfig::CPU_SUBGROUP_4, d, t)))
+        {
+            let block_q = preset.block_q / threads_per_row;
             let shape = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk: d, d_v: d };
             let fitted = preset.fitted(&limits, &shape);
             assert_eq!(
                 (fitted.block_q, fitted.threads_per_row, fitted.kv_reads),
                 (block_q, threads_per_row, KvReads::Subgroup)
             );
-            assert_eq!(fitted.workgroup_size(), preset.workgroup_size(), "d{d}");
+            assert_eq!(fitted.workgroup_size(), preset.workgroup_size(), "{preset} d{d}");
             fitted.check(&limits, &shape).unwrap();
             let masked = preset.fitted_to_block(&limits, &shape, preset.block_size());
             assert_eq!(masked.block_size(), preset.block_size(), "d{d}");

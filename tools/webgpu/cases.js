@@ -346,6 +346,8 @@ const FLASH_CASES = [
   { name: 'causal nQ > nK 50x21 d40', nQ: 50, nK: 21, dQk: 40, window: [-1, 0] },
   { name: 'window (9,4) sinks 3 softcap 2 70x70 d40', nQ: 70, nK: 70, dQk: 40, window: [9, 4], sinks: 3, softcap: 2 },
   { name: 'GQA 4/2 batch 2 dqk 90 dv 30 19x33', batch: 2, qHeads: 4, kvHeads: 2, nQ: 19, nK: 33, dQk: 90, dV: 30 },
+  // Wide heads: rows shared by 4 threads (with subgroup reads, partial scores summed by shuffles).
+  { name: 'causal 40x70 d160', nQ: 40, nK: 70, dQk: 160, window: [-1, 0] },
   {
     name: 'block mask per head, broadcast over batch 2, GQA 2/1 64x64 d40',
     batch: 2, qHeads: 2, kvHeads: 1, nQ: 64, nK: 64, dQk: 40,
