@@ -1,34 +1,44 @@
 // Flash-attention backward (FlashAttention-2's algorithm): dQ, dK and dV from Q, K, V, the
-// forward's O and LSE, and dO, without materialising the N x N scores. P is recomputed key by
-// key from Q, K and the LSE; nothing but per-row statistics and the gradients is stored.
+// forward's O and LSE, and dO, without materialising the N x N scores. P is recomputed from
+// Q, K and the LSE block by block; nothing but per-row statistics and the gradients is stored.
 //
 // Three entry points, dispatched in this order by src/attention/backward.rs:
 //
 // - `preprocess`: one thread per query row writes its statistics to the head of `state`:
 //   the LSE in base 2 (the forward's is natural-log; the kernels work in base 2, as
 //   shared/softmax.wgsl explains) and D = rowsum(dO * O).
-// - `dkdv_pass`: one thread per key of a KV head. The workgroup walks, in a fixed order,
-//   every query head of the KV head's group and every query block that can see one of its
-//   keys (the dense options' bounds, or the block mask's runs of each query block); each
-//   thread accumulates its key's dK and dV in registers: dV += P dO, dS = P (dP - D),
-//   dK += dS Q. GQA's reduction over the group is that fixed-order loop, so no atomics.
-// - `dq_pass`: one thread per query row walks the key tiles its block can see, as the
-//   forward does, and accumulates dQ += dS K. A pass of its own instead of float atomics in
-//   `dkdv_pass`: every sum runs in a fixed order, so equal inputs give bit-identical
-//   gradients.
+// - `dkdv_pass`: KEY_THREADS threads per workgroup, four keys of a KV head each. The
+//   workgroup walks, in a fixed order, every query head of the KV head's group and every
+//   query block that can see one of its keys (the dense options' bounds, or the block mask's
+//   runs of each query block), four query rows at a time; each thread accumulates its keys'
+//   dK and dV in registers: dV += P dO, dS = P (dP - D), dK += dS Q. GQA's reduction over the
+//   group is that fixed-order loop, so no atomics.
+// - `dq_pass`: a thread per four rows of a query block walks the key tiles the block can see,
+//   as the forward does, four keys at a time, and accumulates dQ += dS K. A pass of its own
+//   instead of float atomics in `dkdv_pass`: every sum runs in a fixed order, so equal inputs
+//   give bit-identical gradients.
 //
-// The row statistics and the carried accumulators share one buffer (`state`) so that no
-// pass binds more than eight storage buffers, WebGPU's default limit.
+// Up to 64 columns per head dim the main passes are register-tiled, as flash_fwd.wgsl is
+// (wider rows take the `_wide` entry points at the end of this file): a thread's four rows (keys in dkdv, queries in dq)
+// and the four rows of the other side it is at meet in a 4 x 4 block, held as a mat4x4 with
+// one column per key and one row per query. With Qc, Kc, Gc (dO) and Vc the blocks' vec4
+// column c of the head dims, one row per matrix column, S = sum_c transpose(Qc) Kc,
+// dP = sum_c transpose(Gc) Vc, dV_c += Gc P, dK_c += Qc dS and dQ_c += Kc transpose(dS):
+// 16 FMAs per vec4 read.
 //
-// Threads of a workgroup walk the other side's rows together, so a row of Q, dO (dkdv) or
-// K, V (dq) is the same address in every thread: one load for the whole subgroup on a CPU
-// adapter. There is no workgroup memory and no barrier.
+// The other side's rows are read straight from memory, or (SHUFFLE_ROWS, where the workgroup
+// is exactly one subgroup) each thread reads whole rows of its share of them and subgroup
+// shuffles hand them to the others: on llvmpipe every load runs once per thread, so this one
+// brings a different row to each. While loading, each thread notes whether a row holds a
+// non-finite value, so that the NaN-safe products (below) are only paid for where one is.
 //
-// Masked pairs and pairs whose weight is exactly 0 are skipped by test, never multiplied by
-// 0: a NaN in a row a key cannot see (or in dO of a row that gives the key no weight) stays
-// out of its gradients, while a NaN in a pair that counts reaches every gradient that
-// depends on it, as IEEE arithmetic says. Rows that see no key (LSE -inf) contribute
-// nothing, and their dQ is 0.
+// Masked pairs and pairs whose weight is exactly 0 contribute nothing, never 0 times their
+// values: dS is 0 there whatever dP holds, and products of data with weights go through
+// add_nonzero_products (shared/attention.wgsl) wherever a row may hold a non-finite value. A
+// NaN in a row a key cannot see (or in dO of a row that gives the key no weight) stays out of
+// its gradients, while a NaN in a pair that counts reaches every gradient that depends on it,
+// as IEEE arithmetic says. Rows that see no key (LSE -inf) contribute nothing, and their dQ
+// is 0.
 //
 // Softcap C: the score is C tanh(s / C) for s = scale q.k, so dS picks up the derivative
 // 1 - tanh^2.
@@ -40,10 +50,12 @@
 //
 // Constants come from the prelude made by src/shader.rs: Elem (f32 or f16), BLOCK_Q (query
 // rows per dq workgroup and per query block of the dkdv walk), BLOCK_K (keys per tile),
-// KEYS_WG (keys per dkdv workgroup, a multiple of BLOCK_K), DQK_PAD and DV_PAD (head dims
-// rounded up to 16), ALIGNED (both head dims are multiples of 4) and BLOCK_SPARSE. Params
-// and visible() come from shared/attention.wgsl, the softmax helpers from
-// shared/softmax.wgsl, BlockMask and its walk from shared/block_mask.wgsl.
+// WIDE_KEYS_WG (keys per dkdv_wide workgroup, a multiple of BLOCK_K),
+// DQK_PAD and DV_PAD (head dims rounded up to 16), ALIGNED (both head dims are multiples of
+// 4), SHUFFLE_ROWS and BLOCK_SPARSE. Params, visible4() and add_nonzero_products come from
+// shared/attention.wgsl, the softmax helpers from shared/softmax.wgsl, BlockMask and its walk
+// from shared/block_mask.wgsl, the row readers from shared/rows.wgsl, and the lane helpers (subgroup_lane, from_lane, on_all_lanes)
+// from shared/lanes_subgroup.wgsl or shared/lanes_none.wgsl.
 
 // Keep in sync with `PassRange` in src/attention/backward.rs (a test compares the layouts).
 struct PassRange {
@@ -57,11 +69,11 @@ struct PassRange {
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<uniform> range: PassRange;
-@group(0) @binding(2) var<storage, read> q: array<Elem>;
-@group(0) @binding(3) var<storage, read> k: array<Elem>;
-@group(0) @binding(4) var<storage, read> v: array<Elem>;
+@group(0) @binding(2) var<storage, read> q: array<vec4<Elem>>;
+@group(0) @binding(3) var<storage, read> k: array<vec4<Elem>>;
+@group(0) @binding(4) var<storage, read> v: array<vec4<Elem>>;
 @group(0) @binding(5) var<storage, read> out: array<Elem>;
-@group(0) @binding(6) var<storage, read> d_out: array<Elem>;
+@group(0) @binding(6) var<storage, read> d_out: array<vec4<Elem>>;
 @group(0) @binding(7) var<storage, read> lse: array<f32>;
 @group(0) @binding(8) var<storage, read_write> dq: array<Elem>;
 @group(0) @binding(9) var<storage, read_write> dk: array<Elem>;
@@ -76,29 +88,63 @@ const DV4: u32 = DV_PAD / 4u;
 const MASK_WORDS: u32 = (BLOCK_Q * BLOCK_K + 31u) / 32u;
 // Threads per workgroup of preprocess, one row each.
 const ROW_WG: u32 = 64u;
+// dkdv_pass: threads per workgroup (four keys each), and the query rows of a block it walks
+// at a time, CHUNK_PER_LANE per thread.
+const KEY_THREADS: u32 = 8u;
+const KEYS_WG: u32 = 4u * KEY_THREADS;
+const CHUNK_PER_LANE: u32 = 4u;
+const CHUNK: u32 = CHUNK_PER_LANE * KEY_THREADS;
+// dq_pass: threads per workgroup (four rows of the query block each), and the groups of four
+// keys of a tile.
+const ROW_THREADS: u32 = (BLOCK_Q + 3u) / 4u;
+const TILE_GROUPS: u32 = (BLOCK_K + 3u) / 4u;
+const TILE_PER_LANE: u32 = (4u * TILE_GROUPS + ROW_THREADS - 1u) / ROW_THREADS;
+// SHUFFLE_ROWS: the rows of the other side a thread holds for the others (row x at lane
+// x % lanes, slot x / lanes): ROW_WORDS vec4 words each, Q then dO (dkdv) or K then V (dq),
+// and per row (base-2 LSE, D, 1 where the row holds a non-finite value, 0).
+const ROW_WORDS: u32 = QK4 + DV4;
+const LANE_SLOTS: u32 = max(CHUNK_PER_LANE, TILE_PER_LANE);
+const LANE_WORDS: u32 = select(1u, LANE_SLOTS * ROW_WORDS, SHUFFLE_ROWS);
+
+var<private> lane_rows: array<vec4<f32>, LANE_WORDS>;
+var<private> lane_stats: array<vec4<f32>, LANE_SLOTS>;
 
 // Where the carried accumulators start in `state`: after two statistics per query row.
 fn accumulators_at() -> u32 {
     return 2u * params.batch * params.q_heads * params.n_q;
 }
 
+fn state4(at: u32) -> vec4<f32> {
+    return vec4(state[at], state[at + 1u], state[at + 2u], state[at + 3u]);
+}
+
 // Vec4 column c (elements [4c, 4c + 4)) of the row of a tensor that starts at element
-// `row_start`, zeros past a head dim of `dim`. Callers read only the columns below
-// ceil(dim / 4). One function per tensor because WGSL passes no storage pointers without an
-// extension not every browser has.
+// `row_start`, zeros past a head dim of `dim` (the loops run over the padded head dims): Q,
+// K and V through shared/rows.wgsl, dO through d_out_word (the same for its binding), O
+// element by element (only the preprocess reads it).
 fn q4(row_start: u32, c: u32, dim: u32) -> vec4<f32> {
-    let a = row_start + 4u * c;
-    return inside(vec4(f32(q[a]), f32(q[a + 1u]), f32(q[a + 2u]), f32(q[a + 3u])), c, dim);
+    return inside(q_word(row_start, c), c, dim);
 }
 
 fn k4(row_start: u32, c: u32, dim: u32) -> vec4<f32> {
-    let a = row_start + 4u * c;
-    return inside(vec4(f32(k[a]), f32(k[a + 1u]), f32(k[a + 2u]), f32(k[a + 3u])), c, dim);
+    return inside(k_word(row_start, c), c, dim);
 }
 
 fn v4(row_start: u32, c: u32, dim: u32) -> vec4<f32> {
-    let a = row_start + 4u * c;
-    return inside(vec4(f32(v[a]), f32(v[a + 1u]), f32(v[a + 2u]), f32(v[a + 3u])), c, dim);
+    return inside(v_word(row_start, c), c, dim);
+}
+
+fn d_out_word(row_start: u32, c: u32) -> vec4<f32> {
+    let w = (row_start + 4u * c) / 4u;
+    var hi = vec4(0.0);
+    if !ALIGNED {
+        hi = vec4<f32>(d_out[w + 1u]);
+    }
+    return assemble(vec4<f32>(d_out[w]), hi, row_start);
+}
+
+fn d_out4(row_start: u32, c: u32, dim: u32) -> vec4<f32> {
+    return inside(d_out_word(row_start, c), c, dim);
 }
 
 fn out4(row_start: u32, c: u32, dim: u32) -> vec4<f32> {
@@ -106,17 +152,11 @@ fn out4(row_start: u32, c: u32, dim: u32) -> vec4<f32> {
     return inside(vec4(f32(out[a]), f32(out[a + 1u]), f32(out[a + 2u]), f32(out[a + 3u])), c, dim);
 }
 
-fn d_out4(row_start: u32, c: u32, dim: u32) -> vec4<f32> {
-    let a = row_start + 4u * c;
-    return inside(vec4(f32(d_out[a]), f32(d_out[a + 1u]), f32(d_out[a + 2u]), f32(d_out[a + 3u])), c, dim);
-}
-
 // x with zeros in the elements of vec4 column c past a head dim of `dim`: they belong to
-// the next row (or lie past the buffer), and 0 * NaN is not 0. Aligned rows end on a whole
-// column, which the callers never pass.
+// the next row (or lie past the buffer), and 0 * NaN is not 0.
 fn inside(x: vec4<f32>, c: u32, dim: u32) -> vec4<f32> {
     if ALIGNED {
-        return x;
+        return select(vec4(0.0), x, 4u * c < dim);
     }
     return select(vec4(0.0), x, vec4(4u * c) + vec4(0u, 1u, 2u, 3u) < vec4(dim));
 }
@@ -126,14 +166,102 @@ fn columns(dim: u32) -> u32 {
     return (dim + 3u) / 4u;
 }
 
-// The weight P of a pair with raw product s = q.k against the row's base-2 LSE, and the
-// factor d(score)/d(scale s) that turns P (dP - D) into dS: 1, or 1 - tanh^2 under a softcap.
-fn weight(s: f32, lse2: f32) -> vec2<f32> {
-    if params.softcap > 0.0 {
-        let t = tanh(s * params.scale / params.softcap);
-        return vec2(exp2(params.softcap * t * LOG2E - lse2), 1.0 - t * t);
+fn nonfinite4(x: vec4<f32>) -> bool {
+    let exponent = vec4(0x7f800000u);
+    return any((bitcast<vec4<u32>>(x) & exponent) == exponent);
+}
+
+fn is_neg_inf4(x: vec4<f32>) -> vec4<bool> {
+    return bitcast<vec4<u32>>(x) == vec4(0xff800000u);
+}
+
+// Column `word` of a row (< QK4: of Q or K, else of dO or V) for rows 4g..4g+3 of what the
+// lanes hold (SHUFFLE_ROWS), one row per matrix column.
+fn from_lanes(g: u32, word: u32, lanes: u32) -> mat4x4<f32> {
+    var m = mat4x4<f32>();
+    for (var r = 0u; r < 4u; r++) {
+        let x = 4u * g + r;
+        m[r] = from_lane(lane_rows[min(x / lanes * ROW_WORDS + word, LANE_WORDS - 1u)], x % lanes);
     }
-    return vec2(exp2(s * (params.scale * LOG2E) - lse2), 1.0);
+    return m;
+}
+
+// The statistics of rows 4g..4g+3 the lanes hold, one row per matrix column.
+fn stats_from_lanes(g: u32, lanes: u32) -> mat4x4<f32> {
+    var m = mat4x4<f32>();
+    for (var r = 0u; r < 4u; r++) {
+        let x = 4u * g + r;
+        m[r] = from_lane(lane_stats[x / lanes], x % lanes);
+    }
+    return m;
+}
+
+// Which pairs of a 4 x 4 block count, one vec4 per key over the block's queries: those the
+// options let the queries on diagonals `diag` (row + n_k - n_q) see (visible4, which also
+// drops keys past n_k), of rows `rows_ok` and keys `keys_ok`, and under a block mask the
+// bits `bits[j]` of key j's partial tile (FULL_RUN for a whole one), for queries `local` of
+// the mask's query block.
+fn block_sees(
+    diag: vec4<i32>,
+    rows_ok: vec4<bool>,
+    keys: vec4<u32>,
+    keys_ok: vec4<bool>,
+    bits: vec4<u32>,
+    local: vec4<u32>,
+) -> array<vec4<bool>, 4> {
+    var sees = array<vec4<bool>, 4>();
+    for (var j = 0u; j < 4u; j++) {
+        var seen = rows_ok & vec4(keys_ok[j]) & visible4(diag, i32(keys[j]));
+        if BLOCK_SPARSE && bits[j] != FULL_RUN {
+            let kj = keys[j] % BLOCK_K;
+            seen = seen & vec4(mask_bit(bits[j], local.x, kj), mask_bit(bits[j], local.y, kj),
+                mask_bit(bits[j], local.z, kj), mask_bit(bits[j], local.w, kj));
+        }
+        sees[j] = seen;
+    }
+    return sees;
+}
+
+fn sees_none(sees: array<vec4<bool>, 4>) -> bool {
+    return !(any(sees[0]) || any(sees[1]) || any(sees[2]) || any(sees[3]));
+}
+
+// The weights P of a block from its raw products s = q.k against the rows' base-2 LSE (0
+// where a pair does not count), and the factor d(score)/d(scale s) that turns P (dP - D)
+// into dS: 1, or 1 - tanh^2 under a softcap.
+struct BlockWeights {
+    p: mat4x4<f32>,
+    dscore: mat4x4<f32>,
+}
+
+fn block_weights(s: mat4x4<f32>, lse2: vec4<f32>, sees: array<vec4<bool>, 4>) -> BlockWeights {
+    var w = BlockWeights(mat4x4<f32>(), mat4x4(vec4(1.0), vec4(1.0), vec4(1.0), vec4(1.0)));
+    for (var j = 0u; j < 4u; j++) {
+        var x = s[j] * (params.scale * LOG2E);
+        if params.softcap > 0.0 {
+            let t = tanh(s[j] * (params.scale / params.softcap));
+            x = params.softcap * t * LOG2E;
+            w.dscore[j] = 1.0 - t * t;
+        }
+        w.p[j] = select(vec4(0.0), exp2(x - lse2), sees[j]);
+    }
+    return w;
+}
+
+// dS = P (dP - D) d(score)/d(scale s), 0 where the weight is: a NaN in dP stays out.
+fn block_ds(w: BlockWeights, dp: mat4x4<f32>, d: vec4<f32>) -> mat4x4<f32> {
+    var ds = mat4x4<f32>();
+    for (var j = 0u; j < 4u; j++) {
+        ds[j] = select(w.p[j] * (dp[j] - d) * w.dscore[j], vec4(0.0), is_zero4(w.p[j]));
+    }
+    return ds;
+}
+
+// n, through a value only known at run time (n_k is never 0), so that compilers keep the
+// loops over the head dims rolled: unrolled, the register tiles of a d64 pass took llvmpipe
+// twice as long to compile (tens of seconds per pipeline) and ran no faster.
+fn rolled(n: u32) -> u32 {
+    return select(n, 0u, params.n_k == 0u);
 }
 
 // A 1-D grid of ROW_WG-thread workgroups, wrapped into y past the per-dimension limit.
@@ -159,12 +287,382 @@ fn preprocess(
     state[2u * row + 1u] = d;
 }
 
-@compute @workgroup_size(KEYS_WG)
+// dkdv_pass: column c of Q (or of dO) for the chunk's rows 4g..4g+3, whose rows of q are `rows`.
+fn chunk_q(rows: vec4<u32>, g: u32, c: u32) -> mat4x4<f32> {
+    if SHUFFLE_ROWS {
+        return from_lanes(g, c, KEY_THREADS);
+    }
+    return mat4x4(q4(rows.x * params.d_qk, c, params.d_qk), q4(rows.y * params.d_qk, c, params.d_qk),
+        q4(rows.z * params.d_qk, c, params.d_qk), q4(rows.w * params.d_qk, c, params.d_qk));
+}
+
+fn chunk_d_out(rows: vec4<u32>, g: u32, c: u32) -> mat4x4<f32> {
+    if SHUFFLE_ROWS {
+        return from_lanes(g, QK4 + c, KEY_THREADS);
+    }
+    return mat4x4(d_out4(rows.x * params.d_v, c, params.d_v), d_out4(rows.y * params.d_v, c, params.d_v),
+        d_out4(rows.z * params.d_v, c, params.d_v), d_out4(rows.w * params.d_v, c, params.d_v));
+}
+
+@compute @workgroup_size(KEY_THREADS)
 fn dkdv_pass(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) tid: u32,
 ) {
     let key0 = wg.x * KEYS_WG;
+    let kv_head = wg.y;
+    let batch = wg.z;
+    let group = params.q_heads / params.kv_heads;
+    let offset = i32(params.n_k) - i32(params.n_q);
+    let lane = subgroup_lane();
+
+    // This thread's keys, one per matrix column of its K, V, dK and dV tiles.
+    let keys = vec4(key0 + 4u * tid) + vec4(0u, 1u, 2u, 3u);
+    let keys_valid = keys < vec4(params.n_k);
+    let key_rows = vec4((batch * params.kv_heads + kv_head) * params.n_k) + min(keys, vec4(params.n_k - 1u));
+    var km = array<mat4x4<f32>, QK4>();
+    var vm = array<mat4x4<f32>, DV4>();
+    var dk_acc = array<mat4x4<f32>, QK4>();
+    var dv_acc = array<mat4x4<f32>, DV4>();
+    let carried = (range.flags & FIRST_PASS) == 0u;
+    for (var j = 0u; j < 4u; j++) {
+        let at = accumulators_at() + key_rows[j] * (DQK_PAD + DV_PAD);
+        for (var c = 0u; c < rolled(QK4); c++) {
+            km[c][j] = k4(key_rows[j] * params.d_qk, c, params.d_qk);
+            if carried {
+                dk_acc[c][j] = state4(at + 4u * c);
+            }
+        }
+        for (var c = 0u; c < rolled(DV4); c++) {
+            vm[c][j] = v4(key_rows[j] * params.d_v, c, params.d_v);
+            if carried {
+                dv_acc[c][j] = state4(at + DQK_PAD + 4u * c);
+            }
+        }
+    }
+
+    // The queries that may see a key of [key0, key_last]: query i sees key j only if
+    // i + offset - left <= j (unless j is a sink) and j <= i + offset + right.
+    let key_last = min(key0 + KEYS_WG, params.n_k) - 1u;
+    let n_q = i32(params.n_q);
+    var q_lo = 0;
+    if params.window_right >= 0 {
+        q_lo = clamp(i32(key0) - params.window_right - offset, 0, n_q);
+    }
+    var q_hi = n_q;
+    if params.window_left >= 0 && key0 >= params.sinks {
+        q_hi = clamp(i32(key_last) + params.window_left - offset + 1, q_lo, n_q);
+    }
+    let q_blocks = (params.n_q + BLOCK_Q - 1u) / BLOCK_Q;
+    let block_lo = u32(q_lo) / BLOCK_Q;
+    let block_hi = (u32(q_hi) + BLOCK_Q - 1u) / BLOCK_Q;
+
+    var t = range.begin;
+    loop {
+        if t >= range.end {
+            break;
+        }
+        let h = t / q_blocks;
+        let block = t % q_blocks;
+        if block < block_lo {
+            t = h * q_blocks + block_lo;
+            continue;
+        }
+        if block >= block_hi {
+            t = (h + 1u) * q_blocks;
+            continue;
+        }
+        let head = kv_head * group + h;
+
+        // Block-sparse: skip, without loading it, a query block that lists none of this
+        // workgroup's tiles; else find how each of this thread's keys' tiles is listed.
+        var listed = vec4(true);
+        var bits = vec4(FULL_RUN);
+        if BLOCK_SPARSE {
+            let row = mask_row(batch, head, block);
+            let runs_end = block_mask.words[row + 1u];
+            let run = first_run_after(block_mask.words[row], runs_end, key0 / BLOCK_K);
+            if run == runs_end || run_field(run, 0u) > key_last / BLOCK_K {
+                t += 1u;
+                continue;
+            }
+            for (var j = 0u; j < 4u; j++) {
+                let tile = min(keys[j], key_last) / BLOCK_K;
+                let mine = first_run_after(run, runs_end, tile);
+                listed[j] = mine < runs_end && run_field(mine, 0u) <= tile;
+                if listed[j] && run_field(mine, 2u) != FULL_RUN {
+                    bits[j] = run_field(mine, 2u) + tile - run_field(mine, 0u);
+                }
+            }
+        }
+        let keys_ok = keys_valid & listed;
+
+        let bh = batch * params.q_heads + head;
+        let block_rows = min(BLOCK_Q, params.n_q - block * BLOCK_Q);
+        for (var chunk0 = 0u; chunk0 < block_rows; chunk0 += CHUNK) {
+            let first = block * BLOCK_Q + chunk0;
+            let chunk_rows = min(CHUNK, block_rows - chunk0);
+            if SHUFFLE_ROWS {
+                // This thread's rows of the chunk, for the others.
+                for (var u = 0u; u < CHUNK_PER_LANE; u++) {
+                    let row = bh * params.n_q + min(first + u * KEY_THREADS + lane, params.n_q - 1u);
+                    var bad = false;
+                    for (var c = 0u; c < rolled(QK4); c++) {
+                        let x = q4(row * params.d_qk, c, params.d_qk);
+                        lane_rows[u * ROW_WORDS + c] = x;
+                        bad = bad || nonfinite4(x);
+                    }
+                    for (var c = 0u; c < rolled(DV4); c++) {
+                        let x = d_out4(row * params.d_v, c, params.d_v);
+                        lane_rows[u * ROW_WORDS + QK4 + c] = x;
+                        bad = bad || nonfinite4(x);
+                    }
+                    lane_stats[u] = vec4(state[2u * row], state[2u * row + 1u], select(0.0, 1.0, bad), 0.0);
+                }
+            }
+            for (var g = 0u; 4u * g < chunk_rows; g++) {
+                let x = vec4(4u * g) + vec4(0u, 1u, 2u, 3u);
+                let queries = vec4(first) + x;
+                let rows = vec4(bh * params.n_q) + min(queries, vec4(params.n_q - 1u));
+                var stats = mat4x4<f32>();
+                if SHUFFLE_ROWS {
+                    stats = transpose(stats_from_lanes(g, KEY_THREADS));
+                } else {
+                    for (var r = 0u; r < 4u; r++) {
+                        stats[0][r] = state[2u * rows[r]];
+                        stats[1][r] = state[2u * rows[r] + 1u];
+                    }
+                    stats[2] = vec4(1.0);
+                }
+                let lse2 = stats[0];
+                let bad = any(stats[2] != vec4(0.0));
+                let rows_ok = x < vec4(chunk_rows) & !is_neg_inf4(lse2);
+                let diag = vec4<i32>(queries) + vec4(offset);
+                let sees = block_sees(diag, rows_ok, keys, keys_ok, bits, vec4(chunk0) + x);
+                if !on_all_lanes(sees_none(sees)) {
+                    var s = mat4x4<f32>();
+                    for (var c = 0u; c < rolled(QK4); c++) {
+                        s += transpose(chunk_q(rows, g, c)) * km[c];
+                    }
+                    let w = block_weights(s, lse2, sees);
+                    var dp = mat4x4<f32>();
+                    if bad {
+                        for (var c = 0u; c < rolled(DV4); c++) {
+                            let gc = chunk_d_out(rows, g, c);
+                            dp += transpose(gc) * vm[c];
+                            dv_acc[c] = add_nonzero_products(dv_acc[c], gc, w.p);
+                        }
+                    } else {
+                        for (var c = 0u; c < rolled(DV4); c++) {
+                            let gc = chunk_d_out(rows, g, c);
+                            dp += transpose(gc) * vm[c];
+                            dv_acc[c] += gc * w.p;
+                        }
+                    }
+                    let ds = block_ds(w, dp, stats[1]);
+                    if bad {
+                        for (var c = 0u; c < rolled(QK4); c++) {
+                            dk_acc[c] = add_nonzero_products(dk_acc[c], chunk_q(rows, g, c), ds);
+                        }
+                    } else {
+                        for (var c = 0u; c < rolled(QK4); c++) {
+                            dk_acc[c] += chunk_q(rows, g, c) * ds;
+                        }
+                    }
+                }
+            }
+        }
+        t += 1u;
+    }
+
+    let last = (range.flags & LAST_PASS) != 0u;
+    for (var j = 0u; j < 4u; j++) {
+        if !keys_valid[j] {
+            break;
+        }
+        let at = accumulators_at() + key_rows[j] * (DQK_PAD + DV_PAD);
+        for (var c = 0u; c < rolled(QK4); c++) {
+            for (var e = 0u; e < 4u; e++) {
+                let column = 4u * c + e;
+                if !last {
+                    state[at + column] = dk_acc[c][j][e];
+                } else if column < params.d_qk {
+                    dk[key_rows[j] * params.d_qk + column] = Elem(dk_acc[c][j][e] * params.scale);
+                }
+            }
+        }
+        for (var c = 0u; c < rolled(DV4); c++) {
+            for (var e = 0u; e < 4u; e++) {
+                let column = 4u * c + e;
+                if !last {
+                    state[at + DQK_PAD + column] = dv_acc[c][j][e];
+                } else if column < params.d_v {
+                    dv[key_rows[j] * params.d_v + column] = Elem(dv_acc[c][j][e]);
+                }
+            }
+        }
+    }
+}
+
+// dq_pass: column c of K (or of V) for the tile's keys 4g..4g+3, whose rows of k are `rows`.
+fn tile_k(rows: vec4<u32>, g: u32, c: u32) -> mat4x4<f32> {
+    if SHUFFLE_ROWS {
+        return from_lanes(g, c, ROW_THREADS);
+    }
+    return mat4x4(k4(rows.x * params.d_qk, c, params.d_qk), k4(rows.y * params.d_qk, c, params.d_qk),
+        k4(rows.z * params.d_qk, c, params.d_qk), k4(rows.w * params.d_qk, c, params.d_qk));
+}
+
+fn tile_v(rows: vec4<u32>, g: u32, c: u32) -> mat4x4<f32> {
+    if SHUFFLE_ROWS {
+        return from_lanes(g, QK4 + c, ROW_THREADS);
+    }
+    return mat4x4(v4(rows.x * params.d_v, c, params.d_v), v4(rows.y * params.d_v, c, params.d_v),
+        v4(rows.z * params.d_v, c, params.d_v), v4(rows.w * params.d_v, c, params.d_v));
+}
+
+@compute @workgroup_size(ROW_THREADS)
+fn dq_pass(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) tid: u32,
+) {
+    let row0 = wg.x * BLOCK_Q;
+    let head = wg.y;
+    let batch = wg.z;
+    let lane = subgroup_lane();
+    let kv_head = kv_head_of(head, params.q_heads, params.kv_heads);
+    let k_base = (batch * params.kv_heads + kv_head) * params.n_k;
+    let offset = i32(params.n_k) - i32(params.n_q);
+
+    // This thread's rows (of the block, and of q), one per matrix column of its Q, dO and dQ
+    // tiles.
+    let local = vec4(4u * tid) + vec4(0u, 1u, 2u, 3u);
+    let queries = vec4(row0) + local;
+    let rows_valid = local < vec4(BLOCK_Q) & queries < vec4(params.n_q);
+    let rows = vec4((batch * params.q_heads + head) * params.n_q) + min(queries, vec4(params.n_q - 1u));
+    var lse2 = vec4(0.0);
+    var d = vec4(0.0);
+    var qm = array<mat4x4<f32>, QK4>();
+    var gm = array<mat4x4<f32>, DV4>();
+    var dq_acc = array<mat4x4<f32>, QK4>();
+    let carried = (range.flags & FIRST_PASS) == 0u;
+    for (var r = 0u; r < 4u; r++) {
+        lse2[r] = state[2u * rows[r]];
+        d[r] = state[2u * rows[r] + 1u];
+        let at = accumulators_at() + rows[r] * DQK_PAD;
+        for (var c = 0u; c < rolled(QK4); c++) {
+            qm[c][r] = q4(rows[r] * params.d_qk, c, params.d_qk);
+            if carried {
+                dq_acc[c][r] = state4(at + 4u * c);
+            }
+        }
+        for (var c = 0u; c < rolled(DV4); c++) {
+            gm[c][r] = d_out4(rows[r] * params.d_v, c, params.d_v);
+        }
+    }
+    let rows_ok = rows_valid & !is_neg_inf4(lse2);
+    let diag = vec4<i32>(queries) + vec4(offset);
+
+    // The tiles this block sees in this pass (shared/block_mask.wgsl).
+    let last_row = min(row0 + BLOCK_Q, params.n_q) - 1u;
+    var walk = tile_walk(range.begin / BLOCK_K, range.end, row0, last_row, batch, head, wg.x);
+    while next_tile(&walk) {
+        let key0 = walk.t * BLOCK_K;
+        let bits = vec4(tile_bits(walk));
+        let tile_keys = u32(min(walk.keys_end - i32(key0), i32(BLOCK_K)));
+        if SHUFFLE_ROWS {
+            // This thread's keys of the tile, for the others.
+            for (var u = 0u; u < TILE_PER_LANE; u++) {
+                let key = k_base + min(key0 + u * ROW_THREADS + lane, params.n_k - 1u);
+                var bad = false;
+                for (var c = 0u; c < rolled(QK4); c++) {
+                    let x = k4(key * params.d_qk, c, params.d_qk);
+                    lane_rows[u * ROW_WORDS + c] = x;
+                    bad = bad || nonfinite4(x);
+                }
+                for (var c = 0u; c < rolled(DV4); c++) {
+                    let x = v4(key * params.d_v, c, params.d_v);
+                    lane_rows[u * ROW_WORDS + QK4 + c] = x;
+                    bad = bad || nonfinite4(x);
+                }
+                lane_stats[u] = vec4(0.0, 0.0, select(0.0, 1.0, bad), 0.0);
+            }
+        }
+        for (var g = 0u; 4u * g < tile_keys; g++) {
+            let x = vec4(4u * g) + vec4(0u, 1u, 2u, 3u);
+            let keys = vec4(key0) + x;
+            let keys_ok = x < vec4(BLOCK_K) & vec4<i32>(keys) < vec4(walk.keys_end);
+            let key_rows = vec4(k_base) + min(keys, vec4(params.n_k - 1u));
+            var bad = true;
+            if SHUFFLE_ROWS {
+                bad = any(transpose(stats_from_lanes(g, ROW_THREADS))[2] != vec4(0.0));
+            }
+            let sees = block_sees(diag, rows_ok, keys, keys_ok, bits, local);
+            if !on_all_lanes(sees_none(sees)) {
+                var s = mat4x4<f32>();
+                for (var c = 0u; c < rolled(QK4); c++) {
+                    s += transpose(qm[c]) * tile_k(key_rows, g, c);
+                }
+                let w = block_weights(s, lse2, sees);
+                var dp = mat4x4<f32>();
+                for (var c = 0u; c < rolled(DV4); c++) {
+                    dp += transpose(gm[c]) * tile_v(key_rows, g, c);
+                }
+                let ds = transpose(block_ds(w, dp, d));
+                if bad {
+                    for (var c = 0u; c < rolled(QK4); c++) {
+                        dq_acc[c] = add_nonzero_products(dq_acc[c], tile_k(key_rows, g, c), ds);
+                    }
+                } else {
+                    for (var c = 0u; c < rolled(QK4); c++) {
+                        dq_acc[c] += tile_k(key_rows, g, c) * ds;
+                    }
+                }
+            }
+        }
+        walk.t += 1u;
+    }
+
+    let last = (range.flags & LAST_PASS) != 0u;
+    for (var r = 0u; r < 4u; r++) {
+        if !rows_valid[r] {
+            break;
+        }
+        let at = accumulators_at() + rows[r] * DQK_PAD;
+        for (var c = 0u; c < rolled(QK4); c++) {
+            for (var e = 0u; e < 4u; e++) {
+                let column = 4u * c + e;
+                if !last {
+                    state[at + column] = dq_acc[c][r][e];
+                } else if column < params.d_qk {
+                    dq[rows[r] * params.d_qk + column] = Elem(dq_acc[c][r][e] * params.scale);
+                }
+            }
+        }
+    }
+}
+
+// Head dims above 64: `dkdv_wide` and `dq_wide`
+// give each thread one key (WIDE_KEYS_WG per workgroup) or one query row and read the other
+// side's rows word by word, 4 FMAs per vec4 read. The register tiles of a wider row take
+// llvmpipe minutes to compile; these compile in seconds.
+
+// The weight P of a pair with raw product s = q.k against the row's base-2 LSE, and the
+// factor d(score)/d(scale s) that turns P (dP - D) into dS: 1, or 1 - tanh^2 under a softcap.
+fn weight(s: f32, lse2: f32) -> vec2<f32> {
+    if params.softcap > 0.0 {
+        let t = tanh(s * params.scale / params.softcap);
+        return vec2(exp2(params.softcap * t * LOG2E - lse2), 1.0 - t * t);
+    }
+    return vec2(exp2(s * (params.scale * LOG2E) - lse2), 1.0);
+}
+
+@compute @workgroup_size(WIDE_KEYS_WG)
+fn dkdv_wide(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) tid: u32,
+) {
+    let key0 = wg.x * WIDE_KEYS_WG;
     let kv_head = wg.y;
     let batch = wg.z;
     let key = key0 + tid;
@@ -201,7 +699,7 @@ fn dkdv_pass(
 
     // The queries that may see a key of [key0, key_last]: query i sees key j only if
     // i + offset - left <= j (unless j is a sink) and j <= i + offset + right.
-    let key_last = min(key0 + KEYS_WG, params.n_k) - 1u;
+    let key_last = min(key0 + WIDE_KEYS_WG, params.n_k) - 1u;
     let n_q = i32(params.n_q);
     var q_lo = 0;
     if params.window_right >= 0 {
@@ -315,7 +813,7 @@ fn dkdv_pass(
 }
 
 @compute @workgroup_size(BLOCK_Q)
-fn dq_pass(
+fn dq_wide(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) tid: u32,
 ) {

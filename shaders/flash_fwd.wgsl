@@ -45,7 +45,7 @@
 //
 // Constants come from the prelude made by src/shader.rs: Elem (f32 or f16), BLOCK_Q,
 // BLOCK_K (a multiple of 4), ROW_GROUPS, SPLIT, STAGE_KV, SHUFFLE_KV, DQK_PAD, DV_PAD (head dims rounded
-// up to 16), ALIGNED, QK_TAIL (Dqk is not a multiple of 16) and BLOCK_SPARSE. Params and visible4() come from shared/attention.wgsl,
+// up to 16), ALIGNED, QK_TAIL (Dqk is not a multiple of 16) and BLOCK_SPARSE. Params, visible4() and add_nonzero_products come from shared/attention.wgsl, the row readers (q_word, k_word, v_word) from shared/rows.wgsl,
 // MASKED and the softmax steps (base 2) from shared/softmax.wgsl, the block mask's layout
 // and walk from shared/block_mask.wgsl, and the lane helpers (subgroup_lane, from_lane,
 // on_all_lanes) from shared/lanes_subgroup.wgsl or shared/lanes_none.wgsl.
@@ -89,49 +89,6 @@ var<workgroup> v_tile: array<vec4<f32>, KV_TILE_V>;
 var<workgroup> partial_s: array<mat4x4<f32>, PARTIALS>;
 var<private> k_lane: array<vec4<f32>, LANE_QK>;
 var<private> v_lane: array<vec4<f32>, LANE_V>;
-
-// Vec4 column c (elements [4c, 4c + 4)) of the row of Q, K or V that starts at element
-// `row_start`: a word, or for unaligned rows (ALIGNED false) parts of two. Past the row's
-// end it holds the next row's elements: the callers mask what they must. One function per
-// tensor because WGSL passes no storage pointers without an extension not every browser has.
-fn q_word(row_start: u32, c: u32) -> vec4<f32> {
-    let w = (row_start + 4u * c) / 4u;
-    var hi = vec4(0.0);
-    if !ALIGNED {
-        hi = vec4<f32>(q[w + 1u]);
-    }
-    return assemble(vec4<f32>(q[w]), hi, row_start);
-}
-
-fn k_word(row_start: u32, c: u32) -> vec4<f32> {
-    let w = (row_start + 4u * c) / 4u;
-    var hi = vec4(0.0);
-    if !ALIGNED {
-        hi = vec4<f32>(k[w + 1u]);
-    }
-    return assemble(vec4<f32>(k[w]), hi, row_start);
-}
-
-fn v_word(row_start: u32, c: u32) -> vec4<f32> {
-    let w = (row_start + 4u * c) / 4u;
-    var hi = vec4(0.0);
-    if !ALIGNED {
-        hi = vec4<f32>(v[w + 1u]);
-    }
-    return assemble(vec4<f32>(v[w]), hi, row_start);
-}
-
-// The four elements from `row_start % 4` on of the eight in lo, hi.
-fn assemble(lo: vec4<f32>, hi: vec4<f32>, row_start: u32) -> vec4<f32> {
-    var x = lo;
-    if !ALIGNED {
-        let shift = row_start % 4u;
-        x = select(x, vec4(lo.yzw, hi.x), shift == 1u);
-        x = select(x, vec4(lo.zw, hi.xy), shift == 2u);
-        x = select(x, vec4(lo.w, hi.xyz), shift == 3u);
-    }
-    return x;
-}
 
 // x with zeros in the elements of vec4 column c past a head dim of `dim`, or everywhere
 // when !valid.
@@ -202,32 +159,6 @@ fn masked_scores(x: mat4x4<f32>, row: u32, local: u32, key0: u32, j0: u32, bits:
         masked[j] = select(vec4(MASKED), x[j], seen);
     }
     return masked;
-}
-
-// a + vc * p, leaving out the products of zero weights p[r][j]. Finite values go through the
-// matrix product, as on whole tiles, so that a row gets the same bits whatever a key it cannot
-// see holds and a block mask gives the bits of the dense options it expresses; only a
-// non-finite value of V is added element by element, to the rows that weigh its key.
-fn add_nonzero_products(a: mat4x4<f32>, vc: mat4x4<f32>, p: mat4x4<f32>) -> mat4x4<f32> {
-    let exponent = vec4(0x7f800000u);
-    var finite = vc;
-    var bad = array<vec4<bool>, 4>();
-    var any_bad = false;
-    for (var j = 0u; j < 4u; j++) {
-        bad[j] = (bitcast<vec4<u32>>(vc[j]) & exponent) == exponent;
-        finite[j] = select(vc[j], vec4(0.0), bad[j]);
-        any_bad = any_bad || any(bad[j]);
-    }
-    var sum = a + finite * p;
-    if any_bad {
-        for (var r = 0u; r < 4u; r++) {
-            for (var j = 0u; j < 4u; j++) {
-                let w = p[r][j];
-                sum[r] += select(vec4(0.0), vc[j] * w, bad[j] & vec4(!is_zero(w)));
-            }
-        }
-    }
-    return sum;
 }
 
 // The first head-dim column of vec4 column i of a thread's slice.

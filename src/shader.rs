@@ -5,7 +5,8 @@
 //! that declares them: `enable f16;` when the storage is f16, `alias Elem = f32|f16;`, and
 //! one `const NAME: TYPE = VALUE;` per constant, then the files of `shaders/shared/` the
 //! kernel uses ([`Kernel::shared`]; for decode and kv_cache, the K/V word storage chosen by
-//! the constant `INT8`, for flash_fwd the register sharing chosen by `SHUFFLE_KV`). That is the whole preprocessor. Plain
+//! the constant `INT8`, for flash_fwd and flash_bwd the register sharing chosen by `SHUFFLE_KV` and `SHUFFLE_ROWS`).
+//! That is the whole preprocessor. Plain
 //! `const`s (rather than `override`s) let workgroup arrays and private arrays be sized by
 //! them on every backend, and let the compiler unroll the inner loops.
 
@@ -82,8 +83,9 @@ impl Kernel {
         const SOFTMAX: &str = include_str!("../shaders/shared/softmax.wgsl");
         const ATTENTION: &str = include_str!("../shaders/shared/attention.wgsl");
         const BLOCK_MASK: &str = include_str!("../shaders/shared/block_mask.wgsl");
+        const ROWS: &str = include_str!("../shaders/shared/rows.wgsl");
         match self {
-            Kernel::FlashForward | Kernel::FlashBackward => &[SOFTMAX, ATTENTION, BLOCK_MASK],
+            Kernel::FlashForward | Kernel::FlashBackward => &[SOFTMAX, ATTENTION, BLOCK_MASK, ROWS],
             Kernel::Naive => &[SOFTMAX, ATTENTION],
             Kernel::Decode | Kernel::Combine | Kernel::KvCache => &[SOFTMAX],
             Kernel::Peak => &[],
@@ -151,8 +153,8 @@ impl ShaderKey {
 
     /// The shared file a constant of the variant chooses: for decode and kv_cache how K/V
     /// words are stored (`KvWord`, `kv_unpack`, `kv_pack`; int8 where `INT8`, else the element
-    /// type), for flash_fwd how threads share registers (subgroup operations where
-    /// `SHUFFLE_KV`, else stand-ins without them).
+    /// type), for flash_fwd and flash_bwd how threads share registers (subgroup operations where
+    /// `SHUFFLE_KV` or `SHUFFLE_ROWS`, else stand-ins without them).
     fn chosen_shared(&self) -> Option<&'static str> {
         let on =
             |constant| self.constants.iter().any(|&(name, value)| name == constant && value == ConstValue::Bool(true));
@@ -161,7 +163,7 @@ impl ShaderKey {
                 true => include_str!("../shaders/shared/kv_int8.wgsl"),
                 false => include_str!("../shaders/shared/kv_float.wgsl"),
             }),
-            Kernel::FlashForward => Some(match on("SHUFFLE_KV") {
+            Kernel::FlashForward | Kernel::FlashBackward => Some(match on("SHUFFLE_KV") || on("SHUFFLE_ROWS") {
                 true => include_str!("../shaders/shared/lanes_subgroup.wgsl"),
                 false => include_str!("../shaders/shared/lanes_none.wgsl"),
             }),

@@ -5,7 +5,8 @@
 //! f32 LSE and a score recomputed in another order than the forward's, two roundings that
 //! move each weight by about eps (1 + |LSE|); the plain backward, which keeps one softmax,
 //! does not pay them (a row with one key gets exactly 1). Also:
-//! bit-identical reruns, NaN semantics, passes under a loop cap, and bad input.
+//! bit-identical reruns, NaN semantics, passes under a loop cap, reads without subgroups, and
+//! bad input.
 
 mod common;
 
@@ -265,6 +266,32 @@ fn passes_under_a_loop_cap_match_one_pass() {
         ] {
             let (e1, e2) = (max_abs_err(a, want), max_abs_err(b, want));
             assert!(e2 <= 2.0 * e1 + 1e-5, "{}: {name} error {e2:.3e} in passes, {e1:.3e} in one", case.label);
+        }
+    }
+}
+
+/// Without subgroups the register-tiled passes read the other side's rows straight from
+/// memory (the path of devices whose workgroups are not one subgroup): the same gradients.
+#[test]
+fn passes_without_subgroups_match_the_reference() {
+    let features = ctx().device().features() - wgpu::Features::SUBGROUP;
+    let (device, queue) = own_device(features, ctx().limits().clone());
+    let plain = Context::from_wgpu(device, queue);
+    assert!(!plain.capabilities().subgroups);
+    let docs = Mask::document_lengths(&[70, 60]).unwrap() & Mask::causal();
+    for mask in [None, Some(("documents & causal", docs))] {
+        let case = case(DType::F32, shape(1, (4, 2), (130, 130), (32, 32)), options(false, (40, -1), 2, 0.0), mask);
+        let (x, d_out) = inputs(&case, 15);
+        let got = read(&plain, &run(&plain, &case, &x, &d_out).unwrap());
+        let shuffled = read(ctx(), &run(ctx(), &case, &x, &d_out).unwrap());
+        let want = reference_of(&case, &x, &d_out);
+        for (name, (a, b), want) in [
+            ("dQ", (&got[0], &shuffled[0]), &want.dq),
+            ("dK", (&got[1], &shuffled[1]), &want.dk),
+            ("dV", (&got[2], &shuffled[2]), &want.dv),
+        ] {
+            let (e1, e2) = (max_abs_err(b, want), max_abs_err(a, want));
+            assert!(e2 <= 2.0 * e1 + 1e-5, "{}: {name} error {e2:.3e} from memory, {e1:.3e} shuffled", case.label);
         }
     }
 }

@@ -1,6 +1,6 @@
-// Shared by flash_fwd.wgsl and naive.wgsl (src/shader.rs prepends it after softmax.wgsl):
-// their parameters and the one definition of which keys a query sees (four queries at a
-// time for the register-tiled kernel). Each kernel declares
+// Shared by flash_fwd.wgsl, flash_bwd.wgsl and naive.wgsl (src/shader.rs prepends it after
+// softmax.wgsl): their parameters, the one definition of which keys a query sees (four queries
+// at a time for the register-tiled kernels), and the register tiles' NaN-safe product. Each kernel declares
 // `var<uniform> params: Params`.
 
 // Keep in sync with `FlashParams` in src/attention/flash.rs (a test compares the layouts).
@@ -40,4 +40,31 @@ fn visible4(diag: vec4<i32>, key: i32) -> vec4<bool> {
 // Whether the query on diagonal `diag` sees key `key`.
 fn visible(diag: i32, key: i32) -> bool {
     return visible4(vec4(diag), key).x;
+}
+
+// a + vc * p, leaving out the products of zero weights p[r][j] (column j of vc is a row of V,
+// or of the backward's Q, dO or K; p[r][j] its weight in column r). Finite values go through the
+// matrix product, as on whole tiles, so that a row gets the same bits whatever a key it cannot
+// see holds and a block mask gives the bits of the dense options it expresses; only a
+// non-finite value is added element by element, to the columns that weigh it.
+fn add_nonzero_products(a: mat4x4<f32>, vc: mat4x4<f32>, p: mat4x4<f32>) -> mat4x4<f32> {
+    let exponent = vec4(0x7f800000u);
+    var finite = vc;
+    var bad = array<vec4<bool>, 4>();
+    var any_bad = false;
+    for (var j = 0u; j < 4u; j++) {
+        bad[j] = (bitcast<vec4<u32>>(vc[j]) & exponent) == exponent;
+        finite[j] = select(vc[j], vec4(0.0), bad[j]);
+        any_bad = any_bad || any(bad[j]);
+    }
+    var sum = a + finite * p;
+    if any_bad {
+        for (var r = 0u; r < 4u; r++) {
+            for (var j = 0u; j < 4u; j++) {
+                let w = p[r][j];
+                sum[r] += select(vec4(0.0), vc[j] * w, bad[j] & vec4(!is_zero(w)));
+            }
+        }
+    }
+    return sum;
 }

@@ -6,7 +6,7 @@
 //! query heads in a fixed order, and the dQ pass over query blocks. No float atomics: the
 //! same inputs give bit-identical gradients.
 
-use super::flash::{FIRST_PASS, FlashParams, HEAD_DIM_GRANULE, LAST_PASS};
+use super::flash::{FIRST_PASS, FlashParams, HEAD_DIM_GRANULE, LAST_PASS, check_whole_words};
 use super::{AttentionBuffers, AttentionOptions, AttentionShape};
 use crate::context::Context;
 use crate::dispatch::{bind_buffers, check_grid, uniform_buffer, wrapped_grid};
@@ -71,6 +71,11 @@ impl GradientBuffers<'_> {
             check_u32_indexing(what, view.numel() as u64)?;
             check_binding_size(ctx, what, byte_size(view.numel(), dtype))?;
         }
+        // The kernels read Q, K, V and dO in whole vec4 words.
+        let f = &self.forward;
+        for (what, view) in [("Q", &f.q), ("K", &f.k), ("V", &f.v), ("dO", &self.d_out)] {
+            check_whole_words(what, view)?;
+        }
         Ok(shape)
     }
 }
@@ -123,39 +128,95 @@ pub fn attention_backward(
 }
 
 /// The tiles of the backward kernels: the query and key blocks (a block mask's, when there
-/// is one) and the keys of one dK/dV workgroup.
+/// is one), which main passes run (register-tiled, or one row per thread for head dims
+/// above [`TILED_DIM`]), and whether each hands rows out by subgroup shuffles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Tiles {
     block: BlockSize,
-    keys_per_workgroup: u32,
+    wide: bool,
+    /// `SHUFFLE_ROWS` of the dK/dV pass and of the dQ pass.
+    shuffle: [bool; 2],
 }
 
-/// Threads of one dK/dV workgroup, one key each, where the key block divides it.
-const KEYS_PER_WORKGROUP: u32 = 64;
+/// The widest padded head dim the register-tiled passes take: their registers for wider rows
+/// take llvmpipe minutes to compile.
+const TILED_DIM: u32 = 64;
+/// Threads of one register-tiled dK/dV workgroup, four keys each (`KEY_THREADS` in the shader).
+const KEY_THREADS: u32 = 8;
+/// Keys of one `dkdv_wide` workgroup, one per thread, where the key block divides it.
+const WIDE_KEYS: u32 = 64;
 
 impl Tiles {
     /// Query blocks of 32 rows, key tiles of 16: the granularity at which the dense options'
     /// bounds skip work.
     const DENSE: BlockSize = BlockSize::new(32, 16);
 
-    fn new(block: BlockSize, limits: &wgpu::Limits) -> Result<Self> {
+    /// Tiles of `block` for head dims `dims` (padded), with shuffles in each pass whose
+    /// workgroup is exactly one subgroup of a device that has `subgroups` of `subgroup_sizes`
+    /// (min, max) threads.
+    fn new(
+        block: BlockSize,
+        dims: (u32, u32),
+        limits: &wgpu::Limits,
+        subgroups: bool,
+        subgroup_sizes: (u32, u32),
+    ) -> Result<Self> {
         if block.q == 0 || block.k == 0 {
             return Err(Error::Option(format!("backward tiles {block}: both sides must be at least 1")));
         }
-        let keys_per_workgroup = if KEYS_PER_WORKGROUP.is_multiple_of(block.k) { KEYS_PER_WORKGROUP } else { block.k };
+        let wide = dims.0.max(dims.1) > TILED_DIM;
+        let tiles = Self { block, wide, shuffle: [false; 2] };
         let allowed = limits.max_compute_invocations_per_workgroup.min(limits.max_compute_workgroup_size_x);
-        for (what, threads) in [("query block", block.q), ("key block", keys_per_workgroup)] {
-            if threads > allowed {
+        let threads = tiles.threads();
+        for (what, t) in [("key block", threads[0]), ("query block", threads[1])] {
+            if t > allowed {
                 return Err(Error::Limit {
-                    what: format!("backward workgroup of one {what} ({block}), a thread per row"),
-                    needed: threads as u64,
+                    what: format!("backward workgroup of one {what} ({block})"),
+                    needed: t as u64,
                     allowed: allowed as u64,
                     limit: "max_compute_invocations_per_workgroup",
                 });
             }
         }
-        Ok(Self { block, keys_per_workgroup })
+        let one_subgroup = |t: u32| !wide && subgroups && subgroup_sizes == (t, t);
+        Ok(Self { shuffle: threads.map(one_subgroup), ..tiles })
     }
+
+    /// The tiles `ctx` runs `block` with for `shape`.
+    fn for_context(block: BlockSize, shape: &AttentionShape, ctx: &Context) -> Result<Self> {
+        let info = ctx.adapter_info();
+        let sizes = (info.subgroup_min_size, info.subgroup_max_size);
+        Self::new(block, padded_dims(shape), ctx.limits(), ctx.capabilities().subgroups, sizes)
+    }
+
+    /// The entry points of the dK/dV pass and of the dQ pass.
+    fn entry_points(&self) -> [&'static str; 2] {
+        if self.wide { ["dkdv_wide", "dq_wide"] } else { ["dkdv_pass", "dq_pass"] }
+    }
+
+    /// Keys per `dkdv_wide` workgroup (`WIDE_KEYS_WG`): a multiple of the key block.
+    fn wide_keys(&self) -> u32 {
+        if WIDE_KEYS.is_multiple_of(self.block.k) { WIDE_KEYS } else { self.block.k }
+    }
+
+    /// Keys per dK/dV workgroup.
+    fn keys_per_workgroup(&self) -> u32 {
+        if self.wide { self.wide_keys() } else { 4 * KEY_THREADS }
+    }
+
+    /// Threads per workgroup of the dK/dV pass and of the dQ pass.
+    fn threads(&self) -> [u32; 2] {
+        match self.wide {
+            true => [self.wide_keys(), self.block.q],
+            false => [KEY_THREADS, self.block.q.div_ceil(4)],
+        }
+    }
+}
+
+/// The head dims rounded up to the kernels' granule, (Dqk, Dv).
+fn padded_dims(shape: &AttentionShape) -> (u32, u32) {
+    let pad = |d: usize| (d as u32).next_multiple_of(HEAD_DIM_GRANULE);
+    (pad(shape.d_qk), pad(shape.d_v))
 }
 
 /// One pipeline of the backward: an entry point of `flash_bwd.wgsl` for a dtype, head dims
@@ -167,8 +228,13 @@ fn variant_key(
     tiles: &Tiles,
     sparse: bool,
 ) -> ShaderKey {
-    let pad = |d: usize| (d as u32).next_multiple_of(HEAD_DIM_GRANULE);
+    let (dqk_pad, dv_pad) = padded_dims(shape);
     let aligned = shape.d_qk.is_multiple_of(4) && shape.d_v.is_multiple_of(4);
+    let shuffle = match entry_point {
+        "dkdv_pass" => tiles.shuffle[0],
+        "dq_pass" => tiles.shuffle[1],
+        _ => false,
+    };
     ShaderKey {
         kernel: Kernel::FlashBackward,
         entry_point,
@@ -176,10 +242,11 @@ fn variant_key(
         constants: vec![
             ("BLOCK_Q", ConstValue::U32(tiles.block.q)),
             ("BLOCK_K", ConstValue::U32(tiles.block.k)),
-            ("KEYS_WG", ConstValue::U32(tiles.keys_per_workgroup)),
-            ("DQK_PAD", ConstValue::U32(pad(shape.d_qk))),
-            ("DV_PAD", ConstValue::U32(pad(shape.d_v))),
+            ("WIDE_KEYS_WG", ConstValue::U32(tiles.wide_keys())),
+            ("DQK_PAD", ConstValue::U32(dqk_pad)),
+            ("DV_PAD", ConstValue::U32(dv_pad)),
             ("ALIGNED", ConstValue::Bool(aligned)),
+            ("SHUFFLE_ROWS", ConstValue::Bool(shuffle)),
             ("BLOCK_SPARSE", ConstValue::Bool(sparse)),
         ],
     }
@@ -191,20 +258,37 @@ const ROW_WORKGROUP: u64 = 64;
 /// How the two main passes split their work on an adapter that stops loops after
 /// `loop_limit` iterations per invocation: (key tiles per dQ dispatch, (head, query block)
 /// pairs per dK/dV dispatch), or `None` for no limit. The counts bound the iterations of
-/// the shader's loops, assuming the compiler unrolls none and every pair is visible: keep
-/// them in sync with flash_bwd.wgsl.
+/// the shader's loops, assuming the compiler unrolls none, every pair is visible and every
+/// product takes the NaN-safe path: keep them in sync with flash_bwd.wgsl.
 fn tiles_per_pass(shape: &AttentionShape, tiles: &Tiles, loop_limit: Option<u32>) -> Option<(u32, u32)> {
     let loop_limit = loop_limit?;
-    let qk4 = (shape.d_qk as u32).next_multiple_of(HEAD_DIM_GRANULE) / 4;
-    let dv4 = (shape.d_v as u32).next_multiple_of(HEAD_DIM_GRANULE) / 4;
+    let (dqk_pad, dv_pad) = padded_dims(shape);
+    let (qk4, dv4) = (dqk_pad / 4, dv_pad / 4);
     let budget = (loop_limit as f64 * 0.9) as u32;
-    // Loading the rows and the state, storing the state or the result, two binary searches.
-    let per_pass = 3 * (qk4 + dv4) + 4 * (qk4 + dv4) + 64;
-    let per_pair = 1 + 2 * qk4 + 2 * dv4;
-    let dq_tile = 1 + tiles.block.k * per_pair;
-    let dkdv_tile = 1 + 64 + tiles.block.q * per_pair;
-    let fit = |per_tile: u32| (budget.saturating_sub(per_pass) / per_tile).max(1);
-    Some((fit(dq_tile), fit(dkdv_tile)))
+    let fit = |per_pass: u32, per_tile: u32| (budget.saturating_sub(per_pass) / per_tile).max(1);
+    if tiles.wide {
+        // Loading the rows and the state, storing the state or the result, two binary
+        // searches; per pair a row of the other side word by word, twice for Q or K.
+        let per_pass = 3 * (qk4 + dv4) + 4 * (qk4 + dv4) + 64;
+        let per_pair = 1 + 2 * qk4 + 2 * dv4;
+        let dq_tile = 1 + tiles.block.k * per_pair;
+        let dkdv_tile = 1 + 64 + tiles.block.q * per_pair;
+        return Some((fit(per_pass, dq_tile), fit(per_pass, dkdv_tile)));
+    }
+    // Loading the rows and the state, storing the state or the result, the binary searches.
+    let per_pass = 4 * (1 + 2 * (qk4 + dv4)) + 4 * (1 + 5 * (qk4 + dv4)) + 64;
+    // Loading four rows of the other side; one 4 x 4 block: the masks (4), the weights and
+    // dS (4 each), S and the products with dO or V (a 4-row read each), the accumulations
+    // (a read and add_nonzero_products' 4 + 20 each).
+    let per_rows = 4 * (1 + qk4 + dv4);
+    let per_block = 1 + 12 + qk4 * 5 + dv4 * 5 + (qk4 + dv4) * 25 + qk4 * 5;
+    let groups = tiles.block.k.div_ceil(4);
+    let keys_per_lane = (4 * groups).div_ceil(tiles.threads()[1]);
+    let dq_tile = 1 + keys_per_lane * per_rows / 4 + groups * per_block;
+    // Chunks of 32 query rows, eight blocks each.
+    let chunks = tiles.block.q.div_ceil(32);
+    let dkdv_pair = 1 + 4 * 32 + 32 + chunks * (1 + per_rows + 8 * per_block);
+    Some((fit(per_pass, dq_tile), fit(per_pass, dkdv_pair)))
 }
 
 /// Records the backward into `encoder` on the caller's buffers; nothing is submitted or
@@ -224,10 +308,10 @@ pub fn encode(
     if let Some(mask) = mask {
         mask.check_shape(&shape)?;
     }
-    let tiles = Tiles::new(mask.map_or(Tiles::DENSE, GpuBlockMask::block_size), ctx.limits())?;
+    let tiles = Tiles::for_context(mask.map_or(Tiles::DENSE, GpuBlockMask::block_size), &shape, ctx)?;
     let limits = ctx.limits();
     let q_blocks = (shape.n_q as u32).div_ceil(tiles.block.q);
-    let key_groups = (shape.n_k as u32).div_ceil(tiles.keys_per_workgroup);
+    let key_groups = (shape.n_k as u32).div_ceil(tiles.keys_per_workgroup());
     for (what, g) in [
         ("query blocks", q_blocks),
         ("key blocks", key_groups),
@@ -278,7 +362,10 @@ pub fn encode(
         // The preprocess (no range) does not depend on the tiles: one variant serves every call.
         let key = match range {
             Some(_) => variant_key(entry_point, dtype, &shape, &tiles, sparse),
-            None => variant_key(entry_point, dtype, &shape, &Tiles::new(Tiles::DENSE, limits)?, false),
+            None => {
+                let dense = Tiles::new(Tiles::DENSE, padded_dims(&shape), limits, false, (0, 0))?;
+                variant_key(entry_point, dtype, &shape, &dense, false)
+            }
         };
         let pipeline = ctx.pipelines.get(ctx.device(), &key)?;
         let range = range.map(|r| uniform_buffer(ctx, &r));
@@ -303,6 +390,7 @@ pub fn encode(
         _pad: 0,
     };
     let f = &bufs.forward;
+    let [dkdv_entry, dq_entry] = tiles.entry_points();
 
     let [x, y] = wrapped_grid(limits, "backward preprocess grid", query_rows.div_ceil(ROW_WORKGROUP))?;
     let buffers = [("out", f.out.buffer()), ("d_out", bufs.d_out.buffer()), ("lse", f.lse.buffer()), ("state", &state)];
@@ -320,13 +408,13 @@ pub fn encode(
     dkdv_buffers.extend([("dk", bufs.dk.buffer()), ("dv", bufs.dv.buffer())]);
     for p in 0..dkdv_passes {
         let grid = [key_groups, shape.kv_heads as u32, shape.batch as u32];
-        dispatch("dkdv_pass", Some(range(p, dkdv_tiles, dkdv_pairs, dkdv_passes)), &dkdv_buffers, grid)?;
+        dispatch(dkdv_entry, Some(range(p, dkdv_tiles, dkdv_pairs, dkdv_passes)), &dkdv_buffers, grid)?;
     }
     let mut dq_buffers = inputs.to_vec();
     dq_buffers.push(("dq", bufs.dq.buffer()));
     for p in 0..dq_passes {
         let grid = [q_blocks, shape.q_heads as u32, shape.batch as u32];
-        dispatch("dq_pass", Some(range(p, dq_keys, shape.n_k as u32, dq_passes)), &dq_buffers, grid)?;
+        dispatch(dq_entry, Some(range(p, dq_keys, shape.n_k as u32, dq_passes)), &dq_buffers, grid)?;
     }
     Ok(())
 }
@@ -340,24 +428,26 @@ pub fn validation_keys() -> Vec<ShaderKey> {
     let asymmetric = [(192, 128), (64, 256), (256, 16), (128, 64), (16, 256), (96, 32)];
     let unaligned = [(40, 40), (90, 30), (3, 3), (37, 21), (255, 255)];
     let limits = wgpu::Limits::default();
-    let dense = Tiles::new(Tiles::DENSE, &limits).expect("the dense tiles fit WebGPU's defaults");
-    let mut masked: Vec<Tiles> = Vec::new();
-    for (_, preset) in crate::flash::FlashConfig::PRESETS {
-        let tiles = Tiles::new(preset.block_size(), &limits).expect("the presets' blocks fit WebGPU's defaults");
-        if !masked.contains(&tiles) {
-            masked.push(tiles);
-        }
-    }
+    let blocks = crate::flash::FlashConfig::PRESETS.map(|(_, preset)| (preset.block_size(), true));
     let mut keys = Vec::new();
     for dtype in [DType::F32, DType::F16] {
         for (d_qk, d_v) in equal.clone().chain(asymmetric).chain(unaligned) {
             let shape = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk, d_v };
-            for entry_point in ["preprocess", "dkdv_pass", "dq_pass"] {
-                keys.push(variant_key(entry_point, dtype, &shape, &dense, false));
-            }
-            for tiles in &masked {
-                for entry_point in ["dkdv_pass", "dq_pass"] {
-                    keys.push(variant_key(entry_point, dtype, &shape, tiles, true));
+            let dims = padded_dims(&shape);
+            let dense = Tiles::new(Tiles::DENSE, dims, &limits, false, (0, 0)).expect("the dense tiles fit");
+            keys.push(variant_key("preprocess", dtype, &shape, &dense, false));
+            // Each block size without shuffles, and with them where a pass's workgroup is the
+            // 8-thread subgroup of the CPU presets.
+            for (block, sparse) in [(Tiles::DENSE, false)].into_iter().chain(blocks) {
+                for subgroups in [false, true] {
+                    let tiles = Tiles::new(block, dims, &limits, subgroups, (KEY_THREADS, KEY_THREADS))
+                        .expect("the presets' blocks fit WebGPU's defaults");
+                    for entry_point in tiles.entry_points() {
+                        let key = variant_key(entry_point, dtype, &shape, &tiles, sparse);
+                        if !keys.contains(&key) {
+                            keys.push(key);
+                        }
+                    }
                 }
             }
         }
@@ -372,12 +462,17 @@ mod tests {
     /// Every pass fits the loop budget with room to spare, even at the widest head dims.
     #[test]
     fn passes_split_under_a_loop_cap() {
-        let shape = AttentionShape { batch: 1, q_heads: 8, kv_heads: 1, n_q: 4096, n_k: 4096, d_qk: 256, d_v: 256 };
-        let tiles = Tiles::new(Tiles::DENSE, &wgpu::Limits::default()).unwrap();
-        assert_eq!(tiles_per_pass(&shape, &tiles, None), None);
-        let (dq, dkdv) = tiles_per_pass(&shape, &tiles, Some(65535)).unwrap();
-        assert!(dq >= 1 && dkdv >= 1);
-        let per_pair = 1 + 2 * 64 + 2 * 64;
-        assert!(dq * tiles.block.k * per_pair < 65535 && dkdv * tiles.block.q * per_pair < 65535);
+        for d in [64, 256] {
+            let shape = AttentionShape { batch: 1, q_heads: 8, kv_heads: 1, n_q: 4096, n_k: 4096, d_qk: d, d_v: d };
+            let tiles = Tiles::new(Tiles::DENSE, padded_dims(&shape), &wgpu::Limits::default(), true, (8, 8)).unwrap();
+            assert_eq!(tiles.wide, d > 64);
+            assert_eq!(tiles.shuffle, [d <= 64; 2]);
+            assert_eq!(tiles_per_pass(&shape, &tiles, None), None);
+            let (dq, dkdv) = tiles_per_pass(&shape, &tiles, Some(65535)).unwrap();
+            assert!(dq >= 1 && dkdv >= 1);
+            // Every pair reads a row of the other side word by word, or 4 x 4 blocks of them.
+            let per_pair = if tiles.wide { 1 + 4 * d as u32 / 4 } else { d as u32 / 4 * 2 / 4 };
+            assert!(dq * tiles.block.k * per_pair < 65535 && dkdv * tiles.block.q * per_pair < 65535);
+        }
     }
 }

@@ -577,7 +577,7 @@ pub fn validation_keys() -> Vec<ShaderKey> {
 
 /// Checks that `view`'s buffer holds its elements rounded up to whole vec4 words, which the
 /// kernel reads; always true when the head dim is a multiple of 4, and for [`Tensor`]s.
-fn check_whole_words(what: &str, view: &TensorView<'_>) -> Result<()> {
+pub(crate) fn check_whole_words(what: &str, view: &TensorView<'_>) -> Result<()> {
     let word = 4 * view.dtype().size() as u64;
     let needed = (view.numel() as u64 * view.dtype().size() as u64).next_multiple_of(word);
     if view.buffer().size() < needed {
