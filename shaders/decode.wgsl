@@ -40,6 +40,10 @@
 // of consecutive logical pages from the window's first one (StreamingLLM frees the pages in
 // between once all their tokens are evicted). Positions are computed, not stored: a slot
 // is retained iff its position is below `sinks` or among the `window` most recent tokens.
+// PAGED with LOGITS (heavy hitters): a sequence's slots [0, len) all hold tokens, in the
+// order of its block table, and their stream positions are stored per pool slot in
+// rope_or_positions (the eviction kernel writes them); the logits go to `logits` with a
+// row stride of `capacity` (the longest sequence's slots) for the scores.
 // Rows of the pool are padded to whole words. INT8: words are 4 int8 (shared/kv_int8.wgsl),
 // each row multiplied by its scale; the scales (K's and V's as two f16 in one u32 per slot)
 // follow the V words in v, from word scales_at. (Tables and scales share buffers with other
@@ -86,7 +90,9 @@ struct Params {
 @group(0) @binding(2) var<storage, read> k: array<KvWord>;
 @group(0) @binding(3) var<storage, read> v: array<KvWord>;
 @group(0) @binding(4) var<storage, read> pos: array<u32>; // [B, Hkv, capacity]; PAGED: the tables
-@group(0) @binding(5) var<storage, read> rope_table: array<vec2<f32>>; // [capacity, D / 2] (cos, sin)
+// ROPE: the RoPE table [capacity, D / 2] of (cos, sin), as f32 bits; PAGED with LOGITS: the
+// stream position of each pool slot [pages, Hkv, PAGE].
+@group(0) @binding(5) var<storage, read> rope_or_positions: array<u32>;
 @group(0) @binding(6) var<storage, read_write> partial_out: array<f32>; // [splits, B, Hq, n_q, D]
 @group(0) @binding(7) var<storage, read_write> partial_lse: array<f32>; // [splits, B, Hq, n_q]
 @group(0) @binding(8) var<storage, read_write> logits: array<f32>; // [B, Hkv, group * n_q, capacity]
@@ -143,7 +149,8 @@ fn rope_factors(c: u32, rope_pos: u32) -> vec2<f32> {
         first = c < half;
         freq = select(c - half, c, first);
     }
-    let cs = rope_table[rope_pos * half + freq];
+    let at = 2u * (rope_pos * half + freq);
+    let cs = vec2(bitcast<f32>(rope_or_positions[at]), bitcast<f32>(rope_or_positions[at + 1u]));
     return vec2(cs.x, select(cs.y, -cs.y, first));
 }
 
@@ -437,7 +444,15 @@ fn main(
             var sl = vec4(slot_base) + j;
             var p: vec4<u32>;
             var kept = keys < vec4(hi);
-            if PAGED {
+            if PAGED && LOGITS {
+                sl = paged_slots(j, seq.y, kv_head);
+                p = vec4(
+                    rope_or_positions[sl.x],
+                    rope_or_positions[sl.y],
+                    rope_or_positions[sl.z],
+                    rope_or_positions[sl.w],
+                );
+            } else if PAGED {
                 sl = paged_slots(j, seq.y, kv_head);
                 p = paged_positions(j, seq.w);
                 kept = kept & retained(p, seen);

@@ -2,14 +2,15 @@
 //! every sequence decodes equal to the f64 reference over exactly its retained tokens; no
 //! page shared by two live sequences; pages never handed out never written; int8 against the
 //! reference on its dequantised values and, within the documented bound, on the original
-//! ones; an engine's own pool with guard pages; bad input.
+//! ones; heavy hitters against the dense cache's on the same streams; an engine's own pool
+//! with guard pages; bad input.
 
 mod common;
 
 use common::{Rng, ctx, quantize};
 use std::collections::{BTreeMap, BTreeSet};
 use wattn::kv::paged::{self, KvStorage, PagedKvCache, PagedLayout, PoolBuffers, SequenceTables};
-use wattn::kv::{DecodeBuffers, DecodeOptions, EvictionPolicy, SequenceId};
+use wattn::kv::{DecodeBuffers, DecodeOptions, EvictionPolicy, KvCache, KvCacheConfig, PositionMode, SequenceId};
 use wattn::reference::attend_rows;
 use wattn::wgpu::{self, util::DeviceExt};
 use wattn::{Context, DType, Error, Tensor};
@@ -43,12 +44,25 @@ type TokensOf<'a> = &'a dyn Fn(usize, SequenceId, usize) -> Vec<Token>;
 /// The error allowed for a row (its query, visible tokens and KV head).
 type Bound<'a> = &'a dyn Fn(&[f32], &[Token], usize) -> f64;
 
-/// Whether the token at `p` of a sequence that has seen `seen` is retained by `policy`.
-fn retained(policy: EvictionPolicy, seen: usize, p: usize) -> bool {
-    match policy {
-        EvictionPolicy::Streaming { sinks, window } => p < sinks || seen - p <= window,
+/// Whether the token at `p` of a sequence that has seen `seen` is retained by `policy`
+/// (heavy hitters: by the GPU's choice, `held`, the positions a KV head holds).
+fn retained(policy: EvictionPolicy, held: Option<&[u32]>, seen: usize, p: usize) -> bool {
+    match (policy, held) {
+        (EvictionPolicy::Streaming { sinks, window }, _) => p < sinks || seen - p <= window,
+        (EvictionPolicy::HeavyHitters { .. }, Some(held)) => held.contains(&(p as u32)),
         _ => true,
     }
+}
+
+/// What a heavy-hitter KV head must hold after `seen` tokens: `min(seen, capacity)` distinct
+/// positions below `seen`, among them every sink and every one of the `recent` newest.
+fn check_heavy_hitters(policy: EvictionPolicy, held: &[u32], seen: usize, what: &str) {
+    let EvictionPolicy::HeavyHitters { sinks, recent, capacity } = policy else { unreachable!() };
+    let set: BTreeSet<usize> = held.iter().map(|&p| p as usize).collect();
+    assert_eq!((held.len(), set.len()), (seen.min(capacity), seen.min(capacity)), "{what}: {held:?}");
+    assert!(set.iter().all(|&p| p < seen), "{what}: {held:?} past {seen}");
+    let kept = (0..sinks.min(seen)).chain(seen.saturating_sub(recent)..seen);
+    assert!(kept.clone().all(|p| set.contains(&p)), "{what}: {held:?} lacks a sink or a recent token");
 }
 
 /// Decodes `n_q` random queries of every listed sequence on every layer and compares each row
@@ -79,12 +93,17 @@ fn check_decode(
         for (s, &id) in ids.iter().enumerate() {
             let seen = cache.seen(id).unwrap() as usize;
             let tokens = keys_of(layer, id, seen);
+            let held = cache.read_positions(ctx, layer, id).unwrap();
+            for (kv, held) in held.iter().flatten().enumerate() {
+                check_heavy_hitters(policy, held, seen, &format!("{what}: layer {layer} {id:?} KV head {kv}"));
+            }
             for h in 0..Q_HEADS {
                 let kv = h / (Q_HEADS / kv_heads);
+                let held = held.as_ref().map(|held| held[kv].as_slice());
                 for i in 0..n_q {
                     let position = seen - n_q + i;
                     let visible: Vec<&Token> =
-                        (0..=position).filter(|&p| retained(policy, seen, p)).map(|p| &tokens[p]).collect();
+                        (0..=position).filter(|&p| retained(policy, held, seen, p)).map(|p| &tokens[p]).collect();
                     let key = |t: &Token| t.0[kv * d..][..d].to_vec();
                     let value = |t: &Token| t.1[kv * d..][..d].to_vec();
                     let keys: Vec<Vec<f32>> = visible.iter().map(|t| key(t)).collect();
@@ -165,10 +184,7 @@ fn random_operations(policy: EvictionPolicy, seed: u64) {
     let mut mirror = Mirror { tokens: BTreeMap::new() };
     let mut handed_out = BTreeSet::new();
     let row = layout.kv_heads * layout.head_dim;
-    let max_step = match policy {
-        EvictionPolicy::Streaming { window, .. } => window.min(5),
-        _ => 5,
-    };
+    let max_step = policy.recent().unwrap_or(5).min(5);
     let (mut steps, mut removed, mut pool_full) = (0, 0, 0);
     for op in 0..2400 {
         let live: Vec<SequenceId> = mirror.tokens.keys().copied().collect();
@@ -266,6 +282,96 @@ fn random_operations_without_eviction() {
 fn random_operations_with_streaming_eviction() {
     // Sinks off the page grid, so a sink page also holds evictable tokens.
     random_operations(EvictionPolicy::Streaming { sinks: 5, window: 13 }, 2);
+}
+
+#[test]
+fn random_operations_with_heavy_hitters() {
+    // A capacity off the page grid: the last page of each sequence is partly used.
+    random_operations(EvictionPolicy::HeavyHitters { sinks: 3, recent: 5, capacity: 18 }, 10);
+}
+
+/// Paged heavy hitters on several sequences against one dense KvCache per sequence fed the
+/// same stream (steps of different sizes, a decode after each with the same queries): the
+/// same tokens retained per KV head (the same scores from the same logits) and the same outputs.
+#[test]
+fn heavy_hitters_match_the_dense_cache() {
+    let ctx = ctx();
+    let policy = EvictionPolicy::HeavyHitters { sinks: 2, recent: 4, capacity: 22 };
+    let (kv_heads, d, sequences) = (2, 32, 3);
+    let layout = PagedLayout {
+        kv_heads,
+        head_dim: d,
+        page_size: 8,
+        pages: 12,
+        dtype: DType::F32,
+        storage: KvStorage::Float,
+        policy,
+    };
+    let mut paged = PagedKvCache::new(ctx, 1, layout).unwrap();
+    let config = KvCacheConfig {
+        layers: 1,
+        batch: 1,
+        kv_heads,
+        head_dim: d,
+        dtype: DType::F32,
+        policy,
+        positions: PositionMode::Absolute,
+    };
+    let mut dense: Vec<KvCache> = (0..sequences).map(|_| KvCache::new(ctx, config).unwrap()).collect();
+    let ids: Vec<SequenceId> = (0..sequences).map(|_| paged.add_sequence()).collect();
+    let mut rng = Rng::new(11);
+    let options = DecodeOptions { splits: Some(1), ..Default::default() };
+    for step_index in 0..40 {
+        let plan: Vec<(SequenceId, usize)> = ids.iter().map(|&id| (id, 1 + rng.below(4) as usize)).collect();
+        let step = paged.begin_step(ctx, &plan).unwrap();
+        let row = kv_heads * d;
+        let (k, v) = (rng.normal_vec(step.tokens() * row), rng.normal_vec(step.tokens() * row));
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        let shape = [step.tokens(), kv_heads, d];
+        let (k_gpu, v_gpu) = (
+            Tensor::from_f32(ctx, &shape, &k, DType::F32).unwrap(),
+            Tensor::from_f32(ctx, &shape, &v, DType::F32).unwrap(),
+        );
+        paged.append(ctx, &mut encoder, 0, &step, &k_gpu.view(), &v_gpu.view()).unwrap();
+        // The dense caches take [1, Hkv, T, D]: the step's rows [T, Hkv, D] of the sequence, transposed.
+        let mut uploads = Vec::new();
+        let mut first = 0;
+        for (cache, &(_, n)) in dense.iter_mut().zip(&plan) {
+            let transposed = |x: &[f32]| -> Vec<f32> {
+                (0..kv_heads)
+                    .flat_map(|h| (first..first + n).flat_map(move |t| (0..d).map(move |c| (t, h, c))))
+                    .map(|(t, h, c)| x[(t * kv_heads + h) * d + c])
+                    .collect()
+            };
+            let dense_shape = [1, kv_heads, n, d];
+            let k_dense = Tensor::from_f32(ctx, &dense_shape, &transposed(&k), DType::F32).unwrap();
+            let v_dense = Tensor::from_f32(ctx, &dense_shape, &transposed(&v), DType::F32).unwrap();
+            cache.append(ctx, &mut encoder, 0, &k_dense.view(), &v_dense.view()).unwrap();
+            uploads.push((k_dense, v_dense));
+            first += n;
+        }
+        ctx.queue().submit([encoder.finish()]);
+
+        let q = rng.normal_vec(sequences * Q_HEADS * d);
+        let q_gpu = Tensor::from_f32(ctx, &[sequences, Q_HEADS, 1, d], &q, DType::F32).unwrap();
+        let out = paged.decode(ctx, 0, &ids, &q_gpu, &options).unwrap().out.to_f32(ctx).unwrap();
+        for (s, cache) in dense.iter_mut().enumerate() {
+            let what = format!("step {step_index} sequence {s}");
+            let q_dense =
+                Tensor::from_f32(ctx, &[1, Q_HEADS, 1, d], &q[s * Q_HEADS * d..][..Q_HEADS * d], DType::F32).unwrap();
+            let want = cache.decode(ctx, 0, &q_dense, &options).unwrap().out.to_f32(ctx).unwrap();
+            let got = &out[s * Q_HEADS * d..][..Q_HEADS * d];
+            let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(err < 1e-5, "{what}: O differs from the dense cache's by {err:.1e}");
+            let dense_positions = cache.read_positions(ctx, 0).unwrap();
+            let paged_positions = paged.read_positions(ctx, 0, ids[s]).unwrap().unwrap();
+            for (h, held) in paged_positions.iter().enumerate() {
+                let set = |x: &[u32]| -> BTreeSet<u32> { x.iter().copied().filter(|&p| p != u32::MAX).collect() };
+                let capacity = policy.capacity();
+                assert_eq!(set(held), set(&dense_positions[h * capacity..][..capacity]), "{what} KV head {h}");
+            }
+        }
+    }
 }
 
 /// Appends `lengths` tokens of random K/V (scaled by `spread`) to new sequences of an int8
@@ -543,8 +649,29 @@ fn bad_input_is_an_error() {
     assert!(bad(PagedLayout { page_size: 3, ..layout }).contains("power of two"));
     assert!(bad(PagedLayout { head_dim: 300, ..layout }).contains("300"));
     assert!(bad(PagedLayout { pages: 0, ..layout }).contains("pages"));
-    let h2o = EvictionPolicy::HeavyHitters { sinks: 1, recent: 2, capacity: 8 };
-    assert!(bad(PagedLayout { policy: h2o, ..layout }).contains("heavy hitters"));
+    let h2o = EvictionPolicy::HeavyHitters { sinks: 1, recent: 2, capacity: 1 };
+    assert!(bad(PagedLayout { policy: h2o, ..layout }).contains("capacity"));
+    // Heavy hitters: no more than the recent tokens at once; an engine's tables lack the scores.
+    let heavy = PagedLayout { policy: EvictionPolicy::HeavyHitters { sinks: 1, recent: 2, capacity: 8 }, ..layout };
+    let mut cache = PagedKvCache::new(ctx, 1, heavy).unwrap();
+    let a = cache.add_sequence();
+    assert!(cache.begin_step(ctx, &[(a, 3)]).unwrap_err().to_string().contains("at most 2"));
+    let tables = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 64,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let q = Tensor::from_f32(ctx, &[1, 4, 1, 16], &[0.1; 64], DType::F32).unwrap();
+    let (out, lse) =
+        (Tensor::zeros(ctx, &[1, 4, 1, 16], DType::F32).unwrap(), Tensor::zeros(ctx, &[1, 4, 1], DType::F32).unwrap());
+    let bufs = DecodeBuffers { q: q.view(), out: out.view(), lse: lse.view() };
+    let sequence_tables = SequenceTables { tables: &tables, count: 1, longest: 4 };
+    let pool = cache.buffers(0).unwrap();
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    let err =
+        paged::encode_decode(ctx, &mut encoder, &heavy, &pool, &sequence_tables, &bufs, &DecodeOptions::default());
+    assert!(err.unwrap_err().to_string().contains("heavy hitters"));
 
     let mut cache = PagedKvCache::new(ctx, 2, layout).unwrap();
     let a = cache.add_sequence();

@@ -203,7 +203,9 @@ fn uniform_structs_match_rust() {
         sinks,
         window,
         groups_x,
-        scales_at
+        scales_at,
+        page_size,
+        row_slots
     });
     // One line per (shader, WGSL struct, Rust layout).
     let pairs = [

@@ -239,7 +239,9 @@ fn uniform_layouts_filled_by_name_give_the_rust_bytes() {
         sinks,
         window,
         groups_x,
-        scales_at
+        scales_at,
+        page_size,
+        row_slots
     });
     let mask = distinct!(BlockMaskHeader { batch, heads, q_blocks, runs_at, bits_at });
     let range = distinct!(PassRange { begin, end, flags, _pad });

@@ -42,6 +42,10 @@ pub struct KvParams {
     pub groups_x: u32,
     /// Paged append into an int8 pool: the word of the V pool where the scales begin.
     pub scales_at: u32,
+    /// Paged entry points: tokens per page.
+    pub page_size: u32,
+    /// Paged append: 1 if the slots are per (token, KV head) (heavy hitters), 0 per token.
+    pub row_slots: u32,
 }
 
 /// Threads per workgroup of every `kv_cache.wgsl` entry point (a power of two: `place` reduces over it).
@@ -71,7 +75,9 @@ pub fn shader_keys() -> Vec<ShaderKey> {
     let dtypes = [DType::F32, DType::F16];
     let dense = dtypes.iter().flat_map(|&d| entries.iter().map(move |e| shader_key(e, d)));
     let paged = dtypes.iter().flat_map(|&d| [false, true].map(|int8| storage_key("append_paged", d, int8)));
-    dense.chain(paged).collect()
+    let heavy_hitters =
+        dtypes.iter().flat_map(|&d| ["evict_paged", "accumulate_paged"].map(|e| storage_key(e, d, false)));
+    dense.chain(paged).chain(heavy_hitters).collect()
 }
 
 /// The GPU buffers of one layer, for engines that read or fill them directly.
@@ -498,7 +504,7 @@ impl KvCache {
 /// Loop iterations `evict` runs per new token over `capacity` slots, counted the way a
 /// loop-capped adapter (llvmpipe) counts them: the scan, the reduction, and every barrier
 /// in the token loop's body as one more iteration.
-fn evict_loop_iterations(capacity: usize) -> usize {
+pub(crate) fn evict_loop_iterations(capacity: usize) -> usize {
     let reduction_steps = WORKGROUP.ilog2() as usize;
     let barriers = 1 + reduction_steps + 2;
     1 + barriers + capacity.div_ceil(WORKGROUP as usize) + 2 * reduction_steps

@@ -124,13 +124,15 @@ impl Features {
     pub(crate) const DENSE: Features = Features { rope: false, logits: false, paged: false, int8: false };
 
     /// Every combination a cache can have (heavy hitters need absolute positions, and paged
-    /// pools have neither RoPE nor heavy hitters).
-    const ALL: [Features; 5] = [
+    /// pools have no RoPE).
+    const ALL: [Features; 7] = [
         Features::DENSE,
         Features { rope: true, ..Features::DENSE },
         Features { logits: true, ..Features::DENSE },
         Features { paged: true, ..Features::DENSE },
         Features { paged: true, int8: true, ..Features::DENSE },
+        Features { paged: true, logits: true, ..Features::DENSE },
+        Features { paged: true, int8: true, logits: true, ..Features::DENSE },
     ];
 }
 
@@ -595,7 +597,7 @@ impl KvCache {
                 ("k", &l.k),
                 ("v", &l.v),
                 ("pos", &l.positions),
-                ("rope_table", rope_table),
+                ("rope_or_positions", rope_table),
                 ("partial_out", partial_out),
                 ("partial_lse", partial_lse),
                 ("logits", logits),

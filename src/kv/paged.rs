@@ -29,6 +29,17 @@
 //! the original values. Against attention over the dequantised values the kernel is as
 //! exact as the float paths (FlashAttention's rule).
 //!
+//! Heavy hitters (H2O, [`EvictionPolicy::HeavyHitters`]) work per sequence as in the dense
+//! [`KvCache`](super::KvCache): a sequence's slots are the first `capacity` of its block
+//! table (its pages: `capacity / page_size`, rounded up), filled in order; past them each new
+//! token takes, per KV head, the slot of the token it evicts, the one with the lowest
+//! attention accumulated by the decodes (never a sink nor one of the `recent` newest). The
+//! eviction runs on the GPU in the append launch (`evict_paged`), which keeps each pool
+//! slot's stream position and score in two more buffers per layer (8 bytes per token and KV
+//! head); the decode reads the positions and writes its logits, and `accumulate_paged`
+//! adds them to the scores, so nothing is read back. A sequence's pages stay its own until
+//! it is removed: an evicted token's slot is the new token's, so no page ever empties.
+//!
 //! Engines that own their pool and tables pass them as buffers ([`PoolBuffers`],
 //! [`SequenceTables`]) to [`encode_append`] and [`encode_decode`], the functions the cache
 //! itself calls, with the same checks.
@@ -56,7 +67,7 @@
 //! ```
 
 use super::EvictionPolicy;
-use super::cache::{DONE, DROPPED, KvParams, Scratch, WORKGROUP, follow, storage_key};
+use super::cache::{DONE, DROPPED, KvParams, Scratch, WORKGROUP, evict_loop_iterations, follow, storage_key};
 use super::combine::Merge;
 use super::decode::{
     DecodeBuffers, DecodeOptions, DecodeParams, DecodePlan, Features, Launch, MAX_AUTO_SPLITS, Preset, Variant,
@@ -103,9 +114,10 @@ pub struct PagedLayout {
     pub dtype: DType,
     /// Float or int8 words.
     pub storage: KvStorage,
-    /// [`EvictionPolicy::None`] (`capacity`: the most tokens one sequence may hold) or
+    /// [`EvictionPolicy::None`] (`capacity`: the most tokens one sequence may hold),
     /// [`EvictionPolicy::Streaming`] (per sequence; pages are freed once all their tokens are
-    /// evicted). Heavy hitters are not available on paged pools.
+    /// evicted) or [`EvictionPolicy::HeavyHitters`] (per sequence, at most `capacity` slots;
+    /// see the [module](self) documentation).
     pub policy: EvictionPolicy,
 }
 
@@ -113,11 +125,6 @@ impl PagedLayout {
     fn validate(&self, ctx: &Context) -> Result<()> {
         let Self { kv_heads, head_dim, page_size, pages, dtype, policy, .. } = *self;
         policy.validate()?;
-        if matches!(policy, EvictionPolicy::HeavyHitters { .. }) {
-            return Err(Error::Option(
-                "paged KV caches evict by StreamingLLM or not at all: heavy hitters need the dense KvCache".into(),
-            ));
-        }
         for (what, n) in [("kv_heads", kv_heads), ("pages", pages)] {
             if n == 0 {
                 return Err(Error::Option(format!("paged KV cache {what} must be at least 1")));
@@ -175,9 +182,35 @@ impl PagedLayout {
         (self.slots() * self.row_words() as u64) as u32
     }
 
-    /// Bytes one token takes in one layer: K, V and scales of every KV head.
+    /// Bytes one token takes in one layer: K, V, scales and heavy-hitter state of every KV head.
     pub fn bytes_per_token(&self) -> u64 {
-        (self.k_bytes() + self.v_bytes()) / self.pages as u64 / self.page_size as u64
+        (self.k_bytes() + self.v_bytes() + self.heavy_hitter_bytes()) / self.pages as u64 / self.page_size as u64
+    }
+
+    /// Whether the policy is heavy hitters (H2O).
+    fn heavy_hitters(&self) -> bool {
+        matches!(self.policy, EvictionPolicy::HeavyHitters { .. })
+    }
+
+    /// Bytes of each of the heavy-hitter positions and scores buffers (4 per slot; 0 under
+    /// other policies).
+    fn heavy_hitter_buffer_bytes(&self) -> u64 {
+        if self.heavy_hitters() { 4 * self.slots() } else { 0 }
+    }
+
+    /// Bytes of the heavy-hitter state of a layer: positions and scores.
+    fn heavy_hitter_bytes(&self) -> u64 {
+        2 * self.heavy_hitter_buffer_bytes()
+    }
+
+    /// Tokens a sequence holds in its pages after it has seen `seen`: heavy hitters stop at
+    /// the capacity (new tokens then replace evicted ones); the others keep every page up to
+    /// the last token (StreamingLLM frees the older ones).
+    fn held_tokens(&self, seen: u64) -> u64 {
+        match self.policy {
+            EvictionPolicy::HeavyHitters { capacity, .. } => seen.min(capacity as u64),
+            _ => seen,
+        }
     }
 
     /// Block-table entries of every sequence that hold its first tokens (the sinks), which
@@ -251,6 +284,22 @@ pub fn encode_append(
     k: &TensorView<'_>,
     v: &TensorView<'_>,
 ) -> Result<()> {
+    append_rows(ctx, encoder, layout, pool, slots, false, k, v)
+}
+
+/// [`encode_append`] with a slot per token (`row_slots` false) or per (token, KV head) row,
+/// `T * Hkv` u32 (heavy hitters).
+#[allow(clippy::too_many_arguments)]
+fn append_rows(
+    ctx: &Context,
+    encoder: &mut wgpu::CommandEncoder,
+    layout: &PagedLayout,
+    pool: &PoolBuffers<'_>,
+    slots: &wgpu::Buffer,
+    row_slots: bool,
+    k: &TensorView<'_>,
+    v: &TensorView<'_>,
+) -> Result<()> {
     layout.validate(ctx)?;
     check_pool(layout, pool)?;
     let PagedLayout { kv_heads, head_dim, page_size, dtype, storage, .. } = *layout;
@@ -269,16 +318,17 @@ pub fn encode_append(
         return Err(Error::Shape(format!("appended K {:?} and V {:?} differ", k.shape(), v.shape())));
     }
     let tokens = k.shape()[0];
-    check_storage("slot mapping", slots, 4 * tokens as u64)?;
     let rows = (tokens * kv_heads) as u64;
+    check_storage("slot mapping", slots, 4 * if row_slots { rows } else { tokens as u64 })?;
     let grid = wrapped_grid(ctx.limits(), "paged append grid", rows.div_ceil(WORKGROUP as u64))?;
     let params = KvParams {
         kv_heads: kv_heads as u32,
         head_dim: head_dim as u32,
-        capacity: page_size as u32,
         count: tokens as u32,
         groups_x: grid[0],
         scales_at: layout.scales_at(),
+        page_size: page_size as u32,
+        row_slots: row_slots as u32,
         ..KvParams::default()
     };
     let params = uniform_buffer(ctx, &params);
@@ -317,12 +367,23 @@ pub fn encode_decode(
     bufs: &DecodeBuffers<'_>,
     options: &DecodeOptions,
 ) -> Result<DecodePlan> {
-    decode_with(ctx, encoder, layout, pool, tables, bufs, options, &mut Scratch::default())
+    if layout.heavy_hitters() {
+        return Err(Error::Option(
+            "heavy hitters keep each slot's position and score in the cache's own buffers: decode through PagedKvCache"
+                .into(),
+        ));
+    }
+    decode_with(ctx, encoder, layout, pool, None, tables, bufs, options, &mut Scratch::default())
 }
 
 /// The decode variant of `layout` for `rows` rows per KV head.
 fn variant(ctx: &Context, layout: &PagedLayout, rows: usize) -> Result<Variant> {
-    let features = Features { paged: true, int8: layout.storage == KvStorage::Int8, ..Features::DENSE };
+    let features = Features {
+        paged: true,
+        int8: layout.storage == KvStorage::Int8,
+        logits: layout.heavy_hitters(),
+        ..Features::DENSE
+    };
     Variant::choose(Preset::for_adapter(ctx.adapter_info()), ctx.limits(), rows, layout.head_dim, features)
 }
 
@@ -346,6 +407,7 @@ fn decode_with(
     encoder: &mut wgpu::CommandEncoder,
     layout: &PagedLayout,
     pool: &PoolBuffers<'_>,
+    heavy: Option<&HeavyHitterState>,
     tables: &SequenceTables<'_>,
     bufs: &DecodeBuffers<'_>,
     options: &DecodeOptions,
@@ -381,7 +443,8 @@ fn decode_with(
         kv_heads: kv_heads as u32,
         n_q: n_q as u32,
         head_dim: head_dim as u32,
-        capacity: 0,
+        // Heavy hitters: the logits' row stride.
+        capacity: longest,
         len: 0,
         seen: 0,
         keys_per_split: plan.keys_per_split,
@@ -401,7 +464,11 @@ fn decode_with(
     let partial_out =
         scratch(ctx, &mut s.partial_out, "wattn decode partial outputs", 4 * splits * query_rows * head_dim as u64)?;
     let partial_lse = scratch(ctx, &mut s.partial_lse, "wattn decode partial LSE", 4 * splits * query_rows)?;
-    let logits = scratch(ctx, &mut s.logits, "wattn decode logits", 4)?;
+    let logits_bytes = match heavy {
+        Some(_) => 4 * heads as u64 * rows as u64 * longest as u64,
+        None => 4,
+    };
+    let logits = scratch(ctx, &mut s.logits, "wattn decode logits", logits_bytes)?;
     let unused = scratch(ctx, &mut s.unused, "wattn unused binding", 16)?;
     let params = uniform_buffer(ctx, &params);
     let launch = Launch {
@@ -412,7 +479,7 @@ fn decode_with(
             ("k", pool.k),
             ("v", pool.v),
             ("pos", tables.tables),
-            ("rope_table", unused),
+            ("rope_or_positions", heavy.map_or(unused, |h| &h.positions)),
             ("partial_out", partial_out),
             ("partial_lse", partial_lse),
             ("logits", logits),
@@ -432,7 +499,99 @@ fn decode_with(
     let mut pass = encoder
         .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn paged decode"), timestamp_writes: None });
     record(ctx, &mut pass, &launch)?;
+    if let Some(heavy) = heavy {
+        // Each sequence's tokens' scores += the attention its queries gave them.
+        let slots = heads as u64 * longest as u64;
+        let grid = wrapped_grid(ctx.limits(), "paged score grid", slots.div_ceil(WORKGROUP as u64))?;
+        let params = KvParams {
+            batch: tables.count as u32,
+            kv_heads: kv_heads as u32,
+            q_heads: q_heads as u32,
+            count: n_q as u32,
+            capacity: longest,
+            groups_x: grid[0],
+            page_size: page_size as u32,
+            ..KvParams::default()
+        };
+        let params = uniform_buffer(ctx, &params);
+        let pipeline = ctx.pipelines.get(ctx.device(), &storage_key("accumulate_paged", dtype, false))?;
+        let group = bind_buffers(
+            ctx.device(),
+            &pipeline,
+            Kernel::KvCache,
+            &[
+                ("params", &params),
+                ("score", &heavy.scores),
+                ("logits", logits),
+                ("lse", bufs.lse.buffer()),
+                ("tables", tables.tables),
+            ],
+        )?;
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(grid[0], grid[1], 1);
+    }
     Ok(plan)
+}
+
+/// Records the heavy-hitter eviction of `step`'s tokens in one layer: one workgroup per
+/// (sequence of the step, KV head) fills or evicts a slot for each new token, records its
+/// position and a zero score, and writes every (token, KV head) row's pool slot to the
+/// step's slot mapping.
+fn encode_evict(
+    ctx: &Context,
+    encoder: &mut wgpu::CommandEncoder,
+    layout: &PagedLayout,
+    heavy: &HeavyHitterState,
+    step: &PagedStep,
+    evict_tables: &wgpu::Buffer,
+) -> Result<()> {
+    let EvictionPolicy::HeavyHitters { sinks, recent, capacity } = layout.policy else {
+        unreachable!("called for heavy hitters only")
+    };
+    // Each workgroup places its sequence's new tokens one after another, scanning every slot for each.
+    if let Some(limit) = ctx.loop_iteration_limit() {
+        let count = step.sequences.iter().map(|&(_, n)| n).max().unwrap_or(0);
+        let needed = count * evict_loop_iterations(capacity);
+        if needed > limit as usize {
+            return Err(Error::Limit {
+                what: format!("heavy-hitter eviction of {count} tokens over {capacity} slots at once"),
+                needed: needed as u64,
+                allowed: limit as u64,
+                limit: "loop iterations per invocation",
+            });
+        }
+    }
+    let workgroups = (step.sequences.len() * layout.kv_heads) as u32;
+    check_grid(ctx.limits(), &format!("paged eviction grid: {workgroups} sequence heads"), workgroups)?;
+    let params = KvParams {
+        kv_heads: layout.kv_heads as u32,
+        capacity: capacity as u32,
+        sinks: sinks as u32,
+        window: recent as u32,
+        page_size: layout.page_size as u32,
+        ..KvParams::default()
+    };
+    let params = uniform_buffer(ctx, &params);
+    let pipeline = ctx.pipelines.get(ctx.device(), &storage_key("evict_paged", layout.dtype, false))?;
+    let group = bind_buffers(
+        ctx.device(),
+        &pipeline,
+        Kernel::KvCache,
+        &[
+            ("params", &params),
+            ("pos", &heavy.positions),
+            ("score", &heavy.scores),
+            ("dest", &step.slots),
+            ("tables", evict_tables),
+        ],
+    )?;
+    let mut pass = encoder
+        .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn paged evict"), timestamp_writes: None });
+    pass.set_pipeline(&pipeline);
+    pass.set_bind_group(0, &group, &[]);
+    pass.dispatch_workgroups(workgroups, 1, 1);
+    Ok(())
 }
 
 /// A sequence of a [`PagedKvCache`], valid until it is removed.
@@ -466,11 +625,11 @@ impl Sequence {
         self.sink_pages.iter().chain(&self.window_pages).copied()
     }
 
-    /// Slots the decode kernel scans: the table's pages up to the last token seen.
-    fn slots(&self, page_size: usize) -> usize {
+    /// Slots the decode kernel scans: the table's pages up to the last token held.
+    fn slots(&self, layout: &PagedLayout) -> usize {
         let entries = self.sink_pages.len() + self.window_pages.len();
-        let last_page_tokens = (self.seen - 1) as usize % page_size + 1;
-        (entries - 1) * page_size + last_page_tokens
+        let last_page_tokens = (layout.held_tokens(self.seen) - 1) as usize % layout.page_size + 1;
+        (entries - 1) * layout.page_size + last_page_tokens
     }
 }
 
@@ -487,8 +646,12 @@ struct Growth {
 pub struct PagedStep {
     generation: u64,
     tokens: usize,
-    /// T u32: each new token's pool slot (KV head 0).
+    /// T u32: each new token's pool slot (KV head 0); heavy hitters: T * Hkv u32, each
+    /// (token, KV head) row's, written by the eviction kernel.
     slots: wgpu::Buffer,
+    /// Heavy hitters: the eviction kernel's tables (per sequence of the step: tokens before
+    /// it, new tokens, block table start, first new token's row; then the block tables).
+    evict_tables: Option<wgpu::Buffer>,
     sequences: Vec<(SequenceId, usize)>,
 }
 
@@ -504,10 +667,20 @@ impl PagedStep {
     }
 }
 
+/// Heavy hitters: a layer's per pool slot state, `[pages, Hkv, page_size]` each.
+struct HeavyHitterState {
+    /// u32: the stream position of the slot's token.
+    positions: wgpu::Buffer,
+    /// f32: the attention the token has received.
+    scores: wgpu::Buffer,
+}
+
 /// One layer's pool and how far it has appended.
 struct Layer {
     k: wgpu::Buffer,
     v: wgpu::Buffer,
+    /// Heavy hitters only.
+    heavy: Option<HeavyHitterState>,
     /// The last step this layer appended (0: none).
     appended: u64,
     /// The steps whose append's encoder is not yet known to be done, and what became of it
@@ -565,6 +738,10 @@ impl PagedKvCache {
             .map(|_| Layer {
                 k: buffer("wattn page pool K", layout.k_bytes()),
                 v: buffer("wattn page pool V", layout.v_bytes()),
+                heavy: layout.heavy_hitters().then(|| HeavyHitterState {
+                    positions: buffer("wattn page pool positions", layout.heavy_hitter_buffer_bytes()),
+                    scores: buffer("wattn page pool scores", layout.heavy_hitter_buffer_bytes()),
+                }),
                 appended: 0,
                 unconfirmed: Vec::new(),
             })
@@ -638,7 +815,7 @@ impl PagedKvCache {
     /// Bytes of GPU memory the cache holds: every layer's pool and the scratch buffers of the
     /// largest decode so far.
     pub fn memory_bytes(&self) -> u64 {
-        let pools: u64 = self.layers.iter().map(|l| l.k.size() + l.v.size()).sum();
+        let pools: u64 = self.layers.iter().map(|l| l.k.size() + l.v.size() + self.layout.heavy_hitter_bytes()).sum();
         let s = &self.scratch;
         let scratch: u64 = [&s.partial_out, &s.partial_lse, &s.logits, &s.unused]
             .iter()
@@ -656,8 +833,10 @@ impl PagedKvCache {
     }
 
     /// Plans a step: `tokens` new tokens for each listed sequence (each at least 1, each
-    /// sequence once; under StreamingLLM at most the window). Frees the pages of tokens the
-    /// policy evicts, takes the pages the new tokens need and chooses their slots. Every
+    /// sequence once; under StreamingLLM at most the window, under heavy hitters at most the
+    /// recent tokens). Frees the pages of tokens the policy evicts, takes the pages the new
+    /// tokens need and chooses their slots (heavy hitters: the append kernel does, past the
+    /// capacity). Every
     /// layer must then [`Self::append`] the step before it decodes and before the next step.
     ///
     /// Errors, with nothing changed: an unknown sequence, a layer that has not appended the
@@ -692,35 +871,58 @@ impl PagedKvCache {
         let p = self.layout.page_size as u64;
         let sink_pages = self.layout.sink_pages() as u64;
         let kv_heads = self.layout.kv_heads as u64;
+        let heavy = self.layout.heavy_hitters();
         let mut slots = Vec::with_capacity(total);
+        let mut evict_tables = vec![0u32; if heavy { 4 * tokens.len() } else { 0 }];
+        let mut first_row = 0;
         // Evictions first, so that this step's new pages may reuse the freed ones.
         for (&(id, _), g) in tokens.iter().zip(&growth) {
             let s = self.sequences.get_mut(&id).expect("checked above");
             self.free.extend(s.window_pages.drain(..g.freed));
             s.window_page = g.new_window_page;
         }
-        for &(id, count) in tokens {
+        for (i, &(id, count)) in tokens.iter().enumerate() {
             let s = self.sequences.get_mut(&id).expect("checked above");
+            let seen_before = s.seen;
             for position in s.seen..s.seen + count as u64 {
                 let logical = position / p;
-                if position % p == 0 {
+                if position % p == 0 && position < self.layout.held_tokens(position + 1) {
                     let page = self.free.pop().expect("counted above");
                     match logical < sink_pages {
                         true => s.sink_pages.push(page),
                         false => s.window_pages.push_back(page),
                     }
                 }
-                slots.push((s.page(logical) as u64 * kv_heads * p + position % p) as u32);
+                if !heavy {
+                    slots.push((s.page(logical) as u64 * kv_heads * p + position % p) as u32);
+                }
             }
             s.seen += count as u64;
+            if heavy {
+                let entry = [seen_before as u32, count as u32, evict_tables.len() as u32, first_row as u32];
+                evict_tables[4 * i..][..4].copy_from_slice(&entry);
+                evict_tables.extend(s.table());
+                first_row += count;
+            }
         }
         self.generation += 1;
-        let slots_buffer = ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("wattn paged slots of new tokens"),
-            contents: bytemuck::cast_slice(if slots.is_empty() { &[0u32] } else { &slots }),
-            usage: wgpu::BufferUsages::STORAGE,
-        });
-        Ok(PagedStep { generation: self.generation, tokens: total, slots: slots_buffer, sequences: tokens.to_vec() })
+        let init = |label: &str, contents: &[u32]| {
+            ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: bytemuck::cast_slice(contents),
+                usage: wgpu::BufferUsages::STORAGE,
+            })
+        };
+        let (slots, evict_tables) = match heavy {
+            // The eviction kernel writes each row's slot.
+            true => (
+                init("wattn paged slots of new rows", &vec![0; total * kv_heads as usize]),
+                Some(init("wattn paged eviction tables", &evict_tables)),
+            ),
+            false => (init("wattn paged slots of new tokens", if slots.is_empty() { &[0] } else { &slots }), None),
+        };
+        let sequences = tokens.to_vec();
+        Ok(PagedStep { generation: self.generation, tokens: total, slots, evict_tables, sequences })
     }
 
     /// What `count` new tokens do to sequence `s`, or why they cannot come.
@@ -745,20 +947,24 @@ impl PagedKvCache {
             EvictionPolicy::None { capacity } if seen > capacity as u64 => {
                 return Err(Error::CacheFull { capacity, len: s.seen as usize, appended: count });
             }
+            EvictionPolicy::Streaming { window: recent, .. } | EvictionPolicy::HeavyHitters { recent, .. }
+                if count > recent =>
+            {
+                return Err(Error::Option(format!(
+                    "{count} tokens appended at once, but policy {} keeps only the {recent} most recent: append at most {recent} per step",
+                    policy.name()
+                )));
+            }
             EvictionPolicy::Streaming { window, .. } => {
-                if count > window {
-                    return Err(Error::Option(format!(
-                        "{count} tokens appended at once, but policy streaming keeps only the {window} most recent: append at most {window} per step"
-                    )));
-                }
                 // Logical pages whose every token is older than the window (and past the sinks) go.
                 new_window_page = new_window_page.max(seen.saturating_sub(window as u64) / p);
             }
             _ => {}
         }
-        let held = s.seen.div_ceil(p);
+        let held = self.layout.held_tokens(s.seen).div_ceil(p);
+        let new_pages = self.layout.held_tokens(seen).div_ceil(p) - held;
         let freed = new_window_page.saturating_sub(s.window_page.max(sink_pages)).min(s.window_pages.len() as u64);
-        Ok(Growth { new_window_page, freed: freed as usize, new_pages: (seen.div_ceil(p) - held) as usize })
+        Ok(Growth { new_window_page, freed: freed as usize, new_pages: new_pages as usize })
     }
 
     /// Records `layer`'s append of `step`'s new tokens: K and V `[T, Hkv, D]` in the
@@ -792,7 +998,10 @@ impl PagedKvCache {
             )));
         }
         let pool = PoolBuffers { k: &l.k, v: &l.v };
-        encode_append(ctx, encoder, &self.layout, &pool, &step.slots, k, v)?;
+        if let (Some(heavy), Some(evict_tables)) = (&l.heavy, &step.evict_tables) {
+            encode_evict(ctx, encoder, &self.layout, heavy, step, evict_tables)?;
+        }
+        append_rows(ctx, encoder, &self.layout, &pool, &step.slots, l.heavy.is_some(), k, v)?;
         let l = &mut self.layers[layer];
         l.appended = step.generation;
         l.unconfirmed.push((step.generation, follow(encoder)));
@@ -824,7 +1033,6 @@ impl PagedKvCache {
             return Err(Error::Option("a paged decode needs at least one sequence".into()));
         }
         let n_q = bufs.q.shape().get(2).copied().unwrap_or(0) as u64;
-        let page_size = self.layout.page_size;
         // The sequences' entries, then their block tables.
         let mut tables: Vec<u32> = vec![0; 4 * ids.len()];
         let mut longest = 0;
@@ -836,7 +1044,7 @@ impl PagedKvCache {
                     s.seen
                 )));
             }
-            let slots = s.slots(page_size);
+            let slots = s.slots(&self.layout);
             longest = longest.max(slots);
             let entry = [s.seen as u32, tables.len() as u32, slots as u32, s.window_page as u32];
             tables[4 * i..][..4].copy_from_slice(&entry);
@@ -853,7 +1061,7 @@ impl PagedKvCache {
         let Self { layers, scratch, layout, .. } = self;
         let l = &layers[layer];
         let pool = PoolBuffers { k: &l.k, v: &l.v };
-        decode_with(ctx, encoder, layout, &pool, &tables, bufs, options, scratch)
+        decode_with(ctx, encoder, layout, &pool, l.heavy.as_ref(), &tables, bufs, options, scratch)
     }
 
     /// [`Self::attend`] on tensors wattn allocates: records, submits, returns O and LSE.
@@ -868,6 +1076,20 @@ impl PagedKvCache {
         decode_into_new_tensors(ctx, q, |encoder, bufs| {
             self.attend(ctx, encoder, layer, ids, bufs, options).map(|_| ())
         })
+    }
+
+    /// Heavy hitters: the stream position of the token in each slot sequence `id` holds in
+    /// `layer`, per KV head (`[Hkv][slots]`, slots in block-table order); `None` under
+    /// other policies. Waits for the GPU.
+    pub fn read_positions(&self, ctx: &Context, layer: usize, id: SequenceId) -> Result<Option<Vec<Vec<u32>>>> {
+        let Some(heavy) = &self.layer(layer)?.heavy else { return Ok(None) };
+        let s = self.sequences.get(&id).ok_or_else(|| unknown(id))?;
+        let positions: Vec<u32> = read_pod(ctx, &heavy.positions)?;
+        let (p, kv_heads) = (self.layout.page_size, self.layout.kv_heads);
+        let slots = if s.seen == 0 { 0 } else { s.slots(&self.layout) };
+        let table: Vec<u32> = s.table().collect();
+        let position = |h: usize, j: usize| positions[(table[j / p] as usize * kv_heads + h) * p + j % p];
+        Ok(Some((0..kv_heads).map(|h| (0..slots).map(|j| position(h, j)).collect()).collect()))
     }
 
     /// K and V of `layer`'s whole pool as f32, `[pages, Hkv, page_size, D]` each, int8
