@@ -72,6 +72,8 @@ struct Params {
     keys_per_split: u32,
     rope: u32, // layout in RoPE variants: ROPE_NEOX or interleaved
     // Re-indexing: a position p below rope_sinks is rotated at p, any other at p - rope_shift.
+    // PAGED: rope_shift is the capacity (sinks + window), and each sequence's shift the
+    // tokens it has seen past it.
     rope_sinks: u32,
     rope_shift: u32,
     scale: f32,
@@ -126,8 +128,11 @@ var<workgroup> group_sum: array<vec4<f32>, KEY_GROUPS * ROW_TILES>;
 var<workgroup> seq_shared: vec4<u32>;
 
 // Where StreamingLLM's re-indexing puts the token at stream position p: its index in the cache.
+// The workgroup's re-indexing shift: params.rope_shift, or with PAGED its sequence's.
+var<private> rope_shift: u32;
+
 fn rope_position(p: u32) -> u32 {
-    return select(p - params.rope_shift, p, p < params.rope_sinks);
+    return select(p - rope_shift, p, p < params.rope_sinks);
 }
 
 // RoPE rotates pairs: NeoX pairs column c with c ± D/2, GPT-J (interleaved) 2i with 2i + 1.
@@ -196,11 +201,17 @@ fn rotated_word(src: u32, start: u32, w: u32, x: vec4<f32>, rope_pos: u32) -> ve
     return x * vec4(f0.x, f1.x, f2.x, f3.x) + partner * vec4(f0.y, f1.y, f2.y, f3.y);
 }
 
+// The element where the slot's K or V row starts: rows of D elements, or with PAGED rows
+// padded to whole words.
+fn kv_row_start(slot: u32) -> u32 {
+    return slot * select(params.head_dim, 4u * ((params.head_dim + 3u) / 4u), PAGED);
+}
+
 // Word w (within the row) of the slot's K (src = FROM_K) or V, as one 4-element load where
 // rows start on words; zeros past the head dim. INT8: before its row's scale.
 fn kv_word(src: u32, slot: u32, w: u32) -> vec4<f32> {
     if !ALIGNED_ROWS {
-        return gather_word(src, slot * params.head_dim, w, false);
+        return gather_word(src, kv_row_start(slot), w, false);
     }
     let i = slot * ((params.head_dim + 3u) / 4u) + w;
     if src == FROM_K {
@@ -264,12 +275,11 @@ fn query_row(b: u32, kv_head: u32, r: u32) -> u32 {
 
 // Word w of the 4 slots' K (a column each), rotated at `at` (RoPE variants).
 fn key_words(slots: vec4<u32>, w: u32, at: vec4<u32>) -> mat4x4<f32> {
-    let dim = params.head_dim;
     let m = mat4x4(
-        rotated_word(FROM_K, slots.x * dim, w, kv_word(FROM_K, slots.x, w), at.x),
-        rotated_word(FROM_K, slots.y * dim, w, kv_word(FROM_K, slots.y, w), at.y),
-        rotated_word(FROM_K, slots.z * dim, w, kv_word(FROM_K, slots.z, w), at.z),
-        rotated_word(FROM_K, slots.w * dim, w, kv_word(FROM_K, slots.w, w), at.w),
+        rotated_word(FROM_K, kv_row_start(slots.x), w, kv_word(FROM_K, slots.x, w), at.x),
+        rotated_word(FROM_K, kv_row_start(slots.y), w, kv_word(FROM_K, slots.y, w), at.y),
+        rotated_word(FROM_K, kv_row_start(slots.z), w, kv_word(FROM_K, slots.z, w), at.z),
+        rotated_word(FROM_K, kv_row_start(slots.w), w, kv_word(FROM_K, slots.w, w), at.w),
     );
     return dequantised(m, slots, FROM_K);
 }
@@ -397,6 +407,10 @@ fn main(
         seq = workgroupUniformLoad(&seq_shared);
     }
     let seen = seq.x;
+    rope_shift = params.rope_shift;
+    if PAGED {
+        rope_shift = seen - min(seen, params.rope_shift);
+    }
     let lo = split * params.keys_per_split;
     let hi = min(lo + params.keys_per_split, seq.z);
     // The row's words, and those of this thread (lane, lane + LANES, ...); the others are

@@ -10,7 +10,9 @@ mod common;
 use common::{Rng, ctx, quantize};
 use std::collections::{BTreeMap, BTreeSet};
 use wattn::kv::paged::{self, KvStorage, PagedKvCache, PagedLayout, PoolBuffers, SequenceTables};
-use wattn::kv::{DecodeBuffers, DecodeOptions, EvictionPolicy, KvCache, KvCacheConfig, PositionMode, SequenceId};
+use wattn::kv::{
+    DecodeBuffers, DecodeOptions, EvictionPolicy, KvCache, KvCacheConfig, PositionMode, Rope, RopeLayout, SequenceId,
+};
 use wattn::reference::attend_rows;
 use wattn::wgpu::{self, util::DeviceExt};
 use wattn::{Context, DType, Error, Tensor};
@@ -54,6 +56,19 @@ fn retained(policy: EvictionPolicy, held: Option<&[u32]>, seen: usize, p: usize)
     }
 }
 
+/// `x`, the query or key of the token at position `p` of a sequence that has seen `seen`, as
+/// the kernel attends with it: unchanged, or with re-indexed positions rotated at its index
+/// in the cache (sinks first, then the window oldest to newest).
+fn rotated(positions: PositionMode, policy: EvictionPolicy, seen: usize, p: usize, x: &[f64]) -> Vec<f64> {
+    match positions {
+        PositionMode::Absolute => x.to_vec(),
+        PositionMode::Reindexed(r) => {
+            let index = if p < policy.sinks() { p } else { p - seen.saturating_sub(policy.capacity()) };
+            wattn::reference::rope(x, index as f64, r.base, r.layout)
+        }
+    }
+}
+
 /// What a heavy-hitter KV head must hold after `seen` tokens: `min(seen, capacity)` distinct
 /// positions below `seen`, among them every sink and every one of the `recent` newest.
 fn check_heavy_hitters(policy: EvictionPolicy, held: &[u32], seen: usize, what: &str) {
@@ -79,7 +94,7 @@ fn check_decode(
     bound: Option<Bound<'_>>,
     what: &str,
 ) -> f64 {
-    let PagedLayout { kv_heads, head_dim: d, policy, dtype, .. } = *cache.layout();
+    let PagedLayout { kv_heads, head_dim: d, policy, dtype, positions, .. } = *cache.layout();
     let layers = cache.layers();
     let scale = 1.0 / (d as f32).sqrt();
     let mut worst = 0.0f64;
@@ -102,19 +117,24 @@ fn check_decode(
                 let held = held.as_ref().map(|held| held[kv].as_slice());
                 for i in 0..n_q {
                     let position = seen - n_q + i;
-                    let visible: Vec<&Token> =
-                        (0..=position).filter(|&p| retained(policy, held, seen, p)).map(|p| &tokens[p]).collect();
+                    let visible_at: Vec<usize> = (0..=position).filter(|&p| retained(policy, held, seen, p)).collect();
+                    let visible: Vec<&Token> = visible_at.iter().map(|&p| &tokens[p]).collect();
                     let key = |t: &Token| t.0[kv * d..][..d].to_vec();
                     let value = |t: &Token| t.1[kv * d..][..d].to_vec();
-                    let keys: Vec<Vec<f32>> = visible.iter().map(|t| key(t)).collect();
-                    let values: Vec<Vec<f32>> = visible.iter().map(|t| value(t)).collect();
-                    let row = (s * Q_HEADS + h) * n_q + i;
-                    let q_row = &q[row * d..][..d];
                     let f64s = |x: &[Vec<f32>]| -> Vec<Vec<f64>> {
                         x.iter().map(|r| r.iter().map(|&e| e as f64).collect()).collect()
                     };
-                    let q64: Vec<f64> = q_row.iter().map(|&e| e as f64).collect();
-                    let want = attend_rows(&q64, &f64s(&keys), &f64s(&values), d, scale as f64);
+                    let row = (s * Q_HEADS + h) * n_q + i;
+                    let q_row = &q[row * d..][..d];
+                    let q64 = rotated(positions, policy, seen, position, &f64s(&[q_row.to_vec()])[0]);
+                    let keys64: Vec<Vec<f64>> = visible_at
+                        .iter()
+                        .zip(f64s(&visible.iter().map(|t| key(t)).collect::<Vec<_>>()))
+                        .map(|(&p, k)| rotated(positions, policy, seen, p, &k))
+                        .collect();
+                    let keys: Vec<Vec<f32>> = keys64.iter().map(|k| k.iter().map(|&e| e as f32).collect()).collect();
+                    let values: Vec<Vec<f32>> = visible.iter().map(|t| value(t)).collect();
+                    let want = attend_rows(&q64, &keys64, &f64s(&values), d, scale as f64);
                     let got = &out[row * d..][..d];
                     let err = got.iter().zip(&want.out).map(|(&g, w)| (g as f64 - w).abs()).fold(0.0, f64::max);
                     let lse_err = (lse[row] as f64 - want.lse).abs();
@@ -123,7 +143,8 @@ fn check_decode(
                         None => {
                             let k_refs: Vec<&[f32]> = keys.iter().map(|k| k.as_slice()).collect();
                             let v_refs: Vec<&[f32]> = values.iter().map(|v| v.as_slice()).collect();
-                            let plain = plain_f32_row(q_row, &k_refs, &v_refs, scale);
+                            let q32: Vec<f32> = q64.iter().map(|&e| e as f32).collect();
+                            let plain = plain_f32_row(&q32, &k_refs, &v_refs, scale);
                             let plain_err =
                                 plain.iter().zip(&want.out).map(|(&g, w)| (g as f64 - w).abs()).fold(0.0, f64::max);
                             assert!(lse_err < 1e-4, "{what}: layer {layer} {id:?} row {row}: LSE err {lse_err:.1e}");
@@ -167,7 +188,7 @@ fn check_pages(ctx: &Context, cache: &PagedKvCache, handed_out: &BTreeSet<u32>, 
 }
 
 /// Thousands of random operations on a small model under `policy`, checked every 60.
-fn random_operations(policy: EvictionPolicy, seed: u64) {
+fn random_operations(policy: EvictionPolicy, positions: PositionMode, seed: u64) {
     let ctx = ctx();
     let layout = PagedLayout {
         kv_heads: 2,
@@ -177,6 +198,7 @@ fn random_operations(policy: EvictionPolicy, seed: u64) {
         dtype: DType::F32,
         storage: KvStorage::Float,
         policy,
+        positions,
     };
     let layers = 2;
     let mut cache = PagedKvCache::new(ctx, layers, layout).unwrap();
@@ -275,19 +297,25 @@ fn random_operations(policy: EvictionPolicy, seed: u64) {
 
 #[test]
 fn random_operations_without_eviction() {
-    random_operations(EvictionPolicy::None { capacity: 300 }, 1);
+    random_operations(EvictionPolicy::None { capacity: 300 }, PositionMode::Absolute, 1);
 }
 
 #[test]
 fn random_operations_with_streaming_eviction() {
     // Sinks off the page grid, so a sink page also holds evictable tokens.
-    random_operations(EvictionPolicy::Streaming { sinks: 5, window: 13 }, 2);
+    random_operations(EvictionPolicy::Streaming { sinks: 5, window: 13 }, PositionMode::Absolute, 2);
+}
+
+#[test]
+fn random_operations_with_streaming_eviction_and_reindexed_rope() {
+    let rope = Rope { base: 10000.0, layout: RopeLayout::NeoX };
+    random_operations(EvictionPolicy::Streaming { sinks: 3, window: 14 }, PositionMode::Reindexed(rope), 12);
 }
 
 #[test]
 fn random_operations_with_heavy_hitters() {
     // A capacity off the page grid: the last page of each sequence is partly used.
-    random_operations(EvictionPolicy::HeavyHitters { sinks: 3, recent: 5, capacity: 18 }, 10);
+    random_operations(EvictionPolicy::HeavyHitters { sinks: 3, recent: 5, capacity: 18 }, PositionMode::Absolute, 10);
 }
 
 /// Paged heavy hitters on several sequences against one dense KvCache per sequence fed the
@@ -306,6 +334,7 @@ fn heavy_hitters_match_the_dense_cache() {
         dtype: DType::F32,
         storage: KvStorage::Float,
         policy,
+        positions: PositionMode::Absolute,
     };
     let mut paged = PagedKvCache::new(ctx, 1, layout).unwrap();
     let config = KvCacheConfig {
@@ -385,7 +414,16 @@ fn filled_cache(
     seed: u64,
 ) -> (PagedKvCache, Vec<SequenceId>, Mirror) {
     let ctx = ctx();
-    let layout = PagedLayout { kv_heads: 2, head_dim: 64, page_size: 16, pages: 128, dtype, storage, policy };
+    let layout = PagedLayout {
+        kv_heads: 2,
+        head_dim: 64,
+        page_size: 16,
+        pages: 128,
+        dtype,
+        storage,
+        policy,
+        positions: PositionMode::Absolute,
+    };
     let mut cache = PagedKvCache::new(ctx, 1, layout).unwrap();
     let ids: Vec<SequenceId> = lengths.iter().map(|_| cache.add_sequence()).collect();
     let mut mirror = Mirror { tokens: ids.iter().map(|&id| (id, vec![Vec::new()])).collect() };
@@ -505,6 +543,7 @@ fn f16_pool_matches_the_reference() {
             dtype: DType::F16,
             storage: KvStorage::Float,
             policy: EvictionPolicy::None { capacity: 16 },
+            positions: PositionMode::Absolute,
         };
         assert!(matches!(
             PagedKvCache::new(ctx, 1, layout),
@@ -542,6 +581,7 @@ fn int8_memory_is_at_most_053_of_f16() {
             dtype,
             storage,
             policy: EvictionPolicy::None { capacity: 1024 },
+            positions: PositionMode::Absolute,
         };
         let int8 = layout(KvStorage::Int8, DType::F32).bytes_per_token() as f64;
         let f16 = layout(KvStorage::Float, DType::F16).bytes_per_token() as f64;
@@ -567,6 +607,7 @@ fn engine_pool_and_tables_with_guard_pages() {
         dtype: DType::F32,
         storage: KvStorage::Float,
         policy: EvictionPolicy::None { capacity: 64 },
+        positions: PositionMode::Absolute,
     };
     let sentinel = f32::from_bits(0x7fc0_dead);
     let pool_floats = pages * kv_heads * p * d;
@@ -644,6 +685,7 @@ fn bad_input_is_an_error() {
         dtype: DType::F32,
         storage: KvStorage::Float,
         policy: EvictionPolicy::None { capacity: 8 },
+        positions: PositionMode::Absolute,
     };
     let bad = |l: PagedLayout| PagedKvCache::new(ctx, 1, l).err().expect("refused").to_string();
     assert!(bad(PagedLayout { page_size: 3, ..layout }).contains("power of two"));
@@ -651,8 +693,12 @@ fn bad_input_is_an_error() {
     assert!(bad(PagedLayout { pages: 0, ..layout }).contains("pages"));
     let h2o = EvictionPolicy::HeavyHitters { sinks: 1, recent: 2, capacity: 1 };
     assert!(bad(PagedLayout { policy: h2o, ..layout }).contains("capacity"));
-    // Heavy hitters: no more than the recent tokens at once; an engine's tables lack the scores.
+    // Heavy hitters: not with re-indexed positions; no more than the recent tokens at once; an
+    // engine's tables lack the scores.
     let heavy = PagedLayout { policy: EvictionPolicy::HeavyHitters { sinks: 1, recent: 2, capacity: 8 }, ..layout };
+    let rope = PositionMode::Reindexed(Rope { base: 10000.0, layout: RopeLayout::Interleaved });
+    assert!(bad(PagedLayout { positions: rope, ..heavy }).contains("heavy hitters"));
+    assert!(bad(PagedLayout { positions: rope, head_dim: 15, ..layout }).contains("even head dim"));
     let mut cache = PagedKvCache::new(ctx, 1, heavy).unwrap();
     let a = cache.add_sequence();
     assert!(cache.begin_step(ctx, &[(a, 3)]).unwrap_err().to_string().contains("at most 2"));

@@ -95,6 +95,7 @@ fn paged_cache(
         dtype: DType::F32,
         storage,
         policy: EvictionPolicy::None { capacity: lengths.iter().copied().max().unwrap_or(1) },
+        positions: PositionMode::Absolute,
     };
     let mut cache = PagedKvCache::new(ctx, 1, layout)?;
     let ids: Vec<SequenceId> = lengths.iter().map(|_| cache.add_sequence()).collect();
@@ -270,6 +271,7 @@ pub fn int8_memory_ratio(s: &ServeSettings) -> f64 {
         dtype,
         storage,
         policy: EvictionPolicy::None { capacity: 1 },
+        positions: PositionMode::Absolute,
     };
     layout(KvStorage::Int8, DType::F32).bytes_per_token() as f64
         / layout(KvStorage::Float, DType::F16).bytes_per_token() as f64

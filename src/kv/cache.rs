@@ -524,19 +524,7 @@ fn validate_config(ctx: &Context, config: &KvCacheConfig) -> Result<()> {
     if dtype == DType::F16 {
         ctx.require_f16()?;
     }
-    if let PositionMode::Reindexed(rope) = positions {
-        if matches!(policy, EvictionPolicy::HeavyHitters { .. }) {
-            return Err(Error::Option(
-                "re-indexed positions need a contiguous window; with heavy hitters use absolute positions".into(),
-            ));
-        }
-        if head_dim % 2 != 0 {
-            return Err(Error::Option(format!("RoPE needs an even head dim, got {head_dim}")));
-        }
-        if !(rope.base.is_finite() && rope.base > 1.0) {
-            return Err(Error::Option(format!("RoPE base {} must be finite and > 1", rope.base)));
-        }
-    }
+    super::validate_positions(positions, policy, head_dim)?;
     let elements = (batch * kv_heads * policy.capacity()) as u64 * head_dim as u64;
     check_u32_indexing("KV cache", elements)?;
     check_grid(ctx.limits(), &format!("KV cache grid: {} sequence heads", batch * kv_heads), (batch * kv_heads) as u32)
@@ -544,7 +532,7 @@ fn validate_config(ctx: &Context, config: &KvCacheConfig) -> Result<()> {
 
 /// (cos, sin) of every position `[0, capacity)` and frequency `[0, D/2)`, computed in f64.
 /// The layout (which columns pair up) is the kernel's business, not the table's.
-fn rope_table(rope: &Rope, capacity: usize, head_dim: usize) -> Vec<f32> {
+pub(crate) fn rope_table(rope: &Rope, capacity: usize, head_dim: usize) -> Vec<f32> {
     let half = head_dim / 2;
     let mut table = Vec::with_capacity(2 * capacity * half);
     for p in 0..capacity {

@@ -123,9 +123,8 @@ pub(crate) struct Features {
 impl Features {
     pub(crate) const DENSE: Features = Features { rope: false, logits: false, paged: false, int8: false };
 
-    /// Every combination a cache can have (heavy hitters need absolute positions, and paged
-    /// pools have no RoPE).
-    const ALL: [Features; 7] = [
+    /// Every combination a cache can have (heavy hitters need absolute positions).
+    const ALL: [Features; 9] = [
         Features::DENSE,
         Features { rope: true, ..Features::DENSE },
         Features { logits: true, ..Features::DENSE },
@@ -133,6 +132,8 @@ impl Features {
         Features { paged: true, int8: true, ..Features::DENSE },
         Features { paged: true, logits: true, ..Features::DENSE },
         Features { paged: true, int8: true, logits: true, ..Features::DENSE },
+        Features { paged: true, rope: true, ..Features::DENSE },
+        Features { paged: true, int8: true, rope: true, ..Features::DENSE },
     ];
 }
 
@@ -438,6 +439,17 @@ pub(crate) fn check_query_buffers(
     Ok((q_heads, n_q))
 }
 
+/// [`DecodeParams::rope`] of `positions`.
+pub(crate) fn rope_code(positions: PositionMode) -> u32 {
+    match positions {
+        PositionMode::Absolute => 0,
+        PositionMode::Reindexed(r) => match r.layout {
+            RopeLayout::NeoX => 1,
+            RopeLayout::Interleaved => 2,
+        },
+    }
+}
+
 /// The softmax scale of `options` for head dim `head_dim`, checked.
 pub(crate) fn resolved_scale(options: &DecodeOptions, head_dim: usize) -> Result<f32> {
     let scale = options.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
@@ -542,16 +554,8 @@ impl KvCache {
         for (what, n) in [("splits", plan.splits), ("row blocks", row_blocks), ("sequence heads", sequences)] {
             check_grid(ctx.limits(), &format!("decode grid: {n} {what}"), n)?;
         }
-        let (rope, rope_sinks, rope_shift) = match positions {
-            PositionMode::Absolute => (0, 0, 0),
-            PositionMode::Reindexed(r) => {
-                let layout = match r.layout {
-                    RopeLayout::NeoX => 1,
-                    RopeLayout::Interleaved => 2,
-                };
-                (layout, policy.sinks() as u32, seen.saturating_sub(capacity as u64) as u32)
-            }
-        };
+        let rope_shift = seen.saturating_sub(capacity as u64) as u32;
+        let (rope, rope_sinks, rope_shift) = (rope_code(positions), policy.sinks() as u32, rope_shift);
         let heavy_hitters = matches!(policy, EvictionPolicy::HeavyHitters { .. });
         let params = DecodeParams {
             batch: batch as u32,

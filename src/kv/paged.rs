@@ -46,13 +46,14 @@
 //!
 //! ```no_run
 //! use wattn::kv::paged::{KvStorage, PagedKvCache, PagedLayout};
-//! use wattn::kv::{DecodeOptions, EvictionPolicy};
+//! use wattn::kv::{DecodeOptions, EvictionPolicy, PositionMode};
 //! use wattn::{Context, DType, Tensor};
 //! # fn main() -> wattn::Result<()> {
 //! let ctx = Context::new()?;
 //! let layout = PagedLayout {
 //!     kv_heads: 2, head_dim: 64, page_size: 16, pages: 256, dtype: DType::F32,
 //!     storage: KvStorage::Int8, policy: EvictionPolicy::None { capacity: 4096 },
+//!     positions: PositionMode::Absolute,
 //! };
 //! let mut cache = PagedKvCache::new(&ctx, 1, layout)?;
 //! let (a, b) = (cache.add_sequence(), cache.add_sequence());
@@ -66,13 +67,15 @@
 //! # Ok(()) }
 //! ```
 
-use super::EvictionPolicy;
-use super::cache::{DONE, DROPPED, KvParams, Scratch, WORKGROUP, evict_loop_iterations, follow, storage_key};
+use super::cache::{
+    DONE, DROPPED, KvParams, Scratch, WORKGROUP, evict_loop_iterations, follow, rope_table, storage_key,
+};
 use super::combine::Merge;
 use super::decode::{
     DecodeBuffers, DecodeOptions, DecodeParams, DecodePlan, Features, Launch, MAX_AUTO_SPLITS, Preset, Variant,
-    check_query_buffers, decode_into_new_tensors, parallel_workgroups, record, resolved_scale, split_plan,
+    check_query_buffers, decode_into_new_tensors, parallel_workgroups, record, resolved_scale, rope_code, split_plan,
 };
+use super::{EvictionPolicy, PositionMode, validate_positions};
 use crate::attention::{AttentionOutput, MAX_HEAD_DIM};
 use crate::context::Context;
 use crate::dispatch::{bind_buffers, check_grid, scratch, uniform_buffer, wrapped_grid};
@@ -119,12 +122,17 @@ pub struct PagedLayout {
     /// evicted) or [`EvictionPolicy::HeavyHitters`] (per sequence, at most `capacity` slots;
     /// see the [module](self) documentation).
     pub policy: EvictionPolicy,
+    /// Whether the caller applies RoPE or the decode kernel does at each token's index in
+    /// the sequence's cache (StreamingLLM's re-indexing, as in the dense cache: sinks first,
+    /// then the window oldest to newest). Not with heavy hitters.
+    pub positions: PositionMode,
 }
 
 impl PagedLayout {
     fn validate(&self, ctx: &Context) -> Result<()> {
-        let Self { kv_heads, head_dim, page_size, pages, dtype, policy, .. } = *self;
+        let Self { kv_heads, head_dim, page_size, pages, dtype, policy, positions, .. } = *self;
         policy.validate()?;
+        validate_positions(positions, policy, head_dim)?;
         for (what, n) in [("kv_heads", kv_heads), ("pages", pages)] {
             if n == 0 {
                 return Err(Error::Option(format!("paged KV cache {what} must be at least 1")));
@@ -367,13 +375,13 @@ pub fn encode_decode(
     bufs: &DecodeBuffers<'_>,
     options: &DecodeOptions,
 ) -> Result<DecodePlan> {
-    if layout.heavy_hitters() {
+    if layout.heavy_hitters() || layout.positions != PositionMode::Absolute {
         return Err(Error::Option(
-            "heavy hitters keep each slot's position and score in the cache's own buffers: decode through PagedKvCache"
+            "heavy hitters (each slot's position and score) and re-indexed positions (the RoPE table) need the cache's own buffers: decode through PagedKvCache"
                 .into(),
         ));
     }
-    decode_with(ctx, encoder, layout, pool, None, tables, bufs, options, &mut Scratch::default())
+    decode_with(ctx, encoder, layout, pool, None, None, tables, bufs, options, &mut Scratch::default())
 }
 
 /// The decode variant of `layout` for `rows` rows per KV head.
@@ -382,7 +390,7 @@ fn variant(ctx: &Context, layout: &PagedLayout, rows: usize) -> Result<Variant> 
         paged: true,
         int8: layout.storage == KvStorage::Int8,
         logits: layout.heavy_hitters(),
-        ..Features::DENSE
+        rope: layout.positions != PositionMode::Absolute,
     };
     Variant::choose(Preset::for_adapter(ctx.adapter_info()), ctx.limits(), rows, layout.head_dim, features)
 }
@@ -408,6 +416,7 @@ fn decode_with(
     layout: &PagedLayout,
     pool: &PoolBuffers<'_>,
     heavy: Option<&HeavyHitterState>,
+    rope_table: Option<&wgpu::Buffer>,
     tables: &SequenceTables<'_>,
     bufs: &DecodeBuffers<'_>,
     options: &DecodeOptions,
@@ -448,9 +457,10 @@ fn decode_with(
         len: 0,
         seen: 0,
         keys_per_split: plan.keys_per_split,
-        rope: 0,
-        rope_sinks: 0,
-        rope_shift: 0,
+        rope: rope_code(layout.positions),
+        rope_sinks: policy.sinks() as u32,
+        // Each sequence's shift is what it has seen past the capacity.
+        rope_shift: policy.capacity() as u32,
         scale,
         page_shift: page_size.ilog2(),
         sink_pages: layout.sink_pages() as u32,
@@ -479,7 +489,7 @@ fn decode_with(
             ("k", pool.k),
             ("v", pool.v),
             ("pos", tables.tables),
-            ("rope_or_positions", heavy.map_or(unused, |h| &h.positions)),
+            ("rope_or_positions", heavy.map(|h| &h.positions).or(rope_table).unwrap_or(unused)),
             ("partial_out", partial_out),
             ("partial_lse", partial_lse),
             ("logits", logits),
@@ -714,6 +724,8 @@ pub struct PagedKvCache {
     next_id: u64,
     /// Steps begun so far: step g is the g-th (from 1).
     generation: u64,
+    /// Re-indexed positions: `[capacity, D / 2]` (cos, sin).
+    rope_table: Option<wgpu::Buffer>,
     scratch: Scratch,
 }
 
@@ -734,6 +746,14 @@ impl PagedKvCache {
                 mapped_at_creation: false,
             })
         };
+        let rope_table = match layout.positions {
+            PositionMode::Reindexed(rope) => Some(ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("wattn rope table"),
+                contents: bytemuck::cast_slice(&rope_table(&rope, layout.policy.capacity(), layout.head_dim)),
+                usage: wgpu::BufferUsages::STORAGE,
+            })),
+            PositionMode::Absolute => None,
+        };
         let layers = (0..layers)
             .map(|_| Layer {
                 k: buffer("wattn page pool K", layout.k_bytes()),
@@ -753,6 +773,7 @@ impl PagedKvCache {
             sequences: BTreeMap::new(),
             next_id: 0,
             generation: 0,
+            rope_table,
             scratch: Scratch::default(),
         })
     }
@@ -822,7 +843,7 @@ impl PagedKvCache {
             .filter_map(|b| b.as_ref())
             .map(|b| b.size())
             .sum();
-        pools + scratch
+        pools + self.rope_table.as_ref().map_or(0, |t| t.size()) + scratch
     }
 
     fn layer(&self, layer: usize) -> Result<&Layer> {
@@ -1058,10 +1079,11 @@ impl PagedKvCache {
             usage: wgpu::BufferUsages::STORAGE,
         });
         let tables = SequenceTables { tables: &tables_buffer, count: ids.len(), longest };
-        let Self { layers, scratch, layout, .. } = self;
+        let Self { layers, scratch, layout, rope_table, .. } = self;
         let l = &layers[layer];
         let pool = PoolBuffers { k: &l.k, v: &l.v };
-        decode_with(ctx, encoder, layout, &pool, l.heavy.as_ref(), &tables, bufs, options, scratch)
+        let heavy = l.heavy.as_ref();
+        decode_with(ctx, encoder, layout, &pool, heavy, rope_table.as_ref(), &tables, bufs, options, scratch)
     }
 
     /// [`Self::attend`] on tensors wattn allocates: records, submits, returns O and LSE.
