@@ -41,11 +41,10 @@ pub struct BenchArgs {
     /// --max-len) in one paged launch (f32 and int8 pools) against the same batch padded to the
     /// longest and against one launch per request; tokens/s and K/V memory, and int8's bytes per
     /// token against f16. Model: --heads (8), --kv-heads (2), --head-dim (64). Prints a table
-    /// (no --json, --csv or --plot).
+    /// and writes --json and --csv (no --plot).
     #[arg(long, conflicts_with_all = [
         "decode", "backward", "density", "pattern", "causal", "window", "config", "no_naive", "seq", "batch", "dtype",
-        "json",
-        "csv", "plot", "quick",
+        "plot", "quick",
     ])]
     pub serve: bool,
     /// With --serve: requests in the batch [default: 64].
@@ -313,7 +312,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     args.report(&report)
 }
 
-/// `wattn bench --serve`: prints the table (paged against padded and per request).
+/// `wattn bench --serve`: the table (paged against padded and per request), --json and --csv.
 fn run_serve(args: &BenchArgs) -> Result<()> {
     let settings = crate::bench::serve::ServeSettings {
         requests: args.requests.unwrap_or(64),
@@ -332,10 +331,10 @@ fn run_serve(args: &BenchArgs) -> Result<()> {
     let ctx = args.adapter.context()?;
     let timer = args.timer(&ctx);
     eprintln!("bench --serve on {}: {settings:?}", ctx.describe());
-    let rows = crate::bench::serve::run(&ctx, &timer, &settings, &mut |path| eprintln!("timing {path}"))?;
-    print!("{}", crate::bench::serve::table(&rows));
-    println!("int8 KV bytes per token: {:.3}x f16", crate::bench::serve::int8_memory_ratio(&settings));
-    Ok(())
+    let paths = crate::bench::serve::run(&ctx, &timer, &settings, &mut |path| eprintln!("timing {path}"))?;
+    let int8_bytes_vs_f16 = crate::bench::serve::int8_memory_ratio(&settings);
+    let provenance = Provenance::new(&ctx, timer.clock());
+    args.report(&crate::bench::serve::ServeReport { provenance, settings, int8_bytes_vs_f16, paths })
 }
 
 /// `wattn bench --decode`.
