@@ -46,7 +46,10 @@
 // row stride of `capacity` (the longest sequence's slots) for the scores.
 // Rows of the pool are padded to whole words. INT8: words are 4 int8 (shared/kv_int8.wgsl),
 // each row multiplied by its scale; the scales (K's and V's as two f16 in one u32 per slot)
-// follow the V words in v, from word scales_at. (Tables and scales share buffers with other
+// follow the V words in v, from word scales_at. CHANNEL_K (KIVI): K is scaled per channel
+// instead, by 2^e with an exponent e per (page, KV head, channel), 4 signed bytes per u32
+// after the K words in k, from word k_scales_at (the scales word's K half is unused).
+// (Tables and scales share buffers with other
 // data so that the kernel stays within WebGPU's 8 storage buffers per stage.)
 //
 // Constants come from the prelude made by src/shader.rs: Elem (f32 or f16), WORKGROUP,
@@ -83,6 +86,7 @@ struct Params {
     sinks: u32,
     window: u32,
     scales_at: u32, // INT8: the word of v where the scales begin
+    k_scales_at: u32, // CHANNEL_K: the word of k where the channel exponents begin
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -281,7 +285,21 @@ fn key_words(slots: vec4<u32>, w: u32, at: vec4<u32>) -> mat4x4<f32> {
         rotated_word(FROM_K, kv_row_start(slots.z), w, kv_word(FROM_K, slots.z, w), at.z),
         rotated_word(FROM_K, kv_row_start(slots.w), w, kv_word(FROM_K, slots.w, w), at.w),
     );
+    if CHANNEL_K {
+        return mat4x4(
+            m[0] * key_channel_scales(slots.x, w),
+            m[1] * key_channel_scales(slots.y, w),
+            m[2] * key_channel_scales(slots.z, w),
+            m[3] * key_channel_scales(slots.w, w),
+        );
+    }
     return dequantised(m, slots, FROM_K);
+}
+
+// CHANNEL_K: the scales of word w's 4 channels of K in the slot's page (slot >> page_shift
+// is its (page, KV head)).
+fn key_channel_scales(slot: u32, w: u32) -> vec4<f32> {
+    return kv_channel_scales(k[params.k_scales_at + (slot >> params.page_shift) * ((params.head_dim + 3u) / 4u) + w]);
 }
 
 // s + this word's share of the tile's logits: qt_c, the row tiles' Q at word w.

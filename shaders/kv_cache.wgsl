@@ -6,6 +6,8 @@
 //   append_paged  copies new tokens' K and V rows into the pages of a paged pool (quantising
 //                 them in int8 pools), at slots the host chose from the block tables (or,
 //                 with heavy hitters, that evict_paged chose)
+//   append_paged_channels  append_paged for int8 pools with K scaled per channel (KIVI): a
+//                 workgroup per (page the step writes, KV head)
 //   evict_paged, accumulate_paged  evict and accumulate for heavy hitters in a paged pool:
 //                 per sequence, the slots of its block table in order play the dense slots
 //
@@ -35,6 +37,7 @@ struct Params {
     scales_at: u32, // append_paged, INT8: the word of pool_v where the scales begin
     page_size: u32, // paged entry points: tokens per page
     row_slots: u32, // append_paged: 1 if dest holds a slot per (token, KV head), 0 per token
+    k_scales_at: u32, // append_paged_channels: the word of pool_k where the channel exponents begin
 }
 // append_paged reads count (new tokens in all), kv_heads, head_dim, page_size, groups_x,
 // scales_at and row_slots. evict_paged reads kv_heads, capacity (slots per sequence), sinks,
@@ -58,6 +61,8 @@ struct Params {
 // Paged heavy hitters: first 4 u32 per sequence, then the block tables (pool pages). evict_paged:
 // the step's sequences (tokens before the step, new tokens, block table start, its first new
 // token's row in src_k); accumulate_paged: the decode's (see decode.wgsl).
+// append_paged_channels: 4 u32 per page the step writes (page, first offset written, tokens
+// written, the first one's token index in src_k).
 @group(0) @binding(12) var<storage, read> tables: array<u32>;
 
 const NONE: u32 = 0xffffffffu;
@@ -301,6 +306,89 @@ fn inverse_scale(s: f32) -> f32 {
     return select(1.0 / s, 0.0, s == 0.0);
 }
 
+// The largest magnitude of the new row at element `start` of src_k (k = true) or src_v.
+fn row_largest(k: bool, start: u32) -> f32 {
+    var largest = 0.0;
+    for (var c = 0u; c < params.head_dim; c++) {
+        largest = max(largest, abs(select(f32(src_v[start + c]), f32(src_k[start + c]), k)));
+    }
+    return largest;
+}
+
+// Writes the new row at element `start` of src_k (k = true) or src_v, times `inverse`, to
+// pool slot `slot`.
+fn store_row(k: bool, start: u32, slot: u32, inverse: f32) {
+    let words = (params.head_dim + 3u) / 4u;
+    for (var w = 0u; w < words; w++) {
+        let word = kv_pack(new_word(k, start, w) * inverse);
+        if k {
+            pool_k[slot * words + w] = word;
+        } else {
+            pool_v[slot * words + w] = word;
+        }
+    }
+}
+
+// The exponents e (2^e > m, at least -126) of the power-of-two scales of magnitudes m.
+fn exponents_above(m: vec4<f32>) -> vec4<i32> {
+    // The biased exponent b of a normal m gives 2^(b - 127) <= m < 2^(b - 126).
+    return vec4<i32>((bitcast<vec4<u32>>(m) >> vec4(23u)) & vec4(0xffu)) - vec4(126);
+}
+
+// Int8 pools with K per channel (KIVI): one workgroup per (page the step writes, KV head).
+// Thread w owns word w (4 channels) of K in every row of the page: the page's channel
+// exponents grow to cover the new tokens (a page first written starts afresh), the rows
+// already there are rounded again where a channel's scale grew (an exact halving per step of
+// the exponent before rounding: their error stays within one step of the new scale), and the
+// new rows are rounded at the page's scales. V is scaled per token, as in append_paged.
+@compute @workgroup_size(WORKGROUP)
+fn append_paged_channels(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) tid: u32,
+) {
+    let run = 4u * (wg.x / params.kv_heads);
+    let kv_head = wg.x % params.kv_heads;
+    let page = tables[run];
+    let offset = tables[run + 1u];
+    let count = tables[run + 2u];
+    let first = tables[run + 3u];
+    let page_head = page * params.kv_heads + kv_head;
+    let base = page_head * params.page_size; // pool slot of the page's first token for this head
+    let words = (params.head_dim + 3u) / 4u;
+    for (var w = tid; w < words; w += WORKGROUP) {
+        let at = params.k_scales_at + page_head * words + w;
+        var largest = vec4(0.0);
+        for (var t = 0u; t < count; t++) {
+            largest = max(largest, abs(new_word(true, ((first + t) * params.kv_heads + kv_head) * params.head_dim, w)));
+        }
+        var e = exponents_above(largest);
+        if offset > 0u {
+            let old = kv_exponents(pool_k[at]);
+            e = max(e, old);
+            if any(e != old) {
+                let factor = exp2(vec4<f32>(old - e));
+                for (var j = 0u; j < offset; j++) {
+                    let i = (base + j) * words + w;
+                    pool_k[i] = kv_pack(kv_unpack(pool_k[i]) * factor);
+                }
+            }
+        }
+        pool_k[at] = kv_word_of_exponents(e);
+        let inverse = exp2(-vec4<f32>(e));
+        for (var t = 0u; t < count; t++) {
+            let start = ((first + t) * params.kv_heads + kv_head) * params.head_dim;
+            pool_k[(base + offset + t) * words + w] = kv_pack(new_word(true, start, w) * inverse);
+        }
+    }
+    for (var t = tid; t < count; t += WORKGROUP) {
+        let start = ((first + t) * params.kv_heads + kv_head) * params.head_dim;
+        let slot = base + offset + t;
+        let packed = pack2x16float(vec2(0.0, row_largest(false, start)));
+        pool_v[params.scales_at + slot] = kv_word_of_bits(packed);
+        store_row(false, start, slot, inverse_scale(unpack2x16float(packed).y));
+    }
+}
+
 // Paged pools: one thread per (new token, KV head) row of src_k/src_v [count, Hkv, D], the
 // tokens of every sequence of the step one after another. dest[token] is the pool slot of
 // the token's KV head 0; head h is h * page_size (a page) slots further; with row_slots,
@@ -320,20 +408,13 @@ fn append_paged(
         slot = dest[row];
     }
     let start = row * params.head_dim;
-    let words = (params.head_dim + 3u) / 4u;
     var inverse = vec2(1.0);
     if INT8 {
-        var largest = vec2(0.0);
-        for (var c = 0u; c < params.head_dim; c++) {
-            largest = max(largest, abs(vec2(f32(src_k[start + c]), f32(src_v[start + c]))));
-        }
-        let packed = pack2x16float(largest);
+        let packed = pack2x16float(vec2(row_largest(true, start), row_largest(false, start)));
         pool_v[params.scales_at + slot] = kv_word_of_bits(packed);
         let stored = unpack2x16float(packed);
         inverse = vec2(inverse_scale(stored.x), inverse_scale(stored.y));
     }
-    for (var w = 0u; w < words; w++) {
-        pool_k[slot * words + w] = kv_pack(new_word(true, start, w) * inverse.x);
-        pool_v[slot * words + w] = kv_pack(new_word(false, start, w) * inverse.y);
-    }
+    store_row(true, start, slot, inverse.x);
+    store_row(false, start, slot, inverse.y);
 }

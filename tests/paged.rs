@@ -488,37 +488,90 @@ fn pool_tokens(ctx: &Context, cache: &PagedKvCache, id: SequenceId) -> Vec<Token
     tokens
 }
 
-/// int8 under each policy: against the reference on the dequantised values (FlashAttention's
-/// rule), and on the original values within the bound of src/kv/paged.rs.
+/// int8 under each policy, K per token and per channel: against the reference on the
+/// dequantised values (FlashAttention's rule), each dequantised element within its bound of the
+/// original, and on the original values within the bound of src/kv/paged.rs.
 #[test]
 fn int8_matches_the_reference_on_dequantised_and_original_values() {
     let ctx = ctx();
-    for (policy, seed) in
-        [(EvictionPolicy::None { capacity: 600 }, 3), (EvictionPolicy::Streaming { sinks: 4, window: 100 }, 4)]
-    {
+    let (none, streaming) =
+        (EvictionPolicy::None { capacity: 600 }, EvictionPolicy::Streaming { sinks: 4, window: 100 });
+    for (storage, policy, seed) in [
+        (KvStorage::Int8, none, 3),
+        (KvStorage::Int8, streaming, 4),
+        (KvStorage::Int8ChannelK, none, 13),
+        (KvStorage::Int8ChannelK, streaming, 14),
+    ] {
         let lengths = [1, 17, 250, 513];
-        let (mut cache, ids, mirror) = filled_cache(DType::F32, KvStorage::Int8, policy, &lengths, 2.0, seed);
+        let (mut cache, ids, mirror) = filled_cache(DType::F32, storage, policy, &lengths, 2.0, seed);
         let mut rng = Rng::new(seed + 100);
         let dequantised: BTreeMap<SequenceId, Vec<_>> =
             ids.iter().map(|&id| (id, pool_tokens(ctx, &cache, id))).collect();
-        let what = format!("int8 {policy:?}");
+        let what = format!("{storage:?} {policy:?}");
         let on_pool = |_: usize, id: SequenceId, _: usize| dequantised[&id].clone();
         check_decode(ctx, &mut cache, &ids, 1, &mut rng, &on_pool, None, &format!("{what}, dequantised"));
 
-        // The bound: with e_k = s_k / 254 (+ the f16 rounding of s_k) per K element, logits move
-        // by at most d = scale |q|_1 max e_k; O by (exp(2d) - 1) max |v| + max e_v.
+        // Per element, with s the row's largest magnitude (K per token, and V): s / 254 and the
+        // f16 rounding of s. K per channel: 2 S / 254 with S the power of two above the channel's
+        // largest magnitude in the page, here bounded by the sequence's (its KV head's) largest.
+        let amax = |x: &[f32]| x.iter().fold(0.0f64, |m, &e| m.max(e.abs() as f64));
+        let row_error = |s: f64| s / 254.0 + s * 2f64.powi(-11);
+        let pow2_above = |m: f64| if m == 0.0 { 0.0 } else { 2f64.powi(m.log2().floor() as i32 + 1) };
+        let channel_errors = |tokens: &[Token], kv: usize| -> Vec<f64> {
+            let largest = |c: usize| tokens.iter().fold(0.0f64, |m, t| m.max(t.0[kv * 64 + c].abs() as f64));
+            (0..64).map(|c| 2.0 * pow2_above(largest(c)) / 254.0).collect()
+        };
+        let key_errors = |k: &[f32], channel: &[f64]| -> Vec<f64> {
+            match storage {
+                KvStorage::Int8ChannelK => channel.to_vec(),
+                _ => vec![row_error(amax(k)); 64],
+            }
+        };
+        for &id in &ids {
+            let original = &mirror.tokens[&id][0];
+            let seen = original.len();
+            for kv in 0..2 {
+                let channel = channel_errors(original, kv);
+                for p in (0..seen).filter(|&p| retained(policy, None, seen, p)) {
+                    let (k, v) = (&original[p].0[kv * 64..][..64], &original[p].1[kv * 64..][..64]);
+                    let (dk, dv) = (&dequantised[&id][p].0[kv * 64..][..64], &dequantised[&id][p].1[kv * 64..][..64]);
+                    let k_allowed = key_errors(k, &channel);
+                    for c in 0..64 {
+                        let (k_err, v_err) = ((dk[c] - k[c]).abs() as f64, (dv[c] - v[c]).abs() as f64);
+                        assert!(
+                            k_err <= k_allowed[c] + 1e-6 && v_err <= row_error(amax(v)) + 1e-6,
+                            "{what}: {id:?} position {p} KV head {kv} channel {c}: K {} for {}, V {} for {}",
+                            dk[c],
+                            k[c],
+                            dv[c],
+                            v[c]
+                        );
+                    }
+                }
+            }
+        }
+
+        // The bound: with e_k,c the error of K's channel c (above), logits move by at most
+        // d = scale sum_c |q_c| max e_k,c; O by (exp(2d) - 1) max |v| + max e_v.
         let scale = 1.0 / 8.0;
         let bound = |q: &[f32], tokens: &[Token], kv: usize| -> f64 {
-            let amax = |x: &[f32]| x.iter().fold(0.0f64, |m, &e| m.max(e.abs() as f64));
-            let error = |s: f64| s / 254.0 + s * 2f64.powi(-11);
-            let (mut e_k, mut e_v, mut v_max) = (0.0f64, 0.0f64, 0.0f64);
+            let channel = match storage {
+                KvStorage::Int8ChannelK => {
+                    let all: Vec<Token> = mirror.tokens.values().flat_map(|t| t[0].clone()).collect();
+                    channel_errors(&all, kv)
+                }
+                _ => vec![0.0; 64],
+            };
+            let (mut e_k, mut e_v, mut v_max) = (vec![0.0f64; 64], 0.0f64, 0.0f64);
             for (k, v) in tokens {
                 let (k, v) = (&k[kv * 64..][..64], &v[kv * 64..][..64]);
-                e_k = e_k.max(error(amax(k)));
-                e_v = e_v.max(error(amax(v)));
+                for (e, k_err) in e_k.iter_mut().zip(key_errors(k, &channel)) {
+                    *e = e.max(k_err);
+                }
+                e_v = e_v.max(row_error(amax(v)));
                 v_max = v_max.max(amax(v));
             }
-            let d = scale * q.iter().map(|&x| x.abs() as f64).sum::<f64>() * e_k;
+            let d = scale * q.iter().zip(&e_k).map(|(&x, e)| x.abs() as f64 * e).sum::<f64>();
             (2.0 * d).exp_m1() * v_max + e_v + 1e-5
         };
         let on_original = |_: usize, id: SequenceId, _: usize| mirror.tokens[&id][0].clone();
@@ -555,6 +608,7 @@ fn f16_pool_matches_the_reference() {
         (EvictionPolicy::None { capacity: 400 }, KvStorage::Float, 5),
         (EvictionPolicy::Streaming { sinks: 2, window: 70 }, KvStorage::Float, 6),
         (EvictionPolicy::Streaming { sinks: 2, window: 70 }, KvStorage::Int8, 7),
+        (EvictionPolicy::Streaming { sinks: 2, window: 70 }, KvStorage::Int8ChannelK, 8),
     ];
     for (policy, storage, seed) in cases {
         let (mut cache, ids, _) = filled_cache(DType::F16, storage, policy, &[3, 64, 130, 333], 1.0, seed);
@@ -586,6 +640,10 @@ fn int8_memory_is_at_most_053_of_f16() {
         let int8 = layout(KvStorage::Int8, DType::F32).bytes_per_token() as f64;
         let f16 = layout(KvStorage::Float, DType::F16).bytes_per_token() as f64;
         assert!(int8 / f16 <= 0.53, "D {head_dim}: int8 {int8} B, f16 {f16} B per token");
+        // K per channel: a byte per channel and page (of 16 tokens) more, per KV head.
+        let channel_k = layout(KvStorage::Int8ChannelK, DType::F32).bytes_per_token();
+        assert_eq!(channel_k, 8 * (2 * head_dim + 4 + head_dim / 16) as u64, "D {head_dim}");
+        eprintln!("D {head_dim}: int8 {:.3}x f16, K per channel {:.3}x", int8 / f16, channel_k as f64 / f16);
     }
 }
 
@@ -699,6 +757,9 @@ fn bad_input_is_an_error() {
     let rope = PositionMode::Reindexed(Rope { base: 10000.0, layout: RopeLayout::Interleaved });
     assert!(bad(PagedLayout { positions: rope, ..heavy }).contains("heavy hitters"));
     assert!(bad(PagedLayout { positions: rope, head_dim: 15, ..layout }).contains("even head dim"));
+    let channel_k = PagedLayout { storage: KvStorage::Int8ChannelK, ..layout };
+    assert!(bad(PagedLayout { positions: rope, ..channel_k }).contains("per channel"));
+    assert!(bad(PagedLayout { policy: heavy.policy, ..channel_k }).contains("per channel"));
     let mut cache = PagedKvCache::new(ctx, 1, heavy).unwrap();
     let a = cache.add_sequence();
     assert!(cache.begin_step(ctx, &[(a, 3)]).unwrap_err().to_string().contains("at most 2"));
@@ -795,6 +856,9 @@ fn bad_input_is_an_error() {
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
     let err = paged::encode_append(ctx, &mut encoder, &layout, &pool, &small, &kv.view(), &kv.view()).unwrap_err();
     assert!(err.to_string().contains("pool K has 64 bytes"), "{err}");
+    // K per channel: an engine's slot mapping does not say which tokens share a page.
+    let err = paged::encode_append(ctx, &mut encoder, &channel_k, &pool, &small, &kv.view(), &kv.view()).unwrap_err();
+    assert!(err.to_string().contains("through PagedKvCache"), "{err}");
     // An int8 pool whose V has room for its words but not for the scales after them.
     let int8 = PagedLayout { storage: KvStorage::Int8, ..layout };
     let words_only = ctx.device().create_buffer(&wgpu::BufferDescriptor {

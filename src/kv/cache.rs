@@ -46,6 +46,8 @@ pub struct KvParams {
     pub page_size: u32,
     /// Paged append: 1 if the slots are per (token, KV head) (heavy hitters), 0 per token.
     pub row_slots: u32,
+    /// Paged append with K per channel: the word of the K pool where the channel exponents begin.
+    pub k_scales_at: u32,
 }
 
 /// Threads per workgroup of every `kv_cache.wgsl` entry point (a power of two: `place` reduces over it).
@@ -77,7 +79,8 @@ pub fn shader_keys() -> Vec<ShaderKey> {
     let paged = dtypes.iter().flat_map(|&d| [false, true].map(|int8| storage_key("append_paged", d, int8)));
     let heavy_hitters =
         dtypes.iter().flat_map(|&d| ["evict_paged", "accumulate_paged"].map(|e| storage_key(e, d, false)));
-    dense.chain(paged).chain(heavy_hitters).collect()
+    let channels = dtypes.iter().map(|&d| storage_key("append_paged_channels", d, true));
+    dense.chain(paged).chain(heavy_hitters).chain(channels).collect()
 }
 
 /// The GPU buffers of one layer, for engines that read or fill them directly.

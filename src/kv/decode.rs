@@ -59,6 +59,8 @@ pub struct DecodeParams {
     pub window: u32,
     /// Paged int8: the word of the V pool where the scales begin.
     pub scales_at: u32,
+    /// Paged int8 with K per channel: the word of the K pool where the channel exponents begin.
+    pub k_scales_at: u32,
 }
 
 /// How to attend.
@@ -118,13 +120,17 @@ pub(crate) struct Features {
     pub(crate) paged: bool,
     /// K/V words of int8 with a scale per row (paged pools only).
     pub(crate) int8: bool,
+    /// With int8: K scaled per (page, KV head, channel) instead of per row.
+    pub(crate) channel_k: bool,
 }
 
 impl Features {
-    pub(crate) const DENSE: Features = Features { rope: false, logits: false, paged: false, int8: false };
+    pub(crate) const DENSE: Features =
+        Features { rope: false, logits: false, paged: false, int8: false, channel_k: false };
 
-    /// Every combination a cache can have (heavy hitters need absolute positions).
-    const ALL: [Features; 9] = [
+    /// Every combination a cache can have (heavy hitters need absolute positions; K per
+    /// channel needs both absolute positions and no heavy hitters).
+    const ALL: [Features; 10] = [
         Features::DENSE,
         Features { rope: true, ..Features::DENSE },
         Features { logits: true, ..Features::DENSE },
@@ -134,6 +140,7 @@ impl Features {
         Features { paged: true, int8: true, logits: true, ..Features::DENSE },
         Features { paged: true, rope: true, ..Features::DENSE },
         Features { paged: true, int8: true, rope: true, ..Features::DENSE },
+        Features { paged: true, int8: true, channel_k: true, ..Features::DENSE },
     ];
 }
 
@@ -292,6 +299,7 @@ impl Variant {
                 ("LOGITS", ConstValue::Bool(self.features.logits)),
                 ("PAGED", ConstValue::Bool(self.features.paged)),
                 ("INT8", ConstValue::Bool(self.features.int8)),
+                ("CHANNEL_K", ConstValue::Bool(self.features.channel_k)),
                 ("PARTS", ConstValue::U32(self.parts())),
             ],
         }
@@ -576,6 +584,7 @@ impl KvCache {
             sinks: 0,
             window: 0,
             scales_at: 0,
+            k_scales_at: 0,
         };
 
         let query_rows = (batch * q_heads * n_q) as u64;

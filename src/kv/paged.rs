@@ -29,6 +29,23 @@
 //! the original values. Against attention over the dequantised values the kernel is as
 //! exact as the float paths (FlashAttention's rule).
 //!
+//! int8 with K per channel (KIVI, [`KvStorage::Int8ChannelK`]): K's outliers sit in a few
+//! channels, so K is scaled per channel over a group of tokens and V per token (as above).
+//! The group is the page: each (page, KV head, channel) of K has a scale 2^e, e a signed byte
+//! (4 per u32, kept in the K buffer after the K words), the power of two just above the
+//! largest magnitude the page's tokens have in that channel. A page fills over several steps,
+//! so its scales grow: the append kernel takes one workgroup per (page written, KV head), and
+//! where a step's tokens exceed a channel's scale it rounds the tokens already in the page
+//! again at the new scale. Power-of-two scales make that an exact halving before the rounding,
+//! so a value's error is at most s_0 / 254 from its first rounding plus s_i / 254 from each
+//! later one: below 2 s / 254 for the page's final scale s (a geometric sum), and s is under
+//! twice the channel's largest magnitude. (KIVI keeps the newest tokens in full precision until
+//! a group is complete; here every token is int8 at once, so decode has one path to read.)
+//! Per token and KV head that is `2 * D + 4 + D / page_size` bytes (the V scale's word keeps
+//! its unused K half): 0.531x f16 at D = 64 with pages of 16, 0.523x at D = 128. It takes
+//! absolute positions (RoPE would mix channels of different scales) and no heavy hitters (a
+//! token replacing an evicted one would land inside a full page).
+//!
 //! Heavy hitters (H2O, [`EvictionPolicy::HeavyHitters`]) work per sequence as in the dense
 //! [`KvCache`](super::KvCache): a sequence's slots are the first `capacity` of its block
 //! table (its pages: `capacity / page_size`, rounded up), filled in order; past them each new
@@ -100,6 +117,17 @@ pub enum KvStorage {
     /// int8 with a scale per (token, KV head) for K and one for V (f16); appended K/V,
     /// queries and outputs stay in the layout's dtype.
     Int8,
+    /// int8 with K scaled per channel and V per token (KIVI): each (page, KV head, channel)
+    /// of K has a power-of-two scale that grows with the page's tokens (see the [module](self)
+    /// documentation); V as in [`KvStorage::Int8`]. Absolute positions, no heavy hitters.
+    Int8ChannelK,
+}
+
+impl KvStorage {
+    /// Whether K and V are int8 words.
+    fn int8(self) -> bool {
+        self != KvStorage::Float
+    }
 }
 
 /// The shape of a page pool and what it retains: what the kernels need to read and write it.
@@ -133,6 +161,13 @@ impl PagedLayout {
         let Self { kv_heads, head_dim, page_size, pages, dtype, policy, positions, .. } = *self;
         policy.validate()?;
         validate_positions(positions, policy, head_dim)?;
+        if self.storage == KvStorage::Int8ChannelK
+            && (positions != PositionMode::Absolute || matches!(policy, EvictionPolicy::HeavyHitters { .. }))
+        {
+            return Err(Error::Option(
+                "int8 with K per channel takes absolute positions (RoPE would mix channels of different scales) and no heavy hitters (a token replacing an evicted one lands inside a full page)".into(),
+            ));
+        }
         for (what, n) in [("kv_heads", kv_heads), ("pages", pages)] {
             if n == 0 {
                 return Err(Error::Option(format!("paged KV cache {what} must be at least 1")));
@@ -161,7 +196,7 @@ impl PagedLayout {
     fn word_bytes(&self) -> u64 {
         match self.storage {
             KvStorage::Float => 4 * self.dtype.size() as u64,
-            KvStorage::Int8 => 4,
+            KvStorage::Int8 | KvStorage::Int8ChannelK => 4,
         }
     }
 
@@ -170,22 +205,30 @@ impl PagedLayout {
         (self.pages * self.kv_heads * self.page_size) as u64
     }
 
-    /// Bytes of the K pool.
+    /// Bytes of the K pool: the K words and, with K per channel, then the exponents (4 bytes
+    /// per (page, KV head, word of D)).
     pub fn k_bytes(&self) -> u64 {
+        let exponents = match self.storage {
+            KvStorage::Int8ChannelK => 4 * (self.pages * self.kv_heads * self.row_words()) as u64,
+            _ => 0,
+        };
+        self.words_bytes() + exponents
+    }
+
+    /// Bytes of the K or V words.
+    fn words_bytes(&self) -> u64 {
         self.slots() * self.row_words() as u64 * self.word_bytes()
     }
 
     /// Bytes of the V pool: the V words and, in int8 pools, then the scales (4 bytes per
     /// (token, KV head)).
     pub fn v_bytes(&self) -> u64 {
-        let scales = match self.storage {
-            KvStorage::Float => 0,
-            KvStorage::Int8 => 4 * self.slots(),
-        };
-        self.k_bytes() + scales
+        let scales = if self.storage.int8() { 4 * self.slots() } else { 0 };
+        self.words_bytes() + scales
     }
 
-    /// The word of the V pool where an int8 pool's scales begin.
+    /// The word of the V pool where an int8 pool's scales begin, and of the K pool where
+    /// the channel exponents do.
     fn scales_at(&self) -> u32 {
         (self.slots() * self.row_words() as u64) as u32
     }
@@ -295,22 +338,9 @@ pub fn encode_append(
     append_rows(ctx, encoder, layout, pool, slots, false, k, v)
 }
 
-/// [`encode_append`] with a slot per token (`row_slots` false) or per (token, KV head) row,
-/// `T * Hkv` u32 (heavy hitters).
-#[allow(clippy::too_many_arguments)]
-fn append_rows(
-    ctx: &Context,
-    encoder: &mut wgpu::CommandEncoder,
-    layout: &PagedLayout,
-    pool: &PoolBuffers<'_>,
-    slots: &wgpu::Buffer,
-    row_slots: bool,
-    k: &TensorView<'_>,
-    v: &TensorView<'_>,
-) -> Result<()> {
-    layout.validate(ctx)?;
-    check_pool(layout, pool)?;
-    let PagedLayout { kv_heads, head_dim, page_size, dtype, storage, .. } = *layout;
+/// Checks new K and V `[T, Hkv, D]` against `layout`.
+fn check_new_rows(layout: &PagedLayout, k: &TensorView<'_>, v: &TensorView<'_>) -> Result<()> {
+    let PagedLayout { kv_heads, head_dim, dtype, .. } = *layout;
     for (what, t) in [("appended K", k), ("appended V", v)] {
         if t.shape().len() != 3 || t.shape()[1..] != [kv_heads, head_dim] || t.shape()[0] == 0 {
             return Err(Error::Shape(format!(
@@ -325,6 +355,31 @@ fn append_rows(
     if k.shape() != v.shape() {
         return Err(Error::Shape(format!("appended K {:?} and V {:?} differ", k.shape(), v.shape())));
     }
+    Ok(())
+}
+
+/// [`encode_append`] with a slot per token (`row_slots` false) or per (token, KV head) row,
+/// `T * Hkv` u32 (heavy hitters).
+#[allow(clippy::too_many_arguments)]
+fn append_rows(
+    ctx: &Context,
+    encoder: &mut wgpu::CommandEncoder,
+    layout: &PagedLayout,
+    pool: &PoolBuffers<'_>,
+    slots: &wgpu::Buffer,
+    row_slots: bool,
+    k: &TensorView<'_>,
+    v: &TensorView<'_>,
+) -> Result<()> {
+    layout.validate(ctx)?;
+    let PagedLayout { kv_heads, head_dim, page_size, dtype, storage, .. } = *layout;
+    if storage == KvStorage::Int8ChannelK {
+        return Err(Error::Option(
+            "int8 with K per channel appends a page's tokens together (its scales grow with them): append through PagedKvCache".into(),
+        ));
+    }
+    check_pool(layout, pool)?;
+    check_new_rows(layout, k, v)?;
     let tokens = k.shape()[0];
     let rows = (tokens * kv_heads) as u64;
     check_storage("slot mapping", slots, 4 * if row_slots { rows } else { tokens as u64 })?;
@@ -340,7 +395,7 @@ fn append_rows(
         ..KvParams::default()
     };
     let params = uniform_buffer(ctx, &params);
-    let pipeline = ctx.pipelines.get(ctx.device(), &storage_key("append_paged", dtype, storage == KvStorage::Int8))?;
+    let pipeline = ctx.pipelines.get(ctx.device(), &storage_key("append_paged", dtype, storage.int8()))?;
     let group = bind_buffers(
         ctx.device(),
         &pipeline,
@@ -388,7 +443,8 @@ pub fn encode_decode(
 fn variant(ctx: &Context, layout: &PagedLayout, rows: usize) -> Result<Variant> {
     let features = Features {
         paged: true,
-        int8: layout.storage == KvStorage::Int8,
+        int8: layout.storage.int8(),
+        channel_k: layout.storage == KvStorage::Int8ChannelK,
         logits: layout.heavy_hitters(),
         rope: layout.positions != PositionMode::Absolute,
     };
@@ -467,6 +523,7 @@ fn decode_with(
         sinks,
         window,
         scales_at: layout.scales_at(),
+        k_scales_at: layout.scales_at(),
     };
     let query_rows = (tables.count * q_heads * n_q) as u64;
     let splits = plan.splits as u64;
@@ -542,6 +599,54 @@ fn decode_with(
         pass.dispatch_workgroups(grid[0], grid[1], 1);
     }
     Ok(plan)
+}
+
+/// Records the append of new tokens K and V `[T, Hkv, D]` to an int8 pool with K per
+/// channel: one workgroup per (page written, KV head), `runs` of them (see `page_runs`).
+#[allow(clippy::too_many_arguments)]
+fn append_pages(
+    ctx: &Context,
+    encoder: &mut wgpu::CommandEncoder,
+    layout: &PagedLayout,
+    pool: &PoolBuffers<'_>,
+    page_runs: &wgpu::Buffer,
+    runs: usize,
+    k: &TensorView<'_>,
+    v: &TensorView<'_>,
+) -> Result<()> {
+    check_new_rows(layout, k, v)?;
+    let workgroups = (runs * layout.kv_heads) as u32;
+    check_grid(ctx.limits(), &format!("paged append grid: {workgroups} page heads"), workgroups)?;
+    let params = KvParams {
+        kv_heads: layout.kv_heads as u32,
+        head_dim: layout.head_dim as u32,
+        count: k.shape()[0] as u32,
+        scales_at: layout.scales_at(),
+        k_scales_at: layout.scales_at(),
+        page_size: layout.page_size as u32,
+        ..KvParams::default()
+    };
+    let params = uniform_buffer(ctx, &params);
+    let pipeline = ctx.pipelines.get(ctx.device(), &storage_key("append_paged_channels", layout.dtype, true))?;
+    let group = bind_buffers(
+        ctx.device(),
+        &pipeline,
+        Kernel::KvCache,
+        &[
+            ("params", &params),
+            ("src_k", k.buffer()),
+            ("src_v", v.buffer()),
+            ("tables", page_runs),
+            ("pool_k", pool.k),
+            ("pool_v", pool.v),
+        ],
+    )?;
+    let mut pass = encoder
+        .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn paged append"), timestamp_writes: None });
+    pass.set_pipeline(&pipeline);
+    pass.set_bind_group(0, &group, &[]);
+    pass.dispatch_workgroups(workgroups, 1, 1);
+    Ok(())
 }
 
 /// Records the heavy-hitter eviction of `step`'s tokens in one layer: one workgroup per
@@ -662,6 +767,9 @@ pub struct PagedStep {
     /// Heavy hitters: the eviction kernel's tables (per sequence of the step: tokens before
     /// it, new tokens, block table start, first new token's row; then the block tables).
     evict_tables: Option<wgpu::Buffer>,
+    /// K per channel: the pages the step writes (page, first offset, tokens, first token's
+    /// row, 4 u32 each) and how many.
+    page_runs: Option<(wgpu::Buffer, usize)>,
     sequences: Vec<(SequenceId, usize)>,
 }
 
@@ -893,7 +1001,10 @@ impl PagedKvCache {
         let sink_pages = self.layout.sink_pages() as u64;
         let kv_heads = self.layout.kv_heads as u64;
         let heavy = self.layout.heavy_hitters();
+        let channel_k = self.layout.storage == KvStorage::Int8ChannelK;
         let mut slots = Vec::with_capacity(total);
+        // K per channel: per page written, (page, first offset, tokens, first token's row).
+        let mut page_runs: Vec<u32> = Vec::new();
         let mut evict_tables = vec![0u32; if heavy { 4 * tokens.len() } else { 0 }];
         let mut first_row = 0;
         // Evictions first, so that this step's new pages may reuse the freed ones.
@@ -913,6 +1024,13 @@ impl PagedKvCache {
                         true => s.sink_pages.push(page),
                         false => s.window_pages.push_back(page),
                     }
+                }
+                if channel_k && (position == seen_before || position % p == 0) {
+                    page_runs.extend([s.page(logical), (position % p) as u32, 0, slots.len() as u32]);
+                }
+                if channel_k {
+                    let last = page_runs.len() - 2;
+                    page_runs[last] += 1;
                 }
                 if !heavy {
                     slots.push((s.page(logical) as u64 * kv_heads * p + position % p) as u32);
@@ -942,8 +1060,9 @@ impl PagedKvCache {
             ),
             false => (init("wattn paged slots of new tokens", if slots.is_empty() { &[0] } else { &slots }), None),
         };
+        let page_runs = channel_k.then(|| (init("wattn paged pages written", &page_runs), page_runs.len() / 4));
         let sequences = tokens.to_vec();
-        Ok(PagedStep { generation: self.generation, tokens: total, slots, evict_tables, sequences })
+        Ok(PagedStep { generation: self.generation, tokens: total, slots, evict_tables, page_runs, sequences })
     }
 
     /// What `count` new tokens do to sequence `s`, or why they cannot come.
@@ -1022,7 +1141,10 @@ impl PagedKvCache {
         if let (Some(heavy), Some(evict_tables)) = (&l.heavy, &step.evict_tables) {
             encode_evict(ctx, encoder, &self.layout, heavy, step, evict_tables)?;
         }
-        append_rows(ctx, encoder, &self.layout, &pool, &step.slots, l.heavy.is_some(), k, v)?;
+        match &step.page_runs {
+            Some((runs, count)) => append_pages(ctx, encoder, &self.layout, &pool, runs, *count, k, v)?,
+            None => append_rows(ctx, encoder, &self.layout, &pool, &step.slots, l.heavy.is_some(), k, v)?,
+        }
         let l = &mut self.layers[layer];
         l.appended = step.generation;
         l.unconfirmed.push((step.generation, follow(encoder)));
@@ -1121,30 +1243,36 @@ impl PagedKvCache {
         let layout = &self.layout;
         let v_words: Vec<u32> = read_pod(ctx, &l.v)?;
         let scales = &v_words[(layout.scales_at() as usize).min(v_words.len())..];
-        let read = |buffer: &wgpu::Buffer, half_index: usize| -> Result<Vec<f32>> {
-            let words = layout.row_words();
-            let (d, rows) = (layout.head_dim, layout.slots() as usize);
+        let (words, d, p) = (layout.row_words(), layout.head_dim, layout.page_size);
+        let rows = layout.slots() as usize;
+        let read = |buffer: &wgpu::Buffer, is_k: bool| -> Result<Vec<f32>> {
+            let buffer_words: Vec<u32> = read_pod(ctx, buffer)?;
             let elements: Vec<f32> = match (layout.storage, layout.dtype) {
-                (KvStorage::Int8, _) => read_pod::<u32>(ctx, buffer)?[..rows * words]
+                (KvStorage::Float, DType::F32) => bytemuck::cast_slice(&buffer_words).to_vec(),
+                (KvStorage::Float, DType::F16) => {
+                    let halves: &[u16] = bytemuck::cast_slice(&buffer_words);
+                    halves.iter().map(|&h| f16::from_bits(h).to_f32()).collect()
+                }
+                _ => buffer_words[..rows * words]
                     .iter()
                     .flat_map(|w| w.to_le_bytes().map(|b| (b as i8 as f32 / 127.0).max(-1.0)))
                     .collect(),
-                (KvStorage::Float, DType::F32) => read_pod::<f32>(ctx, buffer)?,
-                (KvStorage::Float, DType::F16) => {
-                    read_pod::<u16>(ctx, buffer)?.iter().map(|&h| f16::from_bits(h).to_f32()).collect()
-                }
+            };
+            // K per channel: 2^e per (page, KV head, channel), a signed byte each after the words.
+            let exponents: &[u8] =
+                bytemuck::cast_slice(&buffer_words[(layout.scales_at() as usize).min(buffer_words.len())..]);
+            let scale = |row: usize, c: usize| match layout.storage {
+                KvStorage::Float => 1.0,
+                KvStorage::Int8ChannelK if is_k => 2f32.powi(exponents[row / p * 4 * words + c] as i8 as i32),
+                _ => f16::from_bits((scales[row] >> if is_k { 0 } else { 16 }) as u16).to_f32(),
             };
             let mut out = Vec::with_capacity(rows * d);
             for row in 0..rows {
-                let scale = match layout.storage {
-                    KvStorage::Int8 => f16::from_bits((scales[row] >> (16 * half_index)) as u16).to_f32(),
-                    KvStorage::Float => 1.0,
-                };
-                out.extend(elements[row * 4 * words..][..d].iter().map(|&x| x * scale));
+                out.extend(elements[row * 4 * words..][..d].iter().enumerate().map(|(c, &x)| x * scale(row, c)));
             }
             Ok(out)
         };
-        Ok((read(&l.k, 0)?, read(&l.v, 1)?))
+        Ok((read(&l.k, true)?, read(&l.v, false)?))
     }
 }
 

@@ -278,6 +278,7 @@ async function runDecode(device, [decode, decodePipeline], [combine, combinePipe
     sinks: 0,
     window: 0xffffffff,
     scales_at: 0,
+    k_scales_at: 0,
   };
   const partialOut = sentinel(device, splits * queryRows * p.dim);
   const partialLse = sentinel(device, splits * queryRows);
