@@ -608,7 +608,9 @@ fn gpu_time_is_positive_and_within_the_wall_time_around_it() {
 #[test]
 fn serve_bench_times_paged_against_padded_and_per_request() {
     let table = wattn(&["bench", "--serve", "--requests", "5", "--max-len", "300", "--runs", "1", "--warmup", "0"]);
-    for path in ["| per request | 5 |", "| paged | 1 |", "| paged int8 | 1 |", "| padded | 1 |"] {
+    for path in
+        ["| per request | 5 |", "| paged | 1 |", "| paged int8 | 1 |", "| paged int8 K/ch | 1 |", "| padded | 1 |"]
+    {
         assert!(table.contains(path), "{path} missing:\n{table}");
     }
     assert!(table.contains("int8 KV bytes per token: 0.516x f16"), "{table}");
@@ -628,12 +630,13 @@ fn serve_bench_writes_json_and_csv() {
     let report = read_json(&json);
     assert_eq!(report["settings"]["requests"], 3);
     assert!((report["int8_bytes_vs_f16"].as_f64().unwrap() - 0.516).abs() < 1e-3, "{report}");
+    assert!((report["int8_channel_k_bytes_vs_f16"].as_f64().unwrap() - 0.531).abs() < 1e-3, "{report}");
     let points = report["points"].as_array().unwrap();
     let paths: Vec<&str> = points.iter().map(|p| p["path"].as_str().unwrap()).collect();
-    assert_eq!(paths, ["per request", "paged", "paged int8", "padded"]);
+    assert_eq!(paths, ["per request", "paged", "paged int8", "paged int8 K/ch", "padded"]);
     assert!(points.iter().all(|p| p["tokens_per_s"].as_f64().unwrap() > 0.0), "{report}");
     let text = std::fs::read_to_string(&csv).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 5, "a header and a line per path:\n{text}");
+    assert_eq!(lines.len(), 6, "a header and a line per path:\n{text}");
     assert!(lines[0].contains("requests") && lines[0].contains("vs_per_request"), "{}", lines[0]);
 }

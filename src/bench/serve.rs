@@ -41,7 +41,7 @@ pub struct ServeSettings {
 /// One timed path.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ServeRow {
-    /// "paged", "paged int8", "padded", "per request".
+    /// "paged", "paged int8", "paged int8 K/ch" (K per channel), "padded", "per request".
     pub path: &'static str,
     /// Decode launches per step.
     pub launches: usize,
@@ -226,7 +226,9 @@ pub fn run(ctx: &Context, timer: &Timer, s: &ServeSettings, progress: &mut dyn F
     })();
     rows.push(skipped_on_limit("per request", per_request)?);
 
-    for (path, storage) in [("paged", KvStorage::Float), ("paged int8", KvStorage::Int8)] {
+    let pools =
+        [("paged", KvStorage::Float), ("paged int8", KvStorage::Int8), ("paged int8 K/ch", KvStorage::Int8ChannelK)];
+    for (path, storage) in pools {
         progress(path);
         let paged = (|| {
             let (mut cache, ids) = paged_cache(ctx, s, &lengths, storage)?;
@@ -263,8 +265,8 @@ fn kv_bytes(cache: &KvCache) -> u64 {
     cache.buffers(0).map_or(0, |b| b.k.size() + b.v.size())
 }
 
-/// The int8 pool's bytes per token against an f16 pool's, for `settings`' model.
-pub fn int8_memory_ratio(s: &ServeSettings) -> f64 {
+/// A `storage` pool's bytes per token against an f16 pool's, for `settings`' model.
+pub fn memory_ratio(s: &ServeSettings, storage: KvStorage) -> f64 {
     let layout = |storage, dtype| PagedLayout {
         kv_heads: s.kv_heads,
         head_dim: s.head_dim,
@@ -275,8 +277,7 @@ pub fn int8_memory_ratio(s: &ServeSettings) -> f64 {
         policy: EvictionPolicy::None { capacity: 1 },
         positions: PositionMode::Absolute,
     };
-    layout(KvStorage::Int8, DType::F32).bytes_per_token() as f64
-        / layout(KvStorage::Float, DType::F16).bytes_per_token() as f64
+    layout(storage, DType::F32).bytes_per_token() as f64 / layout(KvStorage::Float, DType::F16).bytes_per_token() as f64
 }
 
 /// `wattn bench --serve`'s result.
@@ -285,8 +286,10 @@ pub(crate) struct ServeReport {
     #[serde(flatten)]
     pub provenance: Provenance,
     pub settings: ServeSettings,
-    /// The int8 pool's bytes per token against an f16 pool's ([`int8_memory_ratio`]).
+    /// The int8 pool's bytes per token against an f16 pool's ([`memory_ratio`]).
     pub int8_bytes_vs_f16: f64,
+    /// The same with K per channel.
+    pub int8_channel_k_bytes_vs_f16: f64,
     /// In the JSON as their rows (see [`Report::rows`]).
     #[serde(skip)]
     pub paths: Vec<ServeRow>,
@@ -295,10 +298,11 @@ pub(crate) struct ServeReport {
 impl Report for ServeReport {
     fn table(&self) -> String {
         format!(
-            "{}\n{}int8 KV bytes per token: {:.3}x f16\n",
+            "{}\n{}int8 KV bytes per token: {:.3}x f16 ({:.3}x with K per channel)\n",
             self.provenance.headline(),
             table(&self.paths),
-            self.int8_bytes_vs_f16
+            self.int8_bytes_vs_f16,
+            self.int8_channel_k_bytes_vs_f16
         )
     }
 
@@ -317,6 +321,7 @@ impl Report for ServeReport {
             .with("warmup", s.warmup)
             .with("runs", s.runs)
             .with("int8_bytes_vs_f16", self.int8_bytes_vs_f16)
+            .with("int8_channel_k_bytes_vs_f16", self.int8_channel_k_bytes_vs_f16)
     }
 
     /// A row per path, its speed against the padded and per-request paths.

@@ -17,6 +17,7 @@ use crate::context::Context;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::flash::FlashConfig;
+use crate::kv::paged::KvStorage;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
@@ -38,9 +39,9 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with_all = ["decode", "density", "pattern", "config", "no_naive"])]
     pub backward: bool,
     /// A server's decode step: --requests requests (seeded, lengths log-uniform from 128 to
-    /// --max-len) in one paged launch (f32 and int8 pools) against the same batch padded to the
-    /// longest and against one launch per request; tokens/s and K/V memory, and int8's bytes per
-    /// token against f16. Model: --heads (8), --kv-heads (2), --head-dim (64). Prints a table
+    /// --max-len) in one paged launch (f32 and int8 pools, int8 also with K per channel) against
+    /// the same batch padded to the longest and against one launch per request; tokens/s and K/V
+    /// memory, and int8's bytes per token against f16. Model: --heads (8), --kv-heads (2), --head-dim (64). Prints a table
     /// and writes --json and --csv (no --plot).
     #[arg(long, conflicts_with_all = [
         "decode", "backward", "density", "pattern", "causal", "window", "config", "no_naive", "seq", "batch", "dtype",
@@ -332,9 +333,11 @@ fn run_serve(args: &BenchArgs) -> Result<()> {
     let timer = args.timer(&ctx);
     eprintln!("bench --serve on {}: {settings:?}", ctx.describe());
     let paths = crate::bench::serve::run(&ctx, &timer, &settings, &mut |path| eprintln!("timing {path}"))?;
-    let int8_bytes_vs_f16 = crate::bench::serve::int8_memory_ratio(&settings);
+    use crate::bench::serve::{ServeReport, memory_ratio};
+    let int8_bytes_vs_f16 = memory_ratio(&settings, KvStorage::Int8);
+    let int8_channel_k_bytes_vs_f16 = memory_ratio(&settings, KvStorage::Int8ChannelK);
     let provenance = Provenance::new(&ctx, timer.clock());
-    args.report(&crate::bench::serve::ServeReport { provenance, settings, int8_bytes_vs_f16, paths })
+    args.report(&ServeReport { provenance, settings, int8_bytes_vs_f16, int8_channel_k_bytes_vs_f16, paths })
 }
 
 /// `wattn bench --decode`.
