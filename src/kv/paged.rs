@@ -1073,10 +1073,12 @@ impl PagedKvCache {
             return Err(Error::Option("a step gives each listed sequence at least 1 token".into()));
         }
         let seen = s.seen + count as u64;
-        if seen + p >= u32::MAX as u64 {
+        // Heavy hitters' eviction test adds the recent tokens to a position.
+        let margin = if self.layout.heavy_hitters() { policy.recent().unwrap_or(0) as u64 } else { 0 };
+        if seen + p + margin >= u32::MAX as u64 {
             return Err(Error::Limit {
                 what: format!("stream position {seen}"),
-                needed: seen + p,
+                needed: seen + p + margin,
                 allowed: u32::MAX as u64,
                 limit: "32-bit positions",
             });
