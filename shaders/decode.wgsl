@@ -40,9 +40,16 @@
 // of consecutive logical pages from the window's first one (StreamingLLM frees the pages in
 // between once all their tokens are evicted). Positions are computed, not stored: a slot
 // is retained iff its position is below `sinks` or among the `window` most recent tokens.
+// PAGED with LOGITS (heavy hitters): a sequence's slots [0, len) all hold tokens, in the
+// order of its block table, and their stream positions are stored per pool slot in
+// rope_or_positions (the eviction kernel writes them); the logits go to `logits` with a
+// row stride of `capacity` (the longest sequence's slots) for the scores.
 // Rows of the pool are padded to whole words. INT8: words are 4 int8 (shared/kv_int8.wgsl),
 // each row multiplied by its scale; the scales (K's and V's as two f16 in one u32 per slot)
-// follow the V words in v, from word scales_at. (Tables and scales share buffers with other
+// follow the V words in v, from word scales_at. CHANNEL_K (KIVI): K is scaled per channel
+// instead, by 2^e with an exponent e per (page, KV head, channel), 4 signed bytes per u32
+// after the K words in k, from word k_scales_at (the scales word's K half is unused).
+// (Tables and scales share buffers with other
 // data so that the kernel stays within WebGPU's 8 storage buffers per stage.)
 //
 // Constants come from the prelude made by src/shader.rs: Elem (f32 or f16), WORKGROUP,
@@ -68,6 +75,8 @@ struct Params {
     keys_per_split: u32,
     rope: u32, // layout in RoPE variants: ROPE_NEOX or interleaved
     // Re-indexing: a position p below rope_sinks is rotated at p, any other at p - rope_shift.
+    // PAGED: rope_shift is the capacity (sinks + window), and each sequence's shift the
+    // tokens it has seen past it.
     rope_sinks: u32,
     rope_shift: u32,
     scale: f32,
@@ -77,6 +86,7 @@ struct Params {
     sinks: u32,
     window: u32,
     scales_at: u32, // INT8: the word of v where the scales begin
+    k_scales_at: u32, // CHANNEL_K: the word of k where the channel exponents begin
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -86,7 +96,9 @@ struct Params {
 @group(0) @binding(2) var<storage, read> k: array<KvWord>;
 @group(0) @binding(3) var<storage, read> v: array<KvWord>;
 @group(0) @binding(4) var<storage, read> pos: array<u32>; // [B, Hkv, capacity]; PAGED: the tables
-@group(0) @binding(5) var<storage, read> rope_table: array<vec2<f32>>; // [capacity, D / 2] (cos, sin)
+// ROPE: the RoPE table [capacity, D / 2] of (cos, sin), as f32 bits; PAGED with LOGITS: the
+// stream position of each pool slot [pages, Hkv, PAGE].
+@group(0) @binding(5) var<storage, read> rope_or_positions: array<u32>;
 @group(0) @binding(6) var<storage, read_write> partial_out: array<f32>; // [splits, B, Hq, n_q, D]
 @group(0) @binding(7) var<storage, read_write> partial_lse: array<f32>; // [splits, B, Hq, n_q]
 @group(0) @binding(8) var<storage, read_write> logits: array<f32>; // [B, Hkv, group * n_q, capacity]
@@ -120,8 +132,11 @@ var<workgroup> group_sum: array<vec4<f32>, KEY_GROUPS * ROW_TILES>;
 var<workgroup> seq_shared: vec4<u32>;
 
 // Where StreamingLLM's re-indexing puts the token at stream position p: its index in the cache.
+// The workgroup's re-indexing shift: params.rope_shift, or with PAGED its sequence's.
+var<private> rope_shift: u32;
+
 fn rope_position(p: u32) -> u32 {
-    return select(p - params.rope_shift, p, p < params.rope_sinks);
+    return select(p - rope_shift, p, p < params.rope_sinks);
 }
 
 // RoPE rotates pairs: NeoX pairs column c with c ± D/2, GPT-J (interleaved) 2i with 2i + 1.
@@ -143,7 +158,8 @@ fn rope_factors(c: u32, rope_pos: u32) -> vec2<f32> {
         first = c < half;
         freq = select(c - half, c, first);
     }
-    let cs = rope_table[rope_pos * half + freq];
+    let at = 2u * (rope_pos * half + freq);
+    let cs = vec2(bitcast<f32>(rope_or_positions[at]), bitcast<f32>(rope_or_positions[at + 1u]));
     return vec2(cs.x, select(cs.y, -cs.y, first));
 }
 
@@ -189,11 +205,17 @@ fn rotated_word(src: u32, start: u32, w: u32, x: vec4<f32>, rope_pos: u32) -> ve
     return x * vec4(f0.x, f1.x, f2.x, f3.x) + partner * vec4(f0.y, f1.y, f2.y, f3.y);
 }
 
+// The element where the slot's K or V row starts: rows of D elements, or with PAGED rows
+// padded to whole words.
+fn kv_row_start(slot: u32) -> u32 {
+    return slot * select(params.head_dim, 4u * ((params.head_dim + 3u) / 4u), PAGED);
+}
+
 // Word w (within the row) of the slot's K (src = FROM_K) or V, as one 4-element load where
 // rows start on words; zeros past the head dim. INT8: before its row's scale.
 fn kv_word(src: u32, slot: u32, w: u32) -> vec4<f32> {
     if !ALIGNED_ROWS {
-        return gather_word(src, slot * params.head_dim, w, false);
+        return gather_word(src, kv_row_start(slot), w, false);
     }
     let i = slot * ((params.head_dim + 3u) / 4u) + w;
     if src == FROM_K {
@@ -257,14 +279,27 @@ fn query_row(b: u32, kv_head: u32, r: u32) -> u32 {
 
 // Word w of the 4 slots' K (a column each), rotated at `at` (RoPE variants).
 fn key_words(slots: vec4<u32>, w: u32, at: vec4<u32>) -> mat4x4<f32> {
-    let dim = params.head_dim;
     let m = mat4x4(
-        rotated_word(FROM_K, slots.x * dim, w, kv_word(FROM_K, slots.x, w), at.x),
-        rotated_word(FROM_K, slots.y * dim, w, kv_word(FROM_K, slots.y, w), at.y),
-        rotated_word(FROM_K, slots.z * dim, w, kv_word(FROM_K, slots.z, w), at.z),
-        rotated_word(FROM_K, slots.w * dim, w, kv_word(FROM_K, slots.w, w), at.w),
+        rotated_word(FROM_K, kv_row_start(slots.x), w, kv_word(FROM_K, slots.x, w), at.x),
+        rotated_word(FROM_K, kv_row_start(slots.y), w, kv_word(FROM_K, slots.y, w), at.y),
+        rotated_word(FROM_K, kv_row_start(slots.z), w, kv_word(FROM_K, slots.z, w), at.z),
+        rotated_word(FROM_K, kv_row_start(slots.w), w, kv_word(FROM_K, slots.w, w), at.w),
     );
+    if CHANNEL_K {
+        return mat4x4(
+            m[0] * key_channel_scales(slots.x, w),
+            m[1] * key_channel_scales(slots.y, w),
+            m[2] * key_channel_scales(slots.z, w),
+            m[3] * key_channel_scales(slots.w, w),
+        );
+    }
     return dequantised(m, slots, FROM_K);
+}
+
+// CHANNEL_K: the scales of word w's 4 channels of K in the slot's page (slot >> page_shift
+// is its (page, KV head)).
+fn key_channel_scales(slot: u32, w: u32) -> vec4<f32> {
+    return kv_channel_scales(k[params.k_scales_at + (slot >> params.page_shift) * ((params.head_dim + 3u) / 4u) + w]);
 }
 
 // s + this word's share of the tile's logits: qt_c, the row tiles' Q at word w.
@@ -390,6 +425,10 @@ fn main(
         seq = workgroupUniformLoad(&seq_shared);
     }
     let seen = seq.x;
+    rope_shift = params.rope_shift;
+    if PAGED {
+        rope_shift = seen - min(seen, params.rope_shift);
+    }
     let lo = split * params.keys_per_split;
     let hi = min(lo + params.keys_per_split, seq.z);
     // The row's words, and those of this thread (lane, lane + LANES, ...); the others are
@@ -437,7 +476,15 @@ fn main(
             var sl = vec4(slot_base) + j;
             var p: vec4<u32>;
             var kept = keys < vec4(hi);
-            if PAGED {
+            if PAGED && LOGITS {
+                sl = paged_slots(j, seq.y, kv_head);
+                p = vec4(
+                    rope_or_positions[sl.x],
+                    rope_or_positions[sl.y],
+                    rope_or_positions[sl.z],
+                    rope_or_positions[sl.w],
+                );
+            } else if PAGED {
                 sl = paged_slots(j, seq.y, kv_head);
                 p = paged_positions(j, seq.w);
                 kept = kept & retained(p, seen);

@@ -69,11 +69,14 @@ impl Kernel {
                 &["params", "range", "q", "k", "v", "out", "d_out", "lse", "dq", "dk", "dv", "state", "block_mask"]
             }
             Kernel::Naive => &["params", "q", "k", "v", "out", "lse", "scores"],
-            Kernel::Decode => &["params", "q", "k", "v", "pos", "rope_table", "partial_out", "partial_lse", "logits"],
-            Kernel::Combine => &["params", "partial_out", "partial_lse", "out", "lse"],
-            Kernel::KvCache => {
-                &["params", "src_k", "src_v", "k", "v", "pos", "score", "dest", "logits", "lse", "pool_k", "pool_v"]
+            Kernel::Decode => {
+                &["params", "q", "k", "v", "pos", "rope_or_positions", "partial_out", "partial_lse", "logits"]
             }
+            Kernel::Combine => &["params", "partial_out", "partial_lse", "out", "lse"],
+            Kernel::KvCache => &[
+                "params", "src_k", "src_v", "k", "v", "pos", "score", "dest", "logits", "lse", "pool_k", "pool_v",
+                "tables",
+            ],
             Kernel::Peak => &["params", "sink", "src", "dst"],
         }
     }

@@ -608,11 +608,35 @@ fn gpu_time_is_positive_and_within_the_wall_time_around_it() {
 #[test]
 fn serve_bench_times_paged_against_padded_and_per_request() {
     let table = wattn(&["bench", "--serve", "--requests", "5", "--max-len", "300", "--runs", "1", "--warmup", "0"]);
-    for path in ["| per request | 5 |", "| paged | 1 |", "| paged int8 | 1 |", "| padded | 1 |"] {
+    for path in
+        ["| per request | 5 |", "| paged | 1 |", "| paged int8 | 1 |", "| paged int8 K/ch | 1 |", "| padded | 1 |"]
+    {
         assert!(table.contains(path), "{path} missing:\n{table}");
     }
     assert!(table.contains("int8 KV bytes per token: 0.516x f16"), "{table}");
-    let out =
-        Command::new(env!("CARGO_BIN_EXE_wattn")).args(["bench", "--serve", "--json", "x.json"]).output().unwrap();
-    assert!(!out.status.success(), "--serve writes no JSON, so it refuses --json");
+    let out = Command::new(env!("CARGO_BIN_EXE_wattn")).args(["bench", "--serve", "--plot", "x.svg"]).output().unwrap();
+    assert!(!out.status.success(), "--serve draws no chart, so it refuses --plot");
+}
+
+/// `wattn bench --serve --json --csv`: a row per path in both, with the settings and int8's
+/// memory ratio.
+#[test]
+fn serve_bench_writes_json_and_csv() {
+    let dir = scratch("serve");
+    let (json, csv) = (dir.join("serve.json"), dir.join("serve.csv"));
+    let (json_arg, csv_arg) = (json.to_str().unwrap(), csv.to_str().unwrap());
+    let args = ["bench", "--serve", "--requests", "3", "--max-len", "200", "--runs", "1", "--warmup", "0"];
+    wattn(&[&args[..], &["--json", json_arg, "--csv", csv_arg]].concat());
+    let report = read_json(&json);
+    assert_eq!(report["settings"]["requests"], 3);
+    assert!((report["int8_bytes_vs_f16"].as_f64().unwrap() - 0.516).abs() < 1e-3, "{report}");
+    assert!((report["int8_channel_k_bytes_vs_f16"].as_f64().unwrap() - 0.531).abs() < 1e-3, "{report}");
+    let points = report["points"].as_array().unwrap();
+    let paths: Vec<&str> = points.iter().map(|p| p["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["per request", "paged", "paged int8", "paged int8 K/ch", "padded"]);
+    assert!(points.iter().all(|p| p["tokens_per_s"].as_f64().unwrap() > 0.0), "{report}");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 6, "a header and a line per path:\n{text}");
+    assert!(lines[0].contains("requests") && lines[0].contains("vs_per_request"), "{}", lines[0]);
 }

@@ -2,14 +2,17 @@
 //! every sequence decodes equal to the f64 reference over exactly its retained tokens; no
 //! page shared by two live sequences; pages never handed out never written; int8 against the
 //! reference on its dequantised values and, within the documented bound, on the original
-//! ones; an engine's own pool with guard pages; bad input.
+//! ones; heavy hitters against the dense cache's on the same streams; an engine's own pool
+//! with guard pages; bad input.
 
 mod common;
 
 use common::{Rng, ctx, quantize};
 use std::collections::{BTreeMap, BTreeSet};
 use wattn::kv::paged::{self, KvStorage, PagedKvCache, PagedLayout, PoolBuffers, SequenceTables};
-use wattn::kv::{DecodeBuffers, DecodeOptions, EvictionPolicy, SequenceId};
+use wattn::kv::{
+    DecodeBuffers, DecodeOptions, EvictionPolicy, KvCache, KvCacheConfig, PositionMode, Rope, RopeLayout, SequenceId,
+};
 use wattn::reference::attend_rows;
 use wattn::wgpu::{self, util::DeviceExt};
 use wattn::{Context, DType, Error, Tensor};
@@ -43,12 +46,38 @@ type TokensOf<'a> = &'a dyn Fn(usize, SequenceId, usize) -> Vec<Token>;
 /// The error allowed for a row (its query, visible tokens and KV head).
 type Bound<'a> = &'a dyn Fn(&[f32], &[Token], usize) -> f64;
 
-/// Whether the token at `p` of a sequence that has seen `seen` is retained by `policy`.
-fn retained(policy: EvictionPolicy, seen: usize, p: usize) -> bool {
-    match policy {
-        EvictionPolicy::Streaming { sinks, window } => p < sinks || seen - p <= window,
+/// Whether the token at `p` of a sequence that has seen `seen` is retained by `policy`
+/// (heavy hitters: by the GPU's choice, `held`, the positions a KV head holds).
+fn retained(policy: EvictionPolicy, held: Option<&[u32]>, seen: usize, p: usize) -> bool {
+    match (policy, held) {
+        (EvictionPolicy::Streaming { sinks, window }, _) => p < sinks || seen - p <= window,
+        (EvictionPolicy::HeavyHitters { .. }, Some(held)) => held.contains(&(p as u32)),
         _ => true,
     }
+}
+
+/// `x`, the query or key of the token at position `p` of a sequence that has seen `seen`, as
+/// the kernel attends with it: unchanged, or with re-indexed positions rotated at its index
+/// in the cache (sinks first, then the window oldest to newest).
+fn rotated(positions: PositionMode, policy: EvictionPolicy, seen: usize, p: usize, x: &[f64]) -> Vec<f64> {
+    match positions {
+        PositionMode::Absolute => x.to_vec(),
+        PositionMode::Reindexed(r) => {
+            let index = if p < policy.sinks() { p } else { p - seen.saturating_sub(policy.capacity()) };
+            wattn::reference::rope(x, index as f64, r.base, r.layout)
+        }
+    }
+}
+
+/// What a heavy-hitter KV head must hold after `seen` tokens: `min(seen, capacity)` distinct
+/// positions below `seen`, among them every sink and every one of the `recent` newest.
+fn check_heavy_hitters(policy: EvictionPolicy, held: &[u32], seen: usize, what: &str) {
+    let EvictionPolicy::HeavyHitters { sinks, recent, capacity } = policy else { unreachable!() };
+    let set: BTreeSet<usize> = held.iter().map(|&p| p as usize).collect();
+    assert_eq!((held.len(), set.len()), (seen.min(capacity), seen.min(capacity)), "{what}: {held:?}");
+    assert!(set.iter().all(|&p| p < seen), "{what}: {held:?} past {seen}");
+    let kept = (0..sinks.min(seen)).chain(seen.saturating_sub(recent)..seen);
+    assert!(kept.clone().all(|p| set.contains(&p)), "{what}: {held:?} lacks a sink or a recent token");
 }
 
 /// Decodes `n_q` random queries of every listed sequence on every layer and compares each row
@@ -65,7 +94,7 @@ fn check_decode(
     bound: Option<Bound<'_>>,
     what: &str,
 ) -> f64 {
-    let PagedLayout { kv_heads, head_dim: d, policy, dtype, .. } = *cache.layout();
+    let PagedLayout { kv_heads, head_dim: d, policy, dtype, positions, .. } = *cache.layout();
     let layers = cache.layers();
     let scale = 1.0 / (d as f32).sqrt();
     let mut worst = 0.0f64;
@@ -79,23 +108,33 @@ fn check_decode(
         for (s, &id) in ids.iter().enumerate() {
             let seen = cache.seen(id).unwrap() as usize;
             let tokens = keys_of(layer, id, seen);
+            let held = cache.read_positions(ctx, layer, id).unwrap();
+            for (kv, held) in held.iter().flatten().enumerate() {
+                check_heavy_hitters(policy, held, seen, &format!("{what}: layer {layer} {id:?} KV head {kv}"));
+            }
             for h in 0..Q_HEADS {
                 let kv = h / (Q_HEADS / kv_heads);
+                let held = held.as_ref().map(|held| held[kv].as_slice());
                 for i in 0..n_q {
                     let position = seen - n_q + i;
-                    let visible: Vec<&Token> =
-                        (0..=position).filter(|&p| retained(policy, seen, p)).map(|p| &tokens[p]).collect();
+                    let visible_at: Vec<usize> = (0..=position).filter(|&p| retained(policy, held, seen, p)).collect();
+                    let visible: Vec<&Token> = visible_at.iter().map(|&p| &tokens[p]).collect();
                     let key = |t: &Token| t.0[kv * d..][..d].to_vec();
                     let value = |t: &Token| t.1[kv * d..][..d].to_vec();
-                    let keys: Vec<Vec<f32>> = visible.iter().map(|t| key(t)).collect();
-                    let values: Vec<Vec<f32>> = visible.iter().map(|t| value(t)).collect();
-                    let row = (s * Q_HEADS + h) * n_q + i;
-                    let q_row = &q[row * d..][..d];
                     let f64s = |x: &[Vec<f32>]| -> Vec<Vec<f64>> {
                         x.iter().map(|r| r.iter().map(|&e| e as f64).collect()).collect()
                     };
-                    let q64: Vec<f64> = q_row.iter().map(|&e| e as f64).collect();
-                    let want = attend_rows(&q64, &f64s(&keys), &f64s(&values), d, scale as f64);
+                    let row = (s * Q_HEADS + h) * n_q + i;
+                    let q_row = &q[row * d..][..d];
+                    let q64 = rotated(positions, policy, seen, position, &f64s(&[q_row.to_vec()])[0]);
+                    let keys64: Vec<Vec<f64>> = visible_at
+                        .iter()
+                        .zip(f64s(&visible.iter().map(|t| key(t)).collect::<Vec<_>>()))
+                        .map(|(&p, k)| rotated(positions, policy, seen, p, &k))
+                        .collect();
+                    let keys: Vec<Vec<f32>> = keys64.iter().map(|k| k.iter().map(|&e| e as f32).collect()).collect();
+                    let values: Vec<Vec<f32>> = visible.iter().map(|t| value(t)).collect();
+                    let want = attend_rows(&q64, &keys64, &f64s(&values), d, scale as f64);
                     let got = &out[row * d..][..d];
                     let err = got.iter().zip(&want.out).map(|(&g, w)| (g as f64 - w).abs()).fold(0.0, f64::max);
                     let lse_err = (lse[row] as f64 - want.lse).abs();
@@ -104,7 +143,8 @@ fn check_decode(
                         None => {
                             let k_refs: Vec<&[f32]> = keys.iter().map(|k| k.as_slice()).collect();
                             let v_refs: Vec<&[f32]> = values.iter().map(|v| v.as_slice()).collect();
-                            let plain = plain_f32_row(q_row, &k_refs, &v_refs, scale);
+                            let q32: Vec<f32> = q64.iter().map(|&e| e as f32).collect();
+                            let plain = plain_f32_row(&q32, &k_refs, &v_refs, scale);
                             let plain_err =
                                 plain.iter().zip(&want.out).map(|(&g, w)| (g as f64 - w).abs()).fold(0.0, f64::max);
                             assert!(lse_err < 1e-4, "{what}: layer {layer} {id:?} row {row}: LSE err {lse_err:.1e}");
@@ -148,7 +188,7 @@ fn check_pages(ctx: &Context, cache: &PagedKvCache, handed_out: &BTreeSet<u32>, 
 }
 
 /// Thousands of random operations on a small model under `policy`, checked every 60.
-fn random_operations(policy: EvictionPolicy, seed: u64) {
+fn random_operations(policy: EvictionPolicy, positions: PositionMode, seed: u64) {
     let ctx = ctx();
     let layout = PagedLayout {
         kv_heads: 2,
@@ -158,6 +198,7 @@ fn random_operations(policy: EvictionPolicy, seed: u64) {
         dtype: DType::F32,
         storage: KvStorage::Float,
         policy,
+        positions,
     };
     let layers = 2;
     let mut cache = PagedKvCache::new(ctx, layers, layout).unwrap();
@@ -165,10 +206,7 @@ fn random_operations(policy: EvictionPolicy, seed: u64) {
     let mut mirror = Mirror { tokens: BTreeMap::new() };
     let mut handed_out = BTreeSet::new();
     let row = layout.kv_heads * layout.head_dim;
-    let max_step = match policy {
-        EvictionPolicy::Streaming { window, .. } => window.min(5),
-        _ => 5,
-    };
+    let max_step = policy.recent().unwrap_or(5).min(5);
     let (mut steps, mut removed, mut pool_full) = (0, 0, 0);
     for op in 0..2400 {
         let live: Vec<SequenceId> = mirror.tokens.keys().copied().collect();
@@ -259,13 +297,110 @@ fn random_operations(policy: EvictionPolicy, seed: u64) {
 
 #[test]
 fn random_operations_without_eviction() {
-    random_operations(EvictionPolicy::None { capacity: 300 }, 1);
+    random_operations(EvictionPolicy::None { capacity: 300 }, PositionMode::Absolute, 1);
 }
 
 #[test]
 fn random_operations_with_streaming_eviction() {
     // Sinks off the page grid, so a sink page also holds evictable tokens.
-    random_operations(EvictionPolicy::Streaming { sinks: 5, window: 13 }, 2);
+    random_operations(EvictionPolicy::Streaming { sinks: 5, window: 13 }, PositionMode::Absolute, 2);
+}
+
+#[test]
+fn random_operations_with_streaming_eviction_and_reindexed_rope() {
+    let rope = Rope { base: 10000.0, layout: RopeLayout::NeoX };
+    random_operations(EvictionPolicy::Streaming { sinks: 3, window: 14 }, PositionMode::Reindexed(rope), 12);
+}
+
+#[test]
+fn random_operations_with_heavy_hitters() {
+    // A capacity off the page grid: the last page of each sequence is partly used.
+    random_operations(EvictionPolicy::HeavyHitters { sinks: 3, recent: 5, capacity: 18 }, PositionMode::Absolute, 10);
+}
+
+/// Paged heavy hitters on several sequences against one dense KvCache per sequence fed the
+/// same stream (steps of different sizes, a decode after each with the same queries): the
+/// same tokens retained per KV head (the same scores from the same logits) and the same outputs.
+#[test]
+fn heavy_hitters_match_the_dense_cache() {
+    let ctx = ctx();
+    let policy = EvictionPolicy::HeavyHitters { sinks: 2, recent: 4, capacity: 22 };
+    let (kv_heads, d, sequences) = (2, 32, 3);
+    let layout = PagedLayout {
+        kv_heads,
+        head_dim: d,
+        page_size: 8,
+        pages: 12,
+        dtype: DType::F32,
+        storage: KvStorage::Float,
+        policy,
+        positions: PositionMode::Absolute,
+    };
+    let mut paged = PagedKvCache::new(ctx, 1, layout).unwrap();
+    let config = KvCacheConfig {
+        layers: 1,
+        batch: 1,
+        kv_heads,
+        head_dim: d,
+        dtype: DType::F32,
+        policy,
+        positions: PositionMode::Absolute,
+    };
+    let mut dense: Vec<KvCache> = (0..sequences).map(|_| KvCache::new(ctx, config).unwrap()).collect();
+    let ids: Vec<SequenceId> = (0..sequences).map(|_| paged.add_sequence()).collect();
+    let mut rng = Rng::new(11);
+    let options = DecodeOptions { splits: Some(1), ..Default::default() };
+    for step_index in 0..40 {
+        let plan: Vec<(SequenceId, usize)> = ids.iter().map(|&id| (id, 1 + rng.below(4) as usize)).collect();
+        let step = paged.begin_step(ctx, &plan).unwrap();
+        let row = kv_heads * d;
+        let (k, v) = (rng.normal_vec(step.tokens() * row), rng.normal_vec(step.tokens() * row));
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        let shape = [step.tokens(), kv_heads, d];
+        let (k_gpu, v_gpu) = (
+            Tensor::from_f32(ctx, &shape, &k, DType::F32).unwrap(),
+            Tensor::from_f32(ctx, &shape, &v, DType::F32).unwrap(),
+        );
+        paged.append(ctx, &mut encoder, 0, &step, &k_gpu.view(), &v_gpu.view()).unwrap();
+        // The dense caches take [1, Hkv, T, D]: the step's rows [T, Hkv, D] of the sequence, transposed.
+        let mut uploads = Vec::new();
+        let mut first = 0;
+        for (cache, &(_, n)) in dense.iter_mut().zip(&plan) {
+            let transposed = |x: &[f32]| -> Vec<f32> {
+                (0..kv_heads)
+                    .flat_map(|h| (first..first + n).flat_map(move |t| (0..d).map(move |c| (t, h, c))))
+                    .map(|(t, h, c)| x[(t * kv_heads + h) * d + c])
+                    .collect()
+            };
+            let dense_shape = [1, kv_heads, n, d];
+            let k_dense = Tensor::from_f32(ctx, &dense_shape, &transposed(&k), DType::F32).unwrap();
+            let v_dense = Tensor::from_f32(ctx, &dense_shape, &transposed(&v), DType::F32).unwrap();
+            cache.append(ctx, &mut encoder, 0, &k_dense.view(), &v_dense.view()).unwrap();
+            uploads.push((k_dense, v_dense));
+            first += n;
+        }
+        ctx.queue().submit([encoder.finish()]);
+
+        let q = rng.normal_vec(sequences * Q_HEADS * d);
+        let q_gpu = Tensor::from_f32(ctx, &[sequences, Q_HEADS, 1, d], &q, DType::F32).unwrap();
+        let out = paged.decode(ctx, 0, &ids, &q_gpu, &options).unwrap().out.to_f32(ctx).unwrap();
+        for (s, cache) in dense.iter_mut().enumerate() {
+            let what = format!("step {step_index} sequence {s}");
+            let q_dense =
+                Tensor::from_f32(ctx, &[1, Q_HEADS, 1, d], &q[s * Q_HEADS * d..][..Q_HEADS * d], DType::F32).unwrap();
+            let want = cache.decode(ctx, 0, &q_dense, &options).unwrap().out.to_f32(ctx).unwrap();
+            let got = &out[s * Q_HEADS * d..][..Q_HEADS * d];
+            let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(err < 1e-5, "{what}: O differs from the dense cache's by {err:.1e}");
+            let dense_positions = cache.read_positions(ctx, 0).unwrap();
+            let paged_positions = paged.read_positions(ctx, 0, ids[s]).unwrap().unwrap();
+            for (h, held) in paged_positions.iter().enumerate() {
+                let set = |x: &[u32]| -> BTreeSet<u32> { x.iter().copied().filter(|&p| p != u32::MAX).collect() };
+                let capacity = policy.capacity();
+                assert_eq!(set(held), set(&dense_positions[h * capacity..][..capacity]), "{what} KV head {h}");
+            }
+        }
+    }
 }
 
 /// Appends `lengths` tokens of random K/V (scaled by `spread`) to new sequences of an int8
@@ -279,7 +414,16 @@ fn filled_cache(
     seed: u64,
 ) -> (PagedKvCache, Vec<SequenceId>, Mirror) {
     let ctx = ctx();
-    let layout = PagedLayout { kv_heads: 2, head_dim: 64, page_size: 16, pages: 128, dtype, storage, policy };
+    let layout = PagedLayout {
+        kv_heads: 2,
+        head_dim: 64,
+        page_size: 16,
+        pages: 128,
+        dtype,
+        storage,
+        policy,
+        positions: PositionMode::Absolute,
+    };
     let mut cache = PagedKvCache::new(ctx, 1, layout).unwrap();
     let ids: Vec<SequenceId> = lengths.iter().map(|_| cache.add_sequence()).collect();
     let mut mirror = Mirror { tokens: ids.iter().map(|&id| (id, vec![Vec::new()])).collect() };
@@ -344,37 +488,90 @@ fn pool_tokens(ctx: &Context, cache: &PagedKvCache, id: SequenceId) -> Vec<Token
     tokens
 }
 
-/// int8 under each policy: against the reference on the dequantised values (FlashAttention's
-/// rule), and on the original values within the bound of src/kv/paged.rs.
+/// int8 under each policy, K per token and per channel: against the reference on the
+/// dequantised values (FlashAttention's rule), each dequantised element within its bound of the
+/// original, and on the original values within the bound of src/kv/paged.rs.
 #[test]
 fn int8_matches_the_reference_on_dequantised_and_original_values() {
     let ctx = ctx();
-    for (policy, seed) in
-        [(EvictionPolicy::None { capacity: 600 }, 3), (EvictionPolicy::Streaming { sinks: 4, window: 100 }, 4)]
-    {
+    let (none, streaming) =
+        (EvictionPolicy::None { capacity: 600 }, EvictionPolicy::Streaming { sinks: 4, window: 100 });
+    for (storage, policy, seed) in [
+        (KvStorage::Int8, none, 3),
+        (KvStorage::Int8, streaming, 4),
+        (KvStorage::Int8ChannelK, none, 13),
+        (KvStorage::Int8ChannelK, streaming, 14),
+    ] {
         let lengths = [1, 17, 250, 513];
-        let (mut cache, ids, mirror) = filled_cache(DType::F32, KvStorage::Int8, policy, &lengths, 2.0, seed);
+        let (mut cache, ids, mirror) = filled_cache(DType::F32, storage, policy, &lengths, 2.0, seed);
         let mut rng = Rng::new(seed + 100);
         let dequantised: BTreeMap<SequenceId, Vec<_>> =
             ids.iter().map(|&id| (id, pool_tokens(ctx, &cache, id))).collect();
-        let what = format!("int8 {policy:?}");
+        let what = format!("{storage:?} {policy:?}");
         let on_pool = |_: usize, id: SequenceId, _: usize| dequantised[&id].clone();
         check_decode(ctx, &mut cache, &ids, 1, &mut rng, &on_pool, None, &format!("{what}, dequantised"));
 
-        // The bound: with e_k = s_k / 254 (+ the f16 rounding of s_k) per K element, logits move
-        // by at most d = scale |q|_1 max e_k; O by (exp(2d) - 1) max |v| + max e_v.
+        // Per element, with s the row's largest magnitude (K per token, and V): s / 254 and the
+        // f16 rounding of s. K per channel: 2 S / 254 with S the power of two above the channel's
+        // largest magnitude in the page, here bounded by the sequence's (its KV head's) largest.
+        let amax = |x: &[f32]| x.iter().fold(0.0f64, |m, &e| m.max(e.abs() as f64));
+        let row_error = |s: f64| s / 254.0 + s * 2f64.powi(-11);
+        let pow2_above = |m: f64| if m == 0.0 { 0.0 } else { 2f64.powi(m.log2().floor() as i32 + 1) };
+        let channel_errors = |tokens: &[Token], kv: usize| -> Vec<f64> {
+            let largest = |c: usize| tokens.iter().fold(0.0f64, |m, t| m.max(t.0[kv * 64 + c].abs() as f64));
+            (0..64).map(|c| 2.0 * pow2_above(largest(c)) / 254.0).collect()
+        };
+        let key_errors = |k: &[f32], channel: &[f64]| -> Vec<f64> {
+            match storage {
+                KvStorage::Int8ChannelK => channel.to_vec(),
+                _ => vec![row_error(amax(k)); 64],
+            }
+        };
+        for &id in &ids {
+            let original = &mirror.tokens[&id][0];
+            let seen = original.len();
+            for kv in 0..2 {
+                let channel = channel_errors(original, kv);
+                for p in (0..seen).filter(|&p| retained(policy, None, seen, p)) {
+                    let (k, v) = (&original[p].0[kv * 64..][..64], &original[p].1[kv * 64..][..64]);
+                    let (dk, dv) = (&dequantised[&id][p].0[kv * 64..][..64], &dequantised[&id][p].1[kv * 64..][..64]);
+                    let k_allowed = key_errors(k, &channel);
+                    for c in 0..64 {
+                        let (k_err, v_err) = ((dk[c] - k[c]).abs() as f64, (dv[c] - v[c]).abs() as f64);
+                        assert!(
+                            k_err <= k_allowed[c] + 1e-6 && v_err <= row_error(amax(v)) + 1e-6,
+                            "{what}: {id:?} position {p} KV head {kv} channel {c}: K {} for {}, V {} for {}",
+                            dk[c],
+                            k[c],
+                            dv[c],
+                            v[c]
+                        );
+                    }
+                }
+            }
+        }
+
+        // The bound: with e_k,c the error of K's channel c (above), logits move by at most
+        // d = scale sum_c |q_c| max e_k,c; O by (exp(2d) - 1) max |v| + max e_v.
         let scale = 1.0 / 8.0;
         let bound = |q: &[f32], tokens: &[Token], kv: usize| -> f64 {
-            let amax = |x: &[f32]| x.iter().fold(0.0f64, |m, &e| m.max(e.abs() as f64));
-            let error = |s: f64| s / 254.0 + s * 2f64.powi(-11);
-            let (mut e_k, mut e_v, mut v_max) = (0.0f64, 0.0f64, 0.0f64);
+            let channel = match storage {
+                KvStorage::Int8ChannelK => {
+                    let all: Vec<Token> = mirror.tokens.values().flat_map(|t| t[0].clone()).collect();
+                    channel_errors(&all, kv)
+                }
+                _ => vec![0.0; 64],
+            };
+            let (mut e_k, mut e_v, mut v_max) = (vec![0.0f64; 64], 0.0f64, 0.0f64);
             for (k, v) in tokens {
                 let (k, v) = (&k[kv * 64..][..64], &v[kv * 64..][..64]);
-                e_k = e_k.max(error(amax(k)));
-                e_v = e_v.max(error(amax(v)));
+                for (e, k_err) in e_k.iter_mut().zip(key_errors(k, &channel)) {
+                    *e = e.max(k_err);
+                }
+                e_v = e_v.max(row_error(amax(v)));
                 v_max = v_max.max(amax(v));
             }
-            let d = scale * q.iter().map(|&x| x.abs() as f64).sum::<f64>() * e_k;
+            let d = scale * q.iter().zip(&e_k).map(|(&x, e)| x.abs() as f64 * e).sum::<f64>();
             (2.0 * d).exp_m1() * v_max + e_v + 1e-5
         };
         let on_original = |_: usize, id: SequenceId, _: usize| mirror.tokens[&id][0].clone();
@@ -399,6 +596,7 @@ fn f16_pool_matches_the_reference() {
             dtype: DType::F16,
             storage: KvStorage::Float,
             policy: EvictionPolicy::None { capacity: 16 },
+            positions: PositionMode::Absolute,
         };
         assert!(matches!(
             PagedKvCache::new(ctx, 1, layout),
@@ -410,6 +608,7 @@ fn f16_pool_matches_the_reference() {
         (EvictionPolicy::None { capacity: 400 }, KvStorage::Float, 5),
         (EvictionPolicy::Streaming { sinks: 2, window: 70 }, KvStorage::Float, 6),
         (EvictionPolicy::Streaming { sinks: 2, window: 70 }, KvStorage::Int8, 7),
+        (EvictionPolicy::Streaming { sinks: 2, window: 70 }, KvStorage::Int8ChannelK, 8),
     ];
     for (policy, storage, seed) in cases {
         let (mut cache, ids, _) = filled_cache(DType::F16, storage, policy, &[3, 64, 130, 333], 1.0, seed);
@@ -436,10 +635,15 @@ fn int8_memory_is_at_most_053_of_f16() {
             dtype,
             storage,
             policy: EvictionPolicy::None { capacity: 1024 },
+            positions: PositionMode::Absolute,
         };
         let int8 = layout(KvStorage::Int8, DType::F32).bytes_per_token() as f64;
         let f16 = layout(KvStorage::Float, DType::F16).bytes_per_token() as f64;
         assert!(int8 / f16 <= 0.53, "D {head_dim}: int8 {int8} B, f16 {f16} B per token");
+        // K per channel: a byte per channel and page (of 16 tokens) more, per KV head.
+        let channel_k = layout(KvStorage::Int8ChannelK, DType::F32).bytes_per_token();
+        assert_eq!(channel_k, 8 * (2 * head_dim + 4 + head_dim / 16) as u64, "D {head_dim}");
+        eprintln!("D {head_dim}: int8 {:.3}x f16, K per channel {:.3}x", int8 / f16, channel_k as f64 / f16);
     }
 }
 
@@ -461,6 +665,7 @@ fn engine_pool_and_tables_with_guard_pages() {
         dtype: DType::F32,
         storage: KvStorage::Float,
         policy: EvictionPolicy::None { capacity: 64 },
+        positions: PositionMode::Absolute,
     };
     let sentinel = f32::from_bits(0x7fc0_dead);
     let pool_floats = pages * kv_heads * p * d;
@@ -538,13 +743,42 @@ fn bad_input_is_an_error() {
         dtype: DType::F32,
         storage: KvStorage::Float,
         policy: EvictionPolicy::None { capacity: 8 },
+        positions: PositionMode::Absolute,
     };
     let bad = |l: PagedLayout| PagedKvCache::new(ctx, 1, l).err().expect("refused").to_string();
     assert!(bad(PagedLayout { page_size: 3, ..layout }).contains("power of two"));
     assert!(bad(PagedLayout { head_dim: 300, ..layout }).contains("300"));
     assert!(bad(PagedLayout { pages: 0, ..layout }).contains("pages"));
-    let h2o = EvictionPolicy::HeavyHitters { sinks: 1, recent: 2, capacity: 8 };
-    assert!(bad(PagedLayout { policy: h2o, ..layout }).contains("heavy hitters"));
+    let h2o = EvictionPolicy::HeavyHitters { sinks: 1, recent: 2, capacity: 1 };
+    assert!(bad(PagedLayout { policy: h2o, ..layout }).contains("capacity"));
+    // Heavy hitters: not with re-indexed positions; no more than the recent tokens at once; an
+    // engine's tables lack the scores.
+    let heavy = PagedLayout { policy: EvictionPolicy::HeavyHitters { sinks: 1, recent: 2, capacity: 8 }, ..layout };
+    let rope = PositionMode::Reindexed(Rope { base: 10000.0, layout: RopeLayout::Interleaved });
+    assert!(bad(PagedLayout { positions: rope, ..heavy }).contains("heavy hitters"));
+    assert!(bad(PagedLayout { positions: rope, head_dim: 15, ..layout }).contains("even head dim"));
+    let channel_k = PagedLayout { storage: KvStorage::Int8ChannelK, ..layout };
+    assert!(bad(PagedLayout { positions: rope, ..channel_k }).contains("per channel"));
+    assert!(bad(PagedLayout { policy: heavy.policy, ..channel_k }).contains("per channel"));
+    let mut cache = PagedKvCache::new(ctx, 1, heavy).unwrap();
+    let a = cache.add_sequence();
+    assert!(cache.begin_step(ctx, &[(a, 3)]).unwrap_err().to_string().contains("at most 2"));
+    let tables = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 64,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let q = Tensor::from_f32(ctx, &[1, 4, 1, 16], &[0.1; 64], DType::F32).unwrap();
+    let (out, lse) =
+        (Tensor::zeros(ctx, &[1, 4, 1, 16], DType::F32).unwrap(), Tensor::zeros(ctx, &[1, 4, 1], DType::F32).unwrap());
+    let bufs = DecodeBuffers { q: q.view(), out: out.view(), lse: lse.view() };
+    let sequence_tables = SequenceTables { tables: &tables, count: 1, longest: 4 };
+    let pool = cache.buffers(0).unwrap();
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    let err =
+        paged::encode_decode(ctx, &mut encoder, &heavy, &pool, &sequence_tables, &bufs, &DecodeOptions::default());
+    assert!(err.unwrap_err().to_string().contains("heavy hitters"));
 
     let mut cache = PagedKvCache::new(ctx, 2, layout).unwrap();
     let a = cache.add_sequence();
@@ -622,6 +856,9 @@ fn bad_input_is_an_error() {
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
     let err = paged::encode_append(ctx, &mut encoder, &layout, &pool, &small, &kv.view(), &kv.view()).unwrap_err();
     assert!(err.to_string().contains("pool K has 64 bytes"), "{err}");
+    // K per channel: an engine's slot mapping does not say which tokens share a page.
+    let err = paged::encode_append(ctx, &mut encoder, &channel_k, &pool, &small, &kv.view(), &kv.view()).unwrap_err();
+    assert!(err.to_string().contains("through PagedKvCache"), "{err}");
     // An int8 pool whose V has room for its words but not for the scales after them.
     let int8 = PagedLayout { storage: KvStorage::Int8, ..layout };
     let words_only = ctx.device().create_buffer(&wgpu::BufferDescriptor {

@@ -185,7 +185,8 @@ fn uniform_structs_match_rust() {
         sink_pages,
         sinks,
         window,
-        scales_at
+        scales_at,
+        k_scales_at
     });
     let combine_params = rust_layout!(CombineParams { rows, dim, splits, groups_x });
     let backward_key = backward::validation_keys().into_iter().next().unwrap();
@@ -203,7 +204,10 @@ fn uniform_structs_match_rust() {
         sinks,
         window,
         groups_x,
-        scales_at
+        scales_at,
+        page_size,
+        row_slots,
+        k_scales_at
     });
     // One line per (shader, WGSL struct, Rust layout).
     let pairs = [

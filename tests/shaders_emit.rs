@@ -224,7 +224,8 @@ fn uniform_layouts_filled_by_name_give_the_rust_bytes() {
         sink_pages,
         sinks,
         window,
-        scales_at
+        scales_at,
+        k_scales_at
     });
     let combine = distinct!(CombineParams { rows, dim, splits, groups_x });
     let kv = distinct!(KvParams {
@@ -239,7 +240,10 @@ fn uniform_layouts_filled_by_name_give_the_rust_bytes() {
         sinks,
         window,
         groups_x,
-        scales_at
+        scales_at,
+        page_size,
+        row_slots,
+        k_scales_at
     });
     let mask = distinct!(BlockMaskHeader { batch, heads, q_blocks, runs_at, bits_at });
     let range = distinct!(PassRange { begin, end, flags, _pad });

@@ -20,3 +20,16 @@ fn kv_bits(w: KvWord) -> u32 {
 fn kv_word_of_bits(bits: u32) -> KvWord {
     return KvWord();
 }
+
+// Per-channel K scales exist in int8 pools only.
+fn kv_channel_scales(w: KvWord) -> vec4<f32> {
+    return vec4(1.0);
+}
+
+fn kv_exponents(w: KvWord) -> vec4<i32> {
+    return vec4(0);
+}
+
+fn kv_word_of_exponents(e: vec4<i32>) -> KvWord {
+    return KvWord();
+}

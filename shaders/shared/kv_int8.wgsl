@@ -22,3 +22,19 @@ fn kv_bits(w: KvWord) -> u32 {
 fn kv_word_of_bits(bits: u32) -> KvWord {
     return bits;
 }
+
+// Per-channel K scales (CHANNEL_K): a word holds the exponents e of 4 channels as signed
+// bytes, each channel's scale 2^e.
+fn kv_channel_scales(w: KvWord) -> vec4<f32> {
+    return exp2(vec4<f32>(kv_exponents(w)));
+}
+
+fn kv_exponents(w: KvWord) -> vec4<i32> {
+    let b = bitcast<i32>(w);
+    return vec4(b << 24u, b << 16u, b << 8u, b) >> vec4(24u);
+}
+
+fn kv_word_of_exponents(e: vec4<i32>) -> KvWord {
+    let b = vec4<u32>(e) & vec4(0xffu);
+    return b.x | (b.y << 8u) | (b.z << 16u) | (b.w << 24u);
+}

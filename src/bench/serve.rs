@@ -5,6 +5,8 @@
 //! is each layout's K/V bytes. The paged output is checked against the per-request launches
 //! before anything is timed; int8 storage is timed too, and its bytes per token set against f16.
 
+use crate::bench::plot::{Chart, XAxis};
+use crate::bench::report::{Provenance, Report, Row};
 use crate::bench::{Stats, Timer};
 use crate::context::Context;
 use crate::dtype::DType;
@@ -14,7 +16,7 @@ use crate::kv::{DecodeBuffers, DecodeOptions, EvictionPolicy, KvCache, KvCacheCo
 use crate::tensor::Tensor;
 
 /// The batch and model of one `--serve` run.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct ServeSettings {
     /// Requests in the batch.
     pub requests: usize,
@@ -37,9 +39,9 @@ pub struct ServeSettings {
 }
 
 /// One timed path.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct ServeRow {
-    /// "paged", "paged int8", "padded", "per request".
+    /// "paged", "paged int8", "paged int8 K/ch" (K per channel), "padded", "per request".
     pub path: &'static str,
     /// Decode launches per step.
     pub launches: usize,
@@ -95,6 +97,7 @@ fn paged_cache(
         dtype: DType::F32,
         storage,
         policy: EvictionPolicy::None { capacity: lengths.iter().copied().max().unwrap_or(1) },
+        positions: PositionMode::Absolute,
     };
     let mut cache = PagedKvCache::new(ctx, 1, layout)?;
     let ids: Vec<SequenceId> = lengths.iter().map(|_| cache.add_sequence()).collect();
@@ -223,7 +226,9 @@ pub fn run(ctx: &Context, timer: &Timer, s: &ServeSettings, progress: &mut dyn F
     })();
     rows.push(skipped_on_limit("per request", per_request)?);
 
-    for (path, storage) in [("paged", KvStorage::Float), ("paged int8", KvStorage::Int8)] {
+    let pools =
+        [("paged", KvStorage::Float), ("paged int8", KvStorage::Int8), ("paged int8 K/ch", KvStorage::Int8ChannelK)];
+    for (path, storage) in pools {
         progress(path);
         let paged = (|| {
             let (mut cache, ids) = paged_cache(ctx, s, &lengths, storage)?;
@@ -260,8 +265,8 @@ fn kv_bytes(cache: &KvCache) -> u64 {
     cache.buffers(0).map_or(0, |b| b.k.size() + b.v.size())
 }
 
-/// The int8 pool's bytes per token against an f16 pool's, for `settings`' model.
-pub fn int8_memory_ratio(s: &ServeSettings) -> f64 {
+/// A `storage` pool's bytes per token against an f16 pool's, for `settings`' model.
+pub fn memory_ratio(s: &ServeSettings, storage: KvStorage) -> f64 {
     let layout = |storage, dtype| PagedLayout {
         kv_heads: s.kv_heads,
         head_dim: s.head_dim,
@@ -270,15 +275,98 @@ pub fn int8_memory_ratio(s: &ServeSettings) -> f64 {
         dtype,
         storage,
         policy: EvictionPolicy::None { capacity: 1 },
+        positions: PositionMode::Absolute,
     };
-    layout(KvStorage::Int8, DType::F32).bytes_per_token() as f64
-        / layout(KvStorage::Float, DType::F16).bytes_per_token() as f64
+    layout(storage, DType::F32).bytes_per_token() as f64 / layout(KvStorage::Float, DType::F16).bytes_per_token() as f64
+}
+
+/// `wattn bench --serve`'s result.
+#[derive(Clone, Debug, serde::Serialize)]
+pub(crate) struct ServeReport {
+    #[serde(flatten)]
+    pub provenance: Provenance,
+    pub settings: ServeSettings,
+    /// The int8 pool's bytes per token against an f16 pool's ([`memory_ratio`]).
+    pub int8_bytes_vs_f16: f64,
+    /// The same with K per channel.
+    pub int8_channel_k_bytes_vs_f16: f64,
+    /// In the JSON as their rows (see [`Report::rows`]).
+    #[serde(skip)]
+    pub paths: Vec<ServeRow>,
+}
+
+impl Report for ServeReport {
+    fn table(&self) -> String {
+        format!(
+            "{}\n{}int8 KV bytes per token: {:.3}x f16 ({:.3}x with K per channel)\n",
+            self.provenance.headline(),
+            table(&self.paths),
+            self.int8_bytes_vs_f16,
+            self.int8_channel_k_bytes_vs_f16
+        )
+    }
+
+    fn lead(&self) -> Row {
+        let s = &self.settings;
+        self.provenance
+            .row()
+            .with("requests", s.requests)
+            .with("shortest", s.lengths.0)
+            .with("longest", s.lengths.1)
+            .with("q_heads", s.q_heads)
+            .with("kv_heads", s.kv_heads)
+            .with("head_dim", s.head_dim)
+            .with("page_size", s.page_size)
+            .with("seed", s.seed)
+            .with("warmup", s.warmup)
+            .with("runs", s.runs)
+            .with("int8_bytes_vs_f16", self.int8_bytes_vs_f16)
+            .with("int8_channel_k_bytes_vs_f16", self.int8_channel_k_bytes_vs_f16)
+    }
+
+    /// A row per path, its speed against the padded and per-request paths.
+    fn rows(&self) -> Vec<Row> {
+        let (padded, per_request) = (tokens_per_s(&self.paths, "padded"), tokens_per_s(&self.paths, "per request"));
+        self.paths
+            .iter()
+            .map(|r| {
+                let speed = r.stats.map(|_| r.tokens_per_s);
+                Row::default()
+                    .with("path", r.path)
+                    .with("launches", r.launches)
+                    .with("median_s", r.stats.map(|s| s.median_s))
+                    .with("min_s", r.stats.map(|s| s.min_s))
+                    .with("max_s", r.stats.map(|s| s.max_s))
+                    .with("tokens_per_s", speed)
+                    .with("vs_padded", speed.map(|t| t / padded))
+                    .with("vs_per_request", speed.map(|t| t / per_request))
+                    .with("kv_bytes", r.stats.map(|_| r.kv_bytes))
+                    .with("skipped", r.skipped.clone())
+            })
+            .collect()
+    }
+
+    /// None: the paths are a handful of numbers, the table says it all (`--plot` is refused).
+    fn chart(&self) -> Chart {
+        Chart {
+            title: self.provenance.title("bench --serve"),
+            x_label: String::new(),
+            y_label: String::new(),
+            x_axis: XAxis::Linear,
+            lines: Vec::new(),
+            empty_note: "bench --serve draws no chart".into(),
+        }
+    }
+}
+
+/// Tokens/s of `path` (NaN if it is missing or was skipped).
+fn tokens_per_s(rows: &[ServeRow], path: &str) -> f64 {
+    rows.iter().find(|r| r.path == path && r.stats.is_some()).map_or(f64::NAN, |r| r.tokens_per_s)
 }
 
 /// The rows as a markdown table, each path's speed against the padded and per-request ones.
 pub fn table(rows: &[ServeRow]) -> String {
-    let find = |path: &str| rows.iter().find(|r| r.path == path).map(|r| r.tokens_per_s);
-    let (padded, per_request) = (find("padded").unwrap_or(f64::NAN), find("per request").unwrap_or(f64::NAN));
+    let (padded, per_request) = (tokens_per_s(rows, "padded"), tokens_per_s(rows, "per request"));
     let mut s = String::from(
         "| path | launches | step ms (median, min-max) | tokens/s | vs padded | vs per request | K/V MiB |\n\
          |---|---:|---:|---:|---:|---:|---:|\n",

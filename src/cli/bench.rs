@@ -17,6 +17,7 @@ use crate::context::Context;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::flash::FlashConfig;
+use crate::kv::paged::KvStorage;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
@@ -38,14 +39,13 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with_all = ["decode", "density", "pattern", "config", "no_naive"])]
     pub backward: bool,
     /// A server's decode step: --requests requests (seeded, lengths log-uniform from 128 to
-    /// --max-len) in one paged launch (f32 and int8 pools) against the same batch padded to the
-    /// longest and against one launch per request; tokens/s and K/V memory, and int8's bytes per
-    /// token against f16. Model: --heads (8), --kv-heads (2), --head-dim (64). Prints a table
-    /// (no --json, --csv or --plot).
+    /// --max-len) in one paged launch (f32 and int8 pools, int8 also with K per channel) against
+    /// the same batch padded to the longest and against one launch per request; tokens/s and K/V
+    /// memory, and int8's bytes per token against f16. Model: --heads (8), --kv-heads (2), --head-dim (64). Prints a table
+    /// and writes --json and --csv (no --plot).
     #[arg(long, conflicts_with_all = [
         "decode", "backward", "density", "pattern", "causal", "window", "config", "no_naive", "seq", "batch", "dtype",
-        "json",
-        "csv", "plot", "quick",
+        "plot", "quick",
     ])]
     pub serve: bool,
     /// With --serve: requests in the batch [default: 64].
@@ -313,7 +313,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     args.report(&report)
 }
 
-/// `wattn bench --serve`: prints the table (paged against padded and per request).
+/// `wattn bench --serve`: the table (paged against padded and per request), --json and --csv.
 fn run_serve(args: &BenchArgs) -> Result<()> {
     let settings = crate::bench::serve::ServeSettings {
         requests: args.requests.unwrap_or(64),
@@ -332,10 +332,12 @@ fn run_serve(args: &BenchArgs) -> Result<()> {
     let ctx = args.adapter.context()?;
     let timer = args.timer(&ctx);
     eprintln!("bench --serve on {}: {settings:?}", ctx.describe());
-    let rows = crate::bench::serve::run(&ctx, &timer, &settings, &mut |path| eprintln!("timing {path}"))?;
-    print!("{}", crate::bench::serve::table(&rows));
-    println!("int8 KV bytes per token: {:.3}x f16", crate::bench::serve::int8_memory_ratio(&settings));
-    Ok(())
+    let paths = crate::bench::serve::run(&ctx, &timer, &settings, &mut |path| eprintln!("timing {path}"))?;
+    use crate::bench::serve::{ServeReport, memory_ratio};
+    let int8_bytes_vs_f16 = memory_ratio(&settings, KvStorage::Int8);
+    let int8_channel_k_bytes_vs_f16 = memory_ratio(&settings, KvStorage::Int8ChannelK);
+    let provenance = Provenance::new(&ctx, timer.clock());
+    args.report(&ServeReport { provenance, settings, int8_bytes_vs_f16, int8_channel_k_bytes_vs_f16, paths })
 }
 
 /// `wattn bench --decode`.

@@ -42,6 +42,12 @@ pub struct KvParams {
     pub groups_x: u32,
     /// Paged append into an int8 pool: the word of the V pool where the scales begin.
     pub scales_at: u32,
+    /// Paged entry points: tokens per page.
+    pub page_size: u32,
+    /// Paged append: 1 if the slots are per (token, KV head) (heavy hitters), 0 per token.
+    pub row_slots: u32,
+    /// Paged append with K per channel: the word of the K pool where the channel exponents begin.
+    pub k_scales_at: u32,
 }
 
 /// Threads per workgroup of every `kv_cache.wgsl` entry point (a power of two: `place` reduces over it).
@@ -71,7 +77,10 @@ pub fn shader_keys() -> Vec<ShaderKey> {
     let dtypes = [DType::F32, DType::F16];
     let dense = dtypes.iter().flat_map(|&d| entries.iter().map(move |e| shader_key(e, d)));
     let paged = dtypes.iter().flat_map(|&d| [false, true].map(|int8| storage_key("append_paged", d, int8)));
-    dense.chain(paged).collect()
+    let heavy_hitters =
+        dtypes.iter().flat_map(|&d| ["evict_paged", "accumulate_paged"].map(|e| storage_key(e, d, false)));
+    let channels = dtypes.iter().map(|&d| storage_key("append_paged_channels", d, true));
+    dense.chain(paged).chain(heavy_hitters).chain(channels).collect()
 }
 
 /// The GPU buffers of one layer, for engines that read or fill them directly.
@@ -498,7 +507,7 @@ impl KvCache {
 /// Loop iterations `evict` runs per new token over `capacity` slots, counted the way a
 /// loop-capped adapter (llvmpipe) counts them: the scan, the reduction, and every barrier
 /// in the token loop's body as one more iteration.
-fn evict_loop_iterations(capacity: usize) -> usize {
+pub(crate) fn evict_loop_iterations(capacity: usize) -> usize {
     let reduction_steps = WORKGROUP.ilog2() as usize;
     let barriers = 1 + reduction_steps + 2;
     1 + barriers + capacity.div_ceil(WORKGROUP as usize) + 2 * reduction_steps
@@ -518,19 +527,7 @@ fn validate_config(ctx: &Context, config: &KvCacheConfig) -> Result<()> {
     if dtype == DType::F16 {
         ctx.require_f16()?;
     }
-    if let PositionMode::Reindexed(rope) = positions {
-        if matches!(policy, EvictionPolicy::HeavyHitters { .. }) {
-            return Err(Error::Option(
-                "re-indexed positions need a contiguous window; with heavy hitters use absolute positions".into(),
-            ));
-        }
-        if head_dim % 2 != 0 {
-            return Err(Error::Option(format!("RoPE needs an even head dim, got {head_dim}")));
-        }
-        if !(rope.base.is_finite() && rope.base > 1.0) {
-            return Err(Error::Option(format!("RoPE base {} must be finite and > 1", rope.base)));
-        }
-    }
+    super::validate_positions(positions, policy, head_dim)?;
     let elements = (batch * kv_heads * policy.capacity()) as u64 * head_dim as u64;
     check_u32_indexing("KV cache", elements)?;
     check_grid(ctx.limits(), &format!("KV cache grid: {} sequence heads", batch * kv_heads), (batch * kv_heads) as u32)
@@ -538,7 +535,7 @@ fn validate_config(ctx: &Context, config: &KvCacheConfig) -> Result<()> {
 
 /// (cos, sin) of every position `[0, capacity)` and frequency `[0, D/2)`, computed in f64.
 /// The layout (which columns pair up) is the kernel's business, not the table's.
-fn rope_table(rope: &Rope, capacity: usize, head_dim: usize) -> Vec<f32> {
+pub(crate) fn rope_table(rope: &Rope, capacity: usize, head_dim: usize) -> Vec<f32> {
     let half = head_dim / 2;
     let mut table = Vec::with_capacity(2 * capacity * half);
     for p in 0..capacity {

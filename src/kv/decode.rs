@@ -59,6 +59,8 @@ pub struct DecodeParams {
     pub window: u32,
     /// Paged int8: the word of the V pool where the scales begin.
     pub scales_at: u32,
+    /// Paged int8 with K per channel: the word of the K pool where the channel exponents begin.
+    pub k_scales_at: u32,
 }
 
 /// How to attend.
@@ -118,19 +120,27 @@ pub(crate) struct Features {
     pub(crate) paged: bool,
     /// K/V words of int8 with a scale per row (paged pools only).
     pub(crate) int8: bool,
+    /// With int8: K scaled per (page, KV head, channel) instead of per row.
+    pub(crate) channel_k: bool,
 }
 
 impl Features {
-    pub(crate) const DENSE: Features = Features { rope: false, logits: false, paged: false, int8: false };
+    pub(crate) const DENSE: Features =
+        Features { rope: false, logits: false, paged: false, int8: false, channel_k: false };
 
-    /// Every combination a cache can have (heavy hitters need absolute positions, and paged
-    /// pools have neither RoPE nor heavy hitters).
-    const ALL: [Features; 5] = [
+    /// Every combination a cache can have (heavy hitters need absolute positions; K per
+    /// channel needs both absolute positions and no heavy hitters).
+    const ALL: [Features; 10] = [
         Features::DENSE,
         Features { rope: true, ..Features::DENSE },
         Features { logits: true, ..Features::DENSE },
         Features { paged: true, ..Features::DENSE },
         Features { paged: true, int8: true, ..Features::DENSE },
+        Features { paged: true, logits: true, ..Features::DENSE },
+        Features { paged: true, int8: true, logits: true, ..Features::DENSE },
+        Features { paged: true, rope: true, ..Features::DENSE },
+        Features { paged: true, int8: true, rope: true, ..Features::DENSE },
+        Features { paged: true, int8: true, channel_k: true, ..Features::DENSE },
     ];
 }
 
@@ -289,6 +299,7 @@ impl Variant {
                 ("LOGITS", ConstValue::Bool(self.features.logits)),
                 ("PAGED", ConstValue::Bool(self.features.paged)),
                 ("INT8", ConstValue::Bool(self.features.int8)),
+                ("CHANNEL_K", ConstValue::Bool(self.features.channel_k)),
                 ("PARTS", ConstValue::U32(self.parts())),
             ],
         }
@@ -436,6 +447,17 @@ pub(crate) fn check_query_buffers(
     Ok((q_heads, n_q))
 }
 
+/// [`DecodeParams::rope`] of `positions`.
+pub(crate) fn rope_code(positions: PositionMode) -> u32 {
+    match positions {
+        PositionMode::Absolute => 0,
+        PositionMode::Reindexed(r) => match r.layout {
+            RopeLayout::NeoX => 1,
+            RopeLayout::Interleaved => 2,
+        },
+    }
+}
+
 /// The softmax scale of `options` for head dim `head_dim`, checked.
 pub(crate) fn resolved_scale(options: &DecodeOptions, head_dim: usize) -> Result<f32> {
     let scale = options.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
@@ -540,16 +562,8 @@ impl KvCache {
         for (what, n) in [("splits", plan.splits), ("row blocks", row_blocks), ("sequence heads", sequences)] {
             check_grid(ctx.limits(), &format!("decode grid: {n} {what}"), n)?;
         }
-        let (rope, rope_sinks, rope_shift) = match positions {
-            PositionMode::Absolute => (0, 0, 0),
-            PositionMode::Reindexed(r) => {
-                let layout = match r.layout {
-                    RopeLayout::NeoX => 1,
-                    RopeLayout::Interleaved => 2,
-                };
-                (layout, policy.sinks() as u32, seen.saturating_sub(capacity as u64) as u32)
-            }
-        };
+        let rope_shift = seen.saturating_sub(capacity as u64) as u32;
+        let (rope, rope_sinks, rope_shift) = (rope_code(positions), policy.sinks() as u32, rope_shift);
         let heavy_hitters = matches!(policy, EvictionPolicy::HeavyHitters { .. });
         let params = DecodeParams {
             batch: batch as u32,
@@ -570,6 +584,7 @@ impl KvCache {
             sinks: 0,
             window: 0,
             scales_at: 0,
+            k_scales_at: 0,
         };
 
         let query_rows = (batch * q_heads * n_q) as u64;
@@ -595,7 +610,7 @@ impl KvCache {
                 ("k", &l.k),
                 ("v", &l.v),
                 ("pos", &l.positions),
-                ("rope_table", rope_table),
+                ("rope_or_positions", rope_table),
                 ("partial_out", partial_out),
                 ("partial_lse", partial_lse),
                 ("logits", logits),

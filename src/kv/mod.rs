@@ -169,6 +169,24 @@ pub struct KvCacheConfig {
     pub positions: PositionMode,
 }
 
+/// Checks `positions` against the cache it would describe.
+pub(crate) fn validate_positions(positions: PositionMode, policy: EvictionPolicy, head_dim: usize) -> Result<()> {
+    if let PositionMode::Reindexed(rope) = positions {
+        if matches!(policy, EvictionPolicy::HeavyHitters { .. }) {
+            return Err(Error::Option(
+                "re-indexed positions need a contiguous window; with heavy hitters use absolute positions".into(),
+            ));
+        }
+        if !head_dim.is_multiple_of(2) {
+            return Err(Error::Option(format!("RoPE needs an even head dim, got {head_dim}")));
+        }
+        if !(rope.base.is_finite() && rope.base > 1.0) {
+            return Err(Error::Option(format!("RoPE base {} must be finite and > 1", rope.base)));
+        }
+    }
+    Ok(())
+}
+
 /// Every shader variant the KV cache and decode paths build, for validation.
 pub fn validation_keys() -> Vec<ShaderKey> {
     let mut keys = cache::shader_keys();

@@ -29,19 +29,48 @@
 //! the original values. Against attention over the dequantised values the kernel is as
 //! exact as the float paths (FlashAttention's rule).
 //!
+//! int8 with K per channel (KIVI, [`KvStorage::Int8ChannelK`]): K's outliers sit in a few
+//! channels, so K is scaled per channel over a group of tokens and V per token (as above).
+//! The group is the page: each (page, KV head, channel) of K has a scale 2^e, e a signed byte
+//! (4 per u32, kept in the K buffer after the K words), the power of two just above the
+//! largest magnitude the page's tokens have in that channel. A page fills over several steps,
+//! so its scales grow: the append kernel takes one workgroup per (page written, KV head), and
+//! where a step's tokens exceed a channel's scale it rounds the tokens already in the page
+//! again at the new scale. Power-of-two scales make that an exact halving before the rounding,
+//! so a value's error is at most s_0 / 254 from its first rounding plus s_i / 254 from each
+//! later one: below 2 s / 254 for the page's final scale s (a geometric sum), and s is under
+//! twice the channel's largest magnitude. (KIVI keeps the newest tokens in full precision until
+//! a group is complete; here every token is int8 at once, so decode has one path to read.)
+//! Per token and KV head that is `2 * D + 4 + D / page_size` bytes (the V scale's word keeps
+//! its unused K half): 0.531x f16 at D = 64 with pages of 16, 0.523x at D = 128. It takes
+//! absolute positions (RoPE would mix channels of different scales) and no heavy hitters (a
+//! token replacing an evicted one would land inside a full page).
+//!
+//! Heavy hitters (H2O, [`EvictionPolicy::HeavyHitters`]) work per sequence as in the dense
+//! [`KvCache`](super::KvCache): a sequence's slots are the first `capacity` of its block
+//! table (its pages: `capacity / page_size`, rounded up), filled in order; past them each new
+//! token takes, per KV head, the slot of the token it evicts, the one with the lowest
+//! attention accumulated by the decodes (never a sink nor one of the `recent` newest). The
+//! eviction runs on the GPU in the append launch (`evict_paged`), which keeps each pool
+//! slot's stream position and score in two more buffers per layer (8 bytes per token and KV
+//! head); the decode reads the positions and writes its logits, and `accumulate_paged`
+//! adds them to the scores, so nothing is read back. A sequence's pages stay its own until
+//! it is removed: an evicted token's slot is the new token's, so no page ever empties.
+//!
 //! Engines that own their pool and tables pass them as buffers ([`PoolBuffers`],
 //! [`SequenceTables`]) to [`encode_append`] and [`encode_decode`], the functions the cache
 //! itself calls, with the same checks.
 //!
 //! ```no_run
 //! use wattn::kv::paged::{KvStorage, PagedKvCache, PagedLayout};
-//! use wattn::kv::{DecodeOptions, EvictionPolicy};
+//! use wattn::kv::{DecodeOptions, EvictionPolicy, PositionMode};
 //! use wattn::{Context, DType, Tensor};
 //! # fn main() -> wattn::Result<()> {
 //! let ctx = Context::new()?;
 //! let layout = PagedLayout {
 //!     kv_heads: 2, head_dim: 64, page_size: 16, pages: 256, dtype: DType::F32,
 //!     storage: KvStorage::Int8, policy: EvictionPolicy::None { capacity: 4096 },
+//!     positions: PositionMode::Absolute,
 //! };
 //! let mut cache = PagedKvCache::new(&ctx, 1, layout)?;
 //! let (a, b) = (cache.add_sequence(), cache.add_sequence());
@@ -55,13 +84,15 @@
 //! # Ok(()) }
 //! ```
 
-use super::EvictionPolicy;
-use super::cache::{DONE, DROPPED, KvParams, Scratch, WORKGROUP, follow, storage_key};
+use super::cache::{
+    DONE, DROPPED, KvParams, Scratch, WORKGROUP, evict_loop_iterations, follow, rope_table, storage_key,
+};
 use super::combine::Merge;
 use super::decode::{
     DecodeBuffers, DecodeOptions, DecodeParams, DecodePlan, Features, Launch, MAX_AUTO_SPLITS, Preset, Variant,
-    check_query_buffers, decode_into_new_tensors, parallel_workgroups, record, resolved_scale, split_plan,
+    check_query_buffers, decode_into_new_tensors, parallel_workgroups, record, resolved_scale, rope_code, split_plan,
 };
+use super::{EvictionPolicy, PositionMode, validate_positions};
 use crate::attention::{AttentionOutput, MAX_HEAD_DIM};
 use crate::context::Context;
 use crate::dispatch::{bind_buffers, check_grid, scratch, uniform_buffer, wrapped_grid};
@@ -86,6 +117,17 @@ pub enum KvStorage {
     /// int8 with a scale per (token, KV head) for K and one for V (f16); appended K/V,
     /// queries and outputs stay in the layout's dtype.
     Int8,
+    /// int8 with K scaled per channel and V per token (KIVI): each (page, KV head, channel)
+    /// of K has a power-of-two scale that grows with the page's tokens (see the [module](self)
+    /// documentation); V as in [`KvStorage::Int8`]. Absolute positions, no heavy hitters.
+    Int8ChannelK,
+}
+
+impl KvStorage {
+    /// Whether K and V are int8 words.
+    fn int8(self) -> bool {
+        self != KvStorage::Float
+    }
 }
 
 /// The shape of a page pool and what it retains: what the kernels need to read and write it.
@@ -103,19 +145,27 @@ pub struct PagedLayout {
     pub dtype: DType,
     /// Float or int8 words.
     pub storage: KvStorage,
-    /// [`EvictionPolicy::None`] (`capacity`: the most tokens one sequence may hold) or
+    /// [`EvictionPolicy::None`] (`capacity`: the most tokens one sequence may hold),
     /// [`EvictionPolicy::Streaming`] (per sequence; pages are freed once all their tokens are
-    /// evicted). Heavy hitters are not available on paged pools.
+    /// evicted) or [`EvictionPolicy::HeavyHitters`] (per sequence, at most `capacity` slots;
+    /// see the [module](self) documentation).
     pub policy: EvictionPolicy,
+    /// Whether the caller applies RoPE or the decode kernel does at each token's index in
+    /// the sequence's cache (StreamingLLM's re-indexing, as in the dense cache: sinks first,
+    /// then the window oldest to newest). Not with heavy hitters.
+    pub positions: PositionMode,
 }
 
 impl PagedLayout {
     fn validate(&self, ctx: &Context) -> Result<()> {
-        let Self { kv_heads, head_dim, page_size, pages, dtype, policy, .. } = *self;
+        let Self { kv_heads, head_dim, page_size, pages, dtype, policy, positions, .. } = *self;
         policy.validate()?;
-        if matches!(policy, EvictionPolicy::HeavyHitters { .. }) {
+        validate_positions(positions, policy, head_dim)?;
+        if self.storage == KvStorage::Int8ChannelK
+            && (positions != PositionMode::Absolute || matches!(policy, EvictionPolicy::HeavyHitters { .. }))
+        {
             return Err(Error::Option(
-                "paged KV caches evict by StreamingLLM or not at all: heavy hitters need the dense KvCache".into(),
+                "int8 with K per channel takes absolute positions (RoPE would mix channels of different scales) and no heavy hitters (a token replacing an evicted one lands inside a full page)".into(),
             ));
         }
         for (what, n) in [("kv_heads", kv_heads), ("pages", pages)] {
@@ -146,7 +196,7 @@ impl PagedLayout {
     fn word_bytes(&self) -> u64 {
         match self.storage {
             KvStorage::Float => 4 * self.dtype.size() as u64,
-            KvStorage::Int8 => 4,
+            KvStorage::Int8 | KvStorage::Int8ChannelK => 4,
         }
     }
 
@@ -155,29 +205,63 @@ impl PagedLayout {
         (self.pages * self.kv_heads * self.page_size) as u64
     }
 
-    /// Bytes of the K pool.
+    /// Bytes of the K pool: the K words and, with K per channel, then the exponents (4 bytes
+    /// per (page, KV head, word of D)).
     pub fn k_bytes(&self) -> u64 {
+        let exponents = match self.storage {
+            KvStorage::Int8ChannelK => 4 * (self.pages * self.kv_heads * self.row_words()) as u64,
+            _ => 0,
+        };
+        self.words_bytes() + exponents
+    }
+
+    /// Bytes of the K or V words.
+    fn words_bytes(&self) -> u64 {
         self.slots() * self.row_words() as u64 * self.word_bytes()
     }
 
     /// Bytes of the V pool: the V words and, in int8 pools, then the scales (4 bytes per
     /// (token, KV head)).
     pub fn v_bytes(&self) -> u64 {
-        let scales = match self.storage {
-            KvStorage::Float => 0,
-            KvStorage::Int8 => 4 * self.slots(),
-        };
-        self.k_bytes() + scales
+        let scales = if self.storage.int8() { 4 * self.slots() } else { 0 };
+        self.words_bytes() + scales
     }
 
-    /// The word of the V pool where an int8 pool's scales begin.
+    /// The word of the V pool where an int8 pool's scales begin, and of the K pool where
+    /// the channel exponents do.
     fn scales_at(&self) -> u32 {
         (self.slots() * self.row_words() as u64) as u32
     }
 
-    /// Bytes one token takes in one layer: K, V and scales of every KV head.
+    /// Bytes one token takes in one layer: K, V, scales and heavy-hitter state of every KV head.
     pub fn bytes_per_token(&self) -> u64 {
-        (self.k_bytes() + self.v_bytes()) / self.pages as u64 / self.page_size as u64
+        (self.k_bytes() + self.v_bytes() + self.heavy_hitter_bytes()) / self.pages as u64 / self.page_size as u64
+    }
+
+    /// Whether the policy is heavy hitters (H2O).
+    fn heavy_hitters(&self) -> bool {
+        matches!(self.policy, EvictionPolicy::HeavyHitters { .. })
+    }
+
+    /// Bytes of each of the heavy-hitter positions and scores buffers (4 per slot; 0 under
+    /// other policies).
+    fn heavy_hitter_buffer_bytes(&self) -> u64 {
+        if self.heavy_hitters() { 4 * self.slots() } else { 0 }
+    }
+
+    /// Bytes of the heavy-hitter state of a layer: positions and scores.
+    fn heavy_hitter_bytes(&self) -> u64 {
+        2 * self.heavy_hitter_buffer_bytes()
+    }
+
+    /// Tokens a sequence holds in its pages after it has seen `seen`: heavy hitters stop at
+    /// the capacity (new tokens then replace evicted ones); the others keep every page up to
+    /// the last token (StreamingLLM frees the older ones).
+    fn held_tokens(&self, seen: u64) -> u64 {
+        match self.policy {
+            EvictionPolicy::HeavyHitters { capacity, .. } => seen.min(capacity as u64),
+            _ => seen,
+        }
     }
 
     /// Block-table entries of every sequence that hold its first tokens (the sinks), which
@@ -251,9 +335,12 @@ pub fn encode_append(
     k: &TensorView<'_>,
     v: &TensorView<'_>,
 ) -> Result<()> {
-    layout.validate(ctx)?;
-    check_pool(layout, pool)?;
-    let PagedLayout { kv_heads, head_dim, page_size, dtype, storage, .. } = *layout;
+    append_rows(ctx, encoder, layout, pool, slots, false, k, v)
+}
+
+/// Checks new K and V `[T, Hkv, D]` against `layout`.
+fn check_new_rows(layout: &PagedLayout, k: &TensorView<'_>, v: &TensorView<'_>) -> Result<()> {
+    let PagedLayout { kv_heads, head_dim, dtype, .. } = *layout;
     for (what, t) in [("appended K", k), ("appended V", v)] {
         if t.shape().len() != 3 || t.shape()[1..] != [kv_heads, head_dim] || t.shape()[0] == 0 {
             return Err(Error::Shape(format!(
@@ -268,21 +355,47 @@ pub fn encode_append(
     if k.shape() != v.shape() {
         return Err(Error::Shape(format!("appended K {:?} and V {:?} differ", k.shape(), v.shape())));
     }
+    Ok(())
+}
+
+/// [`encode_append`] with a slot per token (`row_slots` false) or per (token, KV head) row,
+/// `T * Hkv` u32 (heavy hitters).
+#[allow(clippy::too_many_arguments)]
+fn append_rows(
+    ctx: &Context,
+    encoder: &mut wgpu::CommandEncoder,
+    layout: &PagedLayout,
+    pool: &PoolBuffers<'_>,
+    slots: &wgpu::Buffer,
+    row_slots: bool,
+    k: &TensorView<'_>,
+    v: &TensorView<'_>,
+) -> Result<()> {
+    layout.validate(ctx)?;
+    let PagedLayout { kv_heads, head_dim, page_size, dtype, storage, .. } = *layout;
+    if storage == KvStorage::Int8ChannelK {
+        return Err(Error::Option(
+            "int8 with K per channel appends a page's tokens together (its scales grow with them): append through PagedKvCache".into(),
+        ));
+    }
+    check_pool(layout, pool)?;
+    check_new_rows(layout, k, v)?;
     let tokens = k.shape()[0];
-    check_storage("slot mapping", slots, 4 * tokens as u64)?;
     let rows = (tokens * kv_heads) as u64;
+    check_storage("slot mapping", slots, 4 * if row_slots { rows } else { tokens as u64 })?;
     let grid = wrapped_grid(ctx.limits(), "paged append grid", rows.div_ceil(WORKGROUP as u64))?;
     let params = KvParams {
         kv_heads: kv_heads as u32,
         head_dim: head_dim as u32,
-        capacity: page_size as u32,
         count: tokens as u32,
         groups_x: grid[0],
         scales_at: layout.scales_at(),
+        page_size: page_size as u32,
+        row_slots: row_slots as u32,
         ..KvParams::default()
     };
     let params = uniform_buffer(ctx, &params);
-    let pipeline = ctx.pipelines.get(ctx.device(), &storage_key("append_paged", dtype, storage == KvStorage::Int8))?;
+    let pipeline = ctx.pipelines.get(ctx.device(), &storage_key("append_paged", dtype, storage.int8()))?;
     let group = bind_buffers(
         ctx.device(),
         &pipeline,
@@ -317,12 +430,24 @@ pub fn encode_decode(
     bufs: &DecodeBuffers<'_>,
     options: &DecodeOptions,
 ) -> Result<DecodePlan> {
-    decode_with(ctx, encoder, layout, pool, tables, bufs, options, &mut Scratch::default())
+    if layout.heavy_hitters() || layout.positions != PositionMode::Absolute {
+        return Err(Error::Option(
+            "heavy hitters (each slot's position and score) and re-indexed positions (the RoPE table) need the cache's own buffers: decode through PagedKvCache"
+                .into(),
+        ));
+    }
+    decode_with(ctx, encoder, layout, pool, None, None, tables, bufs, options, &mut Scratch::default())
 }
 
 /// The decode variant of `layout` for `rows` rows per KV head.
 fn variant(ctx: &Context, layout: &PagedLayout, rows: usize) -> Result<Variant> {
-    let features = Features { paged: true, int8: layout.storage == KvStorage::Int8, ..Features::DENSE };
+    let features = Features {
+        paged: true,
+        int8: layout.storage.int8(),
+        channel_k: layout.storage == KvStorage::Int8ChannelK,
+        logits: layout.heavy_hitters(),
+        rope: layout.positions != PositionMode::Absolute,
+    };
     Variant::choose(Preset::for_adapter(ctx.adapter_info()), ctx.limits(), rows, layout.head_dim, features)
 }
 
@@ -346,6 +471,8 @@ fn decode_with(
     encoder: &mut wgpu::CommandEncoder,
     layout: &PagedLayout,
     pool: &PoolBuffers<'_>,
+    heavy: Option<&HeavyHitterState>,
+    rope_table: Option<&wgpu::Buffer>,
     tables: &SequenceTables<'_>,
     bufs: &DecodeBuffers<'_>,
     options: &DecodeOptions,
@@ -381,19 +508,22 @@ fn decode_with(
         kv_heads: kv_heads as u32,
         n_q: n_q as u32,
         head_dim: head_dim as u32,
-        capacity: 0,
+        // Heavy hitters: the logits' row stride.
+        capacity: longest,
         len: 0,
         seen: 0,
         keys_per_split: plan.keys_per_split,
-        rope: 0,
-        rope_sinks: 0,
-        rope_shift: 0,
+        rope: rope_code(layout.positions),
+        rope_sinks: policy.sinks() as u32,
+        // Each sequence's shift is what it has seen past the capacity.
+        rope_shift: policy.capacity() as u32,
         scale,
         page_shift: page_size.ilog2(),
         sink_pages: layout.sink_pages() as u32,
         sinks,
         window,
         scales_at: layout.scales_at(),
+        k_scales_at: layout.scales_at(),
     };
     let query_rows = (tables.count * q_heads * n_q) as u64;
     let splits = plan.splits as u64;
@@ -401,7 +531,11 @@ fn decode_with(
     let partial_out =
         scratch(ctx, &mut s.partial_out, "wattn decode partial outputs", 4 * splits * query_rows * head_dim as u64)?;
     let partial_lse = scratch(ctx, &mut s.partial_lse, "wattn decode partial LSE", 4 * splits * query_rows)?;
-    let logits = scratch(ctx, &mut s.logits, "wattn decode logits", 4)?;
+    let logits_bytes = match heavy {
+        Some(_) => 4 * heads as u64 * rows as u64 * longest as u64,
+        None => 4,
+    };
+    let logits = scratch(ctx, &mut s.logits, "wattn decode logits", logits_bytes)?;
     let unused = scratch(ctx, &mut s.unused, "wattn unused binding", 16)?;
     let params = uniform_buffer(ctx, &params);
     let launch = Launch {
@@ -412,7 +546,7 @@ fn decode_with(
             ("k", pool.k),
             ("v", pool.v),
             ("pos", tables.tables),
-            ("rope_table", unused),
+            ("rope_or_positions", heavy.map(|h| &h.positions).or(rope_table).unwrap_or(unused)),
             ("partial_out", partial_out),
             ("partial_lse", partial_lse),
             ("logits", logits),
@@ -432,7 +566,147 @@ fn decode_with(
     let mut pass = encoder
         .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn paged decode"), timestamp_writes: None });
     record(ctx, &mut pass, &launch)?;
+    if let Some(heavy) = heavy {
+        // Each sequence's tokens' scores += the attention its queries gave them.
+        let slots = heads as u64 * longest as u64;
+        let grid = wrapped_grid(ctx.limits(), "paged score grid", slots.div_ceil(WORKGROUP as u64))?;
+        let params = KvParams {
+            batch: tables.count as u32,
+            kv_heads: kv_heads as u32,
+            q_heads: q_heads as u32,
+            count: n_q as u32,
+            capacity: longest,
+            groups_x: grid[0],
+            page_size: page_size as u32,
+            ..KvParams::default()
+        };
+        let params = uniform_buffer(ctx, &params);
+        let pipeline = ctx.pipelines.get(ctx.device(), &storage_key("accumulate_paged", dtype, false))?;
+        let group = bind_buffers(
+            ctx.device(),
+            &pipeline,
+            Kernel::KvCache,
+            &[
+                ("params", &params),
+                ("score", &heavy.scores),
+                ("logits", logits),
+                ("lse", bufs.lse.buffer()),
+                ("tables", tables.tables),
+            ],
+        )?;
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(grid[0], grid[1], 1);
+    }
     Ok(plan)
+}
+
+/// Records the append of new tokens K and V `[T, Hkv, D]` to an int8 pool with K per
+/// channel: one workgroup per (page written, KV head), `runs` of them (see `page_runs`).
+#[allow(clippy::too_many_arguments)]
+fn append_pages(
+    ctx: &Context,
+    encoder: &mut wgpu::CommandEncoder,
+    layout: &PagedLayout,
+    pool: &PoolBuffers<'_>,
+    page_runs: &wgpu::Buffer,
+    runs: usize,
+    k: &TensorView<'_>,
+    v: &TensorView<'_>,
+) -> Result<()> {
+    check_new_rows(layout, k, v)?;
+    let workgroups = (runs * layout.kv_heads) as u32;
+    check_grid(ctx.limits(), &format!("paged append grid: {workgroups} page heads"), workgroups)?;
+    let params = KvParams {
+        kv_heads: layout.kv_heads as u32,
+        head_dim: layout.head_dim as u32,
+        count: k.shape()[0] as u32,
+        scales_at: layout.scales_at(),
+        k_scales_at: layout.scales_at(),
+        page_size: layout.page_size as u32,
+        ..KvParams::default()
+    };
+    let params = uniform_buffer(ctx, &params);
+    let pipeline = ctx.pipelines.get(ctx.device(), &storage_key("append_paged_channels", layout.dtype, true))?;
+    let group = bind_buffers(
+        ctx.device(),
+        &pipeline,
+        Kernel::KvCache,
+        &[
+            ("params", &params),
+            ("src_k", k.buffer()),
+            ("src_v", v.buffer()),
+            ("tables", page_runs),
+            ("pool_k", pool.k),
+            ("pool_v", pool.v),
+        ],
+    )?;
+    let mut pass = encoder
+        .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn paged append"), timestamp_writes: None });
+    pass.set_pipeline(&pipeline);
+    pass.set_bind_group(0, &group, &[]);
+    pass.dispatch_workgroups(workgroups, 1, 1);
+    Ok(())
+}
+
+/// Records the heavy-hitter eviction of `step`'s tokens in one layer: one workgroup per
+/// (sequence of the step, KV head) fills or evicts a slot for each new token, records its
+/// position and a zero score, and writes every (token, KV head) row's pool slot to the
+/// step's slot mapping.
+fn encode_evict(
+    ctx: &Context,
+    encoder: &mut wgpu::CommandEncoder,
+    layout: &PagedLayout,
+    heavy: &HeavyHitterState,
+    step: &PagedStep,
+    evict_tables: &wgpu::Buffer,
+) -> Result<()> {
+    let EvictionPolicy::HeavyHitters { sinks, recent, capacity } = layout.policy else {
+        unreachable!("called for heavy hitters only")
+    };
+    // Each workgroup places its sequence's new tokens one after another, scanning every slot for each.
+    if let Some(limit) = ctx.loop_iteration_limit() {
+        let count = step.sequences.iter().map(|&(_, n)| n).max().unwrap_or(0);
+        let needed = count * evict_loop_iterations(capacity);
+        if needed > limit as usize {
+            return Err(Error::Limit {
+                what: format!("heavy-hitter eviction of {count} tokens over {capacity} slots at once"),
+                needed: needed as u64,
+                allowed: limit as u64,
+                limit: "loop iterations per invocation",
+            });
+        }
+    }
+    let workgroups = (step.sequences.len() * layout.kv_heads) as u32;
+    check_grid(ctx.limits(), &format!("paged eviction grid: {workgroups} sequence heads"), workgroups)?;
+    let params = KvParams {
+        kv_heads: layout.kv_heads as u32,
+        capacity: capacity as u32,
+        sinks: sinks as u32,
+        window: recent as u32,
+        page_size: layout.page_size as u32,
+        ..KvParams::default()
+    };
+    let params = uniform_buffer(ctx, &params);
+    let pipeline = ctx.pipelines.get(ctx.device(), &storage_key("evict_paged", layout.dtype, false))?;
+    let group = bind_buffers(
+        ctx.device(),
+        &pipeline,
+        Kernel::KvCache,
+        &[
+            ("params", &params),
+            ("pos", &heavy.positions),
+            ("score", &heavy.scores),
+            ("dest", &step.slots),
+            ("tables", evict_tables),
+        ],
+    )?;
+    let mut pass = encoder
+        .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("wattn paged evict"), timestamp_writes: None });
+    pass.set_pipeline(&pipeline);
+    pass.set_bind_group(0, &group, &[]);
+    pass.dispatch_workgroups(workgroups, 1, 1);
+    Ok(())
 }
 
 /// A sequence of a [`PagedKvCache`], valid until it is removed.
@@ -466,11 +740,11 @@ impl Sequence {
         self.sink_pages.iter().chain(&self.window_pages).copied()
     }
 
-    /// Slots the decode kernel scans: the table's pages up to the last token seen.
-    fn slots(&self, page_size: usize) -> usize {
+    /// Slots the decode kernel scans: the table's pages up to the last token held.
+    fn slots(&self, layout: &PagedLayout) -> usize {
         let entries = self.sink_pages.len() + self.window_pages.len();
-        let last_page_tokens = (self.seen - 1) as usize % page_size + 1;
-        (entries - 1) * page_size + last_page_tokens
+        let last_page_tokens = (layout.held_tokens(self.seen) - 1) as usize % layout.page_size + 1;
+        (entries - 1) * layout.page_size + last_page_tokens
     }
 }
 
@@ -487,8 +761,15 @@ struct Growth {
 pub struct PagedStep {
     generation: u64,
     tokens: usize,
-    /// T u32: each new token's pool slot (KV head 0).
+    /// T u32: each new token's pool slot (KV head 0); heavy hitters: T * Hkv u32, each
+    /// (token, KV head) row's, written by the eviction kernel.
     slots: wgpu::Buffer,
+    /// Heavy hitters: the eviction kernel's tables (per sequence of the step: tokens before
+    /// it, new tokens, block table start, first new token's row; then the block tables).
+    evict_tables: Option<wgpu::Buffer>,
+    /// K per channel: the pages the step writes (page, first offset, tokens, first token's
+    /// row, 4 u32 each) and how many.
+    page_runs: Option<(wgpu::Buffer, usize)>,
     sequences: Vec<(SequenceId, usize)>,
 }
 
@@ -504,10 +785,20 @@ impl PagedStep {
     }
 }
 
+/// Heavy hitters: a layer's per pool slot state, `[pages, Hkv, page_size]` each.
+struct HeavyHitterState {
+    /// u32: the stream position of the slot's token.
+    positions: wgpu::Buffer,
+    /// f32: the attention the token has received.
+    scores: wgpu::Buffer,
+}
+
 /// One layer's pool and how far it has appended.
 struct Layer {
     k: wgpu::Buffer,
     v: wgpu::Buffer,
+    /// Heavy hitters only.
+    heavy: Option<HeavyHitterState>,
     /// The last step this layer appended (0: none).
     appended: u64,
     /// The steps whose append's encoder is not yet known to be done, and what became of it
@@ -541,6 +832,8 @@ pub struct PagedKvCache {
     next_id: u64,
     /// Steps begun so far: step g is the g-th (from 1).
     generation: u64,
+    /// Re-indexed positions: `[capacity, D / 2]` (cos, sin).
+    rope_table: Option<wgpu::Buffer>,
     scratch: Scratch,
 }
 
@@ -561,10 +854,22 @@ impl PagedKvCache {
                 mapped_at_creation: false,
             })
         };
+        let rope_table = match layout.positions {
+            PositionMode::Reindexed(rope) => Some(ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("wattn rope table"),
+                contents: bytemuck::cast_slice(&rope_table(&rope, layout.policy.capacity(), layout.head_dim)),
+                usage: wgpu::BufferUsages::STORAGE,
+            })),
+            PositionMode::Absolute => None,
+        };
         let layers = (0..layers)
             .map(|_| Layer {
                 k: buffer("wattn page pool K", layout.k_bytes()),
                 v: buffer("wattn page pool V", layout.v_bytes()),
+                heavy: layout.heavy_hitters().then(|| HeavyHitterState {
+                    positions: buffer("wattn page pool positions", layout.heavy_hitter_buffer_bytes()),
+                    scores: buffer("wattn page pool scores", layout.heavy_hitter_buffer_bytes()),
+                }),
                 appended: 0,
                 unconfirmed: Vec::new(),
             })
@@ -576,6 +881,7 @@ impl PagedKvCache {
             sequences: BTreeMap::new(),
             next_id: 0,
             generation: 0,
+            rope_table,
             scratch: Scratch::default(),
         })
     }
@@ -638,14 +944,14 @@ impl PagedKvCache {
     /// Bytes of GPU memory the cache holds: every layer's pool and the scratch buffers of the
     /// largest decode so far.
     pub fn memory_bytes(&self) -> u64 {
-        let pools: u64 = self.layers.iter().map(|l| l.k.size() + l.v.size()).sum();
+        let pools: u64 = self.layers.iter().map(|l| l.k.size() + l.v.size() + self.layout.heavy_hitter_bytes()).sum();
         let s = &self.scratch;
         let scratch: u64 = [&s.partial_out, &s.partial_lse, &s.logits, &s.unused]
             .iter()
             .filter_map(|b| b.as_ref())
             .map(|b| b.size())
             .sum();
-        pools + scratch
+        pools + self.rope_table.as_ref().map_or(0, |t| t.size()) + scratch
     }
 
     fn layer(&self, layer: usize) -> Result<&Layer> {
@@ -656,8 +962,10 @@ impl PagedKvCache {
     }
 
     /// Plans a step: `tokens` new tokens for each listed sequence (each at least 1, each
-    /// sequence once; under StreamingLLM at most the window). Frees the pages of tokens the
-    /// policy evicts, takes the pages the new tokens need and chooses their slots. Every
+    /// sequence once; under StreamingLLM at most the window, under heavy hitters at most the
+    /// recent tokens). Frees the pages of tokens the policy evicts, takes the pages the new
+    /// tokens need and chooses their slots (heavy hitters: the append kernel does, past the
+    /// capacity). Every
     /// layer must then [`Self::append`] the step before it decodes and before the next step.
     ///
     /// Errors, with nothing changed: an unknown sequence, a layer that has not appended the
@@ -692,35 +1000,69 @@ impl PagedKvCache {
         let p = self.layout.page_size as u64;
         let sink_pages = self.layout.sink_pages() as u64;
         let kv_heads = self.layout.kv_heads as u64;
+        let heavy = self.layout.heavy_hitters();
+        let channel_k = self.layout.storage == KvStorage::Int8ChannelK;
         let mut slots = Vec::with_capacity(total);
+        // K per channel: per page written, (page, first offset, tokens, first token's row).
+        let mut page_runs: Vec<u32> = Vec::new();
+        let mut evict_tables = vec![0u32; if heavy { 4 * tokens.len() } else { 0 }];
+        let mut first_row = 0;
         // Evictions first, so that this step's new pages may reuse the freed ones.
         for (&(id, _), g) in tokens.iter().zip(&growth) {
             let s = self.sequences.get_mut(&id).expect("checked above");
             self.free.extend(s.window_pages.drain(..g.freed));
             s.window_page = g.new_window_page;
         }
-        for &(id, count) in tokens {
+        for (i, &(id, count)) in tokens.iter().enumerate() {
             let s = self.sequences.get_mut(&id).expect("checked above");
+            let seen_before = s.seen;
             for position in s.seen..s.seen + count as u64 {
                 let logical = position / p;
-                if position % p == 0 {
+                if position % p == 0 && position < self.layout.held_tokens(position + 1) {
                     let page = self.free.pop().expect("counted above");
                     match logical < sink_pages {
                         true => s.sink_pages.push(page),
                         false => s.window_pages.push_back(page),
                     }
                 }
-                slots.push((s.page(logical) as u64 * kv_heads * p + position % p) as u32);
+                if channel_k && (position == seen_before || position % p == 0) {
+                    page_runs.extend([s.page(logical), (position % p) as u32, 0, slots.len() as u32]);
+                }
+                if channel_k {
+                    let last = page_runs.len() - 2;
+                    page_runs[last] += 1;
+                }
+                if !heavy {
+                    slots.push((s.page(logical) as u64 * kv_heads * p + position % p) as u32);
+                }
             }
             s.seen += count as u64;
+            if heavy {
+                let entry = [seen_before as u32, count as u32, evict_tables.len() as u32, first_row as u32];
+                evict_tables[4 * i..][..4].copy_from_slice(&entry);
+                evict_tables.extend(s.table());
+                first_row += count;
+            }
         }
         self.generation += 1;
-        let slots_buffer = ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("wattn paged slots of new tokens"),
-            contents: bytemuck::cast_slice(if slots.is_empty() { &[0u32] } else { &slots }),
-            usage: wgpu::BufferUsages::STORAGE,
-        });
-        Ok(PagedStep { generation: self.generation, tokens: total, slots: slots_buffer, sequences: tokens.to_vec() })
+        let init = |label: &str, contents: &[u32]| {
+            ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: bytemuck::cast_slice(contents),
+                usage: wgpu::BufferUsages::STORAGE,
+            })
+        };
+        let (slots, evict_tables) = match heavy {
+            // The eviction kernel writes each row's slot.
+            true => (
+                init("wattn paged slots of new rows", &vec![0; total * kv_heads as usize]),
+                Some(init("wattn paged eviction tables", &evict_tables)),
+            ),
+            false => (init("wattn paged slots of new tokens", if slots.is_empty() { &[0] } else { &slots }), None),
+        };
+        let page_runs = channel_k.then(|| (init("wattn paged pages written", &page_runs), page_runs.len() / 4));
+        let sequences = tokens.to_vec();
+        Ok(PagedStep { generation: self.generation, tokens: total, slots, evict_tables, page_runs, sequences })
     }
 
     /// What `count` new tokens do to sequence `s`, or why they cannot come.
@@ -731,10 +1073,12 @@ impl PagedKvCache {
             return Err(Error::Option("a step gives each listed sequence at least 1 token".into()));
         }
         let seen = s.seen + count as u64;
-        if seen + p >= u32::MAX as u64 {
+        // Heavy hitters' eviction test adds the recent tokens to a position.
+        let margin = if self.layout.heavy_hitters() { policy.recent().unwrap_or(0) as u64 } else { 0 };
+        if seen + p + margin >= u32::MAX as u64 {
             return Err(Error::Limit {
                 what: format!("stream position {seen}"),
-                needed: seen + p,
+                needed: seen + p + margin,
                 allowed: u32::MAX as u64,
                 limit: "32-bit positions",
             });
@@ -745,20 +1089,24 @@ impl PagedKvCache {
             EvictionPolicy::None { capacity } if seen > capacity as u64 => {
                 return Err(Error::CacheFull { capacity, len: s.seen as usize, appended: count });
             }
+            EvictionPolicy::Streaming { window: recent, .. } | EvictionPolicy::HeavyHitters { recent, .. }
+                if count > recent =>
+            {
+                return Err(Error::Option(format!(
+                    "{count} tokens appended at once, but policy {} keeps only the {recent} most recent: append at most {recent} per step",
+                    policy.name()
+                )));
+            }
             EvictionPolicy::Streaming { window, .. } => {
-                if count > window {
-                    return Err(Error::Option(format!(
-                        "{count} tokens appended at once, but policy streaming keeps only the {window} most recent: append at most {window} per step"
-                    )));
-                }
                 // Logical pages whose every token is older than the window (and past the sinks) go.
                 new_window_page = new_window_page.max(seen.saturating_sub(window as u64) / p);
             }
             _ => {}
         }
-        let held = s.seen.div_ceil(p);
+        let held = self.layout.held_tokens(s.seen).div_ceil(p);
+        let new_pages = self.layout.held_tokens(seen).div_ceil(p) - held;
         let freed = new_window_page.saturating_sub(s.window_page.max(sink_pages)).min(s.window_pages.len() as u64);
-        Ok(Growth { new_window_page, freed: freed as usize, new_pages: (seen.div_ceil(p) - held) as usize })
+        Ok(Growth { new_window_page, freed: freed as usize, new_pages: new_pages as usize })
     }
 
     /// Records `layer`'s append of `step`'s new tokens: K and V `[T, Hkv, D]` in the
@@ -792,7 +1140,13 @@ impl PagedKvCache {
             )));
         }
         let pool = PoolBuffers { k: &l.k, v: &l.v };
-        encode_append(ctx, encoder, &self.layout, &pool, &step.slots, k, v)?;
+        if let (Some(heavy), Some(evict_tables)) = (&l.heavy, &step.evict_tables) {
+            encode_evict(ctx, encoder, &self.layout, heavy, step, evict_tables)?;
+        }
+        match &step.page_runs {
+            Some((runs, count)) => append_pages(ctx, encoder, &self.layout, &pool, runs, *count, k, v)?,
+            None => append_rows(ctx, encoder, &self.layout, &pool, &step.slots, l.heavy.is_some(), k, v)?,
+        }
         let l = &mut self.layers[layer];
         l.appended = step.generation;
         l.unconfirmed.push((step.generation, follow(encoder)));
@@ -824,7 +1178,6 @@ impl PagedKvCache {
             return Err(Error::Option("a paged decode needs at least one sequence".into()));
         }
         let n_q = bufs.q.shape().get(2).copied().unwrap_or(0) as u64;
-        let page_size = self.layout.page_size;
         // The sequences' entries, then their block tables.
         let mut tables: Vec<u32> = vec![0; 4 * ids.len()];
         let mut longest = 0;
@@ -836,7 +1189,7 @@ impl PagedKvCache {
                     s.seen
                 )));
             }
-            let slots = s.slots(page_size);
+            let slots = s.slots(&self.layout);
             longest = longest.max(slots);
             let entry = [s.seen as u32, tables.len() as u32, slots as u32, s.window_page as u32];
             tables[4 * i..][..4].copy_from_slice(&entry);
@@ -850,10 +1203,11 @@ impl PagedKvCache {
             usage: wgpu::BufferUsages::STORAGE,
         });
         let tables = SequenceTables { tables: &tables_buffer, count: ids.len(), longest };
-        let Self { layers, scratch, layout, .. } = self;
+        let Self { layers, scratch, layout, rope_table, .. } = self;
         let l = &layers[layer];
         let pool = PoolBuffers { k: &l.k, v: &l.v };
-        decode_with(ctx, encoder, layout, &pool, &tables, bufs, options, scratch)
+        let heavy = l.heavy.as_ref();
+        decode_with(ctx, encoder, layout, &pool, heavy, rope_table.as_ref(), &tables, bufs, options, scratch)
     }
 
     /// [`Self::attend`] on tensors wattn allocates: records, submits, returns O and LSE.
@@ -870,6 +1224,20 @@ impl PagedKvCache {
         })
     }
 
+    /// Heavy hitters: the stream position of the token in each slot sequence `id` holds in
+    /// `layer`, per KV head (`[Hkv][slots]`, slots in block-table order); `None` under
+    /// other policies. Waits for the GPU.
+    pub fn read_positions(&self, ctx: &Context, layer: usize, id: SequenceId) -> Result<Option<Vec<Vec<u32>>>> {
+        let Some(heavy) = &self.layer(layer)?.heavy else { return Ok(None) };
+        let s = self.sequences.get(&id).ok_or_else(|| unknown(id))?;
+        let positions: Vec<u32> = read_pod(ctx, &heavy.positions)?;
+        let (p, kv_heads) = (self.layout.page_size, self.layout.kv_heads);
+        let slots = if s.seen == 0 { 0 } else { s.slots(&self.layout) };
+        let table: Vec<u32> = s.table().collect();
+        let position = |h: usize, j: usize| positions[(table[j / p] as usize * kv_heads + h) * p + j % p];
+        Ok(Some((0..kv_heads).map(|h| (0..slots).map(|j| position(h, j)).collect()).collect()))
+    }
+
     /// K and V of `layer`'s whole pool as f32, `[pages, Hkv, page_size, D]` each, int8
     /// dequantised as the kernels read it. Waits for the GPU.
     pub fn read_pool(&self, ctx: &Context, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
@@ -877,30 +1245,36 @@ impl PagedKvCache {
         let layout = &self.layout;
         let v_words: Vec<u32> = read_pod(ctx, &l.v)?;
         let scales = &v_words[(layout.scales_at() as usize).min(v_words.len())..];
-        let read = |buffer: &wgpu::Buffer, half_index: usize| -> Result<Vec<f32>> {
-            let words = layout.row_words();
-            let (d, rows) = (layout.head_dim, layout.slots() as usize);
+        let (words, d, p) = (layout.row_words(), layout.head_dim, layout.page_size);
+        let rows = layout.slots() as usize;
+        let read = |buffer: &wgpu::Buffer, is_k: bool| -> Result<Vec<f32>> {
+            let buffer_words: Vec<u32> = read_pod(ctx, buffer)?;
             let elements: Vec<f32> = match (layout.storage, layout.dtype) {
-                (KvStorage::Int8, _) => read_pod::<u32>(ctx, buffer)?[..rows * words]
+                (KvStorage::Float, DType::F32) => bytemuck::cast_slice(&buffer_words).to_vec(),
+                (KvStorage::Float, DType::F16) => {
+                    let halves: &[u16] = bytemuck::cast_slice(&buffer_words);
+                    halves.iter().map(|&h| f16::from_bits(h).to_f32()).collect()
+                }
+                _ => buffer_words[..rows * words]
                     .iter()
                     .flat_map(|w| w.to_le_bytes().map(|b| (b as i8 as f32 / 127.0).max(-1.0)))
                     .collect(),
-                (KvStorage::Float, DType::F32) => read_pod::<f32>(ctx, buffer)?,
-                (KvStorage::Float, DType::F16) => {
-                    read_pod::<u16>(ctx, buffer)?.iter().map(|&h| f16::from_bits(h).to_f32()).collect()
-                }
+            };
+            // K per channel: 2^e per (page, KV head, channel), a signed byte each after the words.
+            let exponents: &[u8] =
+                bytemuck::cast_slice(&buffer_words[(layout.scales_at() as usize).min(buffer_words.len())..]);
+            let scale = |row: usize, c: usize| match layout.storage {
+                KvStorage::Float => 1.0,
+                KvStorage::Int8ChannelK if is_k => 2f32.powi(exponents[row / p * 4 * words + c] as i8 as i32),
+                _ => f16::from_bits((scales[row] >> if is_k { 0 } else { 16 }) as u16).to_f32(),
             };
             let mut out = Vec::with_capacity(rows * d);
             for row in 0..rows {
-                let scale = match layout.storage {
-                    KvStorage::Int8 => f16::from_bits((scales[row] >> (16 * half_index)) as u16).to_f32(),
-                    KvStorage::Float => 1.0,
-                };
-                out.extend(elements[row * 4 * words..][..d].iter().map(|&x| x * scale));
+                out.extend(elements[row * 4 * words..][..d].iter().enumerate().map(|(c, &x)| x * scale(row, c)));
             }
             Ok(out)
         };
-        Ok((read(&l.k, 0)?, read(&l.v, 1)?))
+        Ok((read(&l.k, true)?, read(&l.v, false)?))
     }
 }
 

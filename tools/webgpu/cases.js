@@ -278,6 +278,7 @@ async function runDecode(device, [decode, decodePipeline], [combine, combinePipe
     sinks: 0,
     window: 0xffffffff,
     scales_at: 0,
+    k_scales_at: 0,
   };
   const partialOut = sentinel(device, splits * queryRows * p.dim);
   const partialLse = sentinel(device, splits * queryRows);
@@ -289,7 +290,7 @@ async function runDecode(device, [decode, decodePipeline], [combine, combinePipe
     k: buffer(device, paged ? paged.k : p.cacheK),
     v: buffer(device, paged ? paged.v : p.cacheV),
     pos: buffer(device, paged ? paged.tables : p.positions),
-    rope_table: buffer(device, new Float32Array(4)), // RoPE off
+    rope_or_positions: buffer(device, new Uint32Array(4)), // RoPE and heavy hitters off
     partial_out: partialOut,
     partial_lse: partialLse,
     logits: buffer(device, new Float32Array(4)), // LOGITS off
