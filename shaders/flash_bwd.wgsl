@@ -436,7 +436,7 @@ fn dkdv_pass(
                 }
                 let lse2 = stats[0];
                 let bad = any(stats[2] != vec4(0.0));
-                let rows_ok = x < vec4(chunk_rows) & !is_neg_inf4(lse2);
+                let rows_ok = (x < vec4(chunk_rows)) & !is_neg_inf4(lse2);
                 let diag = vec4<i32>(queries) + vec4(offset);
                 let sees = block_sees(diag, rows_ok, keys, keys_ok, bits, vec4(chunk0) + x);
                 if !on_all_lanes(sees_none(sees)) {
@@ -538,7 +538,7 @@ fn dq_pass(
     // tiles.
     let local = vec4(4u * tid) + vec4(0u, 1u, 2u, 3u);
     let queries = vec4(row0) + local;
-    let rows_valid = local < vec4(BLOCK_Q) & queries < vec4(params.n_q);
+    let rows_valid = (local < vec4(BLOCK_Q)) & (queries < vec4(params.n_q));
     let rows = vec4((batch * params.q_heads + head) * params.n_q) + min(queries, vec4(params.n_q - 1u));
     var lse2 = vec4(0.0);
     var d = vec4(0.0);
@@ -591,7 +591,7 @@ fn dq_pass(
         for (var g = 0u; 4u * g < tile_keys; g++) {
             let x = vec4(4u * g) + vec4(0u, 1u, 2u, 3u);
             let keys = vec4(key0) + x;
-            let keys_ok = x < vec4(BLOCK_K) & vec4<i32>(keys) < vec4(walk.keys_end);
+            let keys_ok = (x < vec4(BLOCK_K)) & (vec4<i32>(keys) < vec4(walk.keys_end));
             let key_rows = vec4(k_base) + min(keys, vec4(params.n_k - 1u));
             var bad = true;
             if SHUFFLE_ROWS {

@@ -15,48 +15,60 @@ Object.assign(globalThis, globals);
 
 const LIMITS = ['maxComputeWorkgroupStorageSize', 'maxComputeInvocationsPerWorkgroup', 'maxComputeWorkgroupSizeX'];
 
-async function check(dir, results) {
-  const manifest = JSON.parse(await readFile(join(dir, 'manifest.json'), 'utf8'));
-  const gpu = create(['backend=null']);
+// Variants per device: Dawn for Node crashes when more than about 1,150 shader modules are
+// alive at once, so each chunk gets its own adapter and device, destroyed after it.
+const CHUNK = 300;
+
+async function openDevice(gpu) {
   const adapter = await gpu.requestAdapter();
   if (!adapter) throw new Error("Dawn's null backend gave no adapter");
   if (!adapter.features.has('shader-f16')) throw new Error("Dawn's null adapter has no shader-f16");
   const requiredLimits = Object.fromEntries(LIMITS.map((name) => [name, adapter.limits[name]]));
   const requiredFeatures = ['shader-f16', 'subgroups'].filter((f) => adapter.features.has(f));
   const device = await adapter.requestDevice({ requiredFeatures, requiredLimits });
+  return { device, requiredLimits, requiredFeatures };
+}
+
+async function check(dir, results) {
+  const manifest = JSON.parse(await readFile(join(dir, 'manifest.json'), 'utf8'));
+  const gpu = create(['backend=null']);
+  const first = await openDevice(gpu);
   results.adapter = { vendor: 'dawn', architecture: 'null backend' };
-  results.limits = requiredLimits;
-  results.features = requiredFeatures;
+  results.limits = first.requiredLimits;
+  results.features = first.requiredFeatures;
+  const hasSubgroups = first.device.features.has('subgroups');
+  first.device.destroy();
 
   const f16 = [];
   for (const v of manifest.variants.filter((v) => v.dtype === 'f16')) {
-    if (v.subgroups && !device.features.has('subgroups')) {
+    if (v.subgroups && !hasSubgroups) {
       results.skipped.push({ stage: 'validate', kernel: v.kernel, name: v.label, why: 'the adapter has no subgroups' });
     } else {
       f16.push(v);
     }
   }
-  const modules = new Map();
-  for (const v of f16) {
-    const { module, error } = await compile(device, v, await readFile(join(dir, v.file), 'utf8'));
-    results.checks.push({ stage: 'validate', kernel: v.kernel, name: v.label, ok: !error, error: error || undefined });
-    if (!error) modules.set(v.file, module);
-  }
-  const admitted = [];
-  for (const v of f16) {
-    const why = notAdmitted(device.limits, v);
-    if (why) results.skipped.push({ stage: 'pipeline', kernel: v.kernel, name: v.label, why });
-    else admitted.push(v);
-  }
-  for (const v of admitted) {
-    if (!modules.has(v.file)) {
-      results.skipped.push({ stage: 'pipeline', kernel: v.kernel, name: v.label, why: 'did not compile' });
-      continue;
+  for (let at = 0; at < f16.length; at += CHUNK) {
+    const { device } = await openDevice(gpu);
+    const chunk = f16.slice(at, at + CHUNK);
+    const modules = new Map();
+    for (const v of chunk) {
+      const { module, error } = await compile(device, v, await readFile(join(dir, v.file), 'utf8'));
+      results.checks.push({ stage: 'validate', kernel: v.kernel, name: v.label, ok: !error, error: error || undefined });
+      if (!error) modules.set(v.file, module);
     }
-    const { error } = await buildPipeline(device, v, modules.get(v.file));
-    results.checks.push({ stage: 'pipeline', kernel: v.kernel, name: v.label, ok: !error, error: error || undefined });
+    for (const v of chunk) {
+      const why = notAdmitted(device.limits, v);
+      if (why) {
+        results.skipped.push({ stage: 'pipeline', kernel: v.kernel, name: v.label, why });
+      } else if (!modules.has(v.file)) {
+        results.skipped.push({ stage: 'pipeline', kernel: v.kernel, name: v.label, why: 'did not compile' });
+      } else {
+        const { error } = await buildPipeline(device, v, modules.get(v.file));
+        results.checks.push({ stage: 'pipeline', kernel: v.kernel, name: v.label, ok: !error, error: error || undefined });
+      }
+    }
+    device.destroy();
   }
-  device.destroy();
 }
 
 const [dir, resultsPath, ...extra] = process.argv.slice(2);
