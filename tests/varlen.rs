@@ -148,10 +148,13 @@ fn f16_unaligned_head_dims_and_mqa() {
 
 /// The key passes a loop-capped adapter needs, forced small: passes in each sequence's own
 /// keys, sequences that end before the last pass, state rows in the packed layout. On a
-/// device with WebGPU's default limits (8 storage buffers per stage, say).
+/// device with WebGPU's default limits (8 storage buffers per stage, say) but for a grid of
+/// at most 6 workgroups per dimension, so that the 14 (query block, head) pairs wrap into z
+/// (6 x 3, the last 4 workgroups past the end).
 #[test]
 fn key_passes_walk_each_sequences_own_keys() {
-    let (device, queue) = own_device(ctx().device().features(), wgpu::Limits::default());
+    let limits = wgpu::Limits { max_compute_workgroups_per_dimension: 6, ..wgpu::Limits::default() };
+    let (device, queue) = own_device(ctx().device().features(), limits);
     let capped = Context::from_wgpu(device, queue).with_loop_iteration_limit(4000);
     let seqlens = SeqLens::new(&[40, 3, 90, 0, 17], &[400, 0, 150, 20, 17]).unwrap();
     let p = packed_shape(&seqlens, (2, 1), (32, 32));

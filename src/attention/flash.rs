@@ -517,11 +517,12 @@ pub(crate) fn record(
     config.check_subgroups(ctx)?;
     let heads = shape.q_heads as u32;
     let groups = match packed {
-        // Query blocks past the per-dimension limit wrap into z (the packed tensors' batch is 1).
+        // (Query block, head) pairs, wrapped into z past the per-dimension limit (the packed
+        // tensors' batch is 1).
         Some(p) => {
-            let [x, z] =
-                wrapped_grid(ctx.limits(), &format!("flash grid: {} query blocks", p.blocks), p.blocks as u64)?;
-            [x, heads, z]
+            let pairs = p.blocks as u64 * heads as u64;
+            let [x, z] = wrapped_grid(ctx.limits(), &format!("flash grid: {pairs} query blocks x heads"), pairs)?;
+            [x, 1, z]
         }
         None => [(shape.n_q as u32).div_ceil(config.block_q), heads, shape.batch as u32],
     };
