@@ -91,7 +91,9 @@ struct QueryBlock {
 @group(0) @binding(8) var<storage, read> query_blocks: array<QueryBlock>;
 
 // What the workgroup's rows belong to: dense, the whole problem of batch wg.z; VARLEN, one
-// packed sequence. The lengths and diagonals every function here uses are these.
+// packed sequence. The lengths and diagonals the kernel uses are these. A value main passes
+// on, not a private variable: WGSL's uniformity analysis takes private variables for
+// non-uniform, and the barriers of the key loop depend on the lengths.
 struct Sequence {
     batch: u32, // the batch of Q, K and V (VARLEN: 0, the packed tensors have one)
     mask_batch: u32, // the block mask's batch: the batch, or (VARLEN) the sequence
@@ -102,8 +104,6 @@ struct Sequence {
     n_q: u32,
     n_k: u32,
 }
-
-var<private> seq: Sequence = Sequence(0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u);
 
 // VARLEN: the workgroup's index in the grid of (query block, head) pairs.
 fn varlen_workgroup(wg: vec3<u32>, groups_x: u32) -> u32 {
@@ -202,8 +202,8 @@ fn capped(x: vec4<f32>) -> vec4<f32> {
 
 // Scores x (column j: key key0 + j0 + j for rows row..row + 3, `local`.. within the block)
 // with MASKED where a row does not see the key: window, causal, n_k, and the element mask
-// number `bits` of a partial block-mask tile (FULL_RUN for none).
-fn masked_scores(x: mat4x4<f32>, row: u32, local: u32, key0: u32, j0: u32, bits: u32) -> mat4x4<f32> {
+// number `bits` of a partial block-mask tile (FULL_RUN for none), in sequence `seq`.
+fn masked_scores(x: mat4x4<f32>, row: u32, local: u32, key0: u32, j0: u32, bits: u32, seq: Sequence) -> mat4x4<f32> {
     let diag = vec4(i32(row) + i32(seq.n_k) - i32(seq.n_q)) + vec4(0, 1, 2, 3);
     var masked = x;
     for (var j = 0u; j < 4u; j++) {
@@ -232,7 +232,7 @@ fn main(
     if VARLEN && varlen_workgroup(wg, groups.x) >= arrayLength(&query_blocks) * params.q_heads {
         return; // past the last query block of a grid wrapped into z
     }
-    seq = workgroup_sequence(wg, groups.x);
+    let seq = workgroup_sequence(wg, groups.x);
     if VARLEN && params.key_begin > 0u && params.key_begin >= seq.n_k {
         return; // the sequence's last pass has written its rows
     }
@@ -395,7 +395,7 @@ fn main(
                     x = mat4x4(capped(x[0]), capped(x[1]), capped(x[2]), capped(x[3]));
                 }
                 if !whole {
-                    x = masked_scores(x, my_row0 + 4u * g, my_local0 + 4u * g, key0, 4u * step, bits);
+                    x = masked_scores(x, my_row0 + 4u * g, my_local0 + 4u * g, key0, 4u * step, bits, seq);
                 }
                 m_new = max(m_new, max(max(x[0], x[1]), max(x[2], x[3])));
                 s[g * STEPS + step] = x;
