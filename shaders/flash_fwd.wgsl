@@ -208,7 +208,7 @@ fn masked_scores(x: mat4x4<f32>, row: u32, local: u32, key0: u32, j0: u32, bits:
     var masked = x;
     for (var j = 0u; j < 4u; j++) {
         let kj = j0 + j;
-        var seen = visible4(diag, i32(key0 + kj), seq.n_k);
+        var seen = sequence_visible4(diag, i32(key0 + kj), seq.n_k);
         if bits != FULL_RUN {
             seen = seen & vec4(mask_bit(bits, local, kj), mask_bit(bits, local + 1u, kj),
                 mask_bit(bits, local + 2u, kj), mask_bit(bits, local + 3u, kj));

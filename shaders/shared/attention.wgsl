@@ -29,8 +29,8 @@ const FIRST_PASS: u32 = 1u;
 const LAST_PASS: u32 = 2u;
 
 // Which of the queries on diagonals `diag` (their rows + n_k - n_q) see key `key` of a
-// sequence of `n_k` keys (params.n_k, or in a varlen launch the query's own sequence's).
-fn visible4(diag: vec4<i32>, key: i32, n_k: u32) -> vec4<bool> {
+// sequence of `n_k` keys (in a varlen launch, the queries' own sequence's).
+fn sequence_visible4(diag: vec4<i32>, key: i32, n_k: u32) -> vec4<bool> {
     let left = params.window_left;
     let right = params.window_right;
     let below_right = vec4(right < 0) | (vec4(key) <= diag + right);
@@ -38,9 +38,14 @@ fn visible4(diag: vec4<i32>, key: i32, n_k: u32) -> vec4<bool> {
     return vec4(key < i32(n_k)) & below_right & above_left;
 }
 
-// Whether the query on diagonal `diag` sees key `key` of the params.n_k keys.
+// sequence_visible4 over the problem's params.n_k keys.
+fn visible4(diag: vec4<i32>, key: i32) -> vec4<bool> {
+    return sequence_visible4(diag, key, params.n_k);
+}
+
+// Whether the query on diagonal `diag` sees key `key`.
 fn visible(diag: i32, key: i32) -> bool {
-    return visible4(vec4(diag), key, params.n_k).x;
+    return visible4(vec4(diag), key).x;
 }
 
 // a + vc * p, leaving out the products of zero weights p[r][j] (column j of vc is a row of V,
