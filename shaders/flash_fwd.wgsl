@@ -43,9 +43,21 @@
 // full (no element test) or partial (one mask bit per element). The mask's blocks are the
 // tiles. The dense options (window, sinks) still apply on top.
 //
+// Varlen variants (VARLEN) run sequences packed along the sequence axis of one batch: the
+// grid's x (wrapped into z past the device's limit) counts the (query block, head) pairs of
+// every sequence, a block's heads adjacent so that neighbouring workgroups read the same
+// sequence's K/V (in sequence-major order, llvmpipe ran 7% slower than one launch per
+// sequence). `query_blocks` gives each block its sequence, its block within it, and the
+// sequence's first query and key rows and its lengths. Every length and diagonal below is the
+// sequence's (`seq`), so a sequence sees only its own keys, aligned bottom-right to its own
+// queries, and no workgroup or tile exists for what is not there. Key passes walk
+// per-sequence key ranges: a sequence's last pass is the one that reaches its last key (or
+// the first, when it has none), and the passes after it return at once. The block mask's
+// batch axis is the sequence.
+//
 // Constants come from the prelude made by src/shader.rs: Elem (f32 or f16), BLOCK_Q,
 // BLOCK_K (a multiple of 4), ROW_GROUPS, SPLIT, STAGE_KV, SHUFFLE_KV, DQK_PAD, DV_PAD (head dims rounded
-// up to 16), ALIGNED, QK_TAIL (Dqk is not a multiple of 16) and BLOCK_SPARSE. Params, visible4() and add_nonzero_products come from shared/attention.wgsl, the row readers (q_word, k_word, v_word) from shared/rows.wgsl,
+// up to 16), ALIGNED, QK_TAIL (Dqk is not a multiple of 16), BLOCK_SPARSE and VARLEN. Params, visible4() and add_nonzero_products come from shared/attention.wgsl, the row readers (q_word, k_word, v_word) from shared/rows.wgsl,
 // MASKED and the softmax steps (base 2) from shared/softmax.wgsl, the block mask's layout
 // and walk from shared/block_mask.wgsl, and the lane helpers (subgroup_lane, from_lane,
 // on_all_lanes) from shared/lanes_subgroup.wgsl or shared/lanes_none.wgsl.
@@ -61,6 +73,51 @@
 
 // The block mask (shared/block_mask.wgsl); unused by dense variants.
 @group(0) @binding(7) var<storage, read> block_mask: BlockMask;
+
+// Keep in sync with `QueryBlock` in src/attention/varlen.rs (a test compares the layouts).
+// A query block of the varlen grid: its sequence, its block within that sequence, and the
+// sequence's first rows in the packed Q and K/V and its lengths. One binding, not a table of
+// sequences beside one of blocks: WebGPU's default limit is 8 storage buffers per stage.
+struct QueryBlock {
+    sequence: u32,
+    q_block: u32,
+    q_start: u32,
+    k_start: u32,
+    n_q: u32,
+    n_k: u32,
+}
+
+// VARLEN only (dense variants bind a stand-in they never read).
+@group(0) @binding(8) var<storage, read> query_blocks: array<QueryBlock>;
+
+// What the workgroup's rows belong to: dense, the whole problem of batch wg.z; VARLEN, one
+// packed sequence. The lengths and diagonals the kernel uses are these. A value main passes
+// on, not a private variable: WGSL's uniformity analysis takes private variables for
+// non-uniform, and the barriers of the key loop depend on the lengths.
+struct Sequence {
+    batch: u32, // the batch of Q, K and V (VARLEN: 0, the packed tensors have one)
+    mask_batch: u32, // the block mask's batch: the batch, or (VARLEN) the sequence
+    q_block: u32, // the workgroup's query block within the sequence
+    head: u32, // the workgroup's query head
+    q_start: u32, // the sequence's first query and key rows (dense: 0)
+    k_start: u32,
+    n_q: u32,
+    n_k: u32,
+}
+
+// VARLEN: the workgroup's index in the grid of (query block, head) pairs.
+fn varlen_workgroup(wg: vec3<u32>, groups_x: u32) -> u32 {
+    return wg.z * groups_x + wg.x;
+}
+
+fn workgroup_sequence(wg: vec3<u32>, groups_x: u32) -> Sequence {
+    if VARLEN {
+        let x = varlen_workgroup(wg, groups_x);
+        let b = query_blocks[x / params.q_heads];
+        return Sequence(0u, b.sequence, b.q_block, x % params.q_heads, b.q_start, b.k_start, b.n_q, b.n_k);
+    }
+    return Sequence(wg.z, wg.z, wg.x, wg.y, 0u, 0u, params.n_q, params.n_k);
+}
 
 const ROWS: u32 = 4u * ROW_GROUPS;
 const WORKGROUP: u32 = BLOCK_Q / ROWS * SPLIT;
@@ -145,13 +202,13 @@ fn capped(x: vec4<f32>) -> vec4<f32> {
 
 // Scores x (column j: key key0 + j0 + j for rows row..row + 3, `local`.. within the block)
 // with MASKED where a row does not see the key: window, causal, n_k, and the element mask
-// number `bits` of a partial block-mask tile (FULL_RUN for none).
-fn masked_scores(x: mat4x4<f32>, row: u32, local: u32, key0: u32, j0: u32, bits: u32) -> mat4x4<f32> {
-    let diag = vec4(i32(row) + i32(params.n_k) - i32(params.n_q)) + vec4(0, 1, 2, 3);
+// number `bits` of a partial block-mask tile (FULL_RUN for none), in sequence `seq`.
+fn masked_scores(x: mat4x4<f32>, row: u32, local: u32, key0: u32, j0: u32, bits: u32, seq: Sequence) -> mat4x4<f32> {
+    let diag = vec4(i32(row) + i32(seq.n_k) - i32(seq.n_q)) + vec4(0, 1, 2, 3);
     var masked = x;
     for (var j = 0u; j < 4u; j++) {
         let kj = j0 + j;
-        var seen = visible4(diag, i32(key0 + kj));
+        var seen = sequence_visible4(diag, i32(key0 + kj), seq.n_k);
         if bits != FULL_RUN {
             seen = seen & vec4(mask_bit(bits, local, kj), mask_bit(bits, local + 1u, kj),
                 mask_bit(bits, local + 2u, kj), mask_bit(bits, local + 3u, kj));
@@ -169,17 +226,28 @@ fn slice_column(i: u32, lane: u32) -> u32 {
 @compute @workgroup_size(WORKGROUP)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
     @builtin(local_invocation_index) tid: u32,
 ) {
-    let row0 = wg.x * BLOCK_Q;
-    let head = wg.y;
-    let batch = wg.z;
+    if VARLEN && varlen_workgroup(wg, groups.x) >= arrayLength(&query_blocks) * params.q_heads {
+        return; // past the last query block of a grid wrapped into z
+    }
+    let seq = workgroup_sequence(wg, groups.x);
+    if VARLEN && params.key_begin > 0u && params.key_begin >= seq.n_k {
+        return; // the sequence's last pass has written its rows
+    }
+    let last_pass = (params.pass_flags & LAST_PASS) != 0u || (VARLEN && params.key_end >= seq.n_k);
+    let row0 = seq.q_block * BLOCK_Q;
+    let head = seq.head;
     let kv_head = kv_head_of(head, params.q_heads, params.kv_heads);
-    let bh = batch * params.q_heads + head;
-    let q_base = bh * params.n_q * params.d_qk;
-    let k_base = (batch * params.kv_heads + kv_head) * params.n_k * params.d_qk;
-    let v_base = (batch * params.kv_heads + kv_head) * params.n_k * params.d_v;
-    let offset = i32(params.n_k) - i32(params.n_q);
+    let bh = seq.batch * params.q_heads + head;
+    // The rows of O, LSE and the pass state, and of K/V, before the sequence's first.
+    let rows_before = bh * params.n_q + seq.q_start;
+    let kv_rows_before = (seq.batch * params.kv_heads + kv_head) * params.n_k + seq.k_start;
+    let q_base = rows_before * params.d_qk;
+    let k_base = kv_rows_before * params.d_qk;
+    let v_base = kv_rows_before * params.d_v;
+    let offset = i32(seq.n_k) - i32(seq.n_q);
 
     // This thread: rows [my_row0, my_row0 + ROWS) of the block, vec4 columns lane + SPLIT i.
     // SHUFFLE_KV numbers the threads by subgroup lane, the ids shuffles take.
@@ -189,10 +257,10 @@ fn main(
     let my_local0 = group * ROWS;
     let my_row0 = row0 + my_local0;
 
-    let last_row = min(row0 + BLOCK_Q, params.n_q) - 1u;
+    let last_row = min(row0 + BLOCK_Q, seq.n_q) - 1u;
     // This thread's first and last diagonals, for its own whole-tile test.
     let my_diag_first = i32(my_row0) + offset;
-    let my_diag_last = i32(min(my_row0 + ROWS, params.n_q) - 1u) + offset;
+    let my_diag_last = i32(min(my_row0 + ROWS, seq.n_q) - 1u) + offset;
 
     // The scores' scale: with a softcap the scale goes inside the tanh and log2(e) after it.
     let q_scale = params.scale * select(LOG2E, 1.0, params.softcap > 0.0);
@@ -203,7 +271,7 @@ fn main(
             var cols = mat4x4<f32>();
             for (var r = 0u; r < 4u; r++) {
                 let row = my_row0 + 4u * g + r;
-                cols[r] = inside(q_word(q_base + row * params.d_qk, c), c, params.d_qk, row < params.n_q);
+                cols[r] = inside(q_word(q_base + row * params.d_qk, c), c, params.d_qk, row < seq.n_q);
             }
             qm[g * QK4_T + i] = cols;
         }
@@ -217,7 +285,7 @@ fn main(
         m[g] = vec4(MASKED);
         if (params.pass_flags & FIRST_PASS) == 0u {
             for (var r = 0u; r < 4u; r++) {
-                let at = (bh * params.n_q + min(my_row0 + 4u * g + r, params.n_q - 1u)) * state_stride;
+                let at = (rows_before + min(my_row0 + 4u * g + r, seq.n_q - 1u)) * state_stride;
                 m[g][r] = state[at];
                 l[g][r] = state[at + 1u];
                 for (var i = 0u; i < DV4_T; i++) {
@@ -229,7 +297,8 @@ fn main(
     }
 
     // The tiles this block sees in this pass (shared/block_mask.wgsl).
-    var walk = tile_walk(params.key_begin / BLOCK_K, params.key_end, row0, last_row, batch, head, wg.x);
+    var walk = sequence_tile_walk(seq.n_q, seq.n_k, params.key_begin / BLOCK_K, params.key_end, row0, last_row,
+        seq.mask_batch, head, seq.q_block);
     while next_tile(&walk) {
         let t = walk.t;
         let key0 = t * BLOCK_K;
@@ -239,11 +308,11 @@ fn main(
             workgroupBarrier();
             for (var e = tid; e < BLOCK_K * QK4; e += WORKGROUP) {
                 let key = key0 + e / QK4;
-                k_tile[e] = inside(k_word(k_base + key * params.d_qk, e % QK4), e % QK4, params.d_qk, key < params.n_k);
+                k_tile[e] = inside(k_word(k_base + key * params.d_qk, e % QK4), e % QK4, params.d_qk, key < seq.n_k);
             }
             for (var e = tid; e < BLOCK_K * DV4; e += WORKGROUP) {
                 let key = key0 + e / DV4;
-                v_tile[e] = inside(v_word(v_base + key * params.d_v, e % DV4), e % DV4, params.d_v, key < params.n_k);
+                v_tile[e] = inside(v_word(v_base + key * params.d_v, e % DV4), e % DV4, params.d_v, key < seq.n_k);
             }
             workgroupBarrier();
         }
@@ -252,7 +321,7 @@ fn main(
             // stands in (its scores are masked, and such tiles take the element path that
             // skips zero weights).
             for (var u = 0u; u < KEYS_PER_LANE; u++) {
-                let key = min(key0 + u * HOLDERS + group, params.n_k - 1u);
+                let key = min(key0 + u * HOLDERS + group, seq.n_k - 1u);
                 for (var i = 0u; i < QK4_T; i++) {
                     let c = lane + i * SPLIT;
                     k_lane[u * QK4_T + i] = inside(k_word(k_base + key * params.d_qk, c), c, params.d_qk, true);
@@ -310,7 +379,7 @@ fn main(
         let partial = BLOCK_SPARSE && bits != FULL_RUN;
         let tile_last = i32(key0 + BLOCK_K) - 1;
         // With SHUFFLE_KV, whole for every lane or none: the P V branches hold shuffles.
-        let whole = on_all_lanes(!partial && tile_last < i32(params.n_k)
+        let whole = on_all_lanes(!partial && tile_last < i32(seq.n_k)
             && (params.window_right < 0 || tile_last <= my_diag_first + params.window_right)
             && (params.window_left < 0 || i32(key0) >= my_diag_last - params.window_left
                 || tile_last < i32(params.sinks)));
@@ -326,7 +395,7 @@ fn main(
                     x = mat4x4(capped(x[0]), capped(x[1]), capped(x[2]), capped(x[3]));
                 }
                 if !whole {
-                    x = masked_scores(x, my_row0 + 4u * g, my_local0 + 4u * g, key0, 4u * step, bits);
+                    x = masked_scores(x, my_row0 + 4u * g, my_local0 + 4u * g, key0, 4u * step, bits, seq);
                 }
                 m_new = max(m_new, max(max(x[0], x[1]), max(x[2], x[3])));
                 s[g * STEPS + step] = x;
@@ -386,12 +455,12 @@ fn main(
         let row_lse = finish_lse4(m[g], l[g]);
         for (var r = 0u; r < 4u; r++) {
             let row = my_row0 + 4u * g + r;
-            if row >= params.n_q {
+            if row >= seq.n_q {
                 continue;
             }
-            let at = (bh * params.n_q + row) * state_stride;
-            let o_base = (bh * params.n_q + row) * params.d_v;
-            if (params.pass_flags & LAST_PASS) == 0u {
+            let at = (rows_before + row) * state_stride;
+            let o_base = (rows_before + row) * params.d_v;
+            if !last_pass {
                 if lane == 0u {
                     state[at] = m[g][r];
                     state[at + 1u] = l[g][r];
@@ -414,7 +483,7 @@ fn main(
                 }
             }
             if lane == 0u {
-                lse[bh * params.n_q + row] = row_lse[r];
+                lse[rows_before + row] = row_lse[r];
             }
         }
     }

@@ -51,7 +51,8 @@ pub use attention::flash::{self, FlashConfig, KvReads};
 pub use attention::naive;
 pub use attention::tuning::{ConfigSource, TuneCache, TuneKey, TunedEntry};
 pub use attention::{
-    AttentionBuffers, AttentionOptions, AttentionOutput, AttentionShape, attention, attention_masked, attention_with,
+    AttentionBuffers, AttentionOptions, AttentionOutput, AttentionShape, SeqLens, attention, attention_masked,
+    attention_varlen, attention_varlen_with, attention_with,
 };
 pub use context::{AdapterSelection, Capabilities, Context};
 pub use dtype::DType;

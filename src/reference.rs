@@ -2,8 +2,9 @@
 //! forward and backward. Plain loops over the definition, sharing no code with the kernels
 //! beyond the options.
 
-use crate::attention::{AttentionOptions, AttentionShape};
+use crate::attention::{AttentionOptions, AttentionShape, SeqLens};
 use crate::kv::RopeLayout;
+use std::ops::Range;
 
 /// Whether query `i` may see key `j`, straight from the definitions in [`AttentionOptions`].
 pub fn visible(options: &AttentionOptions, n_q: usize, n_k: usize, i: usize, j: usize) -> bool {
@@ -105,6 +106,42 @@ pub fn attention_masked(
                 }
                 lse[row] = max + sum.ln();
             }
+        }
+    }
+    ReferenceOutput { out, lse }
+}
+
+/// Varlen attention over packed f32 inputs (`shape` is the packed tensors', batch 1): each
+/// sequence of `seqlens` run alone through [`attention`], its O and LSE rows put back in
+/// the packed layout.
+pub fn attention_varlen(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: &AttentionShape,
+    seqlens: &SeqLens,
+    options: &AttentionOptions,
+) -> ReferenceOutput {
+    let AttentionShape { q_heads, kv_heads, n_q: total_q, n_k: total_k, d_qk, d_v, .. } = *shape;
+    // Rows `rows` of every head of a packed [1, heads, total, width] tensor.
+    fn rows_of<T: Copy>(x: &[T], heads: usize, total: usize, rows: &Range<usize>, width: usize) -> Vec<T> {
+        (0..heads).flat_map(|h| &x[(h * total + rows.start) * width..(h * total + rows.end) * width]).copied().collect()
+    }
+    let mut out = vec![0.0; q_heads * total_q * d_v];
+    let mut lse = vec![f64::NEG_INFINITY; q_heads * total_q];
+    for s in 0..seqlens.len() {
+        let (queries, keys) = (seqlens.queries(s), seqlens.keys(s));
+        let alone = AttentionShape { batch: 1, n_q: queries.len(), n_k: keys.len(), ..*shape };
+        let (q_s, k_s, v_s) = (
+            rows_of(q, q_heads, total_q, &queries, d_qk),
+            rows_of(k, kv_heads, total_k, &keys, d_qk),
+            rows_of(v, kv_heads, total_k, &keys, d_v),
+        );
+        let want = attention(&q_s, &k_s, &v_s, &alone, options);
+        for h in 0..q_heads {
+            let (row, n) = (h * total_q + queries.start, queries.len());
+            out[row * d_v..(row + n) * d_v].copy_from_slice(&want.out[h * n * d_v..(h + 1) * n * d_v]);
+            lse[row..row + n].copy_from_slice(&want.lse[h * n..(h + 1) * n]);
         }
     }
     ReferenceOutput { out, lse }

@@ -64,7 +64,7 @@ impl Kernel {
     /// the shader tests check the table against naga's reflection of every variant.
     pub fn bindings(self) -> &'static [&'static str] {
         match self {
-            Kernel::FlashForward => &["params", "q", "k", "v", "out", "lse", "state", "block_mask"],
+            Kernel::FlashForward => &["params", "q", "k", "v", "out", "lse", "state", "block_mask", "query_blocks"],
             Kernel::FlashBackward => {
                 &["params", "range", "q", "k", "v", "out", "d_out", "lse", "dq", "dk", "dv", "state", "block_mask"]
             }

@@ -640,3 +640,17 @@ fn serve_bench_writes_json_and_csv() {
     assert_eq!(lines.len(), 6, "a header and a line per path:\n{text}");
     assert!(lines[0].contains("requests") && lines[0].contains("vs_per_request"), "{}", lines[0]);
 }
+
+/// `wattn bench --varlen`: the three prefill paths timed (the varlen output checked against
+/// the per-prompt launches first); --requests alone is refused.
+#[test]
+fn varlen_bench_times_one_launch_against_padded_and_per_request() {
+    let args = ["bench", "--varlen", "--requests", "4", "--max-len", "200", "--head-dim", "32", "--runs", "1"];
+    let table = wattn(&[&args[..], &["--warmup", "0"]].concat());
+    for path in ["| per request | 4 |", "| varlen | 1 |", "| padded | 1 |"] {
+        assert!(table.contains(path), "{path} missing:\n{table}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_wattn")).args(["bench", "--requests", "4"]).output().unwrap();
+    assert!(!out.status.success(), "--requests without --serve or --varlen");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--requests and --max-len go with --serve or --varlen"));
+}

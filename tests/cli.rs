@@ -2,7 +2,8 @@
 //! .npy writer and reader, independent of `wattn::cli::npy`), results compared with the f64
 //! reference (block-sparse runs with their masks written out here as plain predicates),
 //! `wattn tune` and what `wattn info` then reports, the backward (`--grad`) against the
-//! reference gradients, and every kind of bad input refused with one line and no output file.
+//! reference gradients, varlen runs (`--seqlens-q`, `--seqlens-k`) against the reference per
+//! sequence, and every kind of bad input refused with one line and no output file.
 
 mod common;
 
@@ -41,6 +42,11 @@ fn f16_le(data: &[f32]) -> Vec<u8> {
 
 fn i32_le(data: &[i32]) -> Vec<u8> {
     data.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Sequence lengths as int32 or uint32, 1-D.
+fn lengths_npy(lengths: &[i32], unsigned: bool) -> Vec<u8> {
+    npy_bytes(if unsigned { "<u4" } else { "<i4" }, false, &[lengths.len()], &i32_le(lengths))
 }
 
 /// A bool mask as `|b1` (`uint8` false) or `|u1` with arbitrary non-zero values for true.
@@ -388,6 +394,50 @@ fn same_document(ids: &[i32], n_q: usize, i: usize, j: usize) -> bool {
 /// The block-mask summary line `wattn run` prints, e.g. "block mask 37 x 45, blocks of 16x32, ... density 0.4".
 fn mask_line(stderr: &str) -> &str {
     stderr.lines().find(|l| l.starts_with("wattn run: block mask")).unwrap_or_else(|| panic!("no mask line:\n{stderr}"))
+}
+
+/// Packed 3-D inputs of sequences of 5 x 3, 0 x 4, 6 x 0 (rows that see nothing) and 1 x 9
+/// queries x keys, lengths in int32 and uint32, every dense option; O and LSE packed.
+#[test]
+fn varlen_runs_each_sequence_alone_with_every_option() {
+    let s = Scratch::new("varlen");
+    let (seqlens_q, seqlens_k) = ([5, 0, 6, 1], [3, 4, 0, 9]);
+    let seqlens = wattn::SeqLens::new(&seqlens_q.map(|n| n as u32), &seqlens_k.map(|n| n as u32)).unwrap();
+    let shape = AttentionShape { batch: 1, q_heads: 4, kv_heads: 2, n_q: 12, n_k: 16, d_qk: 24, d_v: 8 };
+    let mut rng = Rng::new(12);
+    let mut read = Vec::new();
+    for (file, dims) in [("q.npy", [4, 12, 24]), ("k.npy", [2, 16, 24]), ("v.npy", [2, 16, 8])] {
+        let data = rng.normal_vec(dims.iter().product());
+        s.write_array(file, DType::F16, &dims, &data);
+        read.push(quantize(&data, DType::F16));
+    }
+    s.write("lq.npy", &lengths_npy(&seqlens_q, false));
+    s.write("lk.npy", &lengths_npy(&seqlens_k, true));
+    let mut args: Vec<String> =
+        ["run", "--causal", "--window", "6,-1", "--sinks", "1", "--softcap", "3", "--check"].map(String::from).into();
+    for (flag, file) in
+        [("q", "q"), ("k", "k"), ("v", "v"), ("out", "out"), ("lse", "lse"), ("seqlens-q", "lq"), ("seqlens-k", "lk")]
+    {
+        args.extend([format!("--{flag}"), s.arg(&format!("{file}.npy"))]);
+    }
+    let run = wattn(&args);
+    let (stdout, stderr) = (text(&run.stdout), text(&run.stderr));
+    assert!(run.status.success(), "wattn run failed:\n{stderr}");
+    assert!(stderr.contains("varlen 4 sequences, longest 6 x 9"), "{stderr}");
+    assert_check_line(&stdout, 2e-3);
+
+    let options = AttentionOptions { causal: true, window: (6, -1), sinks: 1, softcap: 3.0, ..Default::default() };
+    let want = wattn::reference::attention_varlen(&read[0], &read[1], &read[2], &shape, &seqlens, &options);
+    let (o_shape, out) = read_f32_npy(&s.path("out.npy"));
+    let (lse_shape, lse) = read_f32_npy(&s.path("lse.npy"));
+    assert_eq!((o_shape, lse_shape), (vec![4, 12, 8], vec![4, 12]));
+    let (o_err, lse_err) = (max_abs_err(&out, &want.out), max_abs_err(&lse, &want.lse));
+    assert!(o_err <= 2e-3 && lse_err <= 1e-4, "O error {o_err}, LSE error {lse_err}");
+    // The third sequence (rows 5..11 of each head) has no keys: LSE -inf, O zeros.
+    for h in 0..4 {
+        assert!(lse[h * 12 + 5..h * 12 + 11].iter().all(|&x| x == f32::NEG_INFINITY), "head {h}: {lse:?}");
+        assert!(out[(h * 12 + 5) * 8..(h * 12 + 11) * 8].iter().all(|&x| x == 0.0), "head {h}");
+    }
 }
 
 #[test]
@@ -883,6 +933,63 @@ fn bad_block_sparse_inputs_are_refused() {
             f.insert("show-mask", String::new());
         },
         &["--show-mask"],
+    );
+}
+
+#[test]
+fn bad_varlen_inputs_are_refused() {
+    // The valid inputs pack 4 queries and 6 keys per head.
+    let lengths = |s: &Scratch, f: &mut Flags, q: &[u8], k: &[u8]| {
+        s.write("lq.npy", q);
+        s.write("lk.npy", k);
+        f.insert("seqlens-q", s.arg("lq.npy"));
+        f.insert("seqlens-k", s.arg("lk.npy"));
+    };
+    refused(
+        "varlen-query-sum",
+        |s, f| lengths(s, f, &lengths_npy(&[1, 2], false), &lengths_npy(&[6, 0], false)),
+        &["query lengths sum to 3, but Q pack 4 rows"],
+    );
+    refused(
+        "varlen-key-sum",
+        |s, f| lengths(s, f, &lengths_npy(&[1, 3], true), &lengths_npy(&[6, 1], true)),
+        &["key lengths sum to 7, but K and V pack 6 rows"],
+    );
+    refused(
+        "varlen-count",
+        |s, f| lengths(s, f, &lengths_npy(&[4], false), &lengths_npy(&[3, 3], false)),
+        &["1 query lengths but 2 key lengths"],
+    );
+    refused(
+        "varlen-negative",
+        |s, f| lengths(s, f, &lengths_npy(&[5, -1], false), &lengths_npy(&[6, 0], false)),
+        &["lq.npy", "length 1 is -1"],
+    );
+    refused(
+        "varlen-2d",
+        |s, f| lengths(s, f, &npy_bytes("<i4", false, &[1, 2], &i32_le(&[1, 3])), &lengths_npy(&[6, 0], false)),
+        &["lq.npy", "1-D"],
+    );
+    refused(
+        "varlen-float",
+        |s, f| lengths(s, f, &npy_bytes("<f4", false, &[2], &f32_le(&[1.0, 3.0])), &lengths_npy(&[6, 0], false)),
+        &["lq.npy", "use int32 or uint32"],
+    );
+    refused(
+        "varlen-alone",
+        |s, f| {
+            s.write("lq.npy", &lengths_npy(&[1, 3], false));
+            f.insert("seqlens-q", s.arg("lq.npy"));
+        },
+        &["--seqlens-q and --seqlens-k go together"],
+    );
+    refused(
+        "varlen-mask",
+        |s, f| {
+            lengths(s, f, &lengths_npy(&[1, 3], false), &lengths_npy(&[6, 0], false));
+            f.insert("prefix", "2".into());
+        },
+        &["--prefix does not go with --seqlens-q"],
     );
 }
 

@@ -7,6 +7,7 @@ use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
 use std::mem::{offset_of, size_of};
 use wattn::attention::backward::{self, PassRange};
 use wattn::attention::flash::{self, FlashParams};
+use wattn::attention::varlen::QueryBlock;
 use wattn::dtype::DType;
 use wattn::internals::{Kernel, ShaderKey, every_variant};
 use wattn::kv::{cache::KvParams, combine::CombineParams, decode::DecodeParams};
@@ -105,7 +106,15 @@ fn variant_list_covers_every_axis() {
     for dtype in [DType::F32, DType::F16] {
         assert!(keys.iter().any(|k| k.dtype == dtype), "no {dtype} variant");
     }
-    for (name, value) in [("STAGE_KV", "true"), ("STAGE_KV", "false"), ("ALIGNED", "false"), ("ROW_GROUPS", "2")] {
+    let axes = [
+        ("STAGE_KV", "true"),
+        ("STAGE_KV", "false"),
+        ("ALIGNED", "false"),
+        ("ROW_GROUPS", "2"),
+        ("VARLEN", "true"),
+        ("SHUFFLE_KV", "true"),
+    ];
+    for (name, value) in axes {
         assert!(has(name, value), "no variant with {name}={value}");
     }
     for split in ["1", "4"] {
@@ -188,6 +197,11 @@ fn uniform_structs_match_rust() {
         scales_at,
         k_scales_at
     });
+    let varlen_key = flash::validation_keys()
+        .into_iter()
+        .find(|k| k.label().contains(" VARLEN=true"))
+        .expect("a varlen flash variant");
+    let query_block = rust_layout!(QueryBlock { sequence, q_block, q_start, k_start, n_q, n_k });
     let combine_params = rust_layout!(CombineParams { rows, dim, splits, groups_x });
     let backward_key = backward::validation_keys().into_iter().next().unwrap();
     assert_eq!(backward_key.kernel, Kernel::FlashBackward);
@@ -212,6 +226,7 @@ fn uniform_structs_match_rust() {
     // One line per (shader, WGSL struct, Rust layout).
     let pairs = [
         (&flash_key, "Params", &flash_params),
+        (&varlen_key, "QueryBlock", &query_block),
         (&naive_key, "Params", &flash_params),
         (&backward_key, "Params", &flash_params),
         (&backward_key, "PassRange", &pass_range),

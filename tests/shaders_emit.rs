@@ -115,6 +115,7 @@ fn flash_variants_describe_their_bindings_and_workgroup() {
             (5, "lse", "storage", write),
             (6, "state", "storage", write),
             (7, "block_mask", "storage", read),
+            (8, "query_blocks", "storage", read),
         ]
     );
     let c = &flash["constants"];

@@ -28,13 +28,19 @@ struct Params {
 const FIRST_PASS: u32 = 1u;
 const LAST_PASS: u32 = 2u;
 
-// Which of the queries on diagonals `diag` (their rows + n_k - n_q) see key `key`.
-fn visible4(diag: vec4<i32>, key: i32) -> vec4<bool> {
+// Which of the queries on diagonals `diag` (their rows + n_k - n_q) see key `key` of a
+// sequence of `n_k` keys (in a varlen launch, the queries' own sequence's).
+fn sequence_visible4(diag: vec4<i32>, key: i32, n_k: u32) -> vec4<bool> {
     let left = params.window_left;
     let right = params.window_right;
     let below_right = vec4(right < 0) | (vec4(key) <= diag + right);
     let above_left = vec4(left < 0 || key < i32(params.sinks)) | (vec4(key) >= diag - left);
-    return vec4(key < i32(params.n_k)) & below_right & above_left;
+    return vec4(key < i32(n_k)) & below_right & above_left;
+}
+
+// sequence_visible4 over the problem's params.n_k keys.
+fn visible4(diag: vec4<i32>, key: i32) -> vec4<bool> {
+    return sequence_visible4(diag, key, params.n_k);
 }
 
 // Whether the query on diagonal `diag` sees key `key`.

@@ -53,10 +53,11 @@ fn mask_bit(tile_mask: u32, r: u32, j: u32) -> bool {
     return ((word >> (bit % 32u)) & 1u) != 0u;
 }
 
-// The key tiles query block `q_block` of (batch, head), rows [row0, last_row], walks in a pass
-// over the keys before `pass_end`, from tile `first_tile` on (tile indices are absolute): the
-// dense range its rows may see, skipping the tiles between the sinks and the window, or
-// (BLOCK_SPARSE) the runs its block-mask row lists. Each kernel declares `params: Params` and BLOCK_SPARSE.
+// The key tiles query block `q_block` of (batch, head), rows [row0, last_row] of a sequence of
+// n_q queries and n_k keys, walks in a pass over the keys before `pass_end`, from tile
+// `first_tile` on (tile indices are absolute within the sequence): the dense range its rows
+// may see, skipping the tiles between the sinks and the window, or (BLOCK_SPARSE) the runs its
+// block-mask row lists. Each kernel declares `params: Params` and BLOCK_SPARSE.
 struct TileWalk {
     t: u32, // the tile to visit, once next_tile has said there is one
     keys_end: i32, // keys at and after this one no row of the block sees in the pass
@@ -71,9 +72,10 @@ struct TileWalk {
     run_mask: u32,
 }
 
-fn tile_walk(first_tile: u32, pass_end: u32, row0: u32, last_row: u32, batch: u32, head: u32, q_block: u32) -> TileWalk {
-    let offset = i32(params.n_k) - i32(params.n_q);
-    var key_hi = i32(min(params.n_k, pass_end));
+fn sequence_tile_walk(n_q: u32, n_k: u32, first_tile: u32, pass_end: u32, row0: u32, last_row: u32, batch: u32,
+    head: u32, q_block: u32) -> TileWalk {
+    let offset = i32(n_k) - i32(n_q);
+    var key_hi = i32(min(n_k, pass_end));
     if params.window_right >= 0 {
         key_hi = clamp(i32(last_row) + offset + params.window_right + 1, 0, key_hi);
     }
@@ -90,6 +92,11 @@ fn tile_walk(first_tile: u32, pass_end: u32, row0: u32, last_row: u32, batch: u3
         walk.run = first_run_after(block_mask.words[row], walk.runs_end, first_tile);
     }
     return walk;
+}
+
+// sequence_tile_walk over the whole problem's params.n_q queries and params.n_k keys.
+fn tile_walk(first_tile: u32, pass_end: u32, row0: u32, last_row: u32, batch: u32, head: u32, q_block: u32) -> TileWalk {
+    return sequence_tile_walk(params.n_q, params.n_k, first_tile, pass_end, row0, last_row, batch, head, q_block);
 }
 
 // Moves `walk` to the next tile to visit, from its tile t on: false when there is none.

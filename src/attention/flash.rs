@@ -4,7 +4,7 @@
 
 use super::{AttentionBuffers, AttentionOptions, AttentionShape};
 use crate::context::Context;
-use crate::dispatch::{bind_buffers, check_grid, uniform_buffer};
+use crate::dispatch::{bind_buffers, check_grid, uniform_buffer, wrapped_grid};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::mask::{BlockSize, GpuBlockMask};
@@ -433,7 +433,17 @@ impl Variant {
     }
 }
 
-fn variant_key(config: &FlashConfig, dtype: DType, shape: &AttentionShape, block_sparse: bool) -> ShaderKey {
+/// What a launch runs besides its tiles, dtype and head dims: the `BLOCK_SPARSE` and `VARLEN`
+/// constants of the variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Layout {
+    /// Only the tiles a block mask lists.
+    block_sparse: bool,
+    /// Sequences packed along the sequence axis ([`super::varlen`]).
+    varlen: bool,
+}
+
+fn variant_key(config: &FlashConfig, dtype: DType, shape: &AttentionShape, layout: Layout) -> ShaderKey {
     let v = Variant::new(shape);
     ShaderKey {
         kernel: Kernel::FlashForward,
@@ -450,7 +460,8 @@ fn variant_key(config: &FlashConfig, dtype: DType, shape: &AttentionShape, block
             ("DV_PAD", ConstValue::U32(v.dv_pad)),
             ("ALIGNED", ConstValue::Bool(v.aligned)),
             ("QK_TAIL", ConstValue::Bool(v.qk_tail)),
-            ("BLOCK_SPARSE", ConstValue::Bool(block_sparse)),
+            ("BLOCK_SPARSE", ConstValue::Bool(layout.block_sparse)),
+            ("VARLEN", ConstValue::Bool(layout.varlen)),
         ],
     }
 }
@@ -472,27 +483,65 @@ pub fn encode(
 ) -> Result<()> {
     options.validate()?;
     let shape = bufs.validate(ctx)?;
-    config.check(ctx.limits(), &shape)?;
-    config.check_subgroups(ctx)?;
     if let Some(mask) = mask {
         mask.check(&shape, config)?;
     }
-    let groups = [(shape.n_q as u32).div_ceil(config.block_q), shape.q_heads as u32, shape.batch as u32];
+    record(ctx, encoder, bufs, &shape, mask, options, config, None)
+}
+
+/// The grid of a launch over packed sequences and what its kernel reads of them
+/// ([`super::varlen`]).
+pub(crate) struct PackedGrid<'a> {
+    /// Each query block's `QueryBlock`.
+    pub query_blocks: &'a wgpu::Buffer,
+    /// The query blocks of every sequence.
+    pub blocks: u32,
+    /// The longest sequence's keys: the key passes walk `0..max_n_k` in each sequence's own keys.
+    pub max_n_k: u32,
+}
+
+/// Records the passes of one flash launch of `shape` (for packed sequences, the packed
+/// tensors' shape) on buffers and a mask already checked against it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn record(
+    ctx: &Context,
+    encoder: &mut wgpu::CommandEncoder,
+    bufs: &AttentionBuffers<'_>,
+    shape: &AttentionShape,
+    mask: Option<&GpuBlockMask>,
+    options: &AttentionOptions,
+    config: &FlashConfig,
+    packed: Option<&PackedGrid<'_>>,
+) -> Result<()> {
+    config.check(ctx.limits(), shape)?;
+    config.check_subgroups(ctx)?;
+    let heads = shape.q_heads as u32;
+    let groups = match packed {
+        // (Query block, head) pairs, wrapped into z past the per-dimension limit (the packed
+        // tensors' batch is 1).
+        Some(p) => {
+            let pairs = p.blocks as u64 * heads as u64;
+            let [x, z] = wrapped_grid(ctx.limits(), &format!("flash grid: {pairs} query blocks x heads"), pairs)?;
+            [x, 1, z]
+        }
+        None => [(shape.n_q as u32).div_ceil(config.block_q), heads, shape.batch as u32],
+    };
     for (what, g) in ["query blocks", "query heads", "batch"].iter().zip(groups) {
         check_grid(ctx.limits(), &format!("flash grid: {g} {what}"), g)?;
     }
     for (what, view) in [("Q", &bufs.q), ("K", &bufs.k), ("V", &bufs.v)] {
         check_whole_words(what, view)?;
     }
-    let key = variant_key(config, bufs.q.dtype(), &shape, mask.is_some());
+    let layout = Layout { block_sparse: mask.is_some(), varlen: packed.is_some() };
+    let key = variant_key(config, bufs.q.dtype(), shape, layout);
     let pipeline = ctx.pipelines.get(ctx.device(), &key)?;
-    let n_k = shape.n_k as u32;
-    let keys_per_pass = config.keys_per_pass(&shape, ctx.loop_iteration_limit()).unwrap_or(n_k);
+    let n_k = packed.map_or(shape.n_k as u32, |p| p.max_n_k);
+    let keys_per_pass = config.keys_per_pass(shape, ctx.loop_iteration_limit()).unwrap_or(n_k);
     let passes = n_k.div_ceil(keys_per_pass);
     // The carried (m, l, o) of every row, only when there is more than one pass.
     let own_state;
     let state = if passes > 1 {
-        let floats = shape.batch * shape.q_heads * shape.n_q * (Variant::new(&shape).dv_pad as usize + 2);
+        let floats = shape.batch * shape.q_heads * shape.n_q * (Variant::new(shape).dv_pad as usize + 2);
         let bytes = 4 * floats as u64;
         check_binding_size(ctx, "flash pass state", bytes)?;
         own_state = ctx.device().create_buffer(&wgpu::BufferDescriptor {
@@ -505,9 +554,11 @@ pub fn encode(
     } else {
         ctx.unused_binding(0)
     };
-    // The dense variant never reads the mask binding, but its layout still has it.
+    // Dense variants never read the mask or the query blocks, but their layouts still have
+    // them: one read-only stand-in serves both.
     let mask_buffer = mask.map_or_else(|| ctx.unused_binding(1), |m| m.buffer());
-    let base = FlashParams::new(&shape, options);
+    let query_blocks = packed.map_or_else(|| ctx.unused_binding(1), |p| p.query_blocks);
+    let base = FlashParams::new(shape, options);
     for p in 0..passes {
         let params = FlashParams {
             key_begin: p * keys_per_pass,
@@ -529,6 +580,7 @@ pub fn encode(
                 ("lse", bufs.lse.buffer()),
                 ("state", state),
                 ("block_mask", mask_buffer),
+                ("query_blocks", query_blocks),
             ],
         )?;
         // One compute pass per key pass, so each sees the state the previous one wrote.
@@ -544,15 +596,17 @@ pub fn encode(
 /// The flash variants a build should compile: each preset and the CPU preset with 8 rows per
 /// thread, each [fitted](FlashConfig::fitted) to the shape, × dtype × head-dim bucket (every equal pair up to 256, a few asymmetric
 /// ones as in MLA, and a few not multiples of 4) on WebGPU's default 16 KiB of workgroup
-/// memory and on 32 KiB devices, each dense and block-sparse. Variants whose tiles a limit
-/// does not admit are left out, as [`encode`] would refuse them. The shader tests validate
-/// and translate every one.
+/// memory and on 32 KiB devices, each dense and block-sparse; the varlen variants of a few of
+/// those head dims (one aligned, one not, the widest), dense and block-sparse. Variants whose
+/// tiles a limit does not admit are left out, as [`encode`] would refuse them. The shader
+/// tests validate and translate every one.
 pub fn validation_keys() -> Vec<ShaderKey> {
     let equal = (1..=16).map(|i| (16 * i, 16 * i));
     let asymmetric = [(192, 128), (64, 256), (256, 16), (128, 64), (16, 256), (96, 32)];
     // Not multiples of 16 (K's tail columns masked), and not of 4 (rows straddling words).
     let unaligned = [(40, 40), (90, 30), (3, 3), (37, 21), (255, 255)];
     let head_dims: Vec<(usize, usize)> = equal.chain(asymmetric).chain(unaligned).collect();
+    let varlen_head_dims = [(64, 64), (37, 21), (256, 256)];
     let cpu_8_rows = FlashConfig { rows_per_thread: 8, ..FlashConfig::CPU };
     let mut keys: Vec<ShaderKey> = Vec::new();
     for storage in [16 << 10, 32 << 10] {
@@ -562,10 +616,13 @@ pub fn validation_keys() -> Vec<ShaderKey> {
                 for &(d_qk, d_v) in &head_dims {
                     let shape = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk, d_v };
                     let config = preset.fitted(&limits, &shape);
-                    for block_sparse in [false, true] {
-                        let key = variant_key(&config, dtype, &shape, block_sparse);
-                        if config.check(&limits, &shape).is_ok() && !keys.contains(&key) {
-                            keys.push(key);
+                    let varlen_too = varlen_head_dims.contains(&(d_qk, d_v));
+                    for varlen in [false, true].into_iter().filter(|&v| !v || varlen_too) {
+                        for block_sparse in [false, true] {
+                            let key = variant_key(&config, dtype, &shape, Layout { block_sparse, varlen });
+                            if config.check(&limits, &shape).is_ok() && !keys.contains(&key) {
+                                keys.push(key);
+                            }
                         }
                     }
                 }
@@ -624,7 +681,7 @@ mod tests {
             for (d_qk, d_v) in [(16, 16), (64, 64), (128, 128), (80, 48), (256, 256)] {
                 let shape = AttentionShape { batch: 1, q_heads: 1, kv_heads: 1, n_q: 1, n_k: 1, d_qk, d_v };
                 let v = Variant::new(&shape);
-                let key = variant_key(&config, DType::F32, &shape, false);
+                let key = variant_key(&config, DType::F32, &shape, Layout { block_sparse: false, varlen: false });
                 let estimate = config.workgroup_bytes(v.dqk_pad, v.dv_pad);
                 assert_eq!(estimate, declared_workgroup_bytes(&key), "{}", key.label());
             }

@@ -1,13 +1,16 @@
 //! Attention: options and shape checks shared by every path, the flash kernel, the tuned
-//! configurations it runs with, the backward, and the naive baseline.
+//! configurations it runs with, varlen (packed sequences), the backward, and the naive
+//! baseline.
 
 pub mod backward;
 pub mod flash;
 mod masked;
 pub mod naive;
 pub mod tuning;
+pub mod varlen;
 
 pub use masked::attention_masked;
+pub use varlen::{SeqLens, attention_varlen, attention_varlen_with};
 
 use crate::context::Context;
 use crate::dtype::DType;

@@ -8,6 +8,8 @@
 //! - [`backward`]: the flash backward against the forward of the same problem.
 //! - [`decode`]: split-KV decode against the unsplit kernel over cache lengths.
 //! - [`serve`]: a server's batch of mixed-length requests, paged against padded and per request.
+//! - [`varlen`]: a server's batch of mixed-length prompts, one varlen launch against padded
+//!   and per prompt.
 //! - [`stream`]: a token stream through the KV cache, per-token time against position.
 //! - [`Timer`] and [`Stats`] (from the library's [`crate::timing`]): GPU timestamps (or the wall
 //!   clock) around recorded work; median, min, max.
@@ -25,6 +27,7 @@ pub(crate) mod progress;
 pub(crate) mod report;
 pub mod serve;
 pub mod stream;
+pub mod varlen;
 pub mod workload;
 
 pub use crate::timing::{Clock, Stats, Timer};

@@ -48,11 +48,20 @@ pub struct BenchArgs {
         "plot", "quick",
     ])]
     pub serve: bool,
-    /// With --serve: requests in the batch [default: 64].
-    #[arg(long, value_name = "N", requires = "serve")]
+    /// A server's causal prefill: --requests prompts (the lengths --serve draws, up to
+    /// --max-len) in one varlen launch over the packed prompts against the same prompts padded
+    /// to the longest and against one launch per prompt; tokens/s and K/V memory. Model as
+    /// --serve; prints a table.
+    #[arg(long, conflicts_with_all = [
+        "serve", "decode", "backward", "density", "pattern", "causal", "window", "config", "no_naive", "seq", "batch",
+        "dtype", "json", "csv", "plot", "quick",
+    ])]
+    pub varlen: bool,
+    /// With --serve or --varlen: requests in the batch [default: 64; with --varlen 16].
+    #[arg(long, value_name = "N")]
     pub requests: Option<usize>,
-    /// With --serve: the longest request, e.g. 32k [default: 32K].
-    #[arg(long, value_name = "N", value_parser = parse_tokens, requires = "serve")]
+    /// With --serve or --varlen: the longest request, e.g. 32k [default: 32K; with --varlen 2K].
+    #[arg(long, value_name = "N", value_parser = parse_tokens)]
     pub max_len: Option<usize>,
     /// With --decode: the split settings to time at every point, e.g. 1,4,16,auto [default: 1,auto].
     #[arg(long, value_name = "N|auto,...", value_delimiter = ',', value_parser = parse_splits, requires = "decode")]
@@ -259,8 +268,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.backward {
         return run_backward(&args);
     }
-    if args.serve {
+    if args.serve || args.varlen {
         return run_serve(&args);
+    }
+    if args.requests.is_some() || args.max_len.is_some() {
+        return Err(Error::Option("--requests and --max-len go with --serve or --varlen".into()));
     }
     let grid = args.grid()?;
     let ctx = args.adapter.context()?;
@@ -313,11 +325,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     args.report(&report)
 }
 
-/// `wattn bench --serve`: the table (paged against padded and per request), --json and --csv.
+/// `wattn bench --serve` (the table of paged decode against padded and per request, --json
+/// and --csv) and `--varlen` (the table of varlen prefill against the same).
 fn run_serve(args: &BenchArgs) -> Result<()> {
+    let (flag, requests, max_len) = if args.varlen { ("--varlen", 16, 2 << 10) } else { ("--serve", 64, 32 << 10) };
     let settings = crate::bench::serve::ServeSettings {
-        requests: args.requests.unwrap_or(64),
-        lengths: (128, args.max_len.unwrap_or(32 << 10)),
+        requests: args.requests.unwrap_or(requests),
+        lengths: (128, args.max_len.unwrap_or(max_len)),
         q_heads: args.heads.unwrap_or(8),
         kv_heads: args.kv_heads.unwrap_or(2),
         head_dim: args.head_dim.as_ref().and_then(|d| d.first().copied()).unwrap_or(64),
@@ -327,12 +341,18 @@ fn run_serve(args: &BenchArgs) -> Result<()> {
         runs: args.runs as usize,
     };
     if settings.requests == 0 || settings.lengths.1 < settings.lengths.0 {
-        return Err(Error::Option(format!("--serve needs at least 1 request and --max-len >= {}", settings.lengths.0)));
+        return Err(Error::Option(format!("{flag} needs at least 1 request and --max-len >= {}", settings.lengths.0)));
     }
     let ctx = args.adapter.context()?;
     let timer = args.timer(&ctx);
-    eprintln!("bench --serve on {}: {settings:?}", ctx.describe());
-    let paths = crate::bench::serve::run(&ctx, &timer, &settings, &mut |path| eprintln!("timing {path}"))?;
+    eprintln!("bench {flag} on {}: {settings:?}", ctx.describe());
+    let mut progress = |path: &str| eprintln!("timing {path}");
+    if args.varlen {
+        let rows = crate::bench::varlen::run(&ctx, &timer, &settings, &mut progress)?;
+        print!("{}", crate::bench::serve::table(&rows));
+        return Ok(());
+    }
+    let paths = crate::bench::serve::run(&ctx, &timer, &settings, &mut progress)?;
     use crate::bench::serve::{ServeReport, memory_ratio};
     let int8_bytes_vs_f16 = memory_ratio(&settings, KvStorage::Int8);
     let int8_channel_k_bytes_vs_f16 = memory_ratio(&settings, KvStorage::Int8ChannelK);

@@ -1,7 +1,8 @@
 //! Reading and writing NumPy `.npy` files (through `npyz`) for the command line.
 //!
 //! Only what attention needs: C-order float32 or float16 arrays in (and, for block-sparse
-//! masks, bool or uint8 masks and int32 document ids), float32 arrays out.
+//! masks, bool or uint8 masks and int32 document ids; for varlen, int32 or uint32 sequence
+//! lengths), float32 arrays out.
 //! Outputs are written under a temporary name and renamed into place, so a failed run
 //! leaves no half-written file and never replaces a file that was there before.
 
@@ -61,6 +62,30 @@ pub fn read_i32(path: &Path) -> Result<Array<i32>> {
     let opened = open(path, &bytes, int32, "int32")?;
     let data = opened.file.into_vec::<i32>().map_err(|e| file_error(path, format!("cannot decode: {e}")))?;
     Ok(Array { shape: opened.shape, data })
+}
+
+/// Reads a 1-D int32 or uint32 array of lengths, of either byte order, none negative.
+pub fn read_lengths(path: &Path) -> Result<Vec<u32>> {
+    let bytes = read_bytes(path)?;
+    let int = |d: &npyz::DType| match plain_type(d)? {
+        (npyz::TypeChar::Int, 4) => Some((true, 4)),
+        (npyz::TypeChar::Uint, 4) => Some((false, 4)),
+        _ => None,
+    };
+    let opened = open(path, &bytes, int, "int32 or uint32")?;
+    if opened.shape.len() != 1 {
+        return Err(file_error(path, format!("shape {:?}: lengths are 1-D, one per sequence", opened.shape)));
+    }
+    let decode_error = |e: std::io::Error| file_error(path, format!("cannot decode: {e}"));
+    if !opened.element {
+        return opened.file.into_vec::<u32>().map_err(decode_error);
+    }
+    let signed = opened.file.into_vec::<i32>().map_err(decode_error)?;
+    signed
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| u32::try_from(n).map_err(|_| file_error(path, format!("length {i} is {n}: lengths are >= 0"))))
+        .collect()
 }
 
 fn file_error(path: &Path, detail: String) -> Error {
@@ -313,7 +338,23 @@ mod tests {
         assert!(detail(read_i32(&path).unwrap_err()).contains("'<i8' is not supported: use int32"));
         write_with_npyz(&path, "<f4", npyz::Order::C, &[2], &[1f32, 2.0]);
         assert!(detail(read_bools(&path).unwrap_err()).contains("'<f4' is not supported"));
+        assert!(detail(read_lengths(&path).unwrap_err()).contains("'<f4' is not supported: use int32 or uint32"));
         assert!(detail(read_array(&dir.join("missing.npy")).unwrap_err()).starts_with("cannot read"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn lengths_read_int32_and_uint32_1d() {
+        let dir = scratch("lengths");
+        let path = dir.join("l.npy");
+        write_with_npyz(&path, "<i4", npyz::Order::C, &[3], &[4i32, 0, 70000]);
+        assert_eq!(read_lengths(&path).unwrap(), [4, 0, 70000]);
+        write_with_npyz(&path, ">u4", npyz::Order::C, &[2], &[u32::MAX, 1]);
+        assert_eq!(read_lengths(&path).unwrap(), [u32::MAX, 1]);
+        write_with_npyz(&path, "<i4", npyz::Order::C, &[2], &[3i32, -1]);
+        assert!(detail(read_lengths(&path).unwrap_err()).contains("length 1 is -1"));
+        write_with_npyz(&path, "<i4", npyz::Order::C, &[1, 2], &[3i32, 1]);
+        assert!(detail(read_lengths(&path).unwrap_err()).contains("lengths are 1-D"));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -1,6 +1,8 @@
-//! `wattn run`: attention on .npy files, dense or block-sparse, and optionally its backward.
+//! `wattn run`: attention on .npy files, dense, block-sparse or varlen (packed sequences),
+//! and optionally its backward.
 
 mod block_sparse;
+mod varlen;
 
 use super::AdapterArgs;
 use super::npy::{self, NpyArray};
@@ -67,6 +69,15 @@ pub struct RunArgs {
     /// Draw the block mask on stderr: '#' full, '+' partial, '.' empty blocks.
     #[arg(long)]
     pub show_mask: bool,
+    /// Varlen: the query length of each sequence packed along Q's sequence axis, int32 or
+    /// uint32 [S], summing to Nq; each sequence attends only to its own keys, every option
+    /// per sequence. O and LSE are packed like Q. Needs --seqlens-k.
+    #[arg(long, value_name = "LQ.npy")]
+    pub seqlens_q: Option<PathBuf>,
+    /// Varlen: the key length of each sequence packed along K's and V's sequence axis,
+    /// int32 or uint32 [S], summing to Nk (0 = rows that see nothing). Needs --seqlens-q.
+    #[arg(long, value_name = "LK.npy")]
+    pub seqlens_k: Option<PathBuf>,
     /// Backward: dO, the loss's gradient with respect to O, in O's shape (float32 or float16);
     /// runs the backward after the forward with the same options and mask. Needs --dq, --dk, --dv.
     #[arg(long, value_name = "DO.npy")]
@@ -98,6 +109,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     };
     options.validate()?;
     let dtype_override = args.dtype.as_deref().map(parse_dtype).transpose()?;
+    if args.seqlens_q.is_some() || args.seqlens_k.is_some() {
+        return varlen::run(&args, &options, dtype_override);
+    }
     let gradient_paths = gradient_paths(&args)?;
     let mut outputs: Vec<(&str, &Path)> = vec![("--out", &args.out)];
     outputs.extend(args.lse.as_deref().map(|p| ("--lse", p)));

@@ -91,6 +91,18 @@ pub fn round_to(x: f32, dtype: DType) -> f32 {
 /// P·V. For f16 the probabilities and the output are rounded to f16, as PyTorch's fp16
 /// math path does. Shares no code with `wattn::reference` on purpose. Returns O and LSE.
 pub fn plain_attention(x: &Inputs, s: &AttentionShape, o: &AttentionOptions, dtype: DType) -> (Vec<f32>, Vec<f32>) {
+    plain_attention_masked(x, s, o, dtype, |_, _| true)
+}
+
+/// [`plain_attention`] where query `i` also needs `mask(i, j)` to see key `j` (in every
+/// batch and head).
+pub fn plain_attention_masked(
+    x: &Inputs,
+    s: &AttentionShape,
+    o: &AttentionOptions,
+    dtype: DType,
+    mask: impl Fn(usize, usize) -> bool,
+) -> (Vec<f32>, Vec<f32>) {
     let scale = o.scale.unwrap_or(1.0 / (s.d_qk as f32).sqrt());
     let mut out = vec![0.0f32; s.batch * s.q_heads * s.n_q * s.d_v];
     let mut lse = vec![f32::NEG_INFINITY; s.batch * s.q_heads * s.n_q];
@@ -102,7 +114,7 @@ pub fn plain_attention(x: &Inputs, s: &AttentionShape, o: &AttentionOptions, dty
             let q = &x.q[row * s.d_qk..][..s.d_qk];
             let scores: Vec<Option<f32>> = (0..s.n_k)
                 .map(|j| {
-                    sees(o, s.n_q, s.n_k, i, j).then(|| {
+                    (sees(o, s.n_q, s.n_k, i, j) && mask(i, j)).then(|| {
                         let k = &x.k[(kv * s.n_k + j) * s.d_qk..][..s.d_qk];
                         let dot = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
                         let x = if o.softcap > 0.0 { o.softcap * (dot / o.softcap).tanh() } else { dot };
@@ -197,8 +209,21 @@ impl Verdict {
         o: &AttentionOptions,
         dtype: DType,
     ) -> Self {
-        let want = wattn::reference::attention(&x.q, &x.k, &x.v, s, o);
-        let (plain_out, plain_lse) = plain_attention(x, s, o, dtype);
+        Self::new_masked(got_out, got_lse, x, s, o, dtype, |_, _| true)
+    }
+
+    /// [`Self::new`] where query `i` also needs `mask(i, j)` to see key `j`.
+    pub fn new_masked(
+        got_out: &[f32],
+        got_lse: &[f32],
+        x: &Inputs,
+        s: &AttentionShape,
+        o: &AttentionOptions,
+        dtype: DType,
+        mask: impl Fn(usize, usize) -> bool + Copy,
+    ) -> Self {
+        let want = wattn::reference::attention_masked(&x.q, &x.k, &x.v, s, o, |_, _, i, j| mask(i, j));
+        let (plain_out, plain_lse) = plain_attention_masked(x, s, o, dtype, mask);
         let plain = Errors::of(&plain_out, &plain_lse, &want);
         let largest = |xs: &[f64]| xs.iter().filter(|x| x.is_finite()).fold(1.0f64, |m, x| m.max(x.abs()));
         let eps = match dtype {

@@ -226,6 +226,7 @@ async function runFlash(device, variant, pipeline, p) {
     lse,
     state: buffer(device, new Float32Array(4)), // one pass: never touched
     block_mask: buffer(device, blockMask),
+    query_blocks: buffer(device, new Uint32Array(8)), // varlen only: dense variants never read it
   };
   const grid = [Math.ceil(p.nQ / c.BLOCK_Q), p.qHeads, p.batch];
   const [o, l] = await dispatch(device, [[variant, pipeline, buffers, grid]], [out, lse]);
@@ -489,6 +490,7 @@ export function caseList(device, variants) {
       ALIGNED: p.dQk % 4 === 0 && p.dV % 4 === 0,
       QK_TAIL: pad16(p.dQk) !== p.dQk,
       BLOCK_SPARSE: !!spec.blockSparse,
+      VARLEN: false,
     });
     if (candidates.length === 0) {
       runs.push(['flash_fwd', spec.name, [], async () => 'no admitted variant for these head dims']);

@@ -1,0 +1,161 @@
+//! `wattn bench --varlen`: causal prefill of a server's batch of prompts of mixed lengths
+//! (the same seeded lengths as `--serve`), three ways: one varlen launch over the packed
+//! prompts, the same prompts padded to the longest in one dense launch, and one dense launch
+//! per prompt (all recorded into one encoder). Tokens/s is prompt tokens per second; memory is
+//! each layout's K/V bytes. The varlen output is checked against the per-prompt launches
+//! before anything is timed.
+
+use crate::attention::varlen::{self, SeqLens};
+use crate::attention::{AttentionBuffers, AttentionOptions, AttentionShape};
+use crate::bench::Timer;
+use crate::bench::serve::{ServeRow, ServeSettings, request_lengths};
+use crate::context::Context;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::flash::{self, FlashConfig};
+use crate::tensor::Tensor;
+
+/// Element `c` of head `head` of prompt `request`'s token at `position`, in [-1, 1); `salt`
+/// tells Q, K and V apart. The same in every layout, so that the outputs can be compared.
+fn value(salt: usize, request: usize, head: usize, position: usize, c: usize) -> f32 {
+    ((salt * 31 + request * 7919 + position * 104_729 + head * 613 + c * 13) % 2003) as f32 / 1001.5 - 1.0
+}
+
+/// Q, K and V of prompts of `lengths` tokens, each `[1, heads, n, d]` laid out as
+/// `[batch, heads, rows, d]` with `place(request, position)` giving the (batch, row) of a
+/// token among `batch` x `rows`: packed, padded or one prompt alone.
+struct Layout<'a> {
+    batch: usize,
+    rows: usize,
+    place: &'a dyn Fn(usize, usize) -> (usize, usize),
+}
+
+impl Layout<'_> {
+    fn tensor(&self, ctx: &Context, salt: usize, heads: usize, d: usize, lengths: &[(usize, usize)]) -> Result<Tensor> {
+        let mut data = vec![0.0f32; self.batch * heads * self.rows * d];
+        for &(request, n) in lengths {
+            for position in 0..n {
+                let (b, row) = (self.place)(request, position);
+                for head in 0..heads {
+                    let at = ((b * heads + head) * self.rows + row) * d;
+                    for (c, x) in data[at..at + d].iter_mut().enumerate() {
+                        *x = value(salt, request, head, position, c);
+                    }
+                }
+            }
+        }
+        Tensor::from_f32(ctx, &[self.batch, heads, self.rows, d], &data, DType::F32)
+    }
+
+    /// Q, K, V, O and LSE of the layout.
+    fn tensors(&self, ctx: &Context, s: &ServeSettings, lengths: &[(usize, usize)]) -> Result<[Tensor; 5]> {
+        let (hq, hkv, d) = (s.q_heads, s.kv_heads, s.head_dim);
+        Ok([
+            self.tensor(ctx, 1, hq, d, lengths)?,
+            self.tensor(ctx, 2, hkv, d, lengths)?,
+            self.tensor(ctx, 3, hkv, d, lengths)?,
+            Tensor::zeros(ctx, &[self.batch, hq, self.rows, d], DType::F32)?,
+            Tensor::zeros(ctx, &[self.batch, hq, self.rows], DType::F32)?,
+        ])
+    }
+}
+
+fn buffers(t: &[Tensor; 5]) -> AttentionBuffers<'_> {
+    AttentionBuffers { q: t[0].view(), k: t[1].view(), v: t[2].view(), out: t[3].view(), lse: t[4].view() }
+}
+
+/// Runs the three paths on `ctx`; `progress` hears each path's name first. A path over one
+/// of the adapter's limits (the padded batch of long prompts, say) is skipped.
+pub fn run(ctx: &Context, timer: &Timer, s: &ServeSettings, progress: &mut dyn FnMut(&str)) -> Result<Vec<ServeRow>> {
+    let lengths = request_lengths(s);
+    let requests: Vec<(usize, usize)> = lengths.iter().copied().enumerate().collect();
+    let lengths_u32: Vec<u32> = lengths.iter().map(|&n| n as u32).collect();
+    let seqlens = SeqLens::new(&lengths_u32, &lengths_u32)?;
+    let (total, longest) = (seqlens.total_q(), seqlens.max_q());
+    let options = AttentionOptions::causal();
+    // One tile configuration for every path: the one for the longest prompt.
+    let (hq, hkv, d) = (s.q_heads, s.kv_heads, s.head_dim);
+    let longest_shape =
+        AttentionShape { batch: 1, q_heads: hq, kv_heads: hkv, n_q: longest, n_k: longest, d_qk: d, d_v: d };
+    let config = FlashConfig::for_shape(ctx, &longest_shape, DType::F32, true).0;
+    let kv_bytes = |batch: usize, rows: usize| (2 * batch * hkv * rows * d * 4) as u64;
+    let row = |path, launches, stats: crate::bench::Stats, kv_bytes| ServeRow {
+        path,
+        launches,
+        tokens_per_s: total as f64 / stats.median_s,
+        stats: Some(stats),
+        kv_bytes,
+        skipped: None,
+    };
+    let skipped_on_limit = |path, result: Result<ServeRow>| match result {
+        Err(e @ Error::Limit { .. }) => Ok(ServeRow {
+            path,
+            launches: 0,
+            stats: None,
+            tokens_per_s: f64::NAN,
+            kv_bytes: 0,
+            skipped: Some(e.to_string()),
+        }),
+        other => other,
+    };
+    let mut rows = Vec::new();
+
+    progress("per request");
+    let mut want = None;
+    let per_request = (|| {
+        let alone = |_: usize, position: usize| (0, position);
+        let singles = requests
+            .iter()
+            .map(|&(request, n)| Layout { batch: 1, rows: n, place: &alone }.tensors(ctx, s, &[(request, n)]))
+            .collect::<Result<Vec<_>>>()?;
+        let mut step = |encoder: &mut wgpu::CommandEncoder| -> Result<()> {
+            for single in &singles {
+                flash::encode(ctx, encoder, &buffers(single), None, &options, &config)?;
+            }
+            Ok(())
+        };
+        let stats = timer.measure(ctx, s.warmup, s.runs, &mut step)?;
+        want = Some(singles.iter().map(|t| t[3].to_f32(ctx)).collect::<Result<Vec<_>>>()?);
+        Ok(row("per request", requests.len(), stats, kv_bytes(1, total)))
+    })();
+    rows.push(skipped_on_limit("per request", per_request)?);
+
+    progress("varlen");
+    let packed = (|| {
+        let packed = |request: usize, position: usize| (0, seqlens.queries(request).start + position);
+        let tensors = Layout { batch: 1, rows: total, place: &packed }.tensors(ctx, s, &requests)?;
+        let mut step = |encoder: &mut wgpu::CommandEncoder| {
+            varlen::encode(ctx, encoder, &buffers(&tensors), &seqlens, None, &options, &config)
+        };
+        let stats = timer.measure(ctx, s.warmup, s.runs, &mut step)?;
+        if let Some(want) = &want {
+            let got = tensors[3].to_f32(ctx)?;
+            let mut err = 0.0f32;
+            for ((request, n), single) in requests.iter().zip(want) {
+                for head in 0..hq {
+                    let at = (head * total + seqlens.queries(*request).start) * d;
+                    let rows = got[at..at + n * d].iter().zip(&single[head * n * d..(head + 1) * n * d]);
+                    err = rows.fold(err, |e, (a, b)| e.max((a - b).abs()));
+                }
+            }
+            if !err.is_finite() || got.iter().any(|x| !x.is_finite()) || err > 1e-4 {
+                return Err(Error::Gpu(format!("varlen prefill differs from the per-request launches by {err:e}")));
+            }
+        }
+        Ok(row("varlen", 1, stats, kv_bytes(1, total)))
+    })();
+    rows.push(skipped_on_limit("varlen", packed)?);
+
+    progress("padded");
+    let padded = (|| {
+        let padded = |request: usize, position: usize| (request, position);
+        let tensors = Layout { batch: requests.len(), rows: longest, place: &padded }.tensors(ctx, s, &requests)?;
+        let mut step = |encoder: &mut wgpu::CommandEncoder| {
+            flash::encode(ctx, encoder, &buffers(&tensors), None, &options, &config)
+        };
+        let stats = timer.measure(ctx, s.warmup, s.runs, &mut step)?;
+        Ok(row("padded", 1, stats, kv_bytes(requests.len(), longest)))
+    })();
+    rows.push(skipped_on_limit("padded", padded)?);
+    Ok(rows)
+}
