@@ -52,7 +52,8 @@ def main(wattn_path, cubek_path, out_path, svg_path=None):
               f"{pct(r['cubek_fraction_of_peak'])} |")
     ratios = sorted(r["cubek_over_wattn"] for r in rows if r["cubek_over_wattn"])
     if ratios:
-        print(f"\nmedian wattn/CubeK speed ratio: {ratios[len(ratios) // 2]:.2f}x over {len(ratios)} points")
+        middle = ratios[(len(ratios) - 1) // 2 : len(ratios) // 2 + 1]
+        print(f"\nmedian wattn/CubeK speed ratio: {sum(middle) / len(middle):.2f}x over {len(ratios)} points")
     json.dump({"adapter": wattn["adapter"], "date": wattn["date"], "peak": peak, "wattn_config": wattn["flash_config"],
                "cubek": cubek["kernel"], "points": rows}, open(out_path, "w"), indent=2)
     if svg_path:
