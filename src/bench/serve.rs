@@ -55,6 +55,29 @@ pub struct ServeRow {
     pub skipped: Option<String>,
 }
 
+impl ServeRow {
+    /// A path that ran: `tokens` per step, timed by `stats`.
+    pub fn measured(path: &'static str, launches: usize, tokens: usize, stats: Stats, kv_bytes: u64) -> Self {
+        let tokens_per_s = tokens as f64 / stats.median_s;
+        Self { path, launches, stats: Some(stats), tokens_per_s, kv_bytes, skipped: None }
+    }
+
+    /// `result`, or a skipped row saying why when the adapter's limits refused the path.
+    pub fn skipped_on_limit(path: &'static str, result: Result<Self>) -> Result<Self> {
+        match result {
+            Err(e @ Error::Limit { .. }) => Ok(Self {
+                path,
+                launches: 0,
+                stats: None,
+                tokens_per_s: f64::NAN,
+                kv_bytes: 0,
+                skipped: Some(e.to_string()),
+            }),
+            other => other,
+        }
+    }
+}
+
 /// The requests' lengths: seeded, log-uniform in `lengths`.
 pub fn request_lengths(settings: &ServeSettings) -> Vec<usize> {
     let (lo, hi) = settings.lengths;
@@ -174,25 +197,8 @@ pub fn run(ctx: &Context, timer: &Timer, s: &ServeSettings, progress: &mut dyn F
     let lse = Tensor::zeros(ctx, &q_shape[..3], DType::F32)?;
     let bufs = DecodeBuffers { q: q.view(), out: out.view(), lse: lse.view() };
     let options = DecodeOptions::default();
-    let row = |path, launches, stats: Stats, kv_bytes| ServeRow {
-        path,
-        launches,
-        tokens_per_s: n as f64 / stats.median_s,
-        stats: Some(stats),
-        kv_bytes,
-        skipped: None,
-    };
-    let skipped_on_limit = |path, result: Result<ServeRow>| match result {
-        Err(e @ Error::Limit { .. }) => Ok(ServeRow {
-            path,
-            launches: 0,
-            stats: None,
-            tokens_per_s: f64::NAN,
-            kv_bytes: 0,
-            skipped: Some(e.to_string()),
-        }),
-        other => other,
-    };
+    let row = |path, launches, stats, kv_bytes| ServeRow::measured(path, launches, n, stats, kv_bytes);
+    let skipped_on_limit = ServeRow::skipped_on_limit;
     let mut rows = Vec::new();
 
     progress("per request");

@@ -79,25 +79,8 @@ pub fn run(ctx: &Context, timer: &Timer, s: &ServeSettings, progress: &mut dyn F
         AttentionShape { batch: 1, q_heads: hq, kv_heads: hkv, n_q: longest, n_k: longest, d_qk: d, d_v: d };
     let config = FlashConfig::for_shape(ctx, &longest_shape, DType::F32, true).0;
     let kv_bytes = |batch: usize, rows: usize| (2 * batch * hkv * rows * d * 4) as u64;
-    let row = |path, launches, stats: crate::bench::Stats, kv_bytes| ServeRow {
-        path,
-        launches,
-        tokens_per_s: total as f64 / stats.median_s,
-        stats: Some(stats),
-        kv_bytes,
-        skipped: None,
-    };
-    let skipped_on_limit = |path, result: Result<ServeRow>| match result {
-        Err(e @ Error::Limit { .. }) => Ok(ServeRow {
-            path,
-            launches: 0,
-            stats: None,
-            tokens_per_s: f64::NAN,
-            kv_bytes: 0,
-            skipped: Some(e.to_string()),
-        }),
-        other => other,
-    };
+    let row = |path, launches, stats, kv_bytes| ServeRow::measured(path, launches, total, stats, kv_bytes);
+    let skipped_on_limit = ServeRow::skipped_on_limit;
     let mut rows = Vec::new();
 
     progress("per request");

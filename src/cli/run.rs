@@ -8,6 +8,7 @@ use super::AdapterArgs;
 use super::npy::{self, NpyArray};
 use crate::attention::backward::{self, GradientBuffers};
 use crate::attention::{AttentionBuffers, AttentionOptions, AttentionShape};
+use crate::context::Context;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::flash::{self, FlashConfig};
@@ -183,18 +184,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     config.check(ctx.limits(), &shape)?;
     let block_mask = masks.as_ref().map(|m| m.block_mask(shape.n_q, shape.n_k, config.block_size())).transpose()?;
     let gpu_mask = block_mask.as_ref().map(|m| m.upload(&ctx)).transpose()?;
-    let q_gpu = Tensor::from_f32(&ctx, &q_shape, &q_data, dtype)?;
-    let k_gpu = Tensor::from_f32(&ctx, &k_shape, &k_data, dtype)?;
-    let v_gpu = Tensor::from_f32(&ctx, &v_shape, &v_data, dtype)?;
-    let out_gpu = Tensor::zeros(&ctx, &shape.out_shape(), dtype)?;
-    let lse_gpu = Tensor::zeros(&ctx, &shape.lse_shape(), DType::F32)?;
-    let bufs = AttentionBuffers {
-        q: q_gpu.view(),
-        k: k_gpu.view(),
-        v: v_gpu.view(),
-        out: out_gpu.view(),
-        lse: lse_gpu.view(),
-    };
+    let gpu = OnGpu::upload(&ctx, [(&q_shape, &q_data), (&k_shape, &k_data), (&v_shape, &v_data)], &shape, dtype)?;
+    let bufs = gpu.buffers();
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
     // Recording builds the pipelines, so the timed part below is only the GPU's work.
     flash::encode(&ctx, &mut encoder, &bufs, gpu_mask.as_ref(), &options, &config)?;
@@ -217,8 +208,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     let start = std::time::Instant::now();
     ctx.submit_and_wait(encoder)?;
     let gpu_time = start.elapsed();
-    let out = out_gpu.to_f32(&ctx)?;
-    let lse = lse_gpu.to_f32(&ctx)?;
+    let out = gpu.out.to_f32(&ctx)?;
+    let lse = gpu.lse.to_f32(&ctx)?;
     let gradients = match &gradients {
         Some((_, [dq, dk, dv])) => Some([dq.to_f32(&ctx)?, dk.to_f32(&ctx)?, dv.to_f32(&ctx)?]),
         None => None,
@@ -369,4 +360,36 @@ fn max_abs_diff(got: &[f32], want: &[f64]) -> f64 {
         let diff = if g == w { 0.0 } else { (g - w).abs() };
         if diff.is_nan() || worst.is_nan() { f64::NAN } else { worst.max(diff) }
     })
+}
+
+/// Q, K and V uploaded in the run's dtype, with O and LSE for `shape` to write.
+struct OnGpu {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+}
+
+impl OnGpu {
+    fn upload(ctx: &Context, qkv: [(&[usize], &[f32]); 3], shape: &AttentionShape, dtype: DType) -> Result<Self> {
+        let [q, k, v] = qkv.map(|(dims, data)| Tensor::from_f32(ctx, dims, data, dtype));
+        Ok(Self {
+            q: q?,
+            k: k?,
+            v: v?,
+            out: Tensor::zeros(ctx, &shape.out_shape(), dtype)?,
+            lse: Tensor::zeros(ctx, &shape.lse_shape(), DType::F32)?,
+        })
+    }
+
+    fn buffers(&self) -> AttentionBuffers<'_> {
+        AttentionBuffers {
+            q: self.q.view(),
+            k: self.k.view(),
+            v: self.v.view(),
+            out: self.out.view(),
+            lse: self.lse.view(),
+        }
+    }
 }

@@ -1,13 +1,12 @@
 //! `wattn run --seqlens-q LQ.npy --seqlens-k LK.npy`: varlen attention on packed Q, K, V.
 
-use super::{MAX_CHECK_PAIRS, RunArgs, check_outputs, check_ranks, common_dtype, in_storage, max_abs_diff};
+use super::{MAX_CHECK_PAIRS, OnGpu, RunArgs, check_outputs, check_ranks, common_dtype, in_storage, max_abs_diff};
 use crate::attention::varlen::{self, SeqLens};
-use crate::attention::{AttentionBuffers, AttentionOptions, AttentionShape};
+use crate::attention::{AttentionOptions, AttentionShape};
 use crate::cli::npy;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::flash::FlashConfig;
-use crate::tensor::Tensor;
 use std::path::Path;
 
 pub(super) fn run(args: &RunArgs, options: &AttentionOptions, dtype_override: Option<DType>) -> Result<()> {
@@ -61,25 +60,15 @@ pub(super) fn run(args: &RunArgs, options: &AttentionOptions, dtype_override: Op
     let ctx = args.adapter.context()?;
     let longest = AttentionShape { n_q: seqlens.max_q().max(1), n_k: seqlens.max_k().max(1), ..shape };
     let config = FlashConfig::for_shape(&ctx, &longest, dtype, options.causal).0;
-    let q_gpu = Tensor::from_f32(&ctx, &q_shape, &q_data, dtype)?;
-    let k_gpu = Tensor::from_f32(&ctx, &k_shape, &k_data, dtype)?;
-    let v_gpu = Tensor::from_f32(&ctx, &v_shape, &v_data, dtype)?;
-    let out_gpu = Tensor::zeros(&ctx, &shape.out_shape(), dtype)?;
-    let lse_gpu = Tensor::zeros(&ctx, &shape.lse_shape(), DType::F32)?;
-    let bufs = AttentionBuffers {
-        q: q_gpu.view(),
-        k: k_gpu.view(),
-        v: v_gpu.view(),
-        out: out_gpu.view(),
-        lse: lse_gpu.view(),
-    };
+    let gpu = OnGpu::upload(&ctx, [(&q_shape, &q_data), (&k_shape, &k_data), (&v_shape, &v_data)], &shape, dtype)?;
+    let bufs = gpu.buffers();
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
     varlen::encode(&ctx, &mut encoder, &bufs, &seqlens, None, options, &config)?;
     let start = std::time::Instant::now();
     ctx.submit_and_wait(encoder)?;
     let gpu_time = start.elapsed();
-    let out = out_gpu.to_f32(&ctx)?;
-    let lse = lse_gpu.to_f32(&ctx)?;
+    let out = gpu.out.to_f32(&ctx)?;
+    let lse = gpu.lse.to_f32(&ctx)?;
 
     // As the dense path: the inputs' rank, every file staged before any is committed.
     let skip = if batched { 0 } else { 1 };
