@@ -289,4 +289,17 @@ mod tests {
         assert!(both.visible(4, 4, 1, 0, 3, 0) && !both.visible(4, 4, 1, 0, 3, 1) && !both.visible(4, 4, 1, 0, 0, 1));
         assert!(both.visible(4, 4, 0, 1, 0, 3));
     }
+
+    #[test]
+    fn causal_moves_to_each_sequences_corner() {
+        // Sequences of 2 x 5 (query i at key position i + 3), 4 x 3 (at i - 1) and 4 x 5,
+        // the longest lengths: a mask each for 4 x 5, causal to the sequence's own lengths.
+        let seqlens = SeqLens::new(&[2, 4, 4], &[5, 3, 5]).unwrap();
+        let placed = Masks::one(Mask::causal()).in_corners(&seqlens);
+        assert_eq!((placed.batch, placed.heads), (3, 1));
+        let sees = |s: usize, i: usize| (0..5).filter(|&j| placed.visible(4, 5, s, 0, i, j)).collect::<Vec<_>>();
+        assert_eq!((sees(0, 0), sees(0, 1), sees(0, 2)), (vec![0, 1, 2, 3], vec![0, 1, 2, 3, 4], vec![]));
+        assert_eq!((sees(1, 0), sees(1, 1), sees(1, 3)), (vec![], vec![0], vec![0, 1, 2]));
+        assert_eq!((sees(2, 0), sees(2, 3)), (vec![0, 1], vec![0, 1, 2, 3, 4]));
+    }
 }
