@@ -122,6 +122,21 @@ pub fn attention_varlen(
     seqlens: &SeqLens,
     options: &AttentionOptions,
 ) -> ReferenceOutput {
+    attention_varlen_masked(q, k, v, shape, seqlens, options, |_, _, _, _| true)
+}
+
+/// [`attention_varlen`] where query `i` of sequence `s`, query head `h` also needs
+/// `mask(s, h, i, j)` to see key `j`, both indices within the sequence (each sequence run
+/// alone through [`attention_masked`]).
+pub fn attention_varlen_masked(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: &AttentionShape,
+    seqlens: &SeqLens,
+    options: &AttentionOptions,
+    mask: impl Fn(usize, usize, usize, usize) -> bool,
+) -> ReferenceOutput {
     let AttentionShape { q_heads, kv_heads, n_q: total_q, n_k: total_k, d_qk, d_v, .. } = *shape;
     // Rows `rows` of every head of a packed [1, heads, total, width] tensor.
     fn rows_of<T: Copy>(x: &[T], heads: usize, total: usize, rows: &Range<usize>, width: usize) -> Vec<T> {
@@ -137,7 +152,7 @@ pub fn attention_varlen(
             rows_of(k, kv_heads, total_k, &keys, d_qk),
             rows_of(v, kv_heads, total_k, &keys, d_v),
         );
-        let want = attention(&q_s, &k_s, &v_s, &alone, options);
+        let want = attention_masked(&q_s, &k_s, &v_s, &alone, options, |_, h, i, j| mask(s, h, i, j));
         for h in 0..q_heads {
             let (row, n) = (h * total_q + queries.start, queries.len());
             out[row * d_v..(row + n) * d_v].copy_from_slice(&want.out[h * n * d_v..(h + 1) * n * d_v]);

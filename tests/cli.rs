@@ -2,8 +2,8 @@
 //! .npy writer and reader, independent of `wattn::cli::npy`), results compared with the f64
 //! reference (block-sparse runs with their masks written out here as plain predicates),
 //! `wattn tune` and what `wattn info` then reports, the backward (`--grad`) against the
-//! reference gradients, varlen runs (`--seqlens-q`, `--seqlens-k`) against the reference per
-//! sequence, and every kind of bad input refused with one line and no output file.
+//! reference gradients, varlen runs (`--seqlens-q`, `--seqlens-k`, with the mask flags per
+//! sequence) against the reference per sequence, and every kind of bad input refused with one line and no output file.
 
 mod common;
 
@@ -396,48 +396,176 @@ fn mask_line(stderr: &str) -> &str {
     stderr.lines().find(|l| l.starts_with("wattn run: block mask")).unwrap_or_else(|| panic!("no mask line:\n{stderr}"))
 }
 
+/// One varlen `wattn run` on random packed 3-D inputs: sequences of `lengths` (queries,
+/// keys), files in `dtype`, `heads` (Hq, Hkv) and head dims `dims` (Dqk, Dv), the flags
+/// `args` and the mask files `files` (flag, .npy bytes), with `--check`. O and LSE are
+/// compared, sequence by sequence, with the f64 reference where query `i` of sequence `s`,
+/// head `h` also needs `sees(s, h, i, j)` to see key `j` (indices within the sequence).
+/// Returns what the run printed (stdout, stderr) and the O and LSE it wrote.
+#[allow(clippy::too_many_arguments)]
+fn check_varlen(
+    name: &str,
+    lengths: (&[u32], &[u32]),
+    dtype: DType,
+    heads: (usize, usize),
+    dims: (usize, usize),
+    options: &AttentionOptions,
+    args: &[&str],
+    files: &[(&str, Vec<u8>)],
+    sees: impl Fn(usize, usize, usize, usize) -> bool,
+) -> (String, String, Vec<f32>, Vec<f32>) {
+    let s = Scratch::new(name);
+    let seqlens = wattn::SeqLens::new(lengths.0, lengths.1).unwrap();
+    let (total_q, total_k) = (seqlens.total_q(), seqlens.total_k());
+    let shape = AttentionShape {
+        batch: 1,
+        q_heads: heads.0,
+        kv_heads: heads.1,
+        n_q: total_q,
+        n_k: total_k,
+        d_qk: dims.0,
+        d_v: dims.1,
+    };
+    let mut rng = Rng::new(name.len() as u64 * 31);
+    let mut read = Vec::new();
+    for (file, dims) in [
+        ("q.npy", [heads.0, total_q, dims.0]),
+        ("k.npy", [heads.1, total_k, dims.0]),
+        ("v.npy", [heads.1, total_k, dims.1]),
+    ] {
+        let data = rng.normal_vec(dims.iter().product());
+        s.write_array(file, dtype, &dims, &data);
+        read.push(quantize(&data, dtype));
+    }
+    let to_i32 = |n: &[u32]| n.iter().map(|&n| n as i32).collect::<Vec<i32>>();
+    s.write("lq.npy", &lengths_npy(&to_i32(lengths.0), false));
+    s.write("lk.npy", &lengths_npy(&to_i32(lengths.1), true));
+    let mut argv: Vec<String> = vec!["run".into(), "--check".into()];
+    argv.extend(args.iter().map(|a| a.to_string()));
+    for (flag, file) in
+        [("q", "q"), ("k", "k"), ("v", "v"), ("out", "out"), ("lse", "lse"), ("seqlens-q", "lq"), ("seqlens-k", "lk")]
+    {
+        argv.extend([format!("--{flag}"), s.arg(&format!("{file}.npy"))]);
+    }
+    for (flag, bytes) in files {
+        s.write(&format!("{flag}.npy"), bytes);
+        argv.extend([format!("--{flag}"), s.arg(&format!("{flag}.npy"))]);
+    }
+    let run = wattn(&argv);
+    let (stdout, stderr) = (text(&run.stdout), text(&run.stderr));
+    assert!(run.status.success(), "{name}: wattn run failed:\n{stderr}");
+    let (max_q, max_k) = (seqlens.max_q(), seqlens.max_k());
+    let summary = format!("varlen {} sequences, longest {max_q} x {max_k}", seqlens.len());
+    assert!(stderr.contains(&summary), "{name}: {stderr}");
+    let (o_tol, lse_tol) = match dtype {
+        DType::F32 => (1e-5, 1e-5),
+        DType::F16 => (2e-3, 1e-4),
+    };
+    assert_check_line(&stdout, o_tol);
+
+    let want = wattn::reference::attention_varlen_masked(&read[0], &read[1], &read[2], &shape, &seqlens, options, sees);
+    let (o_shape, out) = read_f32_npy(&s.path("out.npy"));
+    let (lse_shape, lse) = read_f32_npy(&s.path("lse.npy"));
+    assert_eq!((o_shape, lse_shape), (vec![heads.0, total_q, dims.1], vec![heads.0, total_q]), "{name}");
+    let (o_err, lse_err) = (max_abs_err(&out, &want.out), max_abs_err(&lse, &want.lse));
+    eprintln!("{name}: max error O {o_err:.2e}, LSE {lse_err:.2e}");
+    assert!(o_err <= o_tol && lse_err <= lse_tol, "{name}: O error {o_err}, LSE error {lse_err}");
+    let mut expected_files: Vec<String> =
+        ["k.npy", "lk.npy", "lq.npy", "lse.npy", "out.npy", "q.npy", "v.npy"].map(String::from).into();
+    expected_files.extend(files.iter().map(|(flag, _)| format!("{flag}.npy")));
+    expected_files.sort();
+    assert_eq!(s.files(), expected_files, "{name}: stray files");
+    (stdout, stderr, out, lse)
+}
+
 /// Packed 3-D inputs of sequences of 5 x 3, 0 x 4, 6 x 0 (rows that see nothing) and 1 x 9
 /// queries x keys, lengths in int32 and uint32, every dense option; O and LSE packed.
 #[test]
 fn varlen_runs_each_sequence_alone_with_every_option() {
-    let s = Scratch::new("varlen");
-    let (seqlens_q, seqlens_k) = ([5, 0, 6, 1], [3, 4, 0, 9]);
-    let seqlens = wattn::SeqLens::new(&seqlens_q.map(|n| n as u32), &seqlens_k.map(|n| n as u32)).unwrap();
-    let shape = AttentionShape { batch: 1, q_heads: 4, kv_heads: 2, n_q: 12, n_k: 16, d_qk: 24, d_v: 8 };
-    let mut rng = Rng::new(12);
-    let mut read = Vec::new();
-    for (file, dims) in [("q.npy", [4, 12, 24]), ("k.npy", [2, 16, 24]), ("v.npy", [2, 16, 8])] {
-        let data = rng.normal_vec(dims.iter().product());
-        s.write_array(file, DType::F16, &dims, &data);
-        read.push(quantize(&data, DType::F16));
-    }
-    s.write("lq.npy", &lengths_npy(&seqlens_q, false));
-    s.write("lk.npy", &lengths_npy(&seqlens_k, true));
-    let mut args: Vec<String> =
-        ["run", "--causal", "--window", "6,-1", "--sinks", "1", "--softcap", "3", "--check"].map(String::from).into();
-    for (flag, file) in
-        [("q", "q"), ("k", "k"), ("v", "v"), ("out", "out"), ("lse", "lse"), ("seqlens-q", "lq"), ("seqlens-k", "lk")]
-    {
-        args.extend([format!("--{flag}"), s.arg(&format!("{file}.npy"))]);
-    }
-    let run = wattn(&args);
-    let (stdout, stderr) = (text(&run.stdout), text(&run.stderr));
-    assert!(run.status.success(), "wattn run failed:\n{stderr}");
-    assert!(stderr.contains("varlen 4 sequences, longest 6 x 9"), "{stderr}");
-    assert_check_line(&stdout, 2e-3);
-
     let options = AttentionOptions { causal: true, window: (6, -1), sinks: 1, softcap: 3.0, ..Default::default() };
-    let want = wattn::reference::attention_varlen(&read[0], &read[1], &read[2], &shape, &seqlens, &options);
-    let (o_shape, out) = read_f32_npy(&s.path("out.npy"));
-    let (lse_shape, lse) = read_f32_npy(&s.path("lse.npy"));
-    assert_eq!((o_shape, lse_shape), (vec![4, 12, 8], vec![4, 12]));
-    let (o_err, lse_err) = (max_abs_err(&out, &want.out), max_abs_err(&lse, &want.lse));
-    assert!(o_err <= 2e-3 && lse_err <= 1e-4, "O error {o_err}, LSE error {lse_err}");
+    let args = ["--causal", "--window", "6,-1", "--sinks", "1", "--softcap", "3"];
+    let lengths: (&[u32], &[u32]) = (&[5, 0, 6, 1], &[3, 4, 0, 9]);
+    let (_, _, out, lse) =
+        check_varlen("varlen", lengths, DType::F16, (4, 2), (24, 8), &options, &args, &[], |_, _, _, _| true);
     // The third sequence (rows 5..11 of each head) has no keys: LSE -inf, O zeros.
     for h in 0..4 {
         assert!(lse[h * 12 + 5..h * 12 + 11].iter().all(|&x| x == f32::NEG_INFINITY), "head {h}: {lse:?}");
         assert!(out[(h * 12 + 5) * 8..(h * 12 + 11) * 8].iter().all(|&x| x == 0.0), "head {h}");
     }
+}
+
+/// Varlen with a per-sequence, per-head element mask (a padded batch: each sequence's
+/// top-left corner of [S, Hq, longest Nq, longest Nk]) and document ids packed like K, causal
+/// bottom-right per sequence: sequences with more keys than queries, more queries than keys
+/// (queries before the first key see nothing), no keys, one query and one key.
+#[test]
+fn varlen_mask_per_sequence_and_head_with_packed_document_ids() {
+    let (lq, lk): (&[u32], &[u32]) = (&[20, 33, 1, 6, 1], &[35, 21, 0, 6, 1]);
+    let (max_q, max_k, heads) = (33, 35, 2);
+    let bits = random_bits(&mut Rng::new(21), lq.len() * heads * max_q * max_k, 0.75);
+    // Sequence 0: documents of 10, 1 and 24 keys; sequence 1: runs of 8 (ids restart per
+    // sequence); sequence 3: one document; sequence 4: its only key.
+    let per_sequence: [Vec<i32>; 5] = [
+        (0..35)
+            .map(|p| {
+                if p < 10 {
+                    0
+                } else if p < 11 {
+                    2
+                } else {
+                    5
+                }
+            })
+            .collect(),
+        (0..21).map(|p| p / 8).collect(),
+        Vec::new(),
+        vec![7; 6],
+        vec![0],
+    ];
+    let ids: Vec<i32> = per_sequence.concat();
+    let files = [
+        ("mask", mask_npy(&[lq.len(), heads, max_q, max_k], &bits, true)),
+        ("doc-ids", npy_bytes("<i4", false, &[ids.len()], &i32_le(&ids))),
+    ];
+    let sees = |s: usize, h: usize, i: usize, j: usize| {
+        bits[((s * heads + h) * max_q + i) * max_k + j] && same_document(&per_sequence[s], lq[s] as usize, i, j)
+    };
+    let (_, stderr, _, lse) = check_varlen(
+        "varlen-mask-docs",
+        (lq, lk),
+        DType::F32,
+        (heads, 1),
+        (32, 16),
+        &AttentionOptions::causal(),
+        &["--causal"],
+        &files,
+        sees,
+    );
+    let line = mask_line(&stderr);
+    assert!(line.contains("33 x 35") && line.contains("density"), "{line}");
+    assert!(stderr.contains("block-sparse mask [5, 2, 33, 35] & doc-ids [63]"), "{stderr}");
+    // Sequence 1 (rows 20..52) has 12 more queries than keys: its first 12 queries see nothing.
+    assert!(lse[20..32].iter().all(|&x| x == f32::NEG_INFINITY), "{:?}", &lse[20..53]);
+}
+
+/// Varlen prefix-LM (each sequence's first keys, causal after, bottom-right per sequence)
+/// with a window, a mask broadcast to every sequence and head, and small blocks drawn.
+#[test]
+fn varlen_prefix_lm_with_a_window_a_broadcast_mask_and_small_blocks() {
+    let (lq, lk): (&[u32], &[u32]) = (&[17, 1, 30, 9], &[17, 12, 26, 40]);
+    let (max_q, max_k, prefix) = (30, 40, 5);
+    let bits = random_bits(&mut Rng::new(4), max_q * max_k, 0.8);
+    let options = AttentionOptions { window: (10, -1), ..Default::default() };
+    let sees = |s: usize, _: usize, i: usize, j: usize| {
+        let diagonal = i as i64 + lk[s] as i64 - lq[s] as i64;
+        bits[i * max_k + j] && (j < prefix || j as i64 <= diagonal)
+    };
+    let files = [("mask", mask_npy(&[max_q, max_k], &bits, false))];
+    let args = ["--prefix", "5", "--window", "10,-1", "--block-size", "8,16", "--show-mask"];
+    let (_, stderr, _, _) =
+        check_varlen("varlen-prefix", (lq, lk), DType::F32, (2, 2), (16, 16), &options, &args, &files, sees);
+    let line = mask_line(&stderr);
+    assert!(line.contains("30 x 40") && line.contains("blocks of 8x16"), "{line}");
 }
 
 #[test]
@@ -984,12 +1112,80 @@ fn bad_varlen_inputs_are_refused() {
         &["--seqlens-q and --seqlens-k go together"],
     );
     refused(
-        "varlen-mask",
+        "varlen-grad",
         |s, f| {
             lengths(s, f, &lengths_npy(&[1, 3], false), &lengths_npy(&[6, 0], false));
-            f.insert("prefix", "2".into());
+            f32_file(s, "do.npy", &[2, 4, 8]);
+            for (flag, file) in [("grad", "do.npy"), ("dq", "dq.npy"), ("dk", "dk.npy"), ("dv", "dv.npy")] {
+                f.insert(flag, s.arg(file));
+            }
         },
-        &["--prefix does not go with --seqlens-q"],
+        &["--grad does not go with --seqlens-q", "forward only"],
+    );
+}
+
+#[test]
+fn bad_varlen_mask_inputs_are_refused() {
+    // The valid inputs pack 4 queries and 6 keys per head: sequences of 1 x 2 and 3 x 4.
+    let packed = |s: &Scratch, f: &mut Flags| {
+        s.write("lq.npy", &lengths_npy(&[1, 3], false));
+        s.write("lk.npy", &lengths_npy(&[2, 4], false));
+        f.insert("seqlens-q", s.arg("lq.npy"));
+        f.insert("seqlens-k", s.arg("lk.npy"));
+    };
+    let mask = |shape: &'static [usize]| {
+        move |s: &Scratch, f: &mut Flags| {
+            packed(s, f);
+            s.write("m.npy", &mask_npy(shape, &vec![true; shape.iter().product()], false));
+            f.insert("mask", s.arg("m.npy"));
+        }
+    };
+    // The packed problem's [Nq, Nk] is not the varlen layout: the longest sequence's 3 x 4 is.
+    let layout = ["m.npy", "does not broadcast to [S, Hq, Nq, Nk] = [2, 2, 3, 4]", "top-left corner"];
+    refused("varlen-mask-packed", mask(&[4, 6]), &layout);
+    refused("varlen-mask-sequences", mask(&[3, 1, 3, 4]), &layout);
+    refused("varlen-mask-heads", mask(&[2, 3, 3, 4]), &layout);
+    refused(
+        "varlen-mask-float",
+        |s, f| {
+            packed(s, f);
+            f32_file(s, "m.npy", &[3, 4]);
+            f.insert("mask", s.arg("m.npy"));
+        },
+        &["m.npy", "'<f4' is not supported: use bool or uint8"],
+    );
+    let ids = |shape: &'static [usize], values: &'static [i32]| {
+        move |s: &Scratch, f: &mut Flags| {
+            packed(s, f);
+            s.write("ids.npy", &npy_bytes("<i4", false, shape, &i32_le(values)));
+            f.insert("doc-ids", s.arg("ids.npy"));
+        }
+    };
+    refused("varlen-ids-length", ids(&[4], &[0, 0, 1, 1]), &["ids.npy", "do not fit 6 packed keys", "[total_k]"]);
+    refused("varlen-ids-2d", ids(&[2, 3], &[0, 0, 0, 1, 1, 1]), &["ids.npy", "do not fit 6 packed keys"]);
+    // Ids restart per sequence (key 2 starts sequence 1), but within one they must not decrease.
+    refused(
+        "varlen-ids-order",
+        ids(&[6], &[3, 3, 0, 1, 1, 0]),
+        &["ids.npy", "sequence 1: document ids must be non-decreasing", "ids[3] = 0 follows ids[2] = 1"],
+    );
+    refused("varlen-ids-negative", ids(&[6], &[0, 0, 0, -2, 0, 0]), &["ids.npy", ">= 0", "index 3"]);
+    refused(
+        "varlen-ids-float",
+        |s, f| {
+            packed(s, f);
+            f32_file(s, "ids.npy", &[6]);
+            f.insert("doc-ids", s.arg("ids.npy"));
+        },
+        &["ids.npy", "use int32"],
+    );
+    refused(
+        "varlen-block-size",
+        |s, f| {
+            packed(s, f);
+            f.insert("block-size", "32,33".into());
+        },
+        &["multiple of 4"],
     );
 }
 

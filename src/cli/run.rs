@@ -7,11 +7,12 @@ mod varlen;
 use super::AdapterArgs;
 use super::npy::{self, NpyArray};
 use crate::attention::backward::{self, GradientBuffers};
-use crate::attention::{AttentionBuffers, AttentionOptions, AttentionShape};
+use crate::attention::{AttentionBuffers, AttentionOptions, AttentionShape, SeqLens};
 use crate::context::Context;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::flash::{self, FlashConfig};
+use crate::mask::BlockMask;
 use crate::tensor::Tensor;
 use block_sparse::SparseInputs;
 use std::path::{Path, PathBuf};
@@ -55,13 +56,18 @@ pub struct RunArgs {
     #[arg(long)]
     pub check: bool,
     /// Block-sparse: an element mask, bool or uint8, [Nq, Nk] or [B|1, Hq|1, Nq, Nk]; true = attend.
+    /// Varlen: [S|1, Hq|1, Nq, Nk] or [Nq, Nk] of the longest sequence's lengths, a padded
+    /// batch: sequence s reads the top-left corner its lengths cover.
     #[arg(long, value_name = "MASK.npy")]
     pub mask: Option<PathBuf>,
     /// Block-sparse: the document of each key position, int32 [Nk] or [B, Nk], non-decreasing
     /// (packed sequences); a query sees the keys of the document at its own position (bottom-right).
+    /// Varlen: int32 [total Nk], packed like K and split per sequence (non-decreasing within
+    /// each), positions aligned to each sequence's own lengths.
     #[arg(long, value_name = "IDS.npy")]
     pub doc_ids: Option<PathBuf>,
-    /// Block-sparse: prefix-LM, the first P keys visible to every query, causal after.
+    /// Block-sparse: prefix-LM, the first P keys visible to every query, causal after
+    /// (varlen: each sequence's first P keys, causal within it).
     #[arg(long, value_name = "P")]
     pub prefix: Option<usize>,
     /// Block-sparse: the kernel's tiles, which are the mask's blocks [default: the adapter's flash config].
@@ -72,7 +78,7 @@ pub struct RunArgs {
     pub show_mask: bool,
     /// Varlen: the query length of each sequence packed along Q's sequence axis, int32 or
     /// uint32 [S], summing to Nq; each sequence attends only to its own keys, every option
-    /// per sequence. O and LSE are packed like Q. Needs --seqlens-k.
+    /// and mask flag per sequence (forward only). O and LSE are packed like Q. Needs --seqlens-k.
     #[arg(long, value_name = "LQ.npy")]
     pub seqlens_q: Option<PathBuf>,
     /// Varlen: the key length of each sequence packed along K's and V's sequence axis,
@@ -148,18 +154,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         Some(d) => d,
         None => common_dtype(&q, &k, &v)?,
     };
-    let sparse = SparseInputs::read(
-        args.mask.as_deref(),
-        args.doc_ids.as_deref(),
-        args.prefix,
-        args.block_size.as_deref(),
-        &shape,
-    )?;
-    if args.show_mask && sparse.is_none() {
-        return Err(Error::Option(
-            "--show-mask draws a block mask: give --mask, --doc-ids, --prefix or --block-size".into(),
-        ));
-    }
+    let sparse = read_sparse(&args, &shape, None)?;
     let pairs = [shape.batch, shape.q_heads, shape.n_q, shape.n_k].iter().fold(1usize, |a, &b| a.saturating_mul(b));
     if args.check && pairs > MAX_CHECK_PAIRS {
         return Err(Error::Option(format!(
@@ -172,16 +167,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let ctx = args.adapter.context()?;
     // The masks hold the dense options too, so that the kernel skips the tiles they hide.
     let masks = sparse.as_ref().map(|s| s.masks(&options));
-    // Block masks run on the preset with their blocks as tiles; dense runs on what is tuned
-    // for the shape, else the preset.
-    let config = match &sparse {
-        Some(s) => {
-            let preset = FlashConfig::for_adapter(&ctx);
-            preset.fitted_to_block(ctx.limits(), &shape, s.block_size(preset.block_size()))
-        }
-        None => FlashConfig::for_shape(&ctx, &shape, dtype, options.causal).0,
-    };
-    config.check(ctx.limits(), &shape)?;
+    let config = flash_config(&ctx, sparse.as_ref(), &shape, dtype, &options)?;
     let block_mask = masks.as_ref().map(|m| m.block_mask(shape.n_q, shape.n_k, config.block_size())).transpose()?;
     let gpu_mask = block_mask.as_ref().map(|m| m.upload(&ctx)).transpose()?;
     let gpu = OnGpu::upload(&ctx, [(&q_shape, &q_data), (&k_shape, &k_data), (&v_shape, &v_data)], &shape, dtype)?;
@@ -241,10 +227,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         gpu_time.as_secs_f64() * 1e3
     );
     if let Some(mask) = &block_mask {
-        // The drawing's first line gives the size, the blocks and the density.
-        let drawing = mask.to_string();
-        let shown = if args.show_mask { drawing.as_str() } else { drawing.lines().next().unwrap_or_default() };
-        eprintln!("wattn run: {}", shown.trim_end());
+        report_mask(mask, args.show_mask);
     }
 
     if args.check {
@@ -270,6 +253,47 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The block-sparse flags read and checked against `shape` (and the packed `sequences`),
+/// or `None` when none is given.
+fn read_sparse(args: &RunArgs, shape: &AttentionShape, sequences: Option<&SeqLens>) -> Result<Option<SparseInputs>> {
+    let (mask, doc_ids, block_size) = (args.mask.as_deref(), args.doc_ids.as_deref(), args.block_size.as_deref());
+    let sparse = SparseInputs::read(mask, doc_ids, args.prefix, block_size, shape, sequences)?;
+    if args.show_mask && sparse.is_none() {
+        return Err(Error::Option(
+            "--show-mask draws a block mask: give --mask, --doc-ids, --prefix or --block-size".into(),
+        ));
+    }
+    Ok(sparse)
+}
+
+/// The kernel's configuration for `shape` (varlen: the longest sequence's), checked. Block
+/// masks run on the preset with their blocks as tiles; dense runs on what is tuned for the
+/// shape, else the preset.
+fn flash_config(
+    ctx: &Context,
+    sparse: Option<&SparseInputs>,
+    shape: &AttentionShape,
+    dtype: DType,
+    options: &AttentionOptions,
+) -> Result<FlashConfig> {
+    let config = match sparse {
+        Some(s) => {
+            let preset = FlashConfig::for_adapter(ctx);
+            preset.fitted_to_block(ctx.limits(), shape, s.block_size(preset.block_size()))
+        }
+        None => FlashConfig::for_shape(ctx, shape, dtype, options.causal).0,
+    };
+    config.check(ctx.limits(), shape)?;
+    Ok(config)
+}
+
+/// Prints the block mask's summary line (size, blocks, density), or with `show` its drawing.
+fn report_mask(mask: &BlockMask, show: bool) {
+    let drawing = mask.to_string();
+    let shown = if show { drawing.as_str() } else { drawing.lines().next().unwrap_or_default() };
+    eprintln!("wattn run: {}", shown.trim_end());
 }
 
 /// The backward's output paths [dQ, dK, dV] when `--grad` asks for it; the four flags go together.

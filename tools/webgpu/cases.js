@@ -1,11 +1,12 @@
 // The attention kernels run on small problems and judged against reference.js: the flash
 // forward (dense, causal with nQ > nK, a window with sinks and softcap, GQA with
-// Dqk != Dv, a block mask) on every tile preset, split-KV decode + combine, and combine
-// alone. Uniform structs are filled from the manifest's layouts by member name; grids and
-// buffers follow the Rust host (src/attention/flash.rs, src/kv/decode.rs,
+// Dqk != Dv, a block mask) on every tile preset, its varlen variants (packed sequences,
+// judged sequence by sequence), split-KV decode + combine, and combine alone. Uniform
+// structs are filled from the manifest's layouts by member name; grids and buffers follow
+// the Rust host (src/attention/flash.rs, src/attention/varlen.rs, src/kv/decode.rs,
 // src/kv/combine.rs, src/mask/gpu.rs).
 
-import { judge, merge, judgeMerge } from './reference.js';
+import { judge, judgeVarlen, merge, judgeMerge } from './reference.js';
 import { tilesOf } from './shared.js';
 
 // flash_fwd.wgsl's pass flags: one pass walks every key (the Rust host splits the keys into
@@ -69,9 +70,15 @@ function layoutOf(variant, name) {
 
 const STORAGE = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
 
+/**
+ * A buffer holding `data`, its size rounded up to whole vec4 words as the Rust host's tensors
+ * are: the kernels read rows of a head dim that is not a multiple of 4 by whole words, so the
+ * last row's last word would otherwise lie partly past the end (robust access then reads
+ * something else there).
+ */
 function buffer(device, data, usage = STORAGE) {
   const bytes = data instanceof ArrayBuffer ? data : data.buffer;
-  const b = device.createBuffer({ size: Math.max(16, Math.ceil(bytes.byteLength / 4) * 4), usage });
+  const b = device.createBuffer({ size: Math.max(16, Math.ceil(bytes.byteLength / 16) * 16), usage });
   device.queue.writeBuffer(b, 0, bytes);
   return b;
 }
@@ -189,7 +196,10 @@ function blockMaskWords(p, maskBatch, maskHeads, bq, bk) {
   };
 }
 
-/** Runs the flash variant on problem `p`; returns { out, lse }. */
+/**
+ * Runs the flash variant on problem `p`; returns { out, lse }. A varlen problem (see
+ * varlenProblem) runs packed: `p.nQ` and `p.nK` are the packed lengths, `p.packed` the rest.
+ */
 async function runFlash(device, variant, pipeline, p) {
   const c = variant.constants;
   const params = {
@@ -206,14 +216,16 @@ async function runFlash(device, variant, pipeline, p) {
     scale: p.scale,
     softcap: p.softcap,
     key_begin: 0,
-    key_end: p.nK,
+    key_end: p.packed ? p.packed.maxK : p.nK,
     pass_flags: FIRST_PASS | LAST_PASS,
   };
   let blockMask = new Uint32Array(8); // the dense variant never reads it, but its layout has it
   if (c.BLOCK_SPARSE) {
-    const { header, words } = blockMaskWords(p, p.maskBatch, p.maskHeads, c.BLOCK_Q, c.BLOCK_K);
+    const grid = p.packed ? p.packed.maskGrid : p;
+    const { header, words } = blockMaskWords(grid, p.maskBatch, p.maskHeads, c.BLOCK_Q, c.BLOCK_K);
     blockMask = packStruct(layoutOf(variant, 'block_mask'), header, words, 'block_mask');
   }
+  const queryBlocks = p.packed ? varlenQueryBlocks(p.packed, c.BLOCK_Q) : null;
   const rows = p.batch * p.qHeads * p.nQ;
   const out = sentinel(device, rows * p.dV);
   const lse = sentinel(device, rows);
@@ -226,9 +238,11 @@ async function runFlash(device, variant, pipeline, p) {
     lse,
     state: buffer(device, new Float32Array(4)), // one pass: never touched
     block_mask: buffer(device, blockMask),
-    query_blocks: buffer(device, new Uint32Array(8)), // varlen only: dense variants never read it
+    query_blocks: buffer(device, queryBlocks ?? new Uint32Array(8)), // varlen only: dense variants never read it
   };
-  const grid = [Math.ceil(p.nQ / c.BLOCK_Q), p.qHeads, p.batch];
+  const grid = queryBlocks
+    ? varlenGrid(device, queryBlocks.length / QUERY_BLOCK_WORDS, p.qHeads)
+    : [Math.ceil(p.nQ / c.BLOCK_Q), p.qHeads, p.batch];
   const [o, l] = await dispatch(device, [[variant, pipeline, buffers, grid]], [out, lse]);
   return { out: o.subarray(0, rows * p.dV), lse: l.subarray(0, rows) };
 }
@@ -502,6 +516,7 @@ export function caseList(device, variants) {
       runs.push(['flash_fwd', name, [v], async ([pipeline]) => judge(p, await runFlash(device, v, pipeline, p))]);
     }
   }
+  runs.push(...varlenRuns(device, variants, runs.length));
   const [combine] = byConstants(variants, 'combine', {});
   // Each decode case on the dense kernel, and those whose slots are in stream order also on
   // the paged one (f32 pool, pages of 4 tokens in a shuffled order).
@@ -560,4 +575,103 @@ async function combineAlone(device, combine, [pipeline]) {
   const [o, l] = await dispatch(device, [step], [out, lse]);
   const got = { out: o.subarray(0, rows * dim), lse: l.subarray(0, rows) };
   return judgeMerge(merge(partialOut, partialLse, splits, rows, dim), got);
+}
+
+// ---------------------------------------------------------------------------------------
+// Varlen: sequences packed along the sequence axis of one batch (src/attention/varlen.rs),
+// every option per sequence (causal bottom-right to each sequence's own lengths), judged
+// sequence by sequence against the reference on that sequence alone.
+
+/**
+ * A varlen problem: `spec` (with `seqlensQ` and `seqlensK`, one entry per sequence) packed
+ * into one batch of `sum(seqlensQ)` queries and `sum(seqlensK)` keys; `packed` holds the
+ * lengths, each sequence's first rows, the longest lengths and, for a block mask (whose
+ * batch axis is the sequence, for the longest lengths, each sequence reading its top-left
+ * corner), the grid it is built on.
+ */
+function varlenProblem(spec) {
+  const { seqlensQ, seqlensK } = spec;
+  const sum = (xs) => xs.reduce((a, b) => a + b, 0);
+  const starts = (xs) => xs.map((_, s) => sum(xs.slice(0, s)));
+  const p = problem({ ...spec, batch: 1, nQ: sum(seqlensQ), nK: sum(seqlensK) });
+  const [maxQ, maxK] = [Math.max(...seqlensQ), Math.max(...seqlensK)];
+  p.packed = { seqlensQ, seqlensK, qStarts: starts(seqlensQ), kStarts: starts(seqlensK), maxQ, maxK };
+  p.packed.maskGrid = { nQ: maxQ, nK: maxK, mask: spec.mask };
+  if (spec.blockSparse) p.maskBatch = seqlensQ.length;
+  return p;
+}
+
+// The u32 words of one QueryBlock (flash_fwd.wgsl).
+const QUERY_BLOCK_WORDS = 6;
+
+/**
+ * The QueryBlock table of src/attention/varlen.rs for blocks of `blockQ` rows, flattened:
+ * per block its sequence, its index within the sequence, the sequence's first query and key
+ * rows and its lengths; the longest work first (by keys, then later blocks first), as the host
+ * orders them. A sequence without queries has no block.
+ */
+function varlenQueryBlocks(packed, blockQ) {
+  const blocks = [];
+  packed.seqlensQ.forEach((nQ, s) => {
+    const nK = packed.seqlensK[s];
+    for (let b = 0; b < Math.ceil(nQ / blockQ); b++) blocks.push([s, b, packed.qStarts[s], packed.kStarts[s], nQ, nK]);
+  });
+  blocks.sort((a, b) => b[5] - a[5] || b[1] - a[1]);
+  return Uint32Array.from(blocks.flat());
+}
+
+/** The varlen grid of src/attention/flash.rs: (query block, head) pairs in x, wrapped into z. */
+function varlenGrid(device, blocks, heads) {
+  const pairs = blocks * heads;
+  const x = Math.min(Math.max(pairs, 1), device.limits.maxComputeWorkgroupsPerDimension);
+  return [x, 1, Math.ceil(pairs / x)];
+}
+
+// Per sequence, a pattern with partial and empty tiles, true beyond the sequence's lengths
+// too (the kernel must stay inside each sequence's corner).
+function varlenMask(s, _h, i, j) {
+  return (i + 2 * j + s) % 7 !== 0 && !(j >= 8 + s && j < 20 + s);
+}
+
+// Each case packs a sequence of 1 query and 1 key, one with no keys (rows that see nothing:
+// zeros, LSE -inf), one without queries, and sequences with more queries than keys and
+// more keys than queries.
+const VARLEN_CASES = [
+  {
+    name: 'varlen causal GQA 4/2, 6 sequences (1x1, 5x0, 40x23, 9x50, 0x4, 70x70) d64',
+    qHeads: 4, kvHeads: 2, dQk: 64, window: [-1, 0],
+    seqlensQ: [1, 5, 40, 9, 0, 70], seqlensK: [1, 0, 23, 50, 4, 70],
+  },
+  {
+    name: 'varlen window (7,2) sinks 2 softcap 3, 4 sequences (33x20, 1x45, 12x0, 1x1) dqk 37 dv 21',
+    dQk: 37, dV: 21, window: [7, 2], sinks: 2, softcap: 3,
+    seqlensQ: [33, 1, 12, 1], seqlensK: [20, 45, 0, 1],
+  },
+  {
+    name: 'varlen causal block mask per sequence, 4 sequences (30x40, 1x1, 17x0, 45x33) d64',
+    dQk: 64, window: [-1, 0], seqlensQ: [30, 1, 17, 45], seqlensK: [40, 1, 0, 33],
+    blockSparse: true, mask: varlenMask, maskHeads: 1,
+  },
+];
+
+/** The varlen runs: each case on every admitted f32 varlen variant of its head dims. */
+function varlenRuns(device, variants, seed) {
+  const runs = [];
+  for (const [n, spec] of VARLEN_CASES.entries()) {
+    const p = varlenProblem({ seed: seed + n + 1, ...spec });
+    const candidates = byConstants(variants, 'flash_fwd', {
+      DQK_PAD: pad16(p.dQk),
+      DV_PAD: pad16(p.dV),
+      ALIGNED: p.dQk % 4 === 0 && p.dV % 4 === 0,
+      QK_TAIL: pad16(p.dQk) !== p.dQk,
+      BLOCK_SPARSE: !!spec.blockSparse,
+      VARLEN: true,
+    }).filter((v) => !v.subgroups || isOneSubgroup(device, v));
+    if (candidates.length === 0) runs.push(['flash_fwd', spec.name, [], async () => 'no admitted varlen variant']);
+    for (const v of candidates) {
+      const name = `${spec.name} | preset ${presetOf(v)} ${constantsText(v)}`;
+      runs.push(['flash_fwd', name, [v], async ([pipeline]) => judgeVarlen(p, await runFlash(device, v, pipeline, p))]);
+    }
+  }
+  return runs;
 }

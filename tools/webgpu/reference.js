@@ -172,3 +172,40 @@ export function judgeMerge(want, got) {
   }
   return failures.length ? failures.join('; ') : null;
 }
+
+/**
+ * A varlen result (O and LSE packed like Q, see cases.js varlenProblem) judged sequence by
+ * sequence with `judge` against the reference on that sequence alone: its own lengths (so
+ * causal and windows align bottom-right to them), its own keys, its corner of `p.mask`
+ * (indexed by sequence). Every row is compared, so one written in another sequence's place,
+ * or not written (NaN), fails. Returns null, or each failing sequence with what failed.
+ */
+export function judgeVarlen(p, got) {
+  const { seqlensQ, seqlensK, qStarts, kStarts } = p.packed;
+  // Rows `start..start + n` of every head of a packed [heads, total, width] array.
+  const rows = (x, heads, total, start, n, width) => {
+    const part = new Float64Array(heads * n * width);
+    for (let h = 0; h < heads; h++) {
+      part.set(x.subarray((h * total + start) * width, (h * total + start + n) * width), h * n * width);
+    }
+    return part;
+  };
+  const failures = [];
+  for (let s = 0; s < seqlensQ.length; s++) {
+    const [nQ, nK, q0, k0] = [seqlensQ[s], seqlensK[s], qStarts[s], kStarts[s]];
+    if (nQ === 0) continue;
+    const alone = {
+      ...p,
+      nQ,
+      nK,
+      q: rows(p.q, p.qHeads, p.nQ, q0, nQ, p.dQk),
+      k: rows(p.k, p.kvHeads, p.nK, k0, nK, p.dQk),
+      v: rows(p.v, p.kvHeads, p.nK, k0, nK, p.dV),
+      mask: p.mask && ((_b, h, i, j) => p.mask(s, h, i, j)),
+    };
+    const gotAlone = { out: rows(got.out, p.qHeads, p.nQ, q0, nQ, p.dV), lse: rows(got.lse, p.qHeads, p.nQ, q0, nQ, 1) };
+    const failed = judge(alone, gotAlone);
+    if (failed) failures.push(`sequence ${s} (${nQ}x${nK}): ${failed}`);
+  }
+  return failures.length ? failures.join('; ') : null;
+}

@@ -1,8 +1,15 @@
 //! `wattn run`'s block-sparse inputs (`--mask`, `--doc-ids`, `--prefix`, `--block-size`):
 //! read, checked against the attention shape, and combined with the dense options into one
 //! [`Mask`] per (batch, head), so that the kernel skips every tile none of them needs.
+//!
+//! With packed sequences (varlen) the batch axis of the masks is the sequence, and every
+//! flag means per sequence what it means for a dense batch: `--doc-ids` are packed along the
+//! keys like K and split per sequence, `--prefix` is each sequence's first keys, and causal
+//! and windows align to each sequence's own lengths. The block mask of a varlen launch is for
+//! the longest sequence's lengths, each sequence reading its top-left corner; `--mask` is
+//! given in that layout (a padded batch, padding at the end).
 
-use crate::attention::{AttentionOptions, AttentionShape};
+use crate::attention::{AttentionOptions, AttentionShape, SeqLens};
 use crate::cli::npy;
 use crate::error::{Error, Result};
 use crate::mask::{BlockMask, BlockSize, Mask};
@@ -18,6 +25,8 @@ pub struct SparseInputs {
     block: Option<BlockSize>,
     /// For the summary line: what was given, e.g. "mask [2, 1, 8, 8] & doc-ids [8]".
     description: String,
+    /// Varlen: the packed sequences, which are the masks' batch.
+    sequences: Option<SeqLens>,
 }
 
 /// Masks for `batch` x `heads` (batch-major); an axis of 1 broadcasts.
@@ -48,6 +57,28 @@ impl Masks {
         BlockMask::build(&self.masks, self.batch, self.heads, n_q, n_k, block)
     }
 
+    /// Masks written for each sequence's own lengths (the batch axis is the sequence),
+    /// rewritten for the longest sequence's lengths, as a varlen block mask has them:
+    /// sequence `s` sees in the top-left corner of its new mask what it saw at its own
+    /// lengths. Masks that align to the lengths (causal, windows, documents) differ in the
+    /// corner otherwise, so these are evaluated element by element.
+    fn in_corners(&self, seqlens: &SeqLens) -> Masks {
+        let (max_q, max_k) = (seqlens.max_q(), seqlens.max_k());
+        let masks = (0..seqlens.len() * self.heads).map(|n| {
+            let (s, h) = (n / self.heads, n % self.heads);
+            let (n_q, n_k) = (seqlens.queries(s).len(), seqlens.keys(s).len());
+            let mask = self.get(s, h);
+            if (n_q, n_k) == (max_q, max_k) {
+                mask.clone()
+            } else if n_q == 0 || n_k == 0 {
+                Mask::key_prefix(0) // nothing to see
+            } else {
+                Mask::from_fn(max_q, max_k, |i, j| mask.visible(n_q, n_k, i, j))
+            }
+        });
+        Masks { masks: masks.collect(), batch: seqlens.len(), heads: self.heads }
+    }
+
     /// Visible where both are, per (batch, head), broadcasting each where it broadcasts.
     fn and(&self, other: &Masks) -> Masks {
         let (batch, heads) = (self.batch.max(other.batch), self.heads.max(other.heads));
@@ -60,7 +91,8 @@ impl Masks {
 }
 
 impl SparseInputs {
-    /// Reads the files the flags name and checks them against `shape`; `None` when no
+    /// Reads the files the flags name and checks them against `shape` (for packed
+    /// sequences, the packed tensors' shape and the `sequences`); `None` when no
     /// block-sparse flag is given.
     pub fn read(
         mask: Option<&Path>,
@@ -68,14 +100,18 @@ impl SparseInputs {
         prefix: Option<usize>,
         block_size: Option<&str>,
         shape: &AttentionShape,
+        sequences: Option<&SeqLens>,
     ) -> Result<Option<Self>> {
         if mask.is_none() && doc_ids.is_none() && prefix.is_none() && block_size.is_none() {
             return Ok(None);
         }
         let block = block_size.map(parse_block_size).transpose()?;
         let mut parts = Vec::new();
-        let elements = mask.map(|path| read_mask(path, shape, &mut parts)).transpose()?;
-        let documents = doc_ids.map(|path| read_documents(path, shape, &mut parts)).transpose()?;
+        let elements = mask.map(|path| read_mask(path, shape, sequences, &mut parts)).transpose()?;
+        let documents = match sequences {
+            None => doc_ids.map(|path| read_documents(path, shape, &mut parts)).transpose()?,
+            Some(seqlens) => doc_ids.map(|path| read_packed_documents(path, seqlens, &mut parts)).transpose()?,
+        };
         if let Some(p) = prefix {
             parts.push(format!("prefix-LM {p}"));
         }
@@ -83,7 +119,7 @@ impl SparseInputs {
         if let Some(b) = block {
             description += &format!(" blocks {b}");
         }
-        Ok(Some(Self { elements, documents, prefix, block, description }))
+        Ok(Some(Self { elements, documents, prefix, block, description, sequences: sequences.cloned() }))
     }
 
     /// `--block-size`, or the tiles of the adapter's flash configuration.
@@ -96,35 +132,57 @@ impl SparseInputs {
     }
 
     /// The masks of the run: the element mask, the documents, the prefix-LM and the dense
-    /// options (causal, window, sinks), all of them required.
+    /// options (causal, window, sinks), all of them required. For packed sequences, one per
+    /// sequence for the longest sequence's lengths ([`Masks::in_corners`]).
     pub fn masks(&self, options: &AttentionOptions) -> Masks {
         let mut combined = Masks::one(Mask::from_options(options));
         if let Some(p) = self.prefix {
             combined = combined.and(&Masks::one(Mask::prefix_lm(p)));
         }
-        for part in [&self.documents, &self.elements].into_iter().flatten() {
-            combined = combined.and(part);
+        if let Some(documents) = &self.documents {
+            combined = combined.and(documents);
+        }
+        // What aligns to each sequence's lengths moves to its corner; element masks are
+        // already given there, and a mask that aligns to nothing is the same in every corner.
+        let aligned = options.effective_window() != (-1, -1) || self.prefix.is_some() || self.documents.is_some();
+        if let (Some(seqlens), true) = (&self.sequences, aligned) {
+            combined = combined.in_corners(seqlens);
+        }
+        if let Some(elements) = &self.elements {
+            combined = combined.and(elements);
         }
         combined
     }
 }
 
-/// `--mask`: bool or uint8, `[Nq, Nk]` or `[B or 1, Hq or 1, Nq, Nk]`.
-fn read_mask(path: &Path, shape: &AttentionShape, parts: &mut Vec<String>) -> Result<Masks> {
+/// `--mask`: bool or uint8, `[Nq, Nk]` or `[B or 1, Hq or 1, Nq, Nk]`; for packed
+/// sequences `[S or 1, Hq or 1, Nq, Nk]` of the longest sequence's lengths.
+fn read_mask(
+    path: &Path,
+    shape: &AttentionShape,
+    sequences: Option<&SeqLens>,
+    parts: &mut Vec<String>,
+) -> Result<Masks> {
     let array = npy::read_bools(path)?;
-    let (n_q, n_k) = (shape.n_q, shape.n_k);
+    let (batch_axis, all, n_q, n_k) = match sequences {
+        None => ("B", shape.batch, shape.n_q, shape.n_k),
+        Some(seqlens) => ("S", seqlens.len(), seqlens.max_q(), seqlens.max_k()),
+    };
     let (batch, heads) = match array.shape[..] {
         [q, k] if (q, k) == (n_q, n_k) => (1, 1),
-        [b, h, q, k] if (b == 1 || b == shape.batch) && (h == 1 || h == shape.q_heads) && (q, k) == (n_q, n_k) => {
-            (b, h)
-        }
+        [b, h, q, k] if (b == 1 || b == all) && (h == 1 || h == shape.q_heads) && (q, k) == (n_q, n_k) => (b, h),
         _ => {
+            let corner = if sequences.is_some() {
+                " of the longest sequence's lengths (each sequence reads its top-left corner)"
+            } else {
+                ""
+            };
             return Err(in_file(
                 path,
                 format!(
-                    "mask shape {:?} does not broadcast to [B, Hq, Nq, Nk] = [{}, {}, {n_q}, {n_k}]: \
-                 use [Nq, Nk] or [B or 1, Hq or 1, Nq, Nk]",
-                    array.shape, shape.batch, shape.q_heads
+                    "mask shape {:?} does not broadcast to [{batch_axis}, Hq, Nq, Nk] = [{all}, {}, {n_q}, {n_k}]: \
+                     use [Nq, Nk] or [{batch_axis} or 1, Hq or 1, Nq, Nk]{corner}",
+                    array.shape, shape.q_heads
                 ),
             ));
         }
@@ -151,24 +209,49 @@ fn read_documents(path: &Path, shape: &AttentionShape, parts: &mut Vec<String>) 
             ));
         }
     };
-    if let Some(p) = array.data.iter().position(|&id| id < 0) {
-        return Err(in_file(path, format!("document ids must be >= 0, got {} at index {p}", array.data[p])));
+    parts.push(format!("doc-ids {:?}", array.shape));
+    let batches: Vec<&[i32]> = array.data.chunks(n_k).collect();
+    documents(path, &array.data, &batches, if batch > 1 { "batch" } else { "" })
+}
+
+/// `--doc-ids` for packed sequences: int32 `[total_k]` (or `[1, total_k]`), packed along the
+/// keys like K, each sequence's ids non-negative and non-decreasing.
+fn read_packed_documents(path: &Path, seqlens: &SeqLens, parts: &mut Vec<String>) -> Result<Masks> {
+    let array = npy::read_i32(path)?;
+    let total_k = seqlens.total_k();
+    if !matches!(array.shape[..], [k] | [1, k] if k == total_k) {
+        return Err(in_file(
+            path,
+            format!(
+                "document ids of shape {:?} do not fit {total_k} packed keys: use [total_k], packed like K",
+                array.shape
+            ),
+        ));
     }
     parts.push(format!("doc-ids {:?}", array.shape));
-    let masks = array
-        .data
-        .chunks(n_k)
+    let sequences: Vec<&[i32]> = (0..seqlens.len()).map(|s| &array.data[seqlens.keys(s)]).collect();
+    documents(path, &array.data, &sequences, "sequence")
+}
+
+/// One documents mask per slice of `path`'s ids `all`; errors name the slice by `word` and
+/// its index ("batch 1", "sequence 3"), or not at all for an empty `word`.
+fn documents(path: &Path, all: &[i32], slices: &[&[i32]], word: &str) -> Result<Masks> {
+    if let Some(p) = all.iter().position(|&id| id < 0) {
+        return Err(in_file(path, format!("document ids must be >= 0, got {} at index {p}", all[p])));
+    }
+    let masks: Vec<Mask> = slices
+        .iter()
         .enumerate()
-        .map(|(b, ids)| {
+        .map(|(n, ids)| {
             let ids: Vec<u32> = ids.iter().map(|&id| id as u32).collect();
             Mask::documents(&ids).map_err(|e| match e {
-                Error::Option(why) if batch > 1 => in_file(path, format!("batch {b}: {why}")),
+                Error::Option(why) if !word.is_empty() => in_file(path, format!("{word} {n}: {why}")),
                 Error::Option(why) => in_file(path, why),
                 other => other,
             })
         })
         .collect::<Result<_>>()?;
-    Ok(Masks { masks, batch, heads: 1 })
+    Ok(Masks { batch: masks.len(), masks, heads: 1 })
 }
 
 fn in_file(path: &Path, detail: String) -> Error {
@@ -205,5 +288,18 @@ mod tests {
         // Batch 1, head 0: causal and key 0 only; batch 0, head 1: everything.
         assert!(both.visible(4, 4, 1, 0, 3, 0) && !both.visible(4, 4, 1, 0, 3, 1) && !both.visible(4, 4, 1, 0, 0, 1));
         assert!(both.visible(4, 4, 0, 1, 0, 3));
+    }
+
+    #[test]
+    fn causal_moves_to_each_sequences_corner() {
+        // Sequences of 2 x 5 (query i at key position i + 3), 4 x 3 (at i - 1) and 4 x 5,
+        // the longest lengths: a mask each for 4 x 5, causal to the sequence's own lengths.
+        let seqlens = SeqLens::new(&[2, 4, 4], &[5, 3, 5]).unwrap();
+        let placed = Masks::one(Mask::causal()).in_corners(&seqlens);
+        assert_eq!((placed.batch, placed.heads), (3, 1));
+        let sees = |s: usize, i: usize| (0..5).filter(|&j| placed.visible(4, 5, s, 0, i, j)).collect::<Vec<_>>();
+        assert_eq!((sees(0, 0), sees(0, 1), sees(0, 2)), (vec![0, 1, 2, 3], vec![0, 1, 2, 3, 4], vec![]));
+        assert_eq!((sees(1, 0), sees(1, 1), sees(1, 3)), (vec![], vec![0], vec![0, 1, 2]));
+        assert_eq!((sees(2, 0), sees(2, 3)), (vec![0, 1], vec![0, 1, 2, 3, 4]));
     }
 }

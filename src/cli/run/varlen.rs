@@ -1,12 +1,15 @@
-//! `wattn run --seqlens-q LQ.npy --seqlens-k LK.npy`: varlen attention on packed Q, K, V.
+//! `wattn run --seqlens-q LQ.npy --seqlens-k LK.npy`: varlen attention on packed Q, K, V,
+//! with the dense options and the block-sparse flags per sequence (see `block_sparse`).
 
-use super::{MAX_CHECK_PAIRS, OnGpu, RunArgs, check_outputs, check_ranks, common_dtype, in_storage, max_abs_diff};
+use super::{
+    MAX_CHECK_PAIRS, OnGpu, RunArgs, check_outputs, check_ranks, common_dtype, flash_config, in_storage, max_abs_diff,
+    read_sparse, report_mask,
+};
 use crate::attention::varlen::{self, SeqLens};
 use crate::attention::{AttentionOptions, AttentionShape};
 use crate::cli::npy;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::flash::FlashConfig;
 use std::path::Path;
 
 pub(super) fn run(args: &RunArgs, options: &AttentionOptions, dtype_override: Option<DType>) -> Result<()> {
@@ -15,20 +18,10 @@ pub(super) fn run(args: &RunArgs, options: &AttentionOptions, dtype_override: Op
             "--seqlens-q and --seqlens-k go together: the query and the key length of each packed sequence".into(),
         ));
     };
-    let others = [
-        ("--mask", args.mask.is_some()),
-        ("--doc-ids", args.doc_ids.is_some()),
-        ("--prefix", args.prefix.is_some()),
-        ("--block-size", args.block_size.is_some()),
-        ("--show-mask", args.show_mask),
-        ("--grad", args.grad.is_some()),
-        ("--dq", args.dq.is_some()),
-        ("--dk", args.dk.is_some()),
-        ("--dv", args.dv.is_some()),
-    ];
-    if let Some((flag, _)) = others.iter().find(|f| f.1) {
+    let backward = [("--grad", &args.grad), ("--dq", &args.dq), ("--dk", &args.dk), ("--dv", &args.dv)];
+    if let Some((flag, _)) = backward.iter().find(|f| f.1.is_some()) {
         return Err(Error::Option(format!(
-            "{flag} does not go with --seqlens-q/--seqlens-k: varlen runs take the dense options (causal, window, sinks, softcap, scale) and the forward only"
+            "{flag} does not go with --seqlens-q/--seqlens-k: varlen runs are forward only"
         )));
     }
     let mut outputs: Vec<(&str, &Path)> = vec![("--out", &args.out)];
@@ -48,6 +41,7 @@ pub(super) fn run(args: &RunArgs, options: &AttentionOptions, dtype_override: Op
         Some(d) => d,
         None => common_dtype(&q, &k, &v)?,
     };
+    let sparse = read_sparse(args, &shape, Some(&seqlens))?;
     let pairs: usize =
         (0..seqlens.len()).map(|s| shape.q_heads * seqlens.queries(s).len() * seqlens.keys(s).len()).sum();
     if args.check && pairs > MAX_CHECK_PAIRS {
@@ -58,12 +52,17 @@ pub(super) fn run(args: &RunArgs, options: &AttentionOptions, dtype_override: Op
     let (q_data, k_data, v_data) = (in_storage(q.data, dtype), in_storage(k.data, dtype), in_storage(v.data, dtype));
 
     let ctx = args.adapter.context()?;
-    let longest = AttentionShape { n_q: seqlens.max_q().max(1), n_k: seqlens.max_k().max(1), ..shape };
-    let config = FlashConfig::for_shape(&ctx, &longest, dtype, options.causal).0;
+    let (max_q, max_k) = (seqlens.max_q(), seqlens.max_k());
+    let longest = AttentionShape { n_q: max_q.max(1), n_k: max_k.max(1), ..shape };
+    let config = flash_config(&ctx, sparse.as_ref(), &longest, dtype, options)?;
+    // One mask per sequence (the batch axis) for the longest sequence's lengths.
+    let masks = sparse.as_ref().map(|s| s.masks(options));
+    let block_mask = masks.as_ref().map(|m| m.block_mask(max_q, max_k, config.block_size())).transpose()?;
+    let gpu_mask = block_mask.as_ref().map(|m| m.upload(&ctx)).transpose()?;
     let gpu = OnGpu::upload(&ctx, [(&q_shape, &q_data), (&k_shape, &k_data), (&v_shape, &v_data)], &shape, dtype)?;
     let bufs = gpu.buffers();
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
-    varlen::encode(&ctx, &mut encoder, &bufs, &seqlens, None, options, &config)?;
+    varlen::encode(&ctx, &mut encoder, &bufs, &seqlens, gpu_mask.as_ref(), options, &config)?;
     let start = std::time::Instant::now();
     ctx.submit_and_wait(encoder)?;
     let gpu_time = start.elapsed();
@@ -80,19 +79,25 @@ pub(super) fn run(args: &RunArgs, options: &AttentionOptions, dtype_override: Op
         file.commit()?;
     }
     eprintln!(
-        "wattn run: {} | Q {:?} K {:?} V {:?} {dtype}{} | varlen {} sequences, longest {} x {} | GPU {:.3} ms",
+        "wattn run: {} | Q {:?} K {:?} V {:?} {dtype}{}{} | varlen {} sequences, longest {max_q} x {max_k} | GPU {:.3} ms",
         ctx.describe(),
         q.shape,
         k.shape,
         v.shape,
         options.describe(),
+        sparse.as_ref().map_or(String::new(), |s| format!(" block-sparse {}", s.describe())),
         seqlens.len(),
-        seqlens.max_q(),
-        seqlens.max_k(),
         gpu_time.as_secs_f64() * 1e3
     );
+    if let Some(mask) = &block_mask {
+        report_mask(mask, args.show_mask);
+    }
     if args.check {
-        let want = crate::reference::attention_varlen(&q_data, &k_data, &v_data, &shape, &seqlens, options);
+        // Query i of sequence s sees key j (both within the sequence) where its corner of the mask shows it.
+        let visible =
+            |s: usize, h: usize, i: usize, j: usize| masks.as_ref().is_none_or(|m| m.visible(max_q, max_k, s, h, i, j));
+        let want =
+            crate::reference::attention_varlen_masked(&q_data, &k_data, &v_data, &shape, &seqlens, options, visible);
         println!(
             "check against the f64 CPU reference: max |O - ref| = {:.3e}, max |LSE - ref| = {:.3e}",
             max_abs_diff(&out, &want.out),
