@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Inputs, Verdict, ctx, own_device};
+use common::{Inputs, Verdict, ctx, own_device, second_ctx};
 use wattn::attention::flash;
 use wattn::tune::{Outcome, TuneRequest, tune};
 use wattn::{
@@ -214,7 +214,8 @@ fn key_passes_carry_the_softmax_state_exactly() {
 /// holding the winner makes it the configuration of its bucket, dtype and mask only.
 #[test]
 fn the_tuner_checks_times_and_saves_the_fastest_candidate() {
-    let c = ctx();
+    // A second device (see `second_ctx`): its pipelines compile beside the other tests'.
+    let c = second_ctx();
     let request = TuneRequest { seq: 70, heads: 2, d_qk: 40, d_v: 24, dtype: DType::F32, causal: true, runs: 1 };
     let result = tune(c, &request).unwrap();
     assert!(result.candidates.len() >= 2, "{:?}", result.candidates);

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Inputs, Rng, ctx, max_abs_err, own_device};
+use common::{Inputs, Rng, ctx, max_abs_err, own_device, second_ctx};
 use std::time::Instant;
 use wattn::flash;
 use wattn::mask::{BlockClass, BlockMask, BlockSize, Mask};
@@ -349,7 +349,8 @@ fn dtypes() -> Vec<DType> {
 
 #[test]
 fn random_block_patterns_at_every_density() {
-    let c = ctx();
+    // A second device (see `second_ctx`): its pipelines compile beside the other tests'.
+    let c = second_ctx();
     let block = BlockSize::new(16, 16);
     let s = shape(2, (2, 1), (200, 250), 64);
     let (q_blocks, k_blocks) = (s.n_q.div_ceil(16), s.n_k.div_ceil(16));
@@ -436,7 +437,8 @@ fn per_head_masks_in_one_launch() {
 /// sparse path visits the same tiles in the same order and masks the same elements.
 #[test]
 fn dense_options_equal_their_block_masks() {
-    let c = ctx();
+    // A second device (see `second_ctx`): its pipelines compile beside the other tests'.
+    let c = second_ctx();
     let opts = |causal, window, sinks| AttentionOptions { causal, window, sinks, ..Default::default() };
     let options = [
         opts(false, (-1, -1), 0),

@@ -4,12 +4,12 @@
 mod common;
 mod kv_model;
 
-use common::{Rng, ctx};
+use common::{Rng, ctx, second_ctx};
 use kv_model::{Harness, Model, assert_matches};
 use wattn::bench::stream::{Stream, StreamSpec};
 use wattn::kv::cache::EMPTY_SLOT;
 use wattn::kv::{DecodeOptions, EvictionPolicy, KvCache, KvCacheConfig, PositionMode, Rope, RopeLayout};
-use wattn::{DType, Error, Tensor};
+use wattn::{Context, DType, Error, Tensor};
 
 /// Tokens per step, cycled: single-token decode mostly, with chunks that attend causally to themselves.
 const STEP_SIZES: [usize; 8] = [1, 1, 2, 1, 1, 5, 1, 3];
@@ -20,23 +20,27 @@ fn config(dtype: DType, head_dim: usize, policy: EvictionPolicy, positions: Posi
 
 /// StreamingLLM with 4 sinks + a 28-token window over more than 10x the capacity, in both
 /// position modes and both dtypes: every step's output is attention over exactly the sinks
-/// and the 28 newest tokens, and the slots hold what the ring puts there.
+/// and the 28 newest tokens, and the slots hold what the ring puts there. Two tests, by
+/// dtype, on two devices, so that their pipelines compile on two cores (see `second_ctx`).
 #[test]
-fn streaming_matches_dense_attention_over_retained_tokens() {
-    let ctx = ctx();
+fn streaming_matches_dense_attention_over_retained_tokens_in_f32() {
+    let neox = PositionMode::Reindexed(Rope { base: 10000.0, layout: RopeLayout::NeoX });
+    check_streaming(ctx(), &[(DType::F32, 40, PositionMode::Absolute, 2), (DType::F32, 64, neox, 1)], 0);
+}
+
+#[test]
+fn streaming_matches_dense_attention_over_retained_tokens_in_f16() {
+    let gptj = PositionMode::Reindexed(Rope { base: 500000.0, layout: RopeLayout::Interleaved });
+    check_streaming(second_ctx(), &[(DType::F16, 32, gptj, 1), (DType::F16, 48, PositionMode::Absolute, 1)], 2);
+}
+
+/// Streams each case (dtype, head dim, positions, layers) on `ctx`, seeded from `seed`.
+fn check_streaming(ctx: &Context, cases: &[(DType, usize, PositionMode, usize)], seed: u64) {
     let (sinks, window) = (4, 28);
     let policy = EvictionPolicy::Streaming { sinks, window };
-    let neox = PositionMode::Reindexed(Rope { base: 10000.0, layout: RopeLayout::NeoX });
-    let gptj = PositionMode::Reindexed(Rope { base: 500000.0, layout: RopeLayout::Interleaved });
-    let cases = [
-        (DType::F32, 40, PositionMode::Absolute, 2),
-        (DType::F32, 64, neox, 1),
-        (DType::F16, 32, gptj, 1),
-        (DType::F16, 48, PositionMode::Absolute, 1),
-    ];
-    for (seed, &(dtype, head_dim, positions, layers)) in cases.iter().enumerate() {
+    for (n, &(dtype, head_dim, positions, layers)) in cases.iter().enumerate() {
         let config = KvCacheConfig { layers, ..config(dtype, head_dim, policy, positions) };
-        let mut h = Harness::new(ctx, config, 4, seed as u64);
+        let mut h = Harness::new(ctx, config, 4, seed + n as u64);
         let capacity = h.cache.capacity() as u64;
         let mut step = 0;
         while h.cache.seen(0) < 10 * capacity + 20 {

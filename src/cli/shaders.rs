@@ -21,6 +21,8 @@ pub struct ShadersArgs {
 }
 
 pub fn run(args: ShadersArgs) -> Result<()> {
+    // Refused before the seconds of validation below, not after.
+    let replaces_earlier = check_target(&args.emit)?;
     let keys = every_variant();
     let mut files: Vec<(String, String)> = keys
         .iter()
@@ -49,7 +51,7 @@ pub fn run(args: ShadersArgs) -> Result<()> {
     let manifest = Manifest { wattn: env!("CARGO_PKG_VERSION"), variants };
     let json = serde_json::to_string_pretty(&manifest).expect("the manifest is plain data");
     files.push((MANIFEST.to_string(), json + "\n"));
-    write_directory(&args.emit, &files)?;
+    write_directory(&args.emit, replaces_earlier, &files)?;
     println!("wrote {} shader variants and {MANIFEST} to {}", keys.len(), args.emit.display());
     Ok(())
 }
@@ -206,23 +208,36 @@ fn describe(key: &ShaderKey, source: &str, file: &str) -> Result<Variant> {
     })
 }
 
-/// Writes `files` (name, contents) as the directory `dir`, all or nothing: into a temporary
-/// directory beside it, then renamed into place. A `dir` that exists must be empty or hold
-/// an earlier emission (a manifest.json), which the new one replaces.
-fn write_directory(dir: &Path, files: &[(String, String)]) -> Result<()> {
+/// Whether `dir` may be written: it must not exist yet (in a directory that does), be
+/// empty, or hold an earlier emission (a manifest.json), which the new one replaces.
+/// Returns whether it exists.
+fn check_target(dir: &Path) -> Result<bool> {
     let fail = |detail: String| Error::File { path: dir.to_path_buf(), detail };
-    let name = dir.file_name().ok_or_else(|| fail("is not a directory name".into()))?;
-    let existing = match std::fs::read_dir(dir) {
+    if dir.file_name().is_none() {
+        return Err(fail("is not a directory name".into()));
+    }
+    match std::fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() && !dir.join(MANIFEST).is_file() {
                 return Err(fail(format!("exists and holds no {MANIFEST}: refusing to replace it")));
             }
-            true
+            Ok(true)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(e) if dir.exists() => return Err(fail(format!("is not a directory ({e})"))),
-        Err(e) => return Err(fail(e.to_string())),
-    };
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if parent.is_dir() { Ok(false) } else { Err(fail(format!("{} is not a directory", parent.display()))) }
+        }
+        Err(e) if dir.exists() => Err(fail(format!("is not a directory ({e})"))),
+        Err(e) => Err(fail(e.to_string())),
+    }
+}
+
+/// Writes `files` (name, contents) as the directory `dir` ([`check_target`]), all or
+/// nothing: into a temporary directory beside it, then renamed into place, replacing an
+/// earlier emission when `existing`.
+fn write_directory(dir: &Path, existing: bool, files: &[(String, String)]) -> Result<()> {
+    let fail = |detail: String| Error::File { path: dir.to_path_buf(), detail };
+    let name = dir.file_name().ok_or_else(|| fail("is not a directory name".into()))?;
     let beside = |suffix: &str| {
         let mut n = std::ffi::OsString::from(".");
         n.push(name);

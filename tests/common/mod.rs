@@ -8,7 +8,19 @@ use wattn::{AttentionOptions, AttentionShape, Context, DType, Tensor};
 /// The adapter every GPU test runs on. No adapter is a failure with instructions, never a skip.
 pub fn ctx() -> &'static Context {
     static CTX: OnceLock<Context> = OnceLock::new();
-    CTX.get_or_init(|| match Context::new() {
+    CTX.get_or_init(open_context)
+}
+
+/// A second device on the same adapter, for the other half of a test split in two. llvmpipe
+/// compiles a device's pipelines on its one queue thread, so two tests on one device compile
+/// one after the other; on two devices they use two cores.
+pub fn second_ctx() -> &'static Context {
+    static CTX: OnceLock<Context> = OnceLock::new();
+    CTX.get_or_init(open_context)
+}
+
+fn open_context() -> Context {
+    match Context::new() {
         Ok(c) => {
             eprintln!("wattn tests on {}", c.describe());
             c
@@ -17,7 +29,7 @@ pub fn ctx() -> &'static Context {
             "GPU tests need an adapter: {e}\n\
              Install one with `sudo apt-get install -y mesa-vulkan-drivers` or run `bash tools/ensure-adapter.sh`."
         ),
-    })
+    }
 }
 
 /// SplitMix64: small, seeded, reproducible.
