@@ -105,3 +105,18 @@ fn naive_backward_rejects_a_small_scratch() {
     let err = wattn::naive::encode_backward(c, &mut encoder, &bufs, &scratch, &o).unwrap_err().to_string();
     assert!(err.contains("needs 1024"), "{err}");
 }
+
+/// Under a loop cap its loops cannot run past, the naive backward is refused with the numbers
+/// (`wattn bench --backward` then reports it skipped with this reason).
+#[test]
+fn naive_backward_refuses_loops_past_the_cap() {
+    let c = wattn::Context::new().unwrap().with_loop_iteration_limit(100);
+    let s = shape((2, 1), (64, 64), (8, 8));
+    let x = Inputs::random(&s, DType::F32, 2);
+    let (q, k, v) = x.upload(&c, &s, DType::F32);
+    let o = AttentionOptions::default();
+    let forward = wattn::attention(&c, &q, &k, &v, &o).unwrap();
+    let err = wattn::naive::attention_backward(&c, &q, &k, &v, &forward.out, &forward.lse, &forward.out, &o);
+    let err = err.err().expect("130 iterations are past a cap of 100").to_string();
+    assert!(err.contains("130") && err.contains("100"), "{err}");
+}
