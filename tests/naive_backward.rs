@@ -103,7 +103,7 @@ fn naive_backward_rejects_a_small_scratch() {
     };
     let mut encoder = c.device().create_command_encoder(&Default::default());
     let err = wattn::naive::encode_backward(c, &mut encoder, &bufs, &scratch, &o).unwrap_err().to_string();
-    assert!(err.contains("needs 1024"), "{err}");
+    assert!(err.contains("needs 1024 and 64"), "{err}");
 }
 
 /// Under a loop cap its loops cannot run past, the naive backward is refused with the numbers

@@ -178,12 +178,15 @@ pub fn encode_backward(
 ) -> Result<()> {
     options.validate()?;
     let shape = bufs.validate(ctx)?;
-    let needed = scores_bytes(&shape);
-    let held = scratch.probs.size().min(scratch.grad_scores.size());
-    if held < needed {
-        return Err(Error::Shape(format!("naive backward scratch holds {held} bytes per matrix, needs {needed}")));
+    let needed = [scores_bytes(&shape), 4 * (shape.batch * shape.q_heads * shape.n_q) as u64];
+    let held = [scratch.probs.size().min(scratch.grad_scores.size()), scratch.deltas.size()];
+    if held[0] < needed[0] || held[1] < needed[1] {
+        return Err(Error::Shape(format!(
+            "naive backward scratch holds {} bytes per matrix and {} for D, needs {} and {}",
+            held[0], held[1], needed[0], needed[1]
+        )));
     }
-    // dv_main and dk_main walk the query rows of a whole GQA group in one invocation.
+    // The longest loops: dv_main's and dk_main's over the query rows of a whole GQA group.
     if let Some(limit) = ctx.loop_iteration_limit() {
         let group = (shape.q_heads / shape.kv_heads) as u64;
         let needed = (group * (shape.n_q as u64 + 1)).max(shape.n_k as u64).max(shape.d_qk.max(shape.d_v) as u64);
