@@ -55,7 +55,7 @@ fn attention_backward(c: &mut Criterion) {
     let mut group = c.benchmark_group("backward");
     group.sampling_mode(SamplingMode::Flat);
     for workload in criterion_workloads() {
-        let validation = backward::validate(&ctx, &workload).unwrap();
+        let (validation, _) = backward::validate(&ctx, &workload, false).unwrap();
         assert!(validation.passed(), "backward {} seq {}: {validation:?}", workload.series(), workload.shape.n_q);
         let problem = BackwardProblem::upload(&ctx, &workload).unwrap();
         timer.time(&ctx, &mut |e| problem.record_forward(&ctx, e)).unwrap();

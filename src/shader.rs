@@ -22,6 +22,8 @@ pub enum Kernel {
     FlashBackward,
     /// Materialised-scores baseline (`shaders/naive.wgsl`), for benchmarks.
     Naive,
+    /// Materialised-scores backward baseline (`shaders/naive_bwd.wgsl`), for benchmarks.
+    NaiveBackward,
     /// Split-KV decode against a KV cache (`shaders/decode.wgsl`).
     Decode,
     /// Merge of partial attention results (`shaders/combine.wgsl`).
@@ -39,6 +41,7 @@ impl Kernel {
             Kernel::FlashForward => "flash_fwd.wgsl",
             Kernel::FlashBackward => "flash_bwd.wgsl",
             Kernel::Naive => "naive.wgsl",
+            Kernel::NaiveBackward => "naive_bwd.wgsl",
             Kernel::Decode => "decode.wgsl",
             Kernel::Combine => "combine.wgsl",
             Kernel::KvCache => "kv_cache.wgsl",
@@ -52,6 +55,7 @@ impl Kernel {
             Kernel::FlashForward => include_str!("../shaders/flash_fwd.wgsl"),
             Kernel::FlashBackward => include_str!("../shaders/flash_bwd.wgsl"),
             Kernel::Naive => include_str!("../shaders/naive.wgsl"),
+            Kernel::NaiveBackward => include_str!("../shaders/naive_bwd.wgsl"),
             Kernel::Decode => include_str!("../shaders/decode.wgsl"),
             Kernel::Combine => include_str!("../shaders/combine.wgsl"),
             Kernel::KvCache => include_str!("../shaders/kv_cache.wgsl"),
@@ -69,6 +73,9 @@ impl Kernel {
                 &["params", "range", "q", "k", "v", "out", "d_out", "lse", "dq", "dk", "dv", "state", "block_mask"]
             }
             Kernel::Naive => &["params", "q", "k", "v", "out", "lse", "scores"],
+            Kernel::NaiveBackward => {
+                &["params", "q", "k", "v", "out", "d_out", "lse", "dq", "dk", "dv", "probs", "grad_scores", "deltas"]
+            }
             Kernel::Decode => {
                 &["params", "q", "k", "v", "pos", "rope_or_positions", "partial_out", "partial_lse", "logits"]
             }
@@ -89,7 +96,7 @@ impl Kernel {
         const ROWS: &str = include_str!("../shaders/shared/rows.wgsl");
         match self {
             Kernel::FlashForward | Kernel::FlashBackward => &[SOFTMAX, ATTENTION, BLOCK_MASK, ROWS],
-            Kernel::Naive => &[SOFTMAX, ATTENTION],
+            Kernel::Naive | Kernel::NaiveBackward => &[SOFTMAX, ATTENTION],
             Kernel::Decode | Kernel::Combine | Kernel::KvCache => &[SOFTMAX],
             Kernel::Peak => &[],
         }
@@ -204,7 +211,7 @@ impl ShaderKey {
 }
 
 /// Every variant the crate can build, in a stable order: the flash forward, the flash
-/// backward, the naive baseline, the KV cache, decode and combine kernels, and (with the `cli` feature, which
+/// backward, the naive baselines (forward and backward), the KV cache, decode and combine kernels, and (with the `cli` feature, which
 /// has the benchmark runner) the peak microbenchmarks. The shader tests validate each one;
 /// `wattn shaders --emit` writes them out.
 pub fn every_variant() -> Vec<ShaderKey> {

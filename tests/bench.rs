@@ -385,7 +385,7 @@ fn peak_reports_positive_ceilings() {
 }
 
 #[test]
-fn backward_bench_times_forward_and_backward_with_flash_attention_accounting() {
+fn backward_bench_times_forward_backward_and_naive_backward_with_flash_attention_accounting() {
     let dir = scratch("backward");
     let (json, csv, svg) = (dir.join("b.json"), dir.join("b.csv"), dir.join("b.svg"));
     #[rustfmt::skip]
@@ -394,7 +394,7 @@ fn backward_bench_times_forward_and_backward_with_flash_attention_accounting() {
         "--dtype", "f32", "--causal", "both", "--runs", "2",
         "--json", json.to_str().unwrap(), "--csv", csv.to_str().unwrap(), "--plot", svg.to_str().unwrap(),
     ]);
-    assert!(table.contains("bwd/fwd") && table.contains("2.5 x forward"), "{table}");
+    assert!(table.contains("bwd/fwd") && table.contains("2.5 x forward") && table.contains("speed-up"), "{table}");
     let report = read_json(&json);
     assert_provenance(&report);
     assert_eq!(report["backward_flops_per_forward"], 2.5);
@@ -410,12 +410,19 @@ fn backward_bench_times_forward_and_backward_with_flash_attention_accounting() {
             "forward_flops_per_s",
             "backward_flops_per_s",
             "backward_fraction_of_peak",
+            "naive_median_s",
+            "speedup",
+            "naive_bytes",
         ];
         assert_eq!(assert_positive(row, &figures, "point"), figures.len(), "{row}");
-        let (forward, backward) =
-            (row["forward_median_s"].as_f64().unwrap(), row["backward_median_s"].as_f64().unwrap());
-        assert!((row["backward_over_forward"].as_f64().unwrap() - backward / forward).abs() < 1e-9);
+        assert!(row["naive_skipped"].is_null(), "{row}");
         let per_s = |key: &str| row[key].as_f64().unwrap();
+        let (forward, backward) = (per_s("forward_median_s"), per_s("backward_median_s"));
+        assert!((per_s("backward_over_forward") - backward / forward).abs() < 1e-9);
+        assert!((per_s("speedup") - per_s("naive_median_s") / backward).abs() < 1e-9, "{row}");
+        // The naive backward's P and dS: two f32 matrices of 2 heads x seq x seq.
+        let seq = per_s("seq");
+        assert!(per_s("naive_bytes") >= 2.0 * 2.0 * seq * seq * 4.0, "{row}");
         let accounting = per_s("backward_flops_per_s") * backward / (per_s("forward_flops_per_s") * forward);
         assert!((accounting - 2.5).abs() < 1e-9, "the backward counts 2.5 forwards: {row}");
     }

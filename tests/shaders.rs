@@ -153,7 +153,9 @@ fn wgsl_layout(key: &ShaderKey, name: &str) -> (Vec<(String, u32)>, u32) {
 #[test]
 fn uniform_structs_match_rust() {
     let flash_key = flash::validation_keys().into_iter().next().unwrap();
-    let naive_key = naive::shader_keys().into_iter().next().unwrap();
+    let naive_keys = naive::shader_keys();
+    let naive_key = &naive_keys[0];
+    let naive_backward_key = naive_keys.iter().find(|k| k.kernel == Kernel::NaiveBackward).expect("a naive backward");
     assert_eq!(flash_key.kernel, Kernel::FlashForward);
     assert_eq!(naive_key.kernel, Kernel::Naive);
     let flash_params = rust_layout!(FlashParams {
@@ -227,7 +229,8 @@ fn uniform_structs_match_rust() {
     let pairs = [
         (&flash_key, "Params", &flash_params),
         (&varlen_key, "QueryBlock", &query_block),
-        (&naive_key, "Params", &flash_params),
+        (naive_key, "Params", &flash_params),
+        (naive_backward_key, "Params", &flash_params),
         (&backward_key, "Params", &flash_params),
         (&backward_key, "PassRange", &pass_range),
         (kv_key(Kernel::Decode), "Params", &decode_params),
@@ -276,7 +279,7 @@ fn binding_tables_match_the_shaders() {
         }
     }
     // The peak kernels belong to the benchmarks, behind the cli feature.
-    let families = if cfg!(feature = "cli") { 7 } else { 6 };
+    let families = if cfg!(feature = "cli") { 8 } else { 7 };
     assert_eq!(kernels_seen.len(), families, "every kernel family has variants: {kernels_seen:?}");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

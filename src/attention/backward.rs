@@ -106,6 +106,20 @@ pub fn attention_backward(
     options: &AttentionOptions,
     mask: Option<&BlockMask>,
 ) -> Result<Gradients> {
+    let gpu_mask = mask.map(|m| m.upload(ctx)).transpose()?;
+    let forward = [q, k, v, out, lse];
+    run_on_tensors(ctx, forward, d_out, |encoder, bufs| encode(ctx, encoder, bufs, gpu_mask.as_ref(), options))
+}
+
+/// Allocates the gradients of the forward `[q, k, v, out, lse]` (zeros, in Q's dtype), has
+/// `record` record a backward that writes them, submits it, and returns them: the tensor form
+/// of every backward's `encode`.
+pub(crate) fn run_on_tensors(
+    ctx: &Context,
+    [q, k, v, out, lse]: [&Tensor; 5],
+    d_out: &Tensor,
+    record: impl FnOnce(&mut wgpu::CommandEncoder, &GradientBuffers<'_>) -> Result<()>,
+) -> Result<Gradients> {
     let shape = AttentionShape::from_shapes(q.shape(), k.shape(), v.shape())?;
     let dtype = q.dtype();
     let gradients = Gradients {
@@ -113,7 +127,6 @@ pub fn attention_backward(
         dk: Tensor::zeros(ctx, k.shape(), dtype)?,
         dv: Tensor::zeros(ctx, v.shape(), dtype)?,
     };
-    let gpu_mask = mask.map(|m| m.upload(ctx)).transpose()?;
     let bufs = GradientBuffers {
         forward: AttentionBuffers { q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view() },
         d_out: d_out.view(),
@@ -122,7 +135,7 @@ pub fn attention_backward(
         dv: gradients.dv.view(),
     };
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
-    encode(ctx, &mut encoder, &bufs, gpu_mask.as_ref(), options)?;
+    record(&mut encoder, &bufs)?;
     ctx.queue().submit([encoder.finish()]);
     Ok(gradients)
 }

@@ -34,9 +34,11 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with_all = ["density", "pattern", "causal", "window", "config", "no_naive"])]
     pub decode: bool,
     /// The flash backward (dQ, dK, dV) instead of the forward against naive: for each point,
-    /// the forward and the backward timed on the same inputs, their ratio, and GFLOP/s with
-    /// FlashAttention's accounting (backward = 2.5 x forward FLOPs). The grid flags apply.
-    #[arg(long, conflicts_with_all = ["decode", "density", "pattern", "config", "no_naive"])]
+    /// the forward and the backward timed on the same inputs, their ratio, GFLOP/s with
+    /// FlashAttention's accounting (backward = 2.5 x forward FLOPs), and the speed-up over a
+    /// naive materialised backward where its two N x N matrices fit (--no-naive: not timed).
+    /// The grid flags apply.
+    #[arg(long, conflicts_with_all = ["decode", "density", "pattern", "config"])]
     pub backward: bool,
     /// A server's decode step: --requests requests (seeded, lengths log-uniform from 128 to
     /// --max-len) in one paged launch (f32 and int8 pools, int8 also with K per channel) against
@@ -395,6 +397,7 @@ fn run_backward(args: &BenchArgs) -> Result<()> {
         repeats: args.repeats(),
         budget_s: (args.budget > 0.0).then_some(args.budget),
         peak_flops: peak.as_ref().map(|p| p.fma_f32.rate),
+        naive: !args.no_naive,
     };
     let points = backward::run(&ctx, &timer, &workloads, &settings, &mut |done, total, w| {
         progress.show(done, total, &format!("backward {} seq {}", w.series(), seq_label(w.shape.n_q)));
@@ -408,6 +411,7 @@ fn run_backward(args: &BenchArgs) -> Result<()> {
         runs,
         budget_s: settings.budget_s,
         backward_flops_per_forward: backward::BACKWARD_FLOPS_PER_FORWARD,
+        naive_baseline: settings.naive,
         peak,
         points,
     };

@@ -1,12 +1,14 @@
 // The attention kernels run on small problems and judged against reference.js: the flash
 // forward (dense, causal with nQ > nK, a window with sinks and softcap, GQA with
 // Dqk != Dv, a block mask) on every tile preset, its varlen variants (packed sequences,
-// judged sequence by sequence), split-KV decode + combine, and combine alone. Uniform
-// structs are filled from the manifest's layouts by member name; grids and buffers follow
-// the Rust host (src/attention/flash.rs, src/attention/varlen.rs, src/kv/decode.rs,
-// src/kv/combine.rs, src/mask/gpu.rs).
+// judged sequence by sequence), the flash backward (dQ, dK, dV: causal with nQ > nK, a
+// window with sinks and odd head dims, GQA with softcap, MQA with wide heads), split-KV
+// decode + combine, and combine alone. Uniform structs are filled from the manifest's
+// layouts by member name; grids and buffers follow the Rust host (src/attention/flash.rs,
+// src/attention/varlen.rs, src/attention/backward.rs, src/kv/decode.rs, src/kv/combine.rs,
+// src/mask/gpu.rs).
 
-import { judge, judgeVarlen, merge, judgeMerge } from './reference.js';
+import { attention, judge, judgeVarlen, judgeBackward, merge, judgeMerge } from './reference.js';
 import { tilesOf } from './shared.js';
 
 // flash_fwd.wgsl's pass flags: one pass walks every key (the Rust host splits the keys into
@@ -196,13 +198,9 @@ function blockMaskWords(p, maskBatch, maskHeads, bq, bk) {
   };
 }
 
-/**
- * Runs the flash variant on problem `p`; returns { out, lse }. A varlen problem (see
- * varlenProblem) runs packed: `p.nQ` and `p.nK` are the packed lengths, `p.packed` the rest.
- */
-async function runFlash(device, variant, pipeline, p) {
-  const c = variant.constants;
-  const params = {
+/** The `Params` (shared/attention.wgsl) of problem `p` in one pass over its keys. */
+function attentionParams(p) {
+  return {
     batch: p.batch,
     q_heads: p.qHeads,
     kv_heads: p.kvHeads,
@@ -219,6 +217,15 @@ async function runFlash(device, variant, pipeline, p) {
     key_end: p.packed ? p.packed.maxK : p.nK,
     pass_flags: FIRST_PASS | LAST_PASS,
   };
+}
+
+/**
+ * Runs the flash variant on problem `p`; returns { out, lse }. A varlen problem (see
+ * varlenProblem) runs packed: `p.nQ` and `p.nK` are the packed lengths, `p.packed` the rest.
+ */
+async function runFlash(device, variant, pipeline, p) {
+  const c = variant.constants;
+  const params = attentionParams(p);
   let blockMask = new Uint32Array(8); // the dense variant never reads it, but its layout has it
   if (c.BLOCK_SPARSE) {
     const grid = p.packed ? p.packed.maskGrid : p;
@@ -557,6 +564,7 @@ export function caseList(device, variants) {
     const name = 'combine of 3 partials with -inf partials and a row with none, dim 20';
     runs.push(['combine', name, [combine], (pipelines) => combineAlone(device, combine, pipelines)]);
   }
+  runs.push(...backwardRuns(device, variants, runs.length));
   return runs;
 }
 
@@ -671,6 +679,123 @@ function varlenRuns(device, variants, seed) {
     for (const v of candidates) {
       const name = `${spec.name} | preset ${presetOf(v)} ${constantsText(v)}`;
       runs.push(['flash_fwd', name, [v], async ([pipeline]) => judgeVarlen(p, await runFlash(device, v, pipeline, p))]);
+    }
+  }
+  return runs;
+}
+
+// The flash backward (flash_bwd.wgsl), as src/attention/backward.rs runs it on dense options:
+// query blocks of 32 rows and key tiles of 16, the preprocess on 64 rows per workgroup, 32
+// keys per register-tiled dK/dV workgroup (WIDE_KEYS_WG per `dkdv_wide` one), and one pass
+// each (PassRange over every (query head of the group, query block) pair, and every key).
+const BACKWARD_TILES = { BLOCK_Q: 32, BLOCK_K: 16 };
+const BACKWARD_ROW_WORKGROUP = 64;
+const BACKWARD_TILED_KEYS = 32;
+// The widest padded head dim of the register-tiled passes (TILED_DIM).
+const BACKWARD_TILED_DIM = 64;
+
+const BACKWARD_CASES = [
+  { name: 'backward causal nQ > nK 50x40 d64', nQ: 50, nK: 40, dQk: 64, window: [-1, 0] },
+  {
+    name: 'backward window (9,4) sinks 3 45x45 dqk 37 dv 21',
+    nQ: 45, nK: 45, dQk: 37, dV: 21, window: [9, 4], sinks: 3,
+  },
+  {
+    name: 'backward GQA 4/2 batch 2 softcap 2 19x33 d40',
+    batch: 2, qHeads: 4, kvHeads: 2, nQ: 19, nK: 33, dQk: 40, softcap: 2,
+  },
+  // Wide heads: one key or query row per thread (dkdv_wide, dq_wide).
+  { name: 'backward MQA 3/1 causal 40x70 d128', qHeads: 3, kvHeads: 1, nQ: 40, nK: 70, dQk: 128, window: [-1, 0] },
+];
+
+/** `x` padded with zeros to whole vec4 words: the backward reads Q, K, V and dO by words. */
+function inWords(x) {
+  const padded = new Float32Array(Math.ceil(x.length / 4) * 4);
+  padded.set(x);
+  return padded;
+}
+
+/**
+ * The backward's three dispatches on problem `p` with loss gradient `dOut`, from the forward's
+ * `forward` ({ out, lse }, natural-log LSE): preprocess, the dK/dV pass over key blocks, the
+ * dQ pass over query blocks. Returns { dq, dk, dv }.
+ */
+async function runBackward(device, variants, pipelines, p, dOut, forward) {
+  const [preprocess, dkdv, dq] = variants;
+  const rows = p.batch * p.qHeads * p.nQ;
+  const keyRows = p.batch * p.kvHeads * p.nK;
+  const qBlocks = Math.ceil(p.nQ / BACKWARD_TILES.BLOCK_Q);
+  const keysPerWorkgroup = dkdv.entry_point === 'dkdv_wide' ? dkdv.constants.WIDE_KEYS_WG : BACKWARD_TILED_KEYS;
+  const range = (variant, end) => {
+    const bytes = packStruct(layoutOf(variant, 'range'), { begin: 0, end, flags: FIRST_PASS | LAST_PASS }, null, 'range');
+    return buffer(device, bytes, GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST);
+  };
+  const gradients = { dq: sentinel(device, rows * p.dQk), dk: sentinel(device, keyRows * p.dQk) };
+  gradients.dv = sentinel(device, keyRows * p.dV);
+  const buffers = {
+    params: uniformBuffer(device, preprocess, attentionParams(p)),
+    q: buffer(device, inWords(p.q)),
+    k: buffer(device, inWords(p.k)),
+    v: buffer(device, inWords(p.v)),
+    out: buffer(device, forward.out),
+    d_out: buffer(device, inWords(dOut)),
+    lse: buffer(device, forward.lse),
+    state: buffer(device, new Float32Array(2 * rows)), // the row statistics; one pass carries nothing
+    block_mask: buffer(device, new Uint32Array(8)), // the dense variants never read it, but their layouts have it
+    ...gradients,
+  };
+  const group = p.qHeads / p.kvHeads;
+  const steps = [
+    [preprocess, pipelines[0], buffers, [Math.ceil(rows / BACKWARD_ROW_WORKGROUP), 1, 1]],
+    [dkdv, pipelines[1], { ...buffers, range: range(dkdv, group * qBlocks) }, [Math.ceil(p.nK / keysPerWorkgroup), p.kvHeads, p.batch]],
+    [dq, pipelines[2], { ...buffers, range: range(dq, p.nK) }, [qBlocks, p.qHeads, p.batch]],
+  ];
+  const [gq, gk, gv] = await dispatch(device, steps, [gradients.dq, gradients.dk, gradients.dv]);
+  return { dq: gq.subarray(0, rows * p.dQk), dk: gk.subarray(0, keyRows * p.dQk), dv: gv.subarray(0, keyRows * p.dV) };
+}
+
+/**
+ * The backward runs: each case on the f32 dense-tile variants of its head dims, once without
+ * subgroup shuffles and once with them where each pass's workgroup is exactly one subgroup
+ * (as the host picks them). The forward's O and LSE come from the f64 reference, rounded to f32.
+ */
+function backwardRuns(device, variants, seed) {
+  const runs = [];
+  for (const spec of BACKWARD_CASES) {
+    const p = problem({ seed: seed + runs.length + 1, ...spec });
+    const dOut = randomArray(p.batch * p.qHeads * p.nQ * p.dV, random(seed + 1000 + runs.length));
+    const reference = attention(p);
+    const forward = { out: Float32Array.from(reference.out), lse: Float32Array.from(reference.lse) };
+    const candidates = byConstants(variants, 'flash_bwd', {
+      ...BACKWARD_TILES,
+      DQK_PAD: pad16(p.dQk),
+      DV_PAD: pad16(p.dV),
+      ALIGNED: p.dQk % 4 === 0 && p.dV % 4 === 0,
+      BLOCK_SPARSE: false,
+    });
+    const wide = Math.max(pad16(p.dQk), pad16(p.dV)) > BACKWARD_TILED_DIM;
+    const [dkdvEntry, dqEntry] = wide ? ['dkdv_wide', 'dq_wide'] : ['dkdv_pass', 'dq_pass'];
+    const preprocess = candidates.find((v) => v.entry_point === 'preprocess');
+    const passes = [false, true].map((shuffle) =>
+      [dkdvEntry, dqEntry].map((entry) =>
+        candidates.find((v) => v.entry_point === entry && v.constants.SHUFFLE_ROWS === shuffle),
+      ),
+    );
+    const runnable = passes.filter(
+      (pair) => pair.every(Boolean) && pair.every((v) => !v.subgroups || isOneSubgroup(device, v)),
+    );
+    if (!preprocess || runnable.length === 0) {
+      runs.push(['flash_bwd', spec.name, [], async () => 'no admitted backward variant for these head dims']);
+    }
+    for (const [dkdv, dq] of preprocess ? runnable : []) {
+      const uses = [preprocess, dkdv, dq];
+      const name = `${spec.name} | ${dkdv.entry_point} ${dq.entry_point} SHUFFLE_ROWS=${dkdv.constants.SHUFFLE_ROWS}`;
+      runs.push([
+        'flash_bwd',
+        name,
+        uses,
+        async (pipelines) => judgeBackward(p, dOut, await runBackward(device, uses, pipelines, p, dOut, forward)),
+      ]);
     }
   }
   return runs;

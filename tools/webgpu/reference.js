@@ -1,7 +1,8 @@
 // Softmax attention on the CPU, written from FlashAttention's conventions (README,
 // Conventions), independent of the Rust host and the shaders: the f64 reference the
 // kernels are judged against, and the same loops rounded to f32 after every operation
-// ("plain" attention in the kernels' precision) for FlashAttention's tolerance rule.
+// ("plain" attention in the kernels' precision) for FlashAttention's tolerance rule; the
+// same for the gradients of the backward.
 
 /**
  * Whether query `i` sees key `j`: bottom-right aligned window (left, right) of the
@@ -206,6 +207,110 @@ export function judgeVarlen(p, got) {
     const gotAlone = { out: rows(got.out, p.qHeads, p.nQ, q0, nQ, p.dV), lse: rows(got.lse, p.qHeads, p.nQ, q0, nQ, 1) };
     const failed = judge(alone, gotAlone);
     if (failed) failures.push(`sequence ${s} (${nQ}x${nK}): ${failed}`);
+  }
+  return failures.length ? failures.join('; ') : null;
+}
+
+/**
+ * dQ, dK and dV of attention (as attentionRounded computes it) for the loss gradient `dOut`
+ * [B, Hq, nQ, dV], rounding every result with `round`: per row P = softmax(scores), O = P V,
+ * D = dO . O, and per visible key dP = dO . V_j, dS = P (dP - D), times 1 - tanh^2 of the
+ * capped score under a softcap; dQ += scale dS K_j, dK_j += scale dS Q, dV_j += P dO. GQA's
+ * dK and dV sum over the query heads of a KV head. Rows that see no key contribute nothing.
+ */
+function attentionBackwardRounded(p, dOut, round) {
+  const { batch, qHeads, kvHeads, nQ, nK, dQk, dV, q, k, v } = p;
+  const dq = new Float64Array(batch * qHeads * nQ * dQk);
+  const dk = new Float64Array(batch * kvHeads * nK * dQk);
+  const dv = new Float64Array(batch * kvHeads * nK * dV);
+  const group = qHeads / kvHeads;
+  const raw = new Float64Array(nK); // scale q.k, before the softcap
+  const probs = new Float64Array(nK);
+  for (let b = 0; b < batch; b++) {
+    for (let h = 0; h < qHeads; h++) {
+      const kvRows = (b * kvHeads + Math.floor(h / group)) * nK;
+      for (let i = 0; i < nQ; i++) {
+        const row = (b * qHeads + h) * nQ + i;
+        let max = -Infinity;
+        for (let j = 0; j < nK; j++) {
+          probs[j] = -Infinity;
+          if (!visible(p, i, j) || (p.mask && !p.mask(b, h, i, j))) continue;
+          let dot = 0;
+          for (let d = 0; d < dQk; d++) dot = round(dot + round(q[row * dQk + d] * k[(kvRows + j) * dQk + d]));
+          raw[j] = round(dot * p.scale);
+          const x = p.softcap > 0 ? round(p.softcap * round(Math.tanh(round(raw[j] / p.softcap)))) : raw[j];
+          probs[j] = x;
+          max = Math.max(max, x);
+        }
+        if (max === -Infinity) continue;
+        let sum = 0;
+        for (let j = 0; j < nK; j++) {
+          probs[j] = probs[j] === -Infinity ? 0 : round(Math.exp(round(probs[j] - max)));
+          sum = round(sum + probs[j]);
+        }
+        for (let j = 0; j < nK; j++) probs[j] = round(probs[j] / sum);
+        let delta = 0;
+        for (let d = 0; d < dV; d++) {
+          let o = 0;
+          for (let j = 0; j < nK; j++) {
+            if (probs[j] !== 0) o = round(o + round(probs[j] * v[(kvRows + j) * dV + d]));
+          }
+          delta = round(delta + round(dOut[row * dV + d] * o));
+        }
+        for (let j = 0; j < nK; j++) {
+          if (probs[j] === 0) continue;
+          let dp = 0;
+          for (let d = 0; d < dV; d++) dp = round(dp + round(dOut[row * dV + d] * v[(kvRows + j) * dV + d]));
+          let ds = round(probs[j] * round(dp - delta));
+          if (p.softcap > 0) {
+            const t = round(Math.tanh(round(raw[j] / p.softcap)));
+            ds = round(ds * round(1 - round(t * t)));
+          }
+          const scaled = round(ds * p.scale);
+          for (let d = 0; d < dQk; d++) {
+            dq[row * dQk + d] = round(dq[row * dQk + d] + round(scaled * k[(kvRows + j) * dQk + d]));
+            dk[(kvRows + j) * dQk + d] = round(dk[(kvRows + j) * dQk + d] + round(scaled * q[row * dQk + d]));
+          }
+          for (let d = 0; d < dV; d++) {
+            dv[(kvRows + j) * dV + d] = round(dv[(kvRows + j) * dV + d] + round(probs[j] * dOut[row * dV + d]));
+          }
+        }
+      }
+    }
+  }
+  return { dq, dk, dv };
+}
+
+/** The f64 reference gradients. */
+export function attentionBackward(p, dOut) {
+  return attentionBackwardRounded(p, dOut, exact);
+}
+
+/**
+ * FlashAttention's rule for the gradients, as the Rust backward tests apply it: each one's
+ * largest error against the f64 reference may be at most twice that of the plain f32
+ * backward, plus a floor of half an f32 rounding of the largest gradient and what
+ * recomputing the weights from an f32 LSE does to it (two roundings of exp(score - LSE),
+ * 2 eps (1 + |LSE|) relative). Returns null when `got` ({ dq, dk, dv }) passes, else what
+ * failed with the numbers.
+ */
+export function judgeBackward(p, dOut, got) {
+  const want = attentionBackward(p, dOut);
+  const plain = attentionBackwardRounded(p, dOut, Math.fround);
+  const largestLse = largestFinite(attention(p).lse);
+  const failures = [];
+  for (const what of ['dq', 'dk', 'dv']) {
+    const largest = largestFinite(want[what]);
+    const floor = (0.5 + 2 * (1 + largestLse)) * F32_EPSILON * largest;
+    const bound = 2 * maxAbsError(plain[what], want[what]) + floor;
+    const err = maxAbsError(got[what], want[what]);
+    if (!(err <= bound)) {
+      const at = worstIndex(got[what], want[what]);
+      failures.push(
+        `${what} error ${err.toExponential(2)} > bound ${bound.toExponential(2)}` +
+          ` (at ${at}: got ${got[what][at]}, want ${want[what][at]})`,
+      );
+    }
   }
   return failures.length ? failures.join('; ') : null;
 }
