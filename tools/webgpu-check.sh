@@ -17,7 +17,8 @@
 #
 # Installs what it needs when missing (Debian/Ubuntu, as root or with password-less sudo):
 # chromium, nodejs and npm; the `webgpu` package goes to tools/webgpu/node_modules.
-# WEBGPU_CHECK_TIMEOUT (seconds; default 300, 1200 with --all) bounds the browser part.
+# WEBGPU_CHECK_TIMEOUT (seconds; default 900, 2400 with --all) bounds the browser part: a
+# bound on a hung page, well above the 5 minutes SwiftShader takes to build the sample cold.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +30,7 @@ for arg in "$@"; do
     *) echo "webgpu-check: unknown argument '$arg' (use --all or --help)" >&2; exit 2 ;;
   esac
 done
-timeout_s=${WEBGPU_CHECK_TIMEOUT:-$([ "$all" = 1 ] && echo 1200 || echo 300)}
+timeout_s=${WEBGPU_CHECK_TIMEOUT:-$([ "$all" = 1 ] && echo 2400 || echo 900)}
 
 say() { echo "webgpu-check: $*"; }
 fail() { echo "webgpu-check: error: $*" >&2; exit 1; }
