@@ -57,7 +57,7 @@
 //
 // Constants come from the prelude made by src/shader.rs: Elem (f32 or f16), BLOCK_Q,
 // BLOCK_K (a multiple of 4), ROW_GROUPS, SPLIT, STAGE_KV, SHUFFLE_KV, DQK_PAD, DV_PAD (head dims rounded
-// up to 16), ALIGNED, QK_TAIL (Dqk is not a multiple of 16), BLOCK_SPARSE and VARLEN. Params, visible4() and add_nonzero_products come from shared/attention.wgsl, the row readers (q_word, k_word, v_word) from shared/rows.wgsl,
+// up to 16), ALIGNED, QK_TAIL (Dqk is not a multiple of 16), BLOCK_SPARSE and VARLEN. Params, Sequence, sequence_visible4() and add_nonzero_products come from shared/attention.wgsl, the row readers (q_word, k_word, v_word) from shared/rows.wgsl,
 // MASKED and the softmax steps (base 2) from shared/softmax.wgsl, the block mask's layout
 // and walk from shared/block_mask.wgsl, and the lane helpers (subgroup_lane, from_lane,
 // on_all_lanes) from shared/lanes_subgroup.wgsl or shared/lanes_none.wgsl.
@@ -74,13 +74,13 @@
 // The block mask (shared/block_mask.wgsl); unused by dense variants.
 @group(0) @binding(7) var<storage, read> block_mask: BlockMask;
 
-// Keep in sync with `QueryBlock` in src/attention/varlen.rs (a test compares the layouts).
+// Keep in sync with `SequenceBlock` in src/attention/varlen.rs (a test compares the layouts).
 // A query block of the varlen grid: its sequence, its block within that sequence, and the
 // sequence's first rows in the packed Q and K/V and its lengths. One binding, not a table of
 // sequences beside one of blocks: WebGPU's default limit is 8 storage buffers per stage.
-struct QueryBlock {
+struct SequenceBlock {
     sequence: u32,
-    q_block: u32,
+    block: u32,
     q_start: u32,
     k_start: u32,
     n_q: u32,
@@ -88,33 +88,13 @@ struct QueryBlock {
 }
 
 // VARLEN only (dense variants bind a stand-in they never read).
-@group(0) @binding(8) var<storage, read> query_blocks: array<QueryBlock>;
-
-// What the workgroup's rows belong to: dense, the whole problem of batch wg.z; VARLEN, one
-// packed sequence. The lengths and diagonals the kernel uses are these. A value main passes
-// on, not a private variable: WGSL's uniformity analysis takes private variables for
-// non-uniform, and the barriers of the key loop depend on the lengths.
-struct Sequence {
-    batch: u32, // the batch of Q, K and V (VARLEN: 0, the packed tensors have one)
-    mask_batch: u32, // the block mask's batch: the batch, or (VARLEN) the sequence
-    q_block: u32, // the workgroup's query block within the sequence
-    head: u32, // the workgroup's query head
-    q_start: u32, // the sequence's first query and key rows (dense: 0)
-    k_start: u32,
-    n_q: u32,
-    n_k: u32,
-}
-
-// VARLEN: the workgroup's index in the grid of (query block, head) pairs.
-fn varlen_workgroup(wg: vec3<u32>, groups_x: u32) -> u32 {
-    return wg.z * groups_x + wg.x;
-}
+@group(0) @binding(8) var<storage, read> query_blocks: array<SequenceBlock>;
 
 fn workgroup_sequence(wg: vec3<u32>, groups_x: u32) -> Sequence {
     if VARLEN {
         let x = varlen_workgroup(wg, groups_x);
         let b = query_blocks[x / params.q_heads];
-        return Sequence(0u, b.sequence, b.q_block, x % params.q_heads, b.q_start, b.k_start, b.n_q, b.n_k);
+        return Sequence(0u, b.sequence, b.block, x % params.q_heads, b.q_start, b.k_start, b.n_q, b.n_k);
     }
     return Sequence(wg.z, wg.z, wg.x, wg.y, 0u, 0u, params.n_q, params.n_k);
 }
@@ -237,7 +217,7 @@ fn main(
         return; // the sequence's last pass has written its rows
     }
     let last_pass = (params.pass_flags & LAST_PASS) != 0u || (VARLEN && params.key_end >= seq.n_k);
-    let row0 = seq.q_block * BLOCK_Q;
+    let row0 = seq.block * BLOCK_Q;
     let head = seq.head;
     let kv_head = kv_head_of(head, params.q_heads, params.kv_heads);
     let bh = seq.batch * params.q_heads + head;
@@ -298,7 +278,7 @@ fn main(
 
     // The tiles this block sees in this pass (shared/block_mask.wgsl).
     var walk = sequence_tile_walk(seq.n_q, seq.n_k, params.key_begin / BLOCK_K, params.key_end, row0, last_row,
-        seq.mask_batch, head, seq.q_block);
+        seq.mask_batch, head, seq.block);
     while next_tile(&walk) {
         let t = walk.t;
         let key0 = t * BLOCK_K;
@@ -351,13 +331,7 @@ fn main(
         if SPLIT > 1u && SHUFFLE_KV {
             // Sum the group's partial scores, in lane order for every thread of the group.
             for (var i = 0u; i < ROW_GROUPS * STEPS; i++) {
-                var total = mat4x4<f32>();
-                for (var p = 0u; p < SPLIT; p++) {
-                    let holder = group * SPLIT + p;
-                    total += mat4x4(from_lane(s[i][0], holder), from_lane(s[i][1], holder), from_lane(s[i][2], holder),
-                        from_lane(s[i][3], holder));
-                }
-                s[i] = total;
+                s[i] = split_sum(s[i], group, SPLIT);
             }
         } else if SPLIT > 1u {
             // The same through workgroup memory.

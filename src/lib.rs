@@ -46,7 +46,7 @@ pub mod internals {
     pub use crate::shader::{ConstValue, Kernel, ShaderKey, every_variant};
 }
 
-pub use attention::backward::{self, GradientBuffers, Gradients, attention_backward};
+pub use attention::backward::{self, GradientBuffers, Gradients, attention_backward, attention_varlen_backward};
 pub use attention::flash::{self, FlashConfig, KvReads};
 pub use attention::naive;
 pub use attention::tuning::{ConfigSource, TuneCache, TuneKey, TunedEntry};

@@ -137,29 +137,79 @@ pub fn attention_varlen_masked(
     options: &AttentionOptions,
     mask: impl Fn(usize, usize, usize, usize) -> bool,
 ) -> ReferenceOutput {
-    let AttentionShape { q_heads, kv_heads, n_q: total_q, n_k: total_k, d_qk, d_v, .. } = *shape;
-    // Rows `rows` of every head of a packed [1, heads, total, width] tensor.
-    fn rows_of<T: Copy>(x: &[T], heads: usize, total: usize, rows: &Range<usize>, width: usize) -> Vec<T> {
-        (0..heads).flat_map(|h| &x[(h * total + rows.start) * width..(h * total + rows.end) * width]).copied().collect()
-    }
+    let AttentionShape { q_heads, n_q: total_q, d_v, .. } = *shape;
     let mut out = vec![0.0; q_heads * total_q * d_v];
     let mut lse = vec![f64::NEG_INFINITY; q_heads * total_q];
     for s in 0..seqlens.len() {
-        let (queries, keys) = (seqlens.queries(s), seqlens.keys(s));
-        let alone = AttentionShape { batch: 1, n_q: queries.len(), n_k: keys.len(), ..*shape };
-        let (q_s, k_s, v_s) = (
-            rows_of(q, q_heads, total_q, &queries, d_qk),
-            rows_of(k, kv_heads, total_k, &keys, d_qk),
-            rows_of(v, kv_heads, total_k, &keys, d_v),
-        );
+        let (alone, [q_s, k_s, v_s]) = sequence_alone(shape, seqlens, s, [q, k, v]);
         let want = attention_masked(&q_s, &k_s, &v_s, &alone, options, |_, h, i, j| mask(s, h, i, j));
-        for h in 0..q_heads {
-            let (row, n) = (h * total_q + queries.start, queries.len());
-            out[row * d_v..(row + n) * d_v].copy_from_slice(&want.out[h * n * d_v..(h + 1) * n * d_v]);
-            lse[row..row + n].copy_from_slice(&want.lse[h * n..(h + 1) * n]);
-        }
+        let queries = seqlens.queries(s);
+        put_rows(&mut out, q_heads, total_q, &queries, d_v, &want.out);
+        put_rows(&mut lse, q_heads, total_q, &queries, 1, &want.lse);
     }
     ReferenceOutput { out, lse }
+}
+
+/// The gradients of [`attention_varlen_masked`] ([`attention_backward_masked`] of each
+/// sequence alone), packed like Q, K and V; `d_out` is packed like O.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_varlen_backward_masked(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d_out: &[f32],
+    shape: &AttentionShape,
+    seqlens: &SeqLens,
+    options: &AttentionOptions,
+    mask: impl Fn(usize, usize, usize, usize) -> bool,
+) -> ReferenceGradients {
+    let AttentionShape { q_heads, kv_heads, n_q: total_q, n_k: total_k, d_qk, d_v, .. } = *shape;
+    let mut dq = vec![0.0; q_heads * total_q * d_qk];
+    let mut dk = vec![0.0; kv_heads * total_k * d_qk];
+    let mut dv = vec![0.0; kv_heads * total_k * d_v];
+    for s in 0..seqlens.len() {
+        let (alone, [q_s, k_s, v_s]) = sequence_alone(shape, seqlens, s, [q, k, v]);
+        let (queries, keys) = (seqlens.queries(s), seqlens.keys(s));
+        let d_out_s = packed_rows(d_out, q_heads, total_q, &queries, d_v);
+        let want =
+            attention_backward_masked(&q_s, &k_s, &v_s, &d_out_s, &alone, options, |_, h, i, j| mask(s, h, i, j));
+        put_rows(&mut dq, q_heads, total_q, &queries, d_qk, &want.dq);
+        put_rows(&mut dk, kv_heads, total_k, &keys, d_qk, &want.dk);
+        put_rows(&mut dv, kv_heads, total_k, &keys, d_v, &want.dv);
+    }
+    ReferenceGradients { dq, dk, dv }
+}
+
+/// Sequence `s` of packed Q, K and V alone: its dense shape (batch 1) and its rows.
+fn sequence_alone(
+    shape: &AttentionShape,
+    seqlens: &SeqLens,
+    s: usize,
+    [q, k, v]: [&[f32]; 3],
+) -> (AttentionShape, [Vec<f32>; 3]) {
+    let AttentionShape { q_heads, kv_heads, n_q: total_q, n_k: total_k, d_qk, d_v, .. } = *shape;
+    let (queries, keys) = (seqlens.queries(s), seqlens.keys(s));
+    let alone = AttentionShape { batch: 1, n_q: queries.len(), n_k: keys.len(), ..*shape };
+    let rows = [
+        packed_rows(q, q_heads, total_q, &queries, d_qk),
+        packed_rows(k, kv_heads, total_k, &keys, d_qk),
+        packed_rows(v, kv_heads, total_k, &keys, d_v),
+    ];
+    (alone, rows)
+}
+
+/// Rows `rows` of every head of a packed `[1, heads, total, width]` tensor.
+fn packed_rows<T: Copy>(x: &[T], heads: usize, total: usize, rows: &Range<usize>, width: usize) -> Vec<T> {
+    (0..heads).flat_map(|h| &x[(h * total + rows.start) * width..(h * total + rows.end) * width]).copied().collect()
+}
+
+/// The inverse of [`packed_rows`]: `from` (`[heads, rows, width]`) into those rows of `x`.
+fn put_rows(x: &mut [f64], heads: usize, total: usize, rows: &Range<usize>, width: usize, from: &[f64]) {
+    let n = rows.len() * width;
+    for h in 0..heads {
+        let at = (h * total + rows.start) * width;
+        x[at..at + n].copy_from_slice(&from[h * n..(h + 1) * n]);
+    }
 }
 
 /// dQ `[B, Hq, Nq, Dqk]`, dK `[B, Hkv, Nk, Dqk]` and dV `[B, Hkv, Nk, Dv]` in f64.

@@ -5,15 +5,20 @@
 //! f32 LSE and a score recomputed in another order than the forward's, two roundings that
 //! move each weight by about eps (1 + |LSE|); the plain backward, which keeps one softmax,
 //! does not pay them (a row with one key gets exactly 1). Also:
-//! bit-identical reruns, NaN semantics, passes under a loop cap, reads without subgroups, and
-//! bad input.
+//! bit-identical reruns, NaN semantics, passes under a loop cap, reads without subgroups,
+//! varlen batches judged sequence by sequence, and bad input.
 
 mod common;
 
-use common::{Inputs, Rng, ctx, max_abs_err, own_device, quantize, round_to, second_ctx};
+use common::{
+    Inputs, Rng, ctx, max_abs_err, own_device, packed_shape, quantize, round_to, rows_of, second_ctx, sequence,
+    varlen_lengths,
+};
+use wattn::attention::varlen::{self, SeqLens};
 use wattn::reference::{self, ReferenceGradients};
 use wattn::{
-    AttentionOptions, AttentionShape, BlockMask, BlockSize, Context, DType, Error, FlashConfig, Gradients, Mask, Tensor,
+    AttentionBuffers, AttentionOptions, AttentionShape, BlockMask, BlockSize, Context, DType, Error, FlashConfig,
+    GradientBuffers, Gradients, Mask, Tensor, backward,
 };
 
 /// A backward problem: the forward's inputs, dO, options and an optional mask predicate
@@ -68,8 +73,10 @@ fn shape_cases() -> Vec<Case> {
 }
 
 /// Options and masks at (113, 203) and square lengths: GQA and MQA, windows, sinks, softcap,
-/// an odd head dim, block masks (documents, random partial blocks with fully masked rows), f16.
-/// f32 block masks run in the loop-cap and no-subgroup tests below.
+/// an odd head dim, f16, and block masks (documents, random partial blocks with fully masked
+/// rows) on head dims split over threads (96 and 128: two threads per row where the workgroup
+/// is one subgroup of 8, here the dK/dV pass; a row per thread in the dQ pass, whose workgroup
+/// of a 32-row block would be two). f32 and d64 block masks run in the loop-cap test below.
 fn option_cases() -> Vec<Case> {
     let mut rng = Rng::new(0xbac4_3a7d);
     let random = Mask::dense(96, 130, &(0..96 * 130).map(|_| rng.below(3) == 0).collect::<Vec<_>>()).unwrap();
@@ -81,10 +88,10 @@ fn option_cases() -> Vec<Case> {
         case(DType::F32, shape(1, (4, 2), (113, 203), (59, 59)), options(false, (20, 0), 3, 0.0), None),
         case(DType::F16, shape(1, (4, 1), (113, 203), (64, 64)), options(true, (-1, -1), 0, 1.5), None),
         case(DType::F16, shape(2, (2, 2), (150, 150), (64, 64)), options(true, (48, -1), 2, 0.0), None),
-        case(DType::F16, shape(1, (2, 1), (180, 180), (64, 64)), plain, Some(("documents & causal", docs))),
+        case(DType::F16, shape(1, (2, 1), (180, 180), (96, 128)), plain, Some(("documents & causal", docs))),
         case(
             DType::F16,
-            shape(2, (2, 1), (96, 130), (64, 64)),
+            shape(2, (2, 1), (96, 130), (96, 128)),
             options(false, (30, -1), 0, 0.0),
             Some(("random", random)),
         ),
@@ -218,38 +225,178 @@ fn check_gradients(c: &Context, cases: &[Case], seed: u64) {
         }
         let (x, d_out) = inputs(case, seed + n as u64);
         let got = read(c, &run(c, case, &x, &d_out).unwrap_or_else(|e| panic!("{}: {e}", case.label)));
-        let want = reference_of(case, &x, &d_out);
-        let plain = plain_backward(case, &x, &d_out);
-        let eps = match case.dtype {
-            DType::F32 => f32::EPSILON as f64,
-            DType::F16 => half::f16::EPSILON.to_f64(),
-        };
-        let s = &case.shape;
-        let lse = match &case.mask {
-            Some(m) => reference::attention_masked(&x.q, &x.k, &x.v, s, &case.options, |_, _, i, j| {
-                m.visible(s.n_q, s.n_k, i, j)
-            }),
-            None => reference::attention(&x.q, &x.k, &x.v, s, &case.options),
-        }
-        .lse;
-        let largest_lse = lse.iter().filter(|x| x.is_finite()).fold(0.0f64, |m, x| m.max(x.abs()));
-        let mut line = format!("{:<64}", case.label);
-        for (name, got, plain, want) in [
-            ("dQ", &got[0], &plain[0], &want.dq),
-            ("dK", &got[1], &plain[1], &want.dk),
-            ("dV", &got[2], &plain[2], &want.dv),
-        ] {
-            let largest = want.iter().fold(1.0f64, |m, x| m.max(x.abs()));
-            let (err, plain_err) = (max_abs_err(got, want), max_abs_err(plain, want));
-            let recomputed = 2.0 * f32::EPSILON as f64 * (1.0 + largest_lse);
-            let bound = 2.0 * plain_err + (0.5 * eps + recomputed) * largest;
-            line += &format!("  {name} {err:.2e} (plain {plain_err:.2e}, bound {bound:.2e})");
-            if err > bound {
-                failures.push(format!("{}: {name} error {err:.3e} above {bound:.3e}", case.label));
-            }
-        }
+        let (line, broken) = judge(case, &x, &d_out, &got);
         eprintln!("{line}  {:.1} s", start.elapsed().as_secs_f64());
+        failures.extend(broken);
     }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The errors of gradients `got` of `case` on `x` and `d_out` against the f64 reference, by
+/// the rule (see the top): a line that reports them, and the gradients that break it.
+fn judge(case: &Case, x: &Inputs, d_out: &[f32], got: &[Vec<f32>; 3]) -> (String, Vec<String>) {
+    let want = reference_of(case, x, d_out);
+    let plain = plain_backward(case, x, d_out);
+    let eps = match case.dtype {
+        DType::F32 => f32::EPSILON as f64,
+        DType::F16 => half::f16::EPSILON.to_f64(),
+    };
+    let s = &case.shape;
+    let lse = match &case.mask {
+        Some(m) => {
+            reference::attention_masked(&x.q, &x.k, &x.v, s, &case.options, |_, _, i, j| m.visible(s.n_q, s.n_k, i, j))
+        }
+        None => reference::attention(&x.q, &x.k, &x.v, s, &case.options),
+    }
+    .lse;
+    let largest_lse = lse.iter().filter(|x| x.is_finite()).fold(0.0f64, |m, x| m.max(x.abs()));
+    let mut line = format!("{:<64}", case.label);
+    let mut failures = Vec::new();
+    for (name, got, plain, want) in [
+        ("dQ", &got[0], &plain[0], &want.dq),
+        ("dK", &got[1], &plain[1], &want.dk),
+        ("dV", &got[2], &plain[2], &want.dv),
+    ] {
+        let largest = want.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+        let (err, plain_err) = (max_abs_err(got, want), max_abs_err(plain, want));
+        let recomputed = 2.0 * f32::EPSILON as f64 * (1.0 + largest_lse);
+        let bound = 2.0 * plain_err + (0.5 * eps + recomputed) * largest;
+        line += &format!("  {name} {err:.2e} (plain {plain_err:.2e}, bound {bound:.2e})");
+        if err > bound {
+            failures.push(format!("{}: {name} error {err:.3e} above {bound:.3e}", case.label));
+        }
+    }
+    (line, failures)
+}
+
+/// A varlen batch: the forward and the backward of `seqlens` packed, with `options` and, for
+/// `pattern`, a block mask per sequence (`pattern(s, i, j)`: query i of sequence s sees key
+/// j, on the longest sequence's lengths, each sequence reading its corner). Every sequence's
+/// gradients are judged against the reference on that sequence alone; rows of sequences
+/// without keys or queries must be zeros. The gradients start as NaN, so a row left
+/// unwritten, or written to another sequence's place, shows.
+#[allow(clippy::too_many_arguments)]
+fn check_varlen(
+    c: &Context,
+    what: &str,
+    seqlens: &SeqLens,
+    heads: (usize, usize),
+    dims: (usize, usize),
+    dtype: DType,
+    options: &AttentionOptions,
+    pattern: Option<fn(usize, usize, usize) -> bool>,
+    seed: u64,
+) -> Vec<String> {
+    let p = packed_shape(seqlens, heads, dims);
+    let x = Inputs::random(&p, dtype, seed);
+    let d_out = quantize(&Rng::new(seed ^ 0xd0).normal_vec(p.out_shape().iter().product()), dtype);
+    let (q, k, v) = x.upload(c, &p, dtype);
+    let nan = |dims: &[usize]| Tensor::from_f32(c, dims, &vec![f32::NAN; dims.iter().product()], dtype).unwrap();
+    let (out, lse, dq, dk, dv) = (
+        nan(&p.out_shape()),
+        Tensor::zeros(c, &p.lse_shape(), DType::F32).unwrap(),
+        nan(&p.q_shape()),
+        nan(k.shape()),
+        nan(v.shape()),
+    );
+    let d_out_t = Tensor::from_f32(c, &p.out_shape(), &d_out, dtype).unwrap();
+    let config = FlashConfig::for_adapter(c).fitted(c.limits(), &p);
+    let (max_q, max_k) = (seqlens.max_q(), seqlens.max_k());
+    let mask = pattern.map(|sees| {
+        let masks: Vec<Mask> =
+            (0..seqlens.len()).map(|s| Mask::from_fn(max_q, max_k, move |i, j| sees(s, i, j))).collect();
+        BlockMask::build(&masks, seqlens.len(), 1, max_q, max_k, config.block_size()).unwrap().upload(c).unwrap()
+    });
+    let forward = AttentionBuffers { q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view() };
+    let bufs = GradientBuffers { forward, d_out: d_out_t.view(), dq: dq.view(), dk: dk.view(), dv: dv.view() };
+    let mut encoder = c.device().create_command_encoder(&Default::default());
+    varlen::encode(c, &mut encoder, &forward, seqlens, mask.as_ref(), options, &config).unwrap();
+    backward::encode_varlen(c, &mut encoder, &bufs, seqlens, mask.as_ref(), options).unwrap();
+    c.queue().submit([encoder.finish()]);
+    let got = read(c, &Gradients { dq, dk, dv });
+
+    let mut failures = Vec::new();
+    for s in 0..seqlens.len() {
+        let (shape, inputs) = sequence(&x, &p, seqlens, s);
+        let (queries, keys) = (seqlens.queries(s), seqlens.keys(s));
+        let rows = [
+            rows_of(&got[0], p.q_heads, p.n_q, &queries, p.d_qk),
+            rows_of(&got[1], p.kv_heads, p.n_k, &keys, p.d_qk),
+            rows_of(&got[2], p.kv_heads, p.n_k, &keys, p.d_v),
+        ];
+        let label = format!("{what} sequence {s} ({} x {})", shape.n_q, shape.n_k);
+        if shape.n_q == 0 || shape.n_k == 0 {
+            if !rows.iter().flatten().all(|&x| x == 0.0) {
+                failures.push(format!("{label}: gradients of a sequence without queries or keys are not zeros"));
+            }
+            continue;
+        }
+        let case = Case {
+            label,
+            dtype,
+            shape,
+            options: *options,
+            mask: pattern.map(|sees| Mask::from_fn(shape.n_q, shape.n_k, move |i, j| sees(s, i, j))),
+        };
+        let d_out = rows_of(&d_out, p.q_heads, p.n_q, &queries, p.d_v);
+        let (line, broken) = judge(&case, &inputs, &d_out, &rows);
+        if s < 6 {
+            eprintln!("{line}");
+        }
+        failures.extend(broken);
+    }
+    failures
+}
+
+/// Every sequence of a packed batch alone, on head dims split over threads (96 and 128: two
+/// threads per row in both passes on a device whose subgroups are 8), f16, GQA: causal, and a
+/// window with sinks and softcap.
+#[test]
+fn varlen_gradients_match_each_sequence_alone() {
+    let (lq, lk) = varlen_lengths(3, 21);
+    let seqlens = SeqLens::new(&lq, &lk).unwrap();
+    let causal = AttentionOptions { causal: true, ..Default::default() };
+    let window = AttentionOptions { window: (20, -1), sinks: 2, softcap: 1.5, ..Default::default() };
+    let mut failures = Vec::new();
+    for (n, (name, options)) in [("causal", causal), ("window + sinks + softcap", window)].iter().enumerate() {
+        let what = format!("f16 H4/2 D96/128 {name}");
+        let seed = 60 + n as u64;
+        failures.extend(check_varlen(
+            second_ctx(),
+            &what,
+            &seqlens,
+            (4, 2),
+            (96, 128),
+            DType::F16,
+            options,
+            None,
+            seed,
+        ));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Under a loop cap each sequence's passes walk its own keys and pairs, and a grid capped at 6
+/// workgroups per dimension wraps the tables into z; with a block mask per sequence and
+/// without; and without subgroups, where head dims above 64 run a row per thread.
+#[test]
+fn varlen_gradients_under_a_loop_cap_with_masks_and_without_subgroups() {
+    let limits = wgpu::Limits { max_compute_workgroups_per_dimension: 6, ..ctx().limits().clone() };
+    let (device, queue) = own_device(ctx().device().features(), limits);
+    let capped = Context::from_wgpu(device, queue).with_loop_iteration_limit(3000);
+    let seqlens = SeqLens::new(&[40, 3, 90, 0, 17, 60], &[200, 0, 150, 20, 17, 60]).unwrap();
+    let options = AttentionOptions { causal: true, window: (120, -1), sinks: 4, ..Default::default() };
+    let pattern: fn(usize, usize, usize) -> bool =
+        |s, i, j| (i / 7 + j / 5 + s).is_multiple_of(3) || (i as i64 - j as i64).abs() < 4 + s as i64;
+    let mut failures = Vec::new();
+    for (what, mask) in [("capped", None), ("capped, block mask", Some(pattern))] {
+        failures.extend(check_varlen(&capped, what, &seqlens, (2, 1), (32, 32), DType::F32, &options, mask, 64));
+    }
+    let features = ctx().device().features() - wgpu::Features::SUBGROUP;
+    let (device, queue) = own_device(features, ctx().limits().clone());
+    let plain = Context::from_wgpu(device, queue);
+    let what = "no subgroups, D80/72";
+    failures.extend(check_varlen(&plain, what, &seqlens, (4, 2), (80, 72), DType::F32, &options, None, 65));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -291,7 +438,8 @@ fn passes_under_a_loop_cap_match_one_pass() {
 }
 
 /// Without subgroups the register-tiled passes read the other side's rows straight from
-/// memory (the path of devices whose workgroups are not one subgroup): the same gradients.
+/// memory (the path of devices whose workgroups are not one subgroup), and head dims above 64
+/// run a row per thread: gradients within the rule, with a block mask and without.
 #[test]
 fn passes_without_subgroups_match_the_reference() {
     let features = ctx().device().features() - wgpu::Features::SUBGROUP;
@@ -299,43 +447,36 @@ fn passes_without_subgroups_match_the_reference() {
     let plain = Context::from_wgpu(device, queue);
     assert!(!plain.capabilities().subgroups);
     let docs = Mask::document_lengths(&[70, 60]).unwrap() & Mask::causal();
-    for mask in [None, Some(("documents & causal", docs))] {
-        let case = case(DType::F32, shape(1, (4, 2), (130, 130), (32, 32)), options(false, (40, -1), 2, 0.0), mask);
-        let (x, d_out) = inputs(&case, 15);
-        let got = read(&plain, &run(&plain, &case, &x, &d_out).unwrap());
-        let shuffled = read(ctx(), &run(ctx(), &case, &x, &d_out).unwrap());
-        let want = reference_of(&case, &x, &d_out);
-        for (name, (a, b), want) in [
-            ("dQ", (&got[0], &shuffled[0]), &want.dq),
-            ("dK", (&got[1], &shuffled[1]), &want.dk),
-            ("dV", (&got[2], &shuffled[2]), &want.dv),
-        ] {
-            let (e1, e2) = (max_abs_err(b, want), max_abs_err(a, want));
-            assert!(e2 <= 2.0 * e1 + 1e-5, "{}: {name} error {e2:.3e} from memory, {e1:.3e} shuffled", case.label);
-        }
-    }
+    let (tiled, wide) = ((32, 32), (80, 72));
+    let cases = [(tiled, None), (tiled, Some(("documents & causal", docs))), (wide, None)].map(|(dims, mask)| {
+        case(DType::F32, shape(1, (4, 2), (130, 130), dims), options(false, (40, -1), 2, 0.0), mask)
+    });
+    check_gradients(&plain, &cases, 15);
 }
 
 /// A NaN in one key reaches the gradients of the rows that see it and of every key those
 /// rows see; the rest get the bits of a clean run. A row that sees nothing gets dQ = 0.
+/// At head dim 256 (four threads per row, the NaN in the second one's columns) as at 32.
 #[test]
 fn nan_reaches_only_what_depends_on_it() {
     let c = ctx();
-    // Query i sees keys i + 15 ..= i + 20, so key 45 is seen by queries 25..=30, which see keys 40..=50.
-    let window = case(DType::F32, shape(1, (1, 1), (40, 60), (32, 32)), options(true, (5, -1), 0, 0.0), None);
-    let (mut x, d_out) = inputs(&window, 13);
-    let clean = read(c, &run(c, &window, &x, &d_out).unwrap());
-    x.k[45 * 32 + 3] = f32::NAN;
-    let got = read(c, &run(c, &window, &x, &d_out).unwrap());
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    for (name, rows, poisoned) in [("dQ", 40, 25..=30), ("dK", 60, 40..=50), ("dV", 60, 40..=50)] {
-        let which = ["dQ", "dK", "dV"].iter().position(|n| *n == name).unwrap();
-        for r in 0..rows {
-            let (row, clean_row) = (&got[which][r * 32..(r + 1) * 32], &clean[which][r * 32..(r + 1) * 32]);
-            if poisoned.contains(&r) {
-                assert!(row.iter().all(|x| x.is_nan()), "{name} row {r} depends on the NaN: {row:?}");
-            } else {
-                assert_eq!(bits(row), bits(clean_row), "{name} row {r} does not depend on the NaN");
+    for d in [32, 256] {
+        // Query i sees keys i + 15 ..= i + 20, so key 45 is seen by queries 25..=30, which see keys 40..=50.
+        let window = case(DType::F32, shape(1, (1, 1), (40, 60), (d, d)), options(true, (5, -1), 0, 0.0), None);
+        let (mut x, d_out) = inputs(&window, 13);
+        let clean = read(c, &run(c, &window, &x, &d_out).unwrap());
+        x.k[45 * d + 5] = f32::NAN;
+        let got = read(c, &run(c, &window, &x, &d_out).unwrap());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (name, rows, poisoned) in [("dQ", 40, 25..=30), ("dK", 60, 40..=50), ("dV", 60, 40..=50)] {
+            let which = ["dQ", "dK", "dV"].iter().position(|n| *n == name).unwrap();
+            for r in 0..rows {
+                let (row, clean_row) = (&got[which][r * d..(r + 1) * d], &clean[which][r * d..(r + 1) * d]);
+                if poisoned.contains(&r) {
+                    assert!(row.iter().all(|x| x.is_nan()), "d{d}: {name} row {r} depends on the NaN: {row:?}");
+                } else {
+                    assert_eq!(bits(row), bits(clean_row), "d{d}: {name} row {r} does not depend on the NaN");
+                }
             }
         }
     }

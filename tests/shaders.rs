@@ -7,7 +7,7 @@ use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
 use std::mem::{offset_of, size_of};
 use wattn::attention::backward::{self, PassRange};
 use wattn::attention::flash::{self, FlashParams};
-use wattn::attention::varlen::QueryBlock;
+use wattn::attention::varlen::SequenceBlock;
 use wattn::dtype::DType;
 use wattn::internals::{Kernel, ShaderKey, every_variant};
 use wattn::kv::{cache::KvParams, combine::CombineParams, decode::DecodeParams};
@@ -203,11 +203,11 @@ fn uniform_structs_match_rust() {
         .into_iter()
         .find(|k| k.label().contains(" VARLEN=true"))
         .expect("a varlen flash variant");
-    let query_block = rust_layout!(QueryBlock { sequence, q_block, q_start, k_start, n_q, n_k });
+    let query_block = rust_layout!(SequenceBlock { sequence, block, q_start, k_start, n_q, n_k });
     let combine_params = rust_layout!(CombineParams { rows, dim, splits, groups_x });
     let backward_key = backward::validation_keys().into_iter().next().unwrap();
     assert_eq!(backward_key.kernel, Kernel::FlashBackward);
-    let pass_range = rust_layout!(PassRange { begin, end, flags, _pad });
+    let pass_range = rust_layout!(PassRange { begin, end, flags, table_at });
     let kv_params = rust_layout!(KvParams {
         batch,
         kv_heads,
@@ -228,7 +228,7 @@ fn uniform_structs_match_rust() {
     // One line per (shader, WGSL struct, Rust layout).
     let pairs = [
         (&flash_key, "Params", &flash_params),
-        (&varlen_key, "QueryBlock", &query_block),
+        (&varlen_key, "SequenceBlock", &query_block),
         (naive_key, "Params", &flash_params),
         (naive_backward_key, "Params", &flash_params),
         (&backward_key, "Params", &flash_params),

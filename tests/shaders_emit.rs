@@ -247,7 +247,7 @@ fn uniform_layouts_filled_by_name_give_the_rust_bytes() {
         k_scales_at
     });
     let mask = distinct!(BlockMaskHeader { batch, heads, q_blocks, runs_at, bits_at });
-    let range = distinct!(PassRange { begin, end, flags, _pad });
+    let range = distinct!(PassRange { begin, end, flags, table_at });
     let cases: [(&str, &str, &[u8]); 9] = [
         ("flash_fwd", "params", bytemuck::bytes_of(&flash)),
         ("naive", "params", bytemuck::bytes_of(&flash)),

@@ -6,55 +6,11 @@
 
 mod common;
 
-use common::{Inputs, Rng, Verdict, ctx, own_device};
-use std::ops::Range;
+use common::{Inputs, Verdict, ctx, own_device, packed_shape, rows_of, sequence, varlen_lengths};
 use wattn::attention::varlen::{self, SeqLens};
 use wattn::{
     AttentionBuffers, AttentionOptions, AttentionShape, BlockMask, Context, DType, Error, FlashConfig, Mask, Tensor,
 };
-
-/// Sequence lengths (queries, keys) with every awkward case, then `random` more of 1..=100 each.
-fn lengths(random: usize, seed: u64) -> (Vec<u32>, Vec<u32>) {
-    // 1 x 1; no queries; causal with 40 rows that see nothing; more keys than queries; no keys.
-    let mut q = vec![1, 0, 70, 20, 37];
-    let mut k = vec![1, 9, 30, 90, 0];
-    let mut rng = Rng::new(seed);
-    for _ in 0..random {
-        q.push(1 + rng.below(100) as u32);
-        k.push(1 + rng.below(100) as u32);
-    }
-    (q, k)
-}
-
-/// The packed shape of `seqlens` with `heads` (Hq, Hkv) and head dims `dims`.
-fn packed_shape(seqlens: &SeqLens, heads: (usize, usize), dims: (usize, usize)) -> AttentionShape {
-    AttentionShape {
-        batch: 1,
-        q_heads: heads.0,
-        kv_heads: heads.1,
-        n_q: seqlens.total_q(),
-        n_k: seqlens.total_k(),
-        d_qk: dims.0,
-        d_v: dims.1,
-    }
-}
-
-/// Rows `rows` of every head of a packed `[1, heads, total, width]` tensor, as `[1, heads, rows, width]`.
-fn rows_of(data: &[f32], heads: usize, total: usize, rows: &Range<usize>, width: usize) -> Vec<f32> {
-    (0..heads).flat_map(|h| &data[(h * total + rows.start) * width..(h * total + rows.end) * width]).copied().collect()
-}
-
-/// Sequence `s` of packed inputs alone: its dense shape and inputs.
-fn sequence(x: &Inputs, p: &AttentionShape, seqlens: &SeqLens, s: usize) -> (AttentionShape, Inputs) {
-    let (queries, keys) = (seqlens.queries(s), seqlens.keys(s));
-    let shape = AttentionShape { n_q: queries.len(), n_k: keys.len(), ..*p };
-    let inputs = Inputs {
-        q: rows_of(&x.q, p.q_heads, p.n_q, &queries, p.d_qk),
-        k: rows_of(&x.k, p.kv_heads, p.n_k, &keys, p.d_qk),
-        v: rows_of(&x.v, p.kv_heads, p.n_k, &keys, p.d_v),
-    };
-    (shape, inputs)
-}
 
 /// Random packed inputs for `seqlens`, uploaded.
 fn packed_inputs(c: &Context, p: &AttentionShape, dtype: DType, seed: u64) -> (Inputs, [Tensor; 3]) {
@@ -121,7 +77,7 @@ fn check_options(
 
 #[test]
 fn every_sequence_matches_the_reference_alone() {
-    let (q, k) = lengths(5, 7);
+    let (q, k) = varlen_lengths(5, 7);
     let seqlens = SeqLens::new(&q, &k).unwrap();
     let with =
         |causal, window, sinks, softcap| AttentionOptions { causal, window, sinks, softcap, ..Default::default() };
@@ -140,7 +96,7 @@ fn f16_unaligned_head_dims_and_mqa() {
         eprintln!("this adapter has no shader f16: the f16 case is not run (the f32 ones are)");
         return;
     }
-    let (q, k) = lengths(3, 8);
+    let (q, k) = varlen_lengths(3, 8);
     let seqlens = SeqLens::new(&q, &k).unwrap();
     let cases = [("causal+window(24,-1)", AttentionOptions { window: (24, -1), ..AttentionOptions::causal() })];
     check_options(ctx(), &seqlens, (3, 1), (19, 13), DType::F16, &cases);

@@ -25,6 +25,26 @@ struct Params {
     _pad: u32,
 }
 
+// What a workgroup's rows belong to: dense, the whole problem of one batch; VARLEN, one
+// packed sequence. The lengths and diagonals a kernel uses are these. A value passed on, not
+// a private variable: WGSL's uniformity analysis takes private variables for non-uniform,
+// and barriers may depend on the lengths.
+struct Sequence {
+    batch: u32, // the batch of Q, K and V (VARLEN: 0, the packed tensors have one)
+    mask_batch: u32, // the block mask's batch: the batch, or (VARLEN) the sequence
+    block: u32, // the workgroup's block within the sequence: of queries, or of keys (dK/dV)
+    head: u32, // the workgroup's head: a query head, or a KV head (dK/dV)
+    q_start: u32, // the sequence's first query and key rows (dense: 0)
+    k_start: u32,
+    n_q: u32,
+    n_k: u32,
+}
+
+// VARLEN: the workgroup's index in a grid wrapped into z past the per-dimension limit.
+fn varlen_workgroup(wg: vec3<u32>, groups_x: u32) -> u32 {
+    return wg.z * groups_x + wg.x;
+}
+
 const FIRST_PASS: u32 = 1u;
 const LAST_PASS: u32 = 2u;
 

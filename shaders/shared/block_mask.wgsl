@@ -94,11 +94,6 @@ fn sequence_tile_walk(n_q: u32, n_k: u32, first_tile: u32, pass_end: u32, row0: 
     return walk;
 }
 
-// sequence_tile_walk over the whole problem's params.n_q queries and params.n_k keys.
-fn tile_walk(first_tile: u32, pass_end: u32, row0: u32, last_row: u32, batch: u32, head: u32, q_block: u32) -> TileWalk {
-    return sequence_tile_walk(params.n_q, params.n_k, first_tile, pass_end, row0, last_row, batch, head, q_block);
-}
-
 // Moves `walk` to the next tile to visit, from its tile t on: false when there is none.
 fn next_tile(walk: ptr<function, TileWalk>) -> bool {
     if BLOCK_SPARSE {

@@ -12,3 +12,12 @@ fn from_lane(x: vec4<f32>, lane: u32) -> vec4<f32> {
 fn on_all_lanes(b: bool) -> bool {
     return b;
 }
+
+// Without shuffles no two threads share a row (split is 1).
+fn split_sum(x: mat4x4<f32>, group: u32, split: u32) -> mat4x4<f32> {
+    return x;
+}
+
+fn split_any(b: bool, group: u32, split: u32) -> bool {
+    return b;
+}

@@ -434,13 +434,13 @@ impl Variant {
 }
 
 /// What a launch runs besides its tiles, dtype and head dims: the `BLOCK_SPARSE` and `VARLEN`
-/// constants of the variant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Layout {
+/// constants of the variant (of the forward's and the backward's kernels).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Layout {
     /// Only the tiles a block mask lists.
-    block_sparse: bool,
+    pub block_sparse: bool,
     /// Sequences packed along the sequence axis ([`super::varlen`]).
-    varlen: bool,
+    pub varlen: bool,
 }
 
 fn variant_key(config: &FlashConfig, dtype: DType, shape: &AttentionShape, layout: Layout) -> ShaderKey {
@@ -492,7 +492,7 @@ pub fn encode(
 /// The grid of a launch over packed sequences and what its kernel reads of them
 /// ([`super::varlen`]).
 pub(crate) struct PackedGrid<'a> {
-    /// Each query block's `QueryBlock`.
+    /// Each query block's `SequenceBlock`.
     pub query_blocks: &'a wgpu::Buffer,
     /// The query blocks of every sequence.
     pub blocks: u32,

@@ -29,17 +29,18 @@ struct Span {
     n_k: u32,
 }
 
-/// One workgroup's query block as the kernel reads it: its sequence, its block within that
-/// sequence, and the sequence's [`SeqLens::queries`] start and length and [`SeqLens::keys`]
-/// start and length. Keep in sync with `struct QueryBlock` in flash_fwd.wgsl (a test compares
-/// the layouts).
+/// One workgroup's block of a sequence as the kernels read it: its sequence, its block within
+/// that sequence (of query rows, or of keys in the backward's dK/dV pass), and the sequence's
+/// [`SeqLens::queries`] start and length and [`SeqLens::keys`] start and length. Keep in sync
+/// with `struct SequenceBlock` in flash_fwd.wgsl (a test compares the layouts) and the
+/// tables of flash_bwd.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct QueryBlock {
+pub struct SequenceBlock {
     /// Index of the sequence.
     pub sequence: u32,
-    /// The block's index among the sequence's query blocks.
-    pub q_block: u32,
+    /// The block's index among the sequence's blocks.
+    pub block: u32,
     /// The sequence's first query row.
     pub q_start: u32,
     /// The sequence's first key row.
@@ -161,25 +162,40 @@ impl SeqLens {
     /// keys when causal) before its earlier ones. Workgroups start roughly in grid order, so
     /// the long blocks of a long sequence do not start last and run on alone (on llvmpipe,
     /// sequence order made the launch 7% slower than one launch per sequence).
-    fn query_blocks(&self, block_q: u32) -> Vec<QueryBlock> {
-        let blocks = |(sequence, &Span { q_start, k_start, n_q, n_k }): (usize, &Span)| {
-            (0..n_q.div_ceil(block_q)).map(move |q_block| QueryBlock {
+    pub(crate) fn query_blocks(&self, block_q: u32) -> Vec<SequenceBlock> {
+        let mut blocks = self.blocks(|s| s.n_q, block_q);
+        blocks.sort_by_key(|b| std::cmp::Reverse((b.n_k, b.block)));
+        blocks
+    }
+
+    /// The blocks of `block_k` keys of every sequence, the longest work first as in
+    /// [`Self::query_blocks`]: sequences by queries, and a sequence's earlier blocks (which
+    /// more queries see when causal) before its later ones.
+    pub(crate) fn key_blocks(&self, block_k: u32) -> Vec<SequenceBlock> {
+        let mut blocks = self.blocks(|s| s.n_k, block_k);
+        blocks.sort_by_key(|b| (std::cmp::Reverse(b.n_q), b.block));
+        blocks
+    }
+
+    /// Every sequence's blocks of `size` of its `rows(span)` rows, in sequence order.
+    fn blocks(&self, rows: fn(&Span) -> u32, size: u32) -> Vec<SequenceBlock> {
+        let blocks = |(sequence, span): (usize, &Span)| {
+            let Span { q_start, k_start, n_q, n_k } = *span;
+            (0..rows(span).div_ceil(size)).map(move |block| SequenceBlock {
                 sequence: sequence as u32,
-                q_block,
+                block,
                 q_start,
                 k_start,
                 n_q,
                 n_k,
             })
         };
-        let mut blocks: Vec<QueryBlock> = self.spans.iter().enumerate().flat_map(blocks).collect();
-        blocks.sort_by_key(|b| std::cmp::Reverse((b.n_k, b.q_block)));
-        blocks
+        self.spans.iter().enumerate().flat_map(blocks).collect()
     }
 
     /// The problem the block mask of a launch over these sequences describes: one batch per
     /// sequence, the longest sequence's lengths.
-    fn mask_shape(&self, packed: &AttentionShape) -> AttentionShape {
+    pub(crate) fn mask_shape(&self, packed: &AttentionShape) -> AttentionShape {
         AttentionShape { batch: self.len(), n_q: self.max_q(), n_k: self.max_k(), ..*packed }
     }
 }
@@ -272,8 +288,10 @@ mod tests {
         assert_eq!((seqlens.total_q(), seqlens.total_k(), seqlens.max_q(), seqlens.max_k()), (44, 14, 40, 7));
         assert_eq!((seqlens.queries(2), seqlens.keys(2)), (3..43, 12..12));
         assert_eq!((seqlens.queries(3), seqlens.keys(3)), (43..44, 12..14));
-        let blocks: Vec<(u32, u32)> = seqlens.query_blocks(32).iter().map(|b| (b.sequence, b.q_block)).collect();
+        let blocks: Vec<(u32, u32)> = seqlens.query_blocks(32).iter().map(|b| (b.sequence, b.block)).collect();
         assert_eq!(blocks, [(0, 0), (3, 0), (2, 1), (2, 0)], "no block for the sequence without queries");
+        let blocks: Vec<(u32, u32)> = seqlens.key_blocks(4).iter().map(|b| (b.sequence, b.block)).collect();
+        assert_eq!(blocks, [(0, 0), (0, 1), (3, 0), (1, 0), (1, 1)], "no block for the sequence without keys");
     }
 
     #[test]

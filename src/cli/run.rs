@@ -78,7 +78,7 @@ pub struct RunArgs {
     pub show_mask: bool,
     /// Varlen: the query length of each sequence packed along Q's sequence axis, int32 or
     /// uint32 [S], summing to Nq; each sequence attends only to its own keys, every option
-    /// and mask flag per sequence (forward only). O and LSE are packed like Q. Needs --seqlens-k.
+    /// and mask flag per sequence, and --grad. O, LSE and the gradients are packed like the inputs. Needs --seqlens-k.
     #[arg(long, value_name = "LQ.npy")]
     pub seqlens_q: Option<PathBuf>,
     /// Varlen: the key length of each sequence packed along K's and V's sequence axis,
@@ -120,12 +120,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         return varlen::run(&args, &options, dtype_override);
     }
     let gradient_paths = gradient_paths(&args)?;
-    let mut outputs: Vec<(&str, &Path)> = vec![("--out", &args.out)];
-    outputs.extend(args.lse.as_deref().map(|p| ("--lse", p)));
-    if let Some([dq, dk, dv]) = &gradient_paths {
-        outputs.extend([("--dq", dq.as_path()), ("--dk", dk.as_path()), ("--dv", dv.as_path())]);
-    }
-    check_outputs(&outputs)?;
+    check_outputs(&output_flags(&args, &gradient_paths))?;
 
     let q = npy::read_array(&args.q)?;
     let k = npy::read_array(&args.k)?;
@@ -134,22 +129,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let lift = |a: &NpyArray| if batched { a.shape.clone() } else { [&[1], &a.shape[..]].concat() };
     let (q_shape, k_shape, v_shape) = (lift(&q), lift(&k), lift(&v));
     let shape = AttentionShape::from_shapes(&q_shape, &k_shape, &v_shape)?;
-    let d_out = match &args.grad {
-        Some(path) => {
-            let d_out = npy::read_array(path)?;
-            if lift(&d_out) != shape.out_shape() {
-                let skip = if batched { 0 } else { 1 };
-                return Err(Error::Shape(format!(
-                    "--grad {}: dO has shape {:?}, expected O's {:?}",
-                    path.display(),
-                    d_out.shape,
-                    &shape.out_shape()[skip..]
-                )));
-            }
-            Some(d_out)
-        }
-        None => None,
-    };
+    let d_out = read_d_out(&args, &shape, batched)?;
     let dtype = match dtype_override {
         Some(d) => d,
         None => common_dtype(&q, &k, &v)?,
@@ -176,30 +156,20 @@ pub fn run(args: RunArgs) -> Result<()> {
     // Recording builds the pipelines, so the timed part below is only the GPU's work.
     flash::encode(&ctx, &mut encoder, &bufs, gpu_mask.as_ref(), &options, &config)?;
     let d_out_data = d_out.map(|d| in_storage(d.data, dtype));
-    let gradients = match &d_out_data {
-        Some(data) => {
-            let d_out_gpu = Tensor::from_f32(&ctx, &shape.out_shape(), data, dtype)?;
-            let (dq, dk, dv) = (
-                Tensor::zeros(&ctx, &q_shape, dtype)?,
-                Tensor::zeros(&ctx, &k_shape, dtype)?,
-                Tensor::zeros(&ctx, &v_shape, dtype)?,
-            );
-            let grads =
-                GradientBuffers { forward: bufs, d_out: d_out_gpu.view(), dq: dq.view(), dk: dk.view(), dv: dv.view() };
-            backward::encode(&ctx, &mut encoder, &grads, gpu_mask.as_ref(), &options)?;
-            Some((d_out_gpu, [dq, dk, dv]))
-        }
-        None => None,
-    };
+    let gradients = d_out_data
+        .as_ref()
+        .map(|data| {
+            Backward::record(&ctx, &gpu, data, dtype, |grads| {
+                backward::encode(&ctx, &mut encoder, grads, gpu_mask.as_ref(), &options)
+            })
+        })
+        .transpose()?;
     let start = std::time::Instant::now();
     ctx.submit_and_wait(encoder)?;
     let gpu_time = start.elapsed();
     let out = gpu.out.to_f32(&ctx)?;
     let lse = gpu.lse.to_f32(&ctx)?;
-    let gradients = match &gradients {
-        Some((_, [dq, dk, dv])) => Some([dq.to_f32(&ctx)?, dk.to_f32(&ctx)?, dv.to_f32(&ctx)?]),
-        None => None,
-    };
+    let gradients = gradients.map(|g| g.read(&ctx)).transpose()?;
 
     // Outputs mirror the inputs' rank: drop the batch axis again for 3-D inputs. Every file
     // is staged before any is committed, so a failure leaves none behind.
@@ -209,9 +179,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         staged.push(npy::stage_f32(path, &shape.lse_shape()[skip..], &lse)?);
     }
     if let (Some(paths), Some(grads)) = (&gradient_paths, &gradients) {
-        for ((path, dims), data) in paths.iter().zip([&q_shape, &k_shape, &v_shape]).zip(grads) {
-            staged.push(npy::stage_f32(path, &dims[skip..], data)?);
-        }
+        staged.extend(stage_gradients(paths, [&q_shape, &k_shape, &v_shape], grads, skip)?);
     }
     for file in staged {
         file.commit()?;
@@ -240,16 +208,11 @@ pub fn run(args: RunArgs) -> Result<()> {
             max_abs_diff(&out, &want.out),
             max_abs_diff(&lse, &want.lse)
         );
-        if let (Some(d_out), Some([dq, dk, dv])) = (&d_out_data, &gradients) {
+        if let (Some(d_out), Some(got)) = (&d_out_data, &gradients) {
             let want = crate::reference::attention_backward_masked(
                 &q_data, &k_data, &v_data, d_out, &shape, &options, visible,
             );
-            println!(
-                "check against the f64 CPU reference: max |dQ - ref| = {:.3e}, max |dK - ref| = {:.3e}, max |dV - ref| = {:.3e}",
-                max_abs_diff(dq, &want.dq),
-                max_abs_diff(dk, &want.dk),
-                max_abs_diff(dv, &want.dv)
-            );
+            print_gradient_check(got, &want);
         }
     }
     Ok(())
@@ -294,6 +257,86 @@ fn report_mask(mask: &BlockMask, show: bool) {
     let drawing = mask.to_string();
     let shown = if show { drawing.as_str() } else { drawing.lines().next().unwrap_or_default() };
     eprintln!("wattn run: {}", shown.trim_end());
+}
+
+/// The output flags and paths of a run: O, the LSE if asked, and the gradients if asked.
+fn output_flags<'a>(args: &'a RunArgs, gradient_paths: &'a Option<[PathBuf; 3]>) -> Vec<(&'static str, &'a Path)> {
+    let mut outputs: Vec<(&str, &Path)> = vec![("--out", &args.out)];
+    outputs.extend(args.lse.as_deref().map(|p| ("--lse", p)));
+    if let Some([dq, dk, dv]) = gradient_paths {
+        outputs.extend([("--dq", dq.as_path()), ("--dk", dk.as_path()), ("--dv", dv.as_path())]);
+    }
+    outputs
+}
+
+/// dO from `--grad`, checked to have O's shape (3-D when the inputs are), or `None` without it.
+fn read_d_out(args: &RunArgs, shape: &AttentionShape, batched: bool) -> Result<Option<NpyArray>> {
+    let Some(path) = &args.grad else { return Ok(None) };
+    let d_out = npy::read_array(path)?;
+    let skip = if batched { 0 } else { 1 };
+    if d_out.shape[..] != shape.out_shape()[skip..] {
+        return Err(Error::Shape(format!(
+            "--grad {}: dO has shape {:?}, expected O's {:?}",
+            path.display(),
+            d_out.shape,
+            &shape.out_shape()[skip..]
+        )));
+    }
+    Ok(Some(d_out))
+}
+
+/// The backward of a run: dO on the GPU and the gradients it writes (zeros until then), in
+/// the inputs' layouts.
+struct Backward {
+    _d_out: Tensor,
+    gradients: [Tensor; 3],
+}
+
+impl Backward {
+    /// Allocates dO (from `d_out`) and the gradients of the run on `gpu`, and has `record`
+    /// record the backward that writes them.
+    fn record(
+        ctx: &Context,
+        gpu: &OnGpu,
+        d_out: &[f32],
+        dtype: DType,
+        record: impl FnOnce(&GradientBuffers<'_>) -> Result<()>,
+    ) -> Result<Self> {
+        let forward = gpu.buffers();
+        let d_out = Tensor::from_f32(ctx, gpu.out.shape(), d_out, dtype)?;
+        let zeros = |view: crate::tensor::TensorView<'_>| Tensor::zeros(ctx, view.shape(), dtype);
+        let gradients = [zeros(forward.q)?, zeros(forward.k)?, zeros(forward.v)?];
+        let [dq, dk, dv] = &gradients;
+        record(&GradientBuffers { forward, d_out: d_out.view(), dq: dq.view(), dk: dk.view(), dv: dv.view() })?;
+        Ok(Self { _d_out: d_out, gradients })
+    }
+
+    /// The gradients, read back as f32.
+    fn read(&self, ctx: &Context) -> Result<[Vec<f32>; 3]> {
+        let [dq, dk, dv] = &self.gradients;
+        Ok([dq.to_f32(ctx)?, dk.to_f32(ctx)?, dv.to_f32(ctx)?])
+    }
+}
+
+/// The gradient files staged: `grads` [dQ, dK, dV] in the shapes `dims` of Q, K and V
+/// (without the first `skip` axes).
+fn stage_gradients(
+    paths: &[PathBuf; 3],
+    dims: [&[usize]; 3],
+    grads: &[Vec<f32>; 3],
+    skip: usize,
+) -> Result<Vec<npy::StagedFile>> {
+    paths.iter().zip(dims).zip(grads).map(|((path, dims), data)| npy::stage_f32(path, &dims[skip..], data)).collect()
+}
+
+/// Prints the gradients' largest errors against the reference's.
+fn print_gradient_check(got: &[Vec<f32>; 3], want: &crate::reference::ReferenceGradients) {
+    println!(
+        "check against the f64 CPU reference: max |dQ - ref| = {:.3e}, max |dK - ref| = {:.3e}, max |dV - ref| = {:.3e}",
+        max_abs_diff(&got[0], &want.dq),
+        max_abs_diff(&got[1], &want.dk),
+        max_abs_diff(&got[2], &want.dv)
+    );
 }
 
 /// The backward's output paths [dQ, dK, dV] when `--grad` asks for it; the four flags go together.

@@ -1,7 +1,9 @@
 //! Shared by the integration tests: the GPU context, a seeded RNG, and the comparison rule.
 #![allow(dead_code)]
 
+use std::ops::Range;
 use std::sync::OnceLock;
+use wattn::attention::varlen::SeqLens;
 use wattn::reference::ReferenceOutput;
 use wattn::{AttentionOptions, AttentionShape, Context, DType, Tensor};
 
@@ -294,4 +296,47 @@ pub fn row_partials(
             (outs[i * dim..(i + 1) * dim].iter().map(|&x| x as f64).collect(), lses[i] as f64)
         })
         .collect()
+}
+
+/// Rows `rows` of every head of a packed `[1, heads, total, width]` tensor, as `[1, heads, rows, width]`.
+pub fn rows_of(data: &[f32], heads: usize, total: usize, rows: &Range<usize>, width: usize) -> Vec<f32> {
+    (0..heads).flat_map(|h| &data[(h * total + rows.start) * width..(h * total + rows.end) * width]).copied().collect()
+}
+
+/// Sequence `s` of packed inputs alone: its dense shape and inputs.
+pub fn sequence(x: &Inputs, p: &AttentionShape, seqlens: &SeqLens, s: usize) -> (AttentionShape, Inputs) {
+    let (queries, keys) = (seqlens.queries(s), seqlens.keys(s));
+    let shape = AttentionShape { n_q: queries.len(), n_k: keys.len(), ..*p };
+    let inputs = Inputs {
+        q: rows_of(&x.q, p.q_heads, p.n_q, &queries, p.d_qk),
+        k: rows_of(&x.k, p.kv_heads, p.n_k, &keys, p.d_qk),
+        v: rows_of(&x.v, p.kv_heads, p.n_k, &keys, p.d_v),
+    };
+    (shape, inputs)
+}
+
+/// The packed shape of `seqlens` with `heads` (Hq, Hkv) and head dims `dims`.
+pub fn packed_shape(seqlens: &SeqLens, heads: (usize, usize), dims: (usize, usize)) -> AttentionShape {
+    AttentionShape {
+        batch: 1,
+        q_heads: heads.0,
+        kv_heads: heads.1,
+        n_q: seqlens.total_q(),
+        n_k: seqlens.total_k(),
+        d_qk: dims.0,
+        d_v: dims.1,
+    }
+}
+
+/// Sequence lengths (queries, keys) with every awkward case, then `random` more of 1..=100 each.
+pub fn varlen_lengths(random: usize, seed: u64) -> (Vec<u32>, Vec<u32>) {
+    // 1 x 1; no queries; causal with 40 rows that see nothing; more keys than queries; no keys.
+    let mut q = vec![1, 0, 70, 20, 37];
+    let mut k = vec![1, 9, 30, 90, 0];
+    let mut rng = Rng::new(seed);
+    for _ in 0..random {
+        q.push(1 + rng.below(100) as u32);
+        k.push(1 + rng.below(100) as u32);
+    }
+    (q, k)
 }

@@ -1,16 +1,18 @@
 //! `wattn run --seqlens-q LQ.npy --seqlens-k LK.npy`: varlen attention on packed Q, K, V,
-//! with the dense options and the block-sparse flags per sequence (see `block_sparse`).
+//! with the dense options and the block-sparse flags per sequence (see `block_sparse`), and
+//! optionally its backward.
 
 use super::{
-    MAX_CHECK_PAIRS, OnGpu, RunArgs, check_outputs, check_ranks, common_dtype, flash_config, in_storage, max_abs_diff,
-    read_sparse, report_mask,
+    Backward, MAX_CHECK_PAIRS, OnGpu, RunArgs, check_outputs, check_ranks, common_dtype, flash_config, gradient_paths,
+    in_storage, max_abs_diff, output_flags, print_gradient_check, read_d_out, read_sparse, report_mask,
+    stage_gradients,
 };
+use crate::attention::backward;
 use crate::attention::varlen::{self, SeqLens};
 use crate::attention::{AttentionOptions, AttentionShape};
 use crate::cli::npy;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use std::path::Path;
 
 pub(super) fn run(args: &RunArgs, options: &AttentionOptions, dtype_override: Option<DType>) -> Result<()> {
     let (Some(lq_path), Some(lk_path)) = (&args.seqlens_q, &args.seqlens_k) else {
@@ -18,15 +20,8 @@ pub(super) fn run(args: &RunArgs, options: &AttentionOptions, dtype_override: Op
             "--seqlens-q and --seqlens-k go together: the query and the key length of each packed sequence".into(),
         ));
     };
-    let backward = [("--grad", &args.grad), ("--dq", &args.dq), ("--dk", &args.dk), ("--dv", &args.dv)];
-    if let Some((flag, _)) = backward.iter().find(|f| f.1.is_some()) {
-        return Err(Error::Option(format!(
-            "{flag} does not go with --seqlens-q/--seqlens-k: varlen runs are forward only"
-        )));
-    }
-    let mut outputs: Vec<(&str, &Path)> = vec![("--out", &args.out)];
-    outputs.extend(args.lse.as_deref().map(|p| ("--lse", p)));
-    check_outputs(&outputs)?;
+    let gradient_paths = gradient_paths(args)?;
+    check_outputs(&output_flags(args, &gradient_paths))?;
 
     let q = npy::read_array(&args.q)?;
     let k = npy::read_array(&args.k)?;
@@ -37,6 +32,7 @@ pub(super) fn run(args: &RunArgs, options: &AttentionOptions, dtype_override: Op
     let shape = AttentionShape::from_shapes(&q_shape, &k_shape, &v_shape)?;
     let seqlens = SeqLens::new(&npy::read_lengths(lq_path)?, &npy::read_lengths(lk_path)?)?;
     seqlens.check(&shape)?;
+    let d_out = read_d_out(args, &shape, batched)?;
     let dtype = match dtype_override {
         Some(d) => d,
         None => common_dtype(&q, &k, &v)?,
@@ -63,17 +59,30 @@ pub(super) fn run(args: &RunArgs, options: &AttentionOptions, dtype_override: Op
     let bufs = gpu.buffers();
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
     varlen::encode(&ctx, &mut encoder, &bufs, &seqlens, gpu_mask.as_ref(), options, &config)?;
+    let d_out_data = d_out.map(|d| in_storage(d.data, dtype));
+    let gradients = d_out_data
+        .as_ref()
+        .map(|data| {
+            Backward::record(&ctx, &gpu, data, dtype, |grads| {
+                backward::encode_varlen(&ctx, &mut encoder, grads, &seqlens, gpu_mask.as_ref(), options)
+            })
+        })
+        .transpose()?;
     let start = std::time::Instant::now();
     ctx.submit_and_wait(encoder)?;
     let gpu_time = start.elapsed();
     let out = gpu.out.to_f32(&ctx)?;
     let lse = gpu.lse.to_f32(&ctx)?;
+    let gradients = gradients.map(|g| g.read(&ctx)).transpose()?;
 
     // As the dense path: the inputs' rank, every file staged before any is committed.
     let skip = if batched { 0 } else { 1 };
     let mut staged = vec![npy::stage_f32(&args.out, &shape.out_shape()[skip..], &out)?];
     if let Some(path) = &args.lse {
         staged.push(npy::stage_f32(path, &shape.lse_shape()[skip..], &lse)?);
+    }
+    if let (Some(paths), Some(grads)) = (&gradient_paths, &gradients) {
+        staged.extend(stage_gradients(paths, [&q_shape, &k_shape, &v_shape], grads, skip)?);
     }
     for file in staged {
         file.commit()?;
@@ -103,6 +112,12 @@ pub(super) fn run(args: &RunArgs, options: &AttentionOptions, dtype_override: Op
             max_abs_diff(&out, &want.out),
             max_abs_diff(&lse, &want.lse)
         );
+        if let (Some(d_out), Some(got)) = (&d_out_data, &gradients) {
+            let want = crate::reference::attention_varlen_backward_masked(
+                &q_data, &k_data, &v_data, d_out, &shape, &seqlens, options, visible,
+            );
+            print_gradient_check(got, &want);
+        }
     }
     Ok(())
 }
