@@ -649,13 +649,17 @@ fn serve_bench_writes_json_and_csv() {
 }
 
 /// `wattn bench --varlen`: the three prefill paths timed (the varlen output checked against
-/// the per-prompt launches first); --requests alone is refused.
+/// the per-prompt launches first), forward only and (--backward) forward and backward;
+/// --requests alone is refused.
 #[test]
 fn varlen_bench_times_one_launch_against_padded_and_per_request() {
     let args = ["bench", "--varlen", "--requests", "4", "--max-len", "200", "--head-dim", "32", "--runs", "1"];
-    let table = wattn(&[&args[..], &["--warmup", "0"]].concat());
-    for path in ["| per request | 4 |", "| varlen | 1 |", "| padded | 1 |"] {
-        assert!(table.contains(path), "{path} missing:\n{table}");
+    let steps: [&[&str]; 2] = [&[], &["--backward"]];
+    for training in steps {
+        let table = wattn(&[&args[..], &["--warmup", "0"], training].concat());
+        for path in ["| per request | 4 |", "| varlen | 1 |", "| padded | 1 |"] {
+            assert!(table.contains(path), "{training:?}: {path} missing:\n{table}");
+        }
     }
     let out = Command::new(env!("CARGO_BIN_EXE_wattn")).args(["bench", "--requests", "4"]).output().unwrap();
     assert!(!out.status.success(), "--requests without --serve or --varlen");

@@ -37,8 +37,8 @@ pub struct BenchArgs {
     /// the forward and the backward timed on the same inputs, their ratio, GFLOP/s with
     /// FlashAttention's accounting (backward = 2.5 x forward FLOPs), and the speed-up over a
     /// naive materialised backward where its two N x N matrices fit (--no-naive: not timed).
-    /// The grid flags apply.
-    #[arg(long, conflicts_with_all = ["decode", "density", "pattern", "config"])]
+    /// The grid flags apply. With --varlen: its three paths each run forward and backward.
+    #[arg(long, conflicts_with_all = ["decode", "density", "pattern", "config", "serve"])]
     pub backward: bool,
     /// A server's decode step: --requests requests (seeded, lengths log-uniform from 128 to
     /// --max-len) in one paged launch (f32 and int8 pools, int8 also with K per channel) against
@@ -53,9 +53,9 @@ pub struct BenchArgs {
     /// A server's causal prefill: --requests prompts (the lengths --serve draws, up to
     /// --max-len) in one varlen launch over the packed prompts against the same prompts padded
     /// to the longest and against one launch per prompt; tokens/s and K/V memory. Model as
-    /// --serve; prints a table.
+    /// --serve; prints a table. With --backward, training steps: forward and backward.
     #[arg(long, conflicts_with_all = [
-        "serve", "decode", "backward", "density", "pattern", "causal", "window", "config", "no_naive", "seq", "batch",
+        "serve", "decode", "density", "pattern", "causal", "window", "config", "no_naive", "seq", "batch",
         "dtype", "json", "csv", "plot", "quick",
     ])]
     pub varlen: bool,
@@ -267,7 +267,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.decode {
         return run_decode(&args);
     }
-    if args.backward {
+    if args.backward && !args.varlen {
         return run_backward(&args);
     }
     if args.serve || args.varlen {
@@ -350,7 +350,10 @@ fn run_serve(args: &BenchArgs) -> Result<()> {
     eprintln!("bench {flag} on {}: {settings:?}", ctx.describe());
     let mut progress = |path: &str| eprintln!("timing {path}");
     if args.varlen {
-        let rows = crate::bench::varlen::run(&ctx, &timer, &settings, &mut progress)?;
+        if args.backward {
+            eprintln!("each step: the forward and the backward (dO of O's shape), tokens/s of training tokens");
+        }
+        let rows = crate::bench::varlen::run(&ctx, &timer, &settings, args.backward, &mut progress)?;
         print!("{}", crate::bench::serve::table(&rows));
         return Ok(());
     }
